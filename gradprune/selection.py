@@ -1,0 +1,193 @@
+"""Mask selection: which weights to prune, given scores and a target sparsity.
+
+The rule, in one place:
+
+- In every comparison group exactly ``exact_count(sparsity, group_size) = floor(sparsity * size + 0.5)``
+  elements are pruned: the lowest scores, ties broken by position (lower index first, and for the
+  ``global`` scope earlier targets first). The group is each weight tensor (``layer``), all targets
+  together (``global``) or each output row (``row``, Wanda's group).
+- Masks are monotone: weights pruned by an earlier mask are pruned again first (their score is treated as
+  -inf), so moving from s_prev to s removes (s - s_prev) / (1 - s_prev) of what remains and the cumulative
+  count is still exact.
+- ``N:M`` patterns allow at most N pruned weights in every M consecutive weights along the input
+  dimension: only the N lowest of each group of M are candidates. At sparsity N/M every group has exactly
+  N pruned; below it (a gradual ramp) the count is still exact and no group exceeds N.
+
+Scores are float32 copies made one target at a time. The global scope never concatenates scores: it finds
+the k-th smallest score by radix selection over float32's ordered bit patterns (two counting passes of
+16 bits each), then marks the pruned weights in a third pass, so its extra memory is the masks plus
+O(largest tensor), with no sort and no torch.quantile size limit.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterator, Literal, Mapping, Optional, Sequence
+
+import torch
+
+from .targets import Target
+from .validation import Problems, check_choice, check_sparsity, parse_pattern
+
+Scope = Literal["layer", "global", "row"]
+SCOPES = ("layer", "global", "row")
+ScoreFn = Callable[[Target], torch.Tensor]
+
+
+def exact_count(sparsity: float, size: int) -> int:
+    """How many of ``size`` elements a group at ``sparsity`` prunes (round half up)."""
+    return int(math.floor(sparsity * size + 0.5))
+
+
+def magnitude_scores(target: Target) -> torch.Tensor:
+    """|W|, shaped like the stored weight."""
+    return target.weight.detach().abs()
+
+
+def validate_selection(targets: Sequence[Target], sparsity: float, scope: str, pattern: str) -> Optional[tuple[int, int]]:
+    """Check selection arguments against the targets; return the parsed N:M pattern (or None)."""
+    problems = Problems()
+    check_sparsity(problems, "sparsity", sparsity)
+    check_choice(problems, "scope", scope, SCOPES)
+    problems.raise_if_any()
+    nm = parse_pattern(pattern)
+    if nm is not None:
+        n, m = nm
+        if sparsity > n / m + 1e-9:
+            raise ValueError(f"sparsity {sparsity} is above what pattern {pattern!r} allows ({n}/{m} = {n / m:g})")
+        for t in targets:
+            if t.in_features % m:
+                raise ValueError(
+                    f"pattern {pattern!r}: layer {t.name!r} has in_features={t.in_features}, not divisible by M={m}"
+                )
+    return nm
+
+
+def _prepared_scores(target: Target, score_fn: ScoreFn, keep: Optional[torch.Tensor], nm) -> torch.Tensor:
+    """Float32 (out, in) scores of one target with already-pruned weights at -inf and, for N:M, the
+    weights that may not be pruned at +inf. Always a fresh tensor."""
+    raw = score_fn(target)
+    if raw.shape != target.weight.shape:
+        raise ValueError(f"scores for {target.name!r} have shape {tuple(raw.shape)}, expected {tuple(target.weight.shape)}")
+    view = target.out_in(raw)
+    scores = torch.empty(view.shape, dtype=torch.float32, device=view.device)
+    scores.copy_(view)
+    scores += 0.0  # -0.0 -> +0.0 so that equal scores compare equal bit for bit
+    if torch.isnan(scores).any():
+        raise ValueError(f"scores for {target.name!r} contain NaN")
+    if keep is not None:
+        scores.masked_fill_(~target.out_in(keep), float("-inf"))
+    if nm is not None:
+        n, m = nm
+        grouped = scores.view(scores.shape[0], -1, m)
+        order = grouped.argsort(dim=-1, stable=True)
+        candidate = torch.zeros_like(grouped, dtype=torch.bool)
+        candidate.scatter_(-1, order[..., :n], True)
+        candidate |= grouped == float("-inf")
+        grouped.masked_fill_(~candidate, float("inf"))
+    return scores
+
+
+def _order_keys(scores: torch.Tensor) -> torch.Tensor:
+    """int32 keys whose integer order is the float order of ``scores`` (float32, no NaN)."""
+    bits = scores.view(torch.int32)
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+def _lowest_masks(score_tensors: Callable[[], Iterator[torch.Tensor]], k: int) -> list[torch.Tensor]:
+    """Boolean 'pruned' masks marking exactly the k lowest elements over all tensors yielded by
+    ``score_tensors()`` (called up to three times; ties go to the earlier tensor and lower flat index)."""
+    if k <= 0:
+        return [torch.zeros_like(s, dtype=torch.bool) for s in score_tensors()]
+    # Pass 1 and 2: histogram of the high then the low 16 bits of the keys to find the k-th key.
+    high_counts = None
+    for scores in score_tensors():
+        high = (_order_keys(scores) >> 16).flatten().long() + 32768
+        counts = torch.bincount(high, minlength=65536)
+        high_counts = counts if high_counts is None else high_counts + counts.to(high_counts.device)
+    cum = high_counts.cumsum(0)
+    high_bucket = int(torch.searchsorted(cum, torch.tensor(k, device=cum.device)))
+    below = int(cum[high_bucket - 1]) if high_bucket > 0 else 0
+    low_counts = None
+    for scores in score_tensors():
+        keys = _order_keys(scores).flatten()
+        low = (keys[(keys >> 16) == high_bucket - 32768] & 0xFFFF).long()
+        counts = torch.bincount(low, minlength=65536)
+        low_counts = counts if low_counts is None else low_counts + counts.to(low_counts.device)
+    cum = low_counts.cumsum(0)
+    low_bucket = int(torch.searchsorted(cum, torch.tensor(k - below, device=cum.device)))
+    below += int(cum[low_bucket - 1]) if low_bucket > 0 else 0
+    threshold = (high_bucket - 32768) * 65536 + low_bucket
+    # Pass 3: prune everything below the k-th key, and the first `ties` elements equal to it.
+    ties = k - below
+    masks = []
+    for scores in score_tensors():
+        keys = _order_keys(scores)
+        pruned = keys < threshold
+        if ties > 0:
+            equal = (keys == threshold).flatten()
+            positions = equal.nonzero().flatten()[:ties]
+            pruned.view(-1)[positions] = True
+            ties -= positions.numel()
+        masks.append(pruned)
+    return masks
+
+
+def _lowest_per_row(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """'pruned' mask with exactly the k lowest of every row (ties to the lower column)."""
+    if k <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    kth = scores.kthvalue(k, dim=1, keepdim=True).values
+    pruned = scores < kth
+    equal = scores == kth
+    missing = k - pruned.sum(dim=1, keepdim=True)
+    pruned |= equal & (equal.cumsum(dim=1) <= missing)
+    return pruned
+
+
+def select_masks(
+    targets: Sequence[Target],
+    sparsity: float,
+    score_fn: ScoreFn = magnitude_scores,
+    scope: Scope = "layer",
+    pattern: str = "unstructured",
+    masks: Optional[Mapping[str, torch.Tensor]] = None,
+) -> dict[str, torch.Tensor]:
+    """Keep-masks (bool, True = kept, shaped like each stored weight) at exactly ``sparsity``.
+
+    Args:
+        targets: from :func:`gradprune.find_targets`.
+        sparsity: fraction of each comparison group to prune, in [0, 1).
+        score_fn: maps a target to scores shaped like its stored weight; low scores are pruned first.
+        scope: comparison group: "layer", "global" or "row".
+        pattern: "unstructured" or "N:M" (e.g. "2:4").
+        masks: current keep-masks by target name; the result only ever removes more weights.
+
+    Nothing is modified: the caller applies the masks (see :class:`gradprune.MaskRegistry`).
+    """
+    nm = validate_selection(targets, sparsity, scope, pattern)
+    masks = masks or {}
+
+    def prepared(t: Target) -> torch.Tensor:
+        return _prepared_scores(t, score_fn, masks.get(t.name), nm)
+
+    pruned_by_name: dict[str, torch.Tensor] = {}
+    if scope == "global":
+        k = exact_count(sparsity, sum(t.numel for t in targets))
+        pruned_list = _lowest_masks(lambda: (prepared(t) for t in targets), k)
+        pruned_by_name = {t.name: p for t, p in zip(targets, pruned_list)}
+    else:
+        for t in targets:
+            scores = prepared(t)
+            if scope == "row":
+                pruned_by_name[t.name] = _lowest_per_row(scores, exact_count(sparsity, t.in_features))
+            else:
+                pruned_by_name[t.name] = _lowest_masks(lambda: iter([scores]), exact_count(sparsity, t.numel))[0]
+            del scores
+
+    result = {}
+    for t in targets:
+        keep = t.stored(~pruned_by_name.pop(t.name)).contiguous()
+        if t.name in masks:
+            keep &= masks[t.name].to(keep.device)
+        result[t.name] = keep
+    return result

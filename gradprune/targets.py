@@ -1,0 +1,156 @@
+"""Which weights are prunable.
+
+A *target* is one weight matrix of an ``nn.Linear`` or of a GPT-2 style ``Conv1D`` (which stores its weight
+transposed: ``(in_features, out_features)``). All maths in gradprune works on the ``(out, in)`` view given
+by :meth:`Target.out_in`, so row groups and N:M groups always run along the input dimension.
+
+Defaults fit transformers: every Linear / Conv1D in the model except the output head (``lm_head`` or any
+module whose weight is tied to the input embeddings). Embeddings, norms and biases are never targets.
+``include`` / ``exclude`` follow PEFT's ``target_modules`` convention: a regex string is matched against the
+full module name (``re.fullmatch``); a list matches a name exactly or as a ``.suffix``.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+import torch
+from torch import nn
+
+try:  # transformers is a dependency, but the core must stay importable without it
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover
+    Conv1D = None
+
+Selector = Union[str, Sequence[str], None]
+
+DEFAULT_HEAD_NAMES = ("lm_head", "output", "embed_out", "classifier", "score")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One prunable weight: its module name, the module, and whether the weight is stored (in, out)."""
+
+    name: str
+    module: nn.Module
+    transposed: bool = False
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.module.weight
+
+    def out_in(self, tensor: torch.Tensor) -> torch.Tensor:
+        """View a tensor shaped like the stored weight as (out_features, in_features)."""
+        return tensor.t() if self.transposed else tensor
+
+    def stored(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`out_in`: an (out, in) tensor back in the stored weight's layout."""
+        return tensor.t() if self.transposed else tensor
+
+    @property
+    def in_features(self) -> int:
+        return self.out_in(self.weight).shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.out_in(self.weight).shape[0]
+
+    @property
+    def numel(self) -> int:
+        return self.weight.numel()
+
+
+def _is_prunable(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    return Conv1D is not None and isinstance(module, Conv1D)
+
+
+def _head_names(model: nn.Module) -> set[str]:
+    """Module names of the output head: by conventional name, or by weight tied to the input embedding."""
+    heads = set()
+    embedding_weights = set()
+    get_in = getattr(model, "get_input_embeddings", None)
+    if callable(get_in):
+        try:
+            emb = get_in()
+        except (NotImplementedError, AttributeError):
+            emb = None
+        if emb is not None and getattr(emb, "weight", None) is not None:
+            embedding_weights.add(id(emb.weight))
+    get_out = getattr(model, "get_output_embeddings", None)
+    out_module = None
+    if callable(get_out):
+        try:
+            out_module = get_out()
+        except (NotImplementedError, AttributeError):
+            out_module = None
+    for name, module in model.named_modules():
+        last = name.rsplit(".", 1)[-1]
+        if module is out_module or last in DEFAULT_HEAD_NAMES and name.count(".") == 0:
+            heads.add(name)
+        elif id(getattr(module, "weight", None)) in embedding_weights:
+            heads.add(name)
+    return heads
+
+
+def _matches(name: str, selector: Selector) -> bool:
+    if isinstance(selector, str):
+        return re.fullmatch(selector, name) is not None
+    return any(name == key or name.endswith("." + key) for key in selector)
+
+
+def _check_selector(argument: str, selector: Selector) -> None:
+    if selector is None:
+        return
+    if isinstance(selector, str):
+        try:
+            re.compile(selector)
+        except re.error as exc:
+            raise ValueError(f"{argument}={selector!r} is not a valid regular expression: {exc}") from None
+        return
+    if not isinstance(selector, (list, tuple)) or not all(isinstance(s, str) for s in selector):
+        raise TypeError(f"{argument} must be a regex string or a list of module names, got {selector!r}")
+    if len(selector) == 0:
+        raise ValueError(f"{argument} must not be an empty list (use None for the default)")
+
+
+def find_targets(model: nn.Module, include: Selector = None, exclude: Selector = None) -> list[Target]:
+    """Return the prunable weights of ``model`` in module order.
+
+    Raises ValueError if ``include`` or ``exclude`` matches no module, or if nothing is left to prune, with a
+    sample of the module names that exist; TypeError if a chosen weight is not floating point.
+    """
+    _check_selector("include", include)
+    _check_selector("exclude", exclude)
+    names = [name for name, _ in model.named_modules() if name]
+    sample = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+    for argument, selector in (("include", include), ("exclude", exclude)):
+        if selector is not None and not any(_matches(n, selector) for n in names):
+            raise ValueError(f"{argument}={selector!r} matches no module of the model; module names are: {sample}")
+
+    heads = _head_names(model)
+    targets = []
+    for name, module in model.named_modules():
+        if not name or not _is_prunable(module):
+            continue
+        if include is not None:
+            if not _matches(name, include):
+                continue
+        elif name in heads:
+            continue
+        if exclude is not None and _matches(name, exclude):
+            continue
+        transposed = Conv1D is not None and isinstance(module, Conv1D)
+        targets.append(Target(name, module, transposed))
+
+    if not targets:
+        raise ValueError(
+            f"no prunable Linear/Conv1D weights found (include={include!r}, exclude={exclude!r}); "
+            f"module names are: {sample}"
+        )
+    bad = [f"{t.name} ({t.weight.dtype})" for t in targets if not t.weight.dtype.is_floating_point]
+    if bad:
+        raise TypeError(f"only floating-point weights can be pruned; integer or boolean weights found: {bad[:5]}")
+    return targets

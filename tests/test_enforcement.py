@@ -1,0 +1,102 @@
+import pytest
+import torch
+from torch import nn
+
+import gradprune as gp
+from gradprune import MaskRegistry, find_targets, pack_mask, sparsity_report, unpack_mask
+from tiny_models import tiny_gpt2, tiny_llama
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_pruned_weights_stay_zero_through_adamw_accumulation_and_clipping(build, autocast):
+    model = build()
+    gp.prune(model, 0.6, scope="global")
+    registry = MaskRegistry.of(model)
+    pruned = {n: ~m for n, m in registry.masks.items()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    registry.attach(optimizer)
+    torch.manual_seed(0)
+    accumulate = 2
+    for step in range(50):
+        for _ in range(accumulate):
+            ids = torch.randint(0, 128, (2, 16))
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = model(input_ids=ids, labels=ids).loss / accumulate
+            loss.backward()
+        registry.mask_gradients_()  # before clipping: the norm only sees live weights
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        optimizer.step()
+        optimizer.zero_grad()
+    for name, mask in pruned.items():
+        weight = registry.targets[name].weight
+        assert (weight[mask] == 0).all(), name
+    report = sparsity_report(model)["global"]
+    assert report["zeros"] == gp.exact_count(0.6, report["numel"])
+    # live weights did train
+    assert any((registry.targets[n].weight[registry.masks[n]] != 0).all() for n in registry.masks)
+
+
+def test_without_enforcement_adamw_revives_pruned_weights():
+    """The failure the enforcement prevents: momentum and decoupled weight decay move zeros."""
+    model = tiny_llama()
+    gp.prune(model, 0.5)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    for _ in range(3):
+        ids = torch.randint(0, 128, (2, 16))
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert sparsity_report(model)["global"]["sparsity"] < 0.1
+
+
+def test_registry_is_one_per_model_and_masks_compose(llama):
+    gp.prune(llama, 0.3)
+    first = {n: m.clone() for n, m in MaskRegistry.of(llama).masks.items()}
+    gp.prune(llama, 0.5, scope="global")
+    registry = MaskRegistry.of(llama)
+    assert registry is MaskRegistry.of(llama)
+    for name, mask in registry.masks.items():
+        assert not (mask & ~first[name]).any()
+    assert registry.pruned_count() == round(0.5 * registry.numel())
+
+
+def test_pack_roundtrip_and_size():
+    torch.manual_seed(0)
+    for shape in [(3, 5), (64, 24), (7,)]:
+        mask = torch.rand(shape) > 0.5
+        packed = pack_mask(mask)
+        assert packed.dtype == torch.uint8 and packed.numel() == (mask.numel() + 7) // 8
+        assert torch.equal(unpack_mask(packed, shape), mask)
+
+
+def test_registry_state_dict_roundtrip_into_fresh_model():
+    model = tiny_llama()
+    gp.prune(model, 0.7, scope="global")
+    state = MaskRegistry.of(model).state_dict()
+    fresh = tiny_llama()
+    MaskRegistry.of(fresh).load_state_dict(state)
+    for name, mask in MaskRegistry.of(model).masks.items():
+        assert torch.equal(MaskRegistry.of(fresh).masks[name], mask)
+    report = sparsity_report(fresh)["global"]
+    assert report["zeros"] == gp.exact_count(0.7, report["numel"])
+
+
+def test_load_state_dict_rejects_wrong_model_unchanged():
+    state = {"nope": {"shape": [2, 2], "bits": pack_mask(torch.ones(2, 2, dtype=torch.bool))}}
+    model = tiny_llama()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="checkpoint has a mask for 'nope'"):
+        MaskRegistry.of(model).load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_report_is_json_serialisable(gpt2):
+    import json
+
+    gp.prune(gpt2, 0.5)
+    report = sparsity_report(gpt2)
+    json.loads(json.dumps(report))
+    assert report["global"]["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert set(report["by_type"]) == {"c_attn", "c_proj", "c_fc"}
+    assert all(v["sparsity"] == pytest.approx(0.5, abs=1e-3) for v in report["layers"].values())
