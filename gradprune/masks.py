@@ -116,17 +116,20 @@ class MaskRegistry:
             if grad is not None:
                 grad.mul_(self._moved(name))
 
-    def attach(self, optimizer: torch.optim.Optimizer) -> None:
-        """Mask gradients before and re-zero pruned weights after every ``optimizer.step()``.
+    def attach(self, optimizer: torch.optim.Optimizer, mask_gradients: bool = True) -> None:
+        """Re-zero pruned weights after every ``optimizer.step()`` and, with ``mask_gradients``, mask
+        their gradients just before it.
 
-        Idempotent per optimizer. In a hand-written loop with gradient clipping, call
-        :meth:`mask_gradients_` yourself before clipping so the norm ignores pruned weights.
+        Idempotent per optimizer. With gradient clipping, mask gradients before clipping instead
+        (:meth:`mask_gradients_`) so the norm ignores pruned weights; the Lightning callbacks do that in
+        ``on_before_optimizer_step`` and attach with ``mask_gradients=False``.
         """
         if id(optimizer) in self._hooks:
             return
-        pre = optimizer.register_step_pre_hook(lambda *_: self.mask_gradients_())
-        post = optimizer.register_step_post_hook(lambda *_: self.apply_())
-        self._hooks[id(optimizer)] = [pre, post]
+        handles = [optimizer.register_step_post_hook(lambda *_: self.apply_())]
+        if mask_gradients:
+            handles.append(optimizer.register_step_pre_hook(lambda *_: self.mask_gradients_()))
+        self._hooks[id(optimizer)] = handles
 
     def detach(self) -> None:
         for handles in self._hooks.values():

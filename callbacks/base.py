@@ -1,0 +1,75 @@
+"""What every pruning callback shares: the model's mask registry, its enforcement, and checkpointing.
+
+A pruning callback only decides *when* to change masks; :class:`PruningCallback` makes sure that, once
+masks exist, pruned weights stay exactly zero for the rest of the run (gradients masked in
+``on_before_optimizer_step``, which Lightning calls before gradient clipping; weights re-zeroed by an
+optimizer step post-hook, i.e. only after real optimizer steps under gradient accumulation), and that
+the masks travel in checkpoints bit-packed.
+
+Several pruning callbacks may be used together: they share the registry of the LightningModule
+(:meth:`gradprune.MaskRegistry.of`), each saves the registry's masks under its own state key, and loading
+any of them restores the same masks.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+
+from gradprune.masks import MaskRegistry
+
+log = logging.getLogger(__name__)
+
+
+class PruningCallback(Callback):
+    """Base class: registry access, mask enforcement and mask checkpointing for pruning callbacks.
+
+    Subclasses put their own resumable state in :meth:`extra_state` / :meth:`load_extra_state` and call
+    ``super()`` in the Lightning hooks they override.
+    """
+
+    def __init__(self) -> None:
+        self._pending_masks: Optional[dict] = None
+        self._registry: Optional[MaskRegistry] = None
+
+    # -- registry -------------------------------------------------------------------------------------
+    def registry(self, pl_module: pl.LightningModule) -> MaskRegistry:
+        self._registry = MaskRegistry.of(pl_module)
+        return self._registry
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        registry = self.registry(pl_module)
+        if self._pending_masks is not None:  # resuming: weights are restored by now, masks come back too
+            registry.load_state_dict(self._pending_masks)
+            self._pending_masks = None
+        for optimizer in trainer.optimizers:
+            registry.attach(optimizer, mask_gradients=False)  # done in on_before_optimizer_step
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._registry is not None:
+            self._registry.detach()
+
+    # -- enforcement ----------------------------------------------------------------------------------
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if self._registry is not None:
+            self._registry.mask_gradients_()
+
+    # -- checkpointing --------------------------------------------------------------------------------
+    def extra_state(self) -> dict:
+        """Subclass state to save next to the masks."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Restore what :meth:`extra_state` saved (read keys added later with ``.get``)."""
+
+    def state_dict(self) -> dict:
+        masks = self._registry.state_dict() if self._registry is not None else self._pending_masks
+        return {"masks": masks or {}, **self.extra_state()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # The model may not be available yet (Lightning restores callbacks before on_fit_start): keep
+        # the masks until on_fit_start applies them to the restored weights.
+        self._pending_masks = state_dict.get("masks") or None
+        self.load_extra_state(state_dict)
