@@ -2,4 +2,12 @@
 
 Callbacks decide *when* to prune; the core in :mod:`gradprune` decides *what*.
 """
-__all__: list[str] = []
+from .base import PruningCallback
+from .gradual import GradualPruningCallback
+from .monitor import SparsityMonitor
+
+__all__ = [
+    "GradualPruningCallback",
+    "PruningCallback",
+    "SparsityMonitor",
+]

