@@ -68,30 +68,26 @@ def _is_prunable(module: nn.Module) -> bool:
 
 
 def _head_names(model: nn.Module) -> set[str]:
-    """Module names of the output head: by conventional name, or by weight tied to the input embedding."""
+    """Module names of output heads, also when the HF model is wrapped (e.g. inside a LightningModule):
+    modules named ``lm_head`` / ``embed_out`` anywhere, what any submodule's ``get_output_embeddings()``
+    returns, modules whose weight is tied to an ``nn.Embedding``, and conventional head names at the top."""
+    name_of = {id(module): name for name, module in model.named_modules()}
+    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     heads = set()
-    embedding_weights = set()
-    get_in = getattr(model, "get_input_embeddings", None)
-    if callable(get_in):
-        try:
-            emb = get_in()
-        except (NotImplementedError, AttributeError):
-            emb = None
-        if emb is not None and getattr(emb, "weight", None) is not None:
-            embedding_weights.add(id(emb.weight))
-    get_out = getattr(model, "get_output_embeddings", None)
-    out_module = None
-    if callable(get_out):
-        try:
-            out_module = get_out()
-        except (NotImplementedError, AttributeError):
-            out_module = None
     for name, module in model.named_modules():
         last = name.rsplit(".", 1)[-1]
-        if module is out_module or last in DEFAULT_HEAD_NAMES and name.count(".") == 0:
+        if last in ("lm_head", "embed_out") or (last in DEFAULT_HEAD_NAMES and "." not in name):
             heads.add(name)
-        elif id(getattr(module, "weight", None)) in embedding_weights:
+        if id(getattr(module, "weight", None)) in embedding_weights and not isinstance(module, nn.Embedding):
             heads.add(name)
+        get_out = getattr(module, "get_output_embeddings", None)
+        if callable(get_out):
+            try:
+                out = get_out()
+            except (NotImplementedError, AttributeError):
+                out = None
+            if out is not None and id(out) in name_of:
+                heads.add(name_of[id(out)])
     return heads
 
 

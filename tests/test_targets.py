@@ -73,3 +73,14 @@ def test_integer_weights_rejected():
     model[0].weight = nn.Parameter(torch.ones(4, 4, dtype=torch.int32), requires_grad=False)
     with pytest.raises(TypeError, match=r"integer or boolean weights .*'0 \(torch.int32\)'"):
         find_targets(model)
+
+
+def test_head_excluded_when_model_is_wrapped(llama):
+    wrapper = nn.Module()
+    wrapper.model = llama
+    names = [t.name for t in find_targets(wrapper)]
+    assert "model.lm_head" not in names and len(names) == 14
+    untied = tiny_llama()
+    untied.lm_head.weight = nn.Parameter(untied.lm_head.weight.detach().clone())
+    wrapper.model = untied
+    assert "model.lm_head" not in [t.name for t in find_targets(wrapper)]

@@ -1,0 +1,35 @@
+import pytest
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from gradprune.callbacks import GradualPruningCallback, SparsityMonitor
+from lightning_helpers import tiny_module, token_loader, trainer
+
+
+def test_tensorboard_has_sparsity_beside_validation_metric(tmp_path):
+    module = tiny_module()
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    monitor = SparsityMonitor()
+    gradual = GradualPruningCallback(0.6, schedule="cubic", start_step=0, end_step=8, every=4, scope="global")
+    trainer(tmp_path, max_steps=12, logger=logger, val_check_interval=4, log_every_n_steps=1,
+            callbacks=[gradual, monitor]).fit(module, token_loader(n=48), token_loader(n=8, seed=1))
+
+    events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"sparsity/target", "sparsity/achieved", "sparsity/global", "val/ppl"} <= scalars
+    assert "sparsity/layer/model.model.layers.0.self_attn.q_proj" in scalars
+    achieved = {e.step: e.value for e in events.Scalars("sparsity/achieved")}
+    target = {e.step: e.value for e in events.Scalars("sparsity/target")}
+    assert achieved == pytest.approx(target, abs=2e-3) and max(achieved.values()) == pytest.approx(0.6, abs=1e-3)
+    sparsity_at_val = [e.value for e in events.Scalars("sparsity/global")]
+    ppl = [e.value for e in events.Scalars("val/ppl")]
+    assert len(sparsity_at_val) == len(ppl) == 3  # validations at steps 4, 8, 12, each with both values
+    assert sparsity_at_val[-1] == pytest.approx(0.6, abs=1e-3) and all(p > 1 for p in ppl)
+    assert "custom_scalars__config__" in events.Tags()["tensors"]  # the sparsity-vs-metric chart layout
+
+    report = monitor.report
+    assert report["global_sparsity"] == pytest.approx(0.6, abs=1e-3)
+    assert report["val/ppl final"] == pytest.approx(ppl[-1], rel=1e-5)
+    assert set(report["by_type"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert (tmp_path / "tb" / "version_0" / "gradprune_report.json").exists()
