@@ -12,7 +12,7 @@ from .targets import Target, find_targets
 __version__ = "0.1.0"
 
 # The Lightning pieces are imported on first use, so `import gradprune` stays a pure-torch import.
-_LAZY = {"PrunableLM": ".lightning_module"}
+_LAZY = {"PrunableLM": ".lightning_module", "TextDataModule": ".data", "byte_tokenizer": ".data"}
 
 
 def __getattr__(name):
@@ -38,6 +38,8 @@ __all__ = [
     "PrunableLM",
     "SparsitySchedule",
     "Target",
+    "TextDataModule",
+    "byte_tokenizer",
     "exact_count",
     "find_targets",
     "magnitude_scores",
