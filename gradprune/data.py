@@ -590,6 +590,16 @@ class TextDataModule(pl.LightningDataModule):
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
 
     # ---- for scripts and one-shot pruning --------------------------------------------------------
+    def split_files(self) -> tuple[list[Path], list[Path]]:
+        """(train, validation) files of the file-based sources, in the order they are read (JSON records
+        and hub datasets are not files and are not listed). No file is on both sides."""
+        if self._plan is None:
+            self._plan = self._make_plan()
+        return (
+            [item for item in self._plan.train if isinstance(item, Path)],
+            [item for item in self._plan.val if isinstance(item, Path)],
+        )
+
     def train_ids(self) -> torch.Tensor:
         """The training token stream (after ``max_train_tokens``) as one 1-D LongTensor."""
         self._ensure_streams(need_val=False)
