@@ -33,8 +33,15 @@ SCOPES = ("layer", "global", "row")
 ScoreFn = Callable[[Target], torch.Tensor]
 
 
-def exact_count(sparsity: float, size: int) -> int:
-    """How many of ``size`` elements a group at ``sparsity`` prunes (round half up)."""
+Rounding = Literal["nearest", "floor"]
+ROUNDINGS = ("nearest", "floor")
+
+
+def exact_count(sparsity: float, size: int, rounding: Rounding = "nearest") -> int:
+    """How many of ``size`` elements a group at ``sparsity`` prunes: round half up, or with
+    ``rounding="floor"`` ``int(sparsity * size)`` (the Wanda reference's per-row count)."""
+    if rounding == "floor":
+        return int(sparsity * size)
     return int(math.floor(sparsity * size + 0.5))
 
 
@@ -43,11 +50,13 @@ def magnitude_scores(target: Target) -> torch.Tensor:
     return target.weight.detach().abs()
 
 
-def validate_selection(targets: Sequence[Target], sparsity: float, scope: str, pattern: str) -> Optional[tuple[int, int]]:
+def validate_selection(targets: Sequence[Target], sparsity: float, scope: str, pattern: str,
+                       rounding: str = "nearest") -> Optional[tuple[int, int]]:
     """Check selection arguments against the targets; return the parsed N:M pattern (or None)."""
     problems = Problems()
     check_sparsity(problems, "sparsity", sparsity)
     check_choice(problems, "scope", scope, SCOPES)
+    check_choice(problems, "rounding", rounding, ROUNDINGS)
     problems.raise_if_any()
     nm = parse_pattern(pattern)
     if nm is not None:
@@ -132,6 +141,17 @@ def _lowest_masks(score_tensors: Callable[[], Iterator[torch.Tensor]], k: int) -
     return masks
 
 
+def lowest_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """'pruned' mask marking exactly the ``k`` lowest elements of one float32 tensor (ties to the lower
+    flat index): the layer rule, for callers that select inside their own groups (SparseGPT's blocks)."""
+    return _lowest_masks(lambda: iter([scores]), k)[0]
+
+
+def lowest_per_row(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """'pruned' mask with exactly the ``k`` lowest of every row (ties to the lower column): the row rule."""
+    return _lowest_per_row(scores, k)
+
+
 def _lowest_per_row(scores: torch.Tensor, k: int) -> torch.Tensor:
     """'pruned' mask with exactly the k lowest of every row (ties to the lower column)."""
     if k <= 0:
@@ -151,6 +171,7 @@ def select_masks(
     scope: Scope = "layer",
     pattern: str = "unstructured",
     masks: Optional[Mapping[str, torch.Tensor]] = None,
+    rounding: Rounding = "nearest",
 ) -> dict[str, torch.Tensor]:
     """Keep-masks (bool, True = kept, shaped like each stored weight) at exactly ``sparsity``.
 
@@ -161,10 +182,12 @@ def select_masks(
         scope: comparison group: "layer", "global" or "row".
         pattern: "unstructured" or "N:M" (e.g. "2:4").
         masks: current keep-masks by target name; the result only ever removes more weights.
+        rounding: how a group's count is rounded: "nearest" (half up, the default) or "floor"
+            (``int(sparsity * size)``, as the Wanda reference does per row).
 
     Nothing is modified: the caller applies the masks (see :class:`gradprune.MaskRegistry`).
     """
-    nm = validate_selection(targets, sparsity, scope, pattern)
+    nm = validate_selection(targets, sparsity, scope, pattern, rounding)
     masks = masks or {}
 
     def prepared(t: Target) -> torch.Tensor:
@@ -172,16 +195,16 @@ def select_masks(
 
     pruned_by_name: dict[str, torch.Tensor] = {}
     if scope == "global":
-        k = exact_count(sparsity, sum(t.numel for t in targets))
+        k = exact_count(sparsity, sum(t.numel for t in targets), rounding)
         pruned_list = _lowest_masks(lambda: (prepared(t) for t in targets), k)
         pruned_by_name = {t.name: p for t, p in zip(targets, pruned_list)}
     else:
         for t in targets:
             scores = prepared(t)
             if scope == "row":
-                pruned_by_name[t.name] = _lowest_per_row(scores, exact_count(sparsity, t.in_features))
+                pruned_by_name[t.name] = _lowest_per_row(scores, exact_count(sparsity, t.in_features, rounding))
             else:
-                pruned_by_name[t.name] = _lowest_masks(lambda: iter([scores]), exact_count(sparsity, t.numel))[0]
+                pruned_by_name[t.name] = _lowest_masks(lambda: iter([scores]), exact_count(sparsity, t.numel, rounding))[0]
             del scores
 
     result = {}

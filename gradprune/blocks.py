@@ -1,0 +1,153 @@
+"""The decoder-block stack of a transformer, found generically, and running it one block at a time.
+
+:func:`find_block_stack` looks for the ``nn.ModuleList`` of repeated blocks (``model.layers`` in LLaMA,
+``transformer.h`` in GPT-2, ``encoder.layer`` in BERT, also inside a LightningModule wrapper): among all
+ModuleLists whose children are all of one class and contain prunable weights, the one holding the most
+parameters. Nothing is hard-coded.
+
+:func:`capture_block_inputs` runs the model on each calibration batch until the first block is called,
+and records that call's positional inputs and *every* keyword argument (the attention mask in whatever
+form the model built, ``position_ids``, rotary ``position_embeddings`` in current transformers, ...).
+The KV cache is switched off: ``use_cache=False`` and no ``past_key_values`` (a cache shared by repeated
+block calls would corrupt the outputs). :func:`run_block` then calls any block with those arguments and
+the hidden states of the previous block.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .targets import Target, _is_prunable
+
+log = logging.getLogger(__name__)
+
+_CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
+_HIDDEN = "hidden_states"
+
+
+@dataclass
+class BlockStack:
+    """The repeated blocks: ``name`` is the ModuleList's module name relative to the model."""
+
+    name: str
+    blocks: nn.ModuleList
+
+    def block_name(self, index: int) -> str:
+        return f"{self.name}.{index}" if self.name else str(index)
+
+    def targets_of(self, index: int, targets: Sequence[Target]) -> list[Target]:
+        prefix = self.block_name(index) + "."
+        return [t for t in targets if t.name.startswith(prefix)]
+
+    def contains(self, target: Target) -> bool:
+        prefix = (self.name + ".") if self.name else ""
+        rest = target.name[len(prefix):] if target.name.startswith(prefix) else None
+        return rest is not None and rest.split(".", 1)[0].isdigit() and int(rest.split(".", 1)[0]) < len(self.blocks)
+
+
+def find_block_stack(model: nn.Module) -> Optional[BlockStack]:
+    """The model's stack of repeated blocks, or None if it has none."""
+    best, best_params = None, -1
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        kinds = {type(child) for child in module}
+        if len(kinds) != 1 or _is_prunable(module[0]):
+            continue
+        if not all(any(_is_prunable(m) for m in child.modules()) for child in module):
+            continue
+        params = sum(p.numel() for p in module.parameters())
+        if params > best_params:
+            best, best_params = BlockStack(name, module), params
+    return best
+
+
+class _Captured(Exception):
+    """Raised by the first block's pre-hook to stop the forward once its inputs are recorded."""
+
+
+def _accepts(fn: Any, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def call_model(model: nn.Module, batch: dict, device: torch.device) -> Any:
+    """``model(input_ids=..., attention_mask=...)`` on ``device``, with ``use_cache=False`` if the
+    model's forward takes it (an HF model does; a LightningModule wrapper may not)."""
+    kwargs = {"input_ids": batch["input_ids"].to(device)}
+    if batch.get("attention_mask") is not None:
+        kwargs["attention_mask"] = batch["attention_mask"].to(device)
+    if _accepts(model.forward, "use_cache"):
+        kwargs["use_cache"] = False
+    return model(**kwargs)
+
+
+def _without_cache(kwargs: dict) -> dict:
+    kwargs = dict(kwargs)
+    for key in _CACHE_KWARGS:
+        if key in kwargs:
+            kwargs[key] = None
+    if "use_cache" in kwargs:
+        kwargs["use_cache"] = False
+    return kwargs
+
+
+@dataclass
+class BlockInputs:
+    """One calibration batch at the entry of a block: hidden states, the other arguments, the token mask."""
+
+    hidden: torch.Tensor
+    args: tuple
+    kwargs: dict
+    tokens: Optional[torch.Tensor]
+
+
+def capture_block_inputs(model: nn.Module, stack: BlockStack, batches: Sequence[dict], device: torch.device) -> list[BlockInputs]:
+    """The first block's inputs for every batch (the model runs only up to that block)."""
+    captured: list[tuple[tuple, dict]] = []
+
+    def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured.append((args, kwargs))
+        raise _Captured
+
+    handle = stack.blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True)
+    inputs = []
+    try:
+        for batch in batches:
+            try:
+                call_model(model, batch, device)
+            except _Captured:
+                pass
+            else:
+                raise RuntimeError(f"the model's forward never called its first block {stack.block_name(0)!r}")
+            args, kwargs = captured.pop()
+            kwargs = _without_cache(kwargs)
+            if args:
+                hidden, args = args[0], tuple(args[1:])
+            elif _HIDDEN in kwargs:
+                hidden = kwargs.pop(_HIDDEN)
+            else:
+                raise RuntimeError(f"cannot tell the hidden states among the first block's arguments: {sorted(kwargs)}")
+            mask = batch.get("attention_mask")
+            inputs.append(BlockInputs(hidden, args, kwargs, None if mask is None else mask.to(device).bool()))
+    finally:
+        handle.remove()
+    return inputs
+
+
+def run_block(block: nn.Module, inp: BlockInputs) -> torch.Tensor:
+    """The block's output hidden states for one batch (first element if the block returns a tuple)."""
+    out = block(inp.hidden, *inp.args, **inp.kwargs)
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    elif not isinstance(out, torch.Tensor) and hasattr(out, "__getitem__"):
+        out = out[0]
+    return out
