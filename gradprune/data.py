@@ -520,14 +520,15 @@ class TextDataModule(pl.LightningDataModule):
             spans = [(s, min(e, cap)) for s, e in spans if s < cap]
         return TokenStream(ids, spans)
 
-    def _ensure_streams(self, need_val: bool = True) -> None:
+    def _ensure_streams(self, *sides: str) -> None:
+        """Tokenise the named sides ("train", "val") unless already cached."""
+        if all(side in self._streams for side in sides):
+            return
         if self._plan is None:
             self._plan = self._make_plan()
         plan = self._plan
         before = set(self._streams)
         if plan.position_split:
-            if "train" in self._streams:
-                return
             cap = None
             if self.max_train_tokens is not None and self.max_val_tokens is not None:
                 cap = self.max_train_tokens + self.max_val_tokens
@@ -543,11 +544,11 @@ class TextDataModule(pl.LightningDataModule):
                 whole.ids[cut:val_end], [(max(s, cut) - cut, min(e, val_end) - cut) for s, e in whole.spans if e > cut and s < val_end]
             )
         else:
-            if "train" not in self._streams:
-                self._streams["train"] = self._tokenize(plan.train, self.max_train_tokens)
-            if need_val and "val" not in self._streams:
-                self._streams["val"] = self._tokenize(plan.val, self.max_val_tokens)
-        for side in ("train", "val") if need_val else ("train",):
+            for side in sides:
+                if side not in self._streams:
+                    items, cap = (plan.train, self.max_train_tokens) if side == "train" else (plan.val, self.max_val_tokens)
+                    self._streams[side] = self._tokenize(items, cap)
+        for side in sides:
             stream = self._streams[side]
             if len(stream) < self.block_size:
                 raise ValueError(
@@ -560,8 +561,9 @@ class TextDataModule(pl.LightningDataModule):
 
     # ---- Lightning hooks -------------------------------------------------------------------------
     def setup(self, stage: Optional[str] = None) -> None:
-        """Tokenise what the stage needs (cached: later calls are free)."""
-        self._ensure_streams(need_val=True)
+        """Tokenise what the stage needs: both sides for ``fit`` (and ``None``), the validation side for
+        ``validate``/``test``/``predict``. Cached: later calls are free."""
+        self._ensure_streams(*(("train", "val") if stage in (None, "fit") else ("val",)))
 
     def _world(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)
@@ -572,7 +574,7 @@ class TextDataModule(pl.LightningDataModule):
         return 1, 0
 
     def train_dataloader(self) -> DataLoader:
-        self._ensure_streams(need_val=False)
+        self._ensure_streams("train")
         dataset = BlockDataset(self._streams["train"].ids, self.block_size)
         world_size, rank = self._world()
         sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=self.seed)
@@ -581,13 +583,20 @@ class TextDataModule(pl.LightningDataModule):
             batch_size=self.batch_size,
             sampler=sampler,
             num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
             drop_last=False,
         )
 
     def val_dataloader(self) -> DataLoader:
-        self._ensure_streams(need_val=True)
+        self._ensure_streams("val")
         dataset = BlockDataset(self._streams["val"].ids, self.block_size)
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
 
     # ---- for scripts and one-shot pruning --------------------------------------------------------
     def split_files(self) -> tuple[list[Path], list[Path]]:
@@ -602,13 +611,13 @@ class TextDataModule(pl.LightningDataModule):
 
     def train_ids(self) -> torch.Tensor:
         """The training token stream (after ``max_train_tokens``) as one 1-D LongTensor."""
-        self._ensure_streams(need_val=False)
+        self._ensure_streams("train")
         return self._streams["train"].ids.long()
 
     def heldout_ids(self) -> torch.Tensor:
         """The whole validation token stream (after ``max_val_tokens``, tail included) as one 1-D
         LongTensor, for perplexity evaluation with any window/stride."""
-        self._ensure_streams(need_val=True)
+        self._ensure_streams("val")
         return self._streams["val"].ids.long()
 
     def calibration_batches(self, nsamples: int = 128, seqlen: int = 512, seed: Optional[int] = None) -> list[torch.Tensor]:
@@ -625,7 +634,7 @@ class TextDataModule(pl.LightningDataModule):
         if seed is not None and not _is_int(seed):
             problems.add(f"seed must be None or an integer, got {seed!r}", type_error=True)
         problems.raise_if_any()
-        self._ensure_streams(need_val=False)
+        self._ensure_streams("train")
         stream = self._streams["train"]
         rng = random.Random(self.seed if seed is None else seed)
         eligible = [(s, e) for s, e in stream.spans if e - s >= seqlen]

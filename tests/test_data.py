@@ -213,7 +213,8 @@ def test_train_loader_resumes_mid_epoch_from_its_state_dict():
     assert len(list(fresh)) == len(full)
 
 
-def test_lightning_resume_sees_the_same_batches(tmp_path):
+@pytest.mark.parametrize("stop", [4, 6, 8], ids=["mid-epoch", "epoch-end", "second-epoch"])
+def test_lightning_resume_sees_the_same_batches(tmp_path, stop):
     import lightning.pytorch as pl
 
     class Recorder(pl.LightningModule):
@@ -241,12 +242,13 @@ def test_lightning_resume_sees_the_same_batches(tmp_path):
 
     straight = Recorder()
     trainer(10).fit(straight, datamodule=data())
-    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4, save_top_k=-1)
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=stop, save_top_k=-1)
     first = Recorder()
-    trainer(4, callbacks=[checkpoint]).fit(first, datamodule=data())
+    trainer(stop, callbacks=[checkpoint]).fit(first, datamodule=data())
+    (path,) = (tmp_path / "ckpt").glob("*.ckpt")
     resumed = Recorder()
-    trainer(10).fit(resumed, datamodule=data(), ckpt_path=str(tmp_path / "epoch=0-step=4.ckpt"))
-    assert len(straight.seen) == 10 and len(first.seen) == 4  # the checkpoint is mid-epoch (4 of 6 batches)
+    trainer(10).fit(resumed, datamodule=data(), ckpt_path=str(path))
+    assert len(straight.seen) == 10 and len(first.seen) == stop  # epochs are 6 batches long
     assert all(torch.equal(x, y) for x, y in zip(first.seen + resumed.seen, straight.seen))
     assert len(first.seen) + len(resumed.seen) == 10
 
@@ -335,3 +337,11 @@ def test_a_hub_tokenizer_directory_is_used_for_encoding(tmp_path):
     assert generic.vocab_size == 258
     assert torch.equal(generic.train_ids(), builtin.train_ids())
     assert torch.equal(generic.heldout_ids(), builtin.heldout_ids())
+
+
+def test_validate_stage_tokenises_only_the_validation_side():
+    dm = TextDataModule(**CAPS)
+    dm.setup("validate")
+    assert set(dm._streams) == {"val"}
+    dm.setup("fit")
+    assert set(dm._streams) == {"train", "val"}
