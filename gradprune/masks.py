@@ -11,10 +11,15 @@ Enforcement keeps pruned weights exactly zero through training:
 - :meth:`MaskRegistry.apply_` after the optimizer step, because momentum and decoupled weight decay
   (AdamW) move weights whose gradient is zero.
 
-:meth:`MaskRegistry.attach` does both through optimizer step hooks, so plain PyTorch loops, gradient
-accumulation (hooks fire only on real steps) and mixed precision need nothing more. All pruning
-callbacks of a model share its registry (:meth:`MaskRegistry.of`), so a one-shot and a gradual callback
-compose and enforcement runs once per step.
+:meth:`MaskRegistry.attach` does this through optimizer step hooks, so plain PyTorch loops, gradient
+accumulation (hooks fire only on real steps) and mixed precision need nothing more. It also zeroes the
+optimizer state (momentum, second moments) of pruned weights whenever masks change. For torch's own
+first-order optimizers (SGD, Adam, AdamW, ...) a zero weight with a zero gradient and zero state then
+receives an update of exactly zero, so the per-step re-zeroing of weights is skipped for them: the
+enforcement costs one pass over the targets per step instead of two (tests check every listed
+optimizer keeps pruned weights exactly zero). Any other optimizer gets the re-zeroing after each step.
+All pruning callbacks of a model share its registry (:meth:`MaskRegistry.of`), so a one-shot and a
+gradual callback compose and enforcement runs once per step.
 """
 from __future__ import annotations
 
@@ -26,6 +31,13 @@ from torch import nn
 from .targets import Target
 
 _ATTRIBUTE = "_gradprune_mask_registry"
+
+# Optimizers whose update of a weight is exactly zero when the weight, its gradient and its state are
+# zero: weight decay of 0 is 0, moment buffers stay 0, and denominators carry eps > 0.
+ZERO_PRESERVING_OPTIMIZERS = (
+    torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax, torch.optim.NAdam,
+    torch.optim.RAdam, torch.optim.RMSprop, torch.optim.Adagrad, torch.optim.Adadelta,
+)
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -56,6 +68,7 @@ class MaskRegistry:
         self.targets: dict[str, Target] = {}
         self.masks: dict[str, torch.Tensor] = {}
         self._hooks: dict[int, list] = {}
+        self._optimizers: dict[int, torch.optim.Optimizer] = {}
 
     @classmethod
     def of(cls, model: nn.Module) -> "MaskRegistry":
@@ -88,7 +101,10 @@ class MaskRegistry:
                 keep = keep & self.masks[t.name]
             self.targets[t.name] = t
             self.masks[t.name] = keep.contiguous()
-        self.apply_(names=[t.name for t in targets])
+        names = [t.name for t in targets]
+        self.apply_(names=names)
+        for optimizer in self._optimizers.values():
+            self.zero_optimizer_state_(optimizer, names)
 
     def clear(self) -> None:
         """Forget all masks (pruned weights stay zero; nothing is restored)."""
@@ -116,17 +132,41 @@ class MaskRegistry:
             if grad is not None:
                 grad.mul_(self._moved(name))
 
-    def attach(self, optimizer: torch.optim.Optimizer, mask_gradients: bool = True) -> None:
-        """Re-zero pruned weights after every ``optimizer.step()`` and, with ``mask_gradients``, mask
-        their gradients just before it.
+    @torch.no_grad()
+    def zero_optimizer_state_(self, optimizer: torch.optim.Optimizer, names: Optional[Iterable[str]] = None) -> None:
+        """Zero the entries of pruned weights in every state tensor shaped like the weight (momentum,
+        moments), so that no stale state pushes a pruned weight away from zero."""
+        for name in self.masks if names is None else names:
+            state = optimizer.state.get(self.targets[name].weight)
+            for value in (state or {}).values():
+                if isinstance(value, torch.Tensor) and value.shape == self.masks[name].shape:
+                    value.mul_(self._moved(name))
 
-        Idempotent per optimizer. With gradient clipping, mask gradients before clipping instead
-        (:meth:`mask_gradients_`) so the norm ignores pruned weights; the Lightning callbacks do that in
-        ``on_before_optimizer_step`` and attach with ``mask_gradients=False``.
+    def attach(
+        self, optimizer: torch.optim.Optimizer, mask_gradients: bool = True, remask_weights: Optional[bool] = None
+    ) -> None:
+        """Enforce the masks on every ``optimizer.step()``.
+
+        Args:
+            optimizer: the optimizer that updates the model's weights. Its state of pruned weights is
+                zeroed now and whenever the masks change.
+            mask_gradients: mask the gradients of pruned weights just before each step. With gradient
+                clipping, call :meth:`mask_gradients_` before clipping instead (so the norm ignores pruned
+                weights) and pass False; the Lightning callbacks do this in ``on_before_optimizer_step``.
+            remask_weights: re-zero pruned weights after each step. None (default) does it unless the
+                optimizer is one of ZERO_PRESERVING_OPTIMIZERS, for which it cannot change anything.
+
+        Idempotent per optimizer.
         """
         if id(optimizer) in self._hooks:
             return
-        handles = [optimizer.register_step_post_hook(lambda *_: self.apply_())]
+        self._optimizers[id(optimizer)] = optimizer
+        self.zero_optimizer_state_(optimizer)
+        if remask_weights is None:
+            remask_weights = not isinstance(optimizer, ZERO_PRESERVING_OPTIMIZERS)
+        handles = []
+        if remask_weights:
+            handles.append(optimizer.register_step_post_hook(lambda *_: self.apply_()))
         if mask_gradients:
             handles.append(optimizer.register_step_pre_hook(lambda *_: self.mask_gradients_()))
         self._hooks[id(optimizer)] = handles
@@ -136,6 +176,7 @@ class MaskRegistry:
             for handle in handles:
                 handle.remove()
         self._hooks.clear()
+        self._optimizers.clear()
 
     # -- inspection and persistence -------------------------------------------------------------------
     def pruned_count(self) -> int:

@@ -102,12 +102,13 @@ def _order_keys(scores: torch.Tensor) -> torch.Tensor:
     return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
 
 
-def _lowest_masks(score_tensors: Callable[[], Iterator[torch.Tensor]], k: int) -> list[torch.Tensor]:
-    """Boolean 'pruned' masks marking exactly the k lowest elements over all tensors yielded by
-    ``score_tensors()`` (called up to three times; ties go to the earlier tensor and lower flat index)."""
+def _drop_lowest(score_tensors: Callable[[], Iterator[torch.Tensor]], k: int) -> list[torch.Tensor]:
+    """Keep-masks (bool) that drop exactly the k lowest elements over all tensors yielded by
+    ``score_tensors()`` (called up to three times); ties go to the earlier tensor and lower flat index."""
     if k <= 0:
-        return [torch.zeros_like(s, dtype=torch.bool) for s in score_tensors()]
-    # Pass 1 and 2: histogram of the high then the low 16 bits of the keys to find the k-th key.
+        return [torch.ones_like(s, dtype=torch.bool) for s in score_tensors()]
+    # Passes 1 and 2: histograms of the high, then (within the chosen bucket) the low 16 bits of the keys
+    # locate the k-th smallest key exactly.
     high_counts = None
     for scores in score_tensors():
         high = (_order_keys(scores) >> 16).flatten().long() + 32768
@@ -126,42 +127,32 @@ def _lowest_masks(score_tensors: Callable[[], Iterator[torch.Tensor]], k: int) -
     low_bucket = int(torch.searchsorted(cum, torch.tensor(k - below, device=cum.device)))
     below += int(cum[low_bucket - 1]) if low_bucket > 0 else 0
     threshold = (high_bucket - 32768) * 65536 + low_bucket
-    # Pass 3: prune everything below the k-th key, and the first `ties` elements equal to it.
+    # Pass 3: drop everything below the k-th key, and the first `ties` elements equal to it.
     ties = k - below
-    masks = []
+    keeps = []
     for scores in score_tensors():
         keys = _order_keys(scores)
-        pruned = keys < threshold
+        keep = keys > threshold
         if ties > 0:
-            equal = (keys == threshold).flatten()
-            positions = equal.nonzero().flatten()[:ties]
-            pruned.view(-1)[positions] = True
-            ties -= positions.numel()
-        masks.append(pruned)
-    return masks
+            positions = (keys == threshold).flatten().nonzero().flatten()
+            keep.view(-1)[positions[ties:]] = True
+            ties -= min(ties, positions.numel())
+        else:
+            keep |= keys == threshold
+        keeps.append(keep)
+    return keeps
 
 
-def lowest_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """'pruned' mask marking exactly the ``k`` lowest elements of one float32 tensor (ties to the lower
-    flat index): the layer rule, for callers that select inside their own groups (SparseGPT's blocks)."""
-    return _lowest_masks(lambda: iter([scores]), k)[0]
-
-
-def lowest_per_row(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """'pruned' mask with exactly the ``k`` lowest of every row (ties to the lower column): the row rule."""
-    return _lowest_per_row(scores, k)
-
-
-def _lowest_per_row(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """'pruned' mask with exactly the k lowest of every row (ties to the lower column)."""
+def _drop_lowest_per_row(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep-mask dropping exactly the k lowest of every row (ties to the lower column)."""
     if k <= 0:
-        return torch.zeros_like(scores, dtype=torch.bool)
+        return torch.ones_like(scores, dtype=torch.bool)
     kth = scores.kthvalue(k, dim=1, keepdim=True).values
     pruned = scores < kth
     equal = scores == kth
     missing = k - pruned.sum(dim=1, keepdim=True)
     pruned |= equal & (equal.cumsum(dim=1) <= missing)
-    return pruned
+    return pruned.logical_not_()
 
 
 def select_masks(
@@ -193,23 +184,24 @@ def select_masks(
     def prepared(t: Target) -> torch.Tensor:
         return _prepared_scores(t, score_fn, masks.get(t.name), nm)
 
-    pruned_by_name: dict[str, torch.Tensor] = {}
+    keep_by_name: dict[str, torch.Tensor] = {}
     if scope == "global":
-        k = exact_count(sparsity, sum(t.numel for t in targets), rounding)
-        pruned_list = _lowest_masks(lambda: (prepared(t) for t in targets), k)
-        pruned_by_name = {t.name: p for t, p in zip(targets, pruned_list)}
+        k = exact_count(sparsity, sum(t.numel for t in targets))
+        keeps = _drop_lowest(lambda: (prepared(t) for t in targets), k)
+        keep_by_name = {t.name: keep for t, keep in zip(targets, keeps)}
+        del keeps
     else:
         for t in targets:
             scores = prepared(t)
             if scope == "row":
-                pruned_by_name[t.name] = _lowest_per_row(scores, exact_count(sparsity, t.in_features, rounding))
+                keep_by_name[t.name] = _drop_lowest_per_row(scores, exact_count(sparsity, t.in_features))
             else:
-                pruned_by_name[t.name] = _lowest_masks(lambda: iter([scores]), exact_count(sparsity, t.numel, rounding))[0]
+                keep_by_name[t.name] = _drop_lowest(lambda: iter([scores]), exact_count(sparsity, t.numel))[0]
             del scores
 
     result = {}
     for t in targets:
-        keep = t.stored(~pruned_by_name.pop(t.name)).contiguous()
+        keep = t.stored(keep_by_name.pop(t.name)).contiguous()
         if t.name in masks:
             keep &= masks[t.name].to(keep.device)
         result[t.name] = keep

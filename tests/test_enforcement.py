@@ -100,3 +100,79 @@ def test_report_is_json_serialisable(gpt2):
     assert report["global"]["sparsity"] == pytest.approx(0.5, abs=1e-3)
     assert set(report["by_type"]) == {"c_attn", "c_proj", "c_fc"}
     assert all(v["sparsity"] == pytest.approx(0.5, abs=1e-3) for v in report["layers"].values())
+
+
+OPTIMIZERS = [
+    lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1),
+    lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=0.1, amsgrad=True),
+    lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
+    lambda p: torch.optim.Adamax(p, lr=1e-2, weight_decay=0.1),
+    lambda p: torch.optim.NAdam(p, lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True),
+    lambda p: torch.optim.RAdam(p, lr=1e-2, weight_decay=0.1),
+    lambda p: torch.optim.RMSprop(p, lr=1e-2, momentum=0.9, centered=True, weight_decay=0.1),
+    lambda p: torch.optim.Adagrad(p, lr=1e-2, weight_decay=0.1, initial_accumulator_value=0.1),
+    lambda p: torch.optim.Adadelta(p, lr=1.0, weight_decay=0.1),
+]
+
+
+@pytest.mark.parametrize("make_optimizer", OPTIMIZERS)
+def test_zero_preserving_optimizers_keep_zeros_without_remasking(make_optimizer):
+    """The registry skips re-zeroing weights after steps of these optimizers: check the claim holds,
+    with optimizer state built up before pruning (it is zeroed when the masks change)."""
+    model = tiny_llama()
+    optimizer = make_optimizer(model.parameters())
+    assert isinstance(optimizer, gp.masks.ZERO_PRESERVING_OPTIMIZERS)
+    registry = MaskRegistry.of(model)
+    registry.attach(optimizer, mask_gradients=False)
+    assert registry._hooks[id(optimizer)] == []  # no weight re-zeroing hook for these
+
+    def step():
+        ids = torch.randint(0, 128, (2, 16))
+        model(input_ids=ids, labels=ids).loss.backward()
+        registry.mask_gradients_()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+
+    torch.manual_seed(0)
+    for _ in range(3):
+        step()  # dense: builds momentum / moments for every weight
+    gp.prune(model, 0.5)
+    for _ in range(3):
+        step()
+    gp.prune(model, 0.7, scope="global")  # a second event with state present
+    for _ in range(5):
+        step()
+    for name, mask in registry.masks.items():
+        assert (registry.targets[name].weight[~mask] == 0).all(), name
+
+
+class Drift(torch.optim.Optimizer):
+    """An optimizer that moves every weight, zero or not (as noise-adding optimizers do)."""
+
+    def __init__(self, params):
+        super().__init__(params, {})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.add_(0.01)
+
+
+def test_other_optimizers_get_weights_rezeroed_after_each_step():
+    model = tiny_llama()
+    gp.prune(model, 0.5)
+    registry = MaskRegistry.of(model)
+    optimizer = Drift(model.parameters())
+    registry.attach(optimizer)
+    optimizer.step()
+    assert all((registry.targets[n].weight[~m] == 0).all() for n, m in registry.masks.items())
+
+    unguarded = tiny_llama()
+    gp.prune(unguarded, 0.5)
+    other = MaskRegistry.of(unguarded)
+    drift = Drift(unguarded.parameters())
+    other.attach(drift, remask_weights=False)
+    drift.step()
+    assert not any((other.targets[n].weight[~m] == 0).any() for n, m in other.masks.items())

@@ -1,0 +1,173 @@
+"""Benchmark: what train-time pruning costs per optimizer step, in memory, and per pruning event.
+
+Run:  python scripts/bench_overhead.py [--reps 8] [--steps 30]
+
+1. Step time. A small LLaMA at a weight-heavy setting (micro-batches of 1 x 32 tokens, where per-weight
+   work matters most) is trained with Lightning for --steps measured optimizer steps, three ways, in one
+   process, interleaved (dense, gradual, ModelPruning, dense, gradual, ...) for --reps repetitions:
+     dense    no pruning;
+     gradual  GradualPruningCallback at 50% global sparsity, between events (the only event is at step 0);
+     lightning  Lightning's ModelPruning("l1_unstructured", global, 50%), applied at the end of a
+              warm-up epoch, so the measured epoch runs with its re-parametrisation in place.
+   Each run trains two epochs of --steps batches; only the second epoch is timed (median per run).
+   The table gives the median over repetitions of the per-repetition ratio to dense, and its range.
+2. Memory held while training per targeted parameter, counted from the tensors each approach keeps
+   (gradual: the bool masks; ModelPruning: weight_orig, the same-dtype mask and the recomputed weight,
+   minus the plain weight they replace).
+3. One global pruning event on a model with SmolLM2-135M's shapes (random weights, built from config):
+   seconds per million targeted parameters, and the extra resident memory during the event (sampled from
+   /proc/self/statm) next to the size of the masks and of the largest weight.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import threading
+import time
+import warnings
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback, ModelPruning
+from torch.utils.data import DataLoader, TensorDataset
+
+import gradprune as gp
+from gradprune import PrunableLM
+from gradprune.callbacks import GradualPruningCallback
+
+SMALL_LLAMA = dict(model_type="llama", hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64, vocab_size=512,
+                   tie_word_embeddings=True)
+SMOLLM2_SHAPES = dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                      num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
+
+
+class StepTimer(Callback):
+    """Wall time of every training batch (forward, backward, optimizer step, hooks) in epoch >= 1."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.current_epoch >= 1:
+            self.times.append(time.perf_counter() - self._start)
+
+
+def target_modules(module):
+    return [(t.module, "weight") for t in gp.find_targets(module)]
+
+
+def run(variant: str, steps: int) -> tuple[float, PrunableLM]:
+    """Median batch time of the second of two epochs of ``steps`` batches; the first is a warm-up (and
+    ModelPruning prunes at its end)."""
+    pl.seed_everything(0, verbose=False)
+    module = PrunableLM(model=dict(SMALL_LLAMA), learning_rate=1e-3, warmup_steps=0)
+    loader = DataLoader(TensorDataset(torch.randint(0, 512, (steps, 32))), batch_size=1)
+    timer = StepTimer()
+    callbacks: list[Callback] = [timer]
+    if variant == "gradual":
+        callbacks.append(GradualPruningCallback(0.5, schedule="constant", end_step=1, every=10**6, scope="global"))
+    elif variant == "lightning":
+        callbacks.append(ModelPruning("l1_unstructured", parameters_to_prune=target_modules(module), amount=0.5,
+                                      use_global_unstructured=True, apply_pruning=lambda epoch: epoch == 0,
+                                      make_pruning_permanent=False, verbose=0))
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         callbacks=callbacks)
+    trainer.fit(module, train_dataloaders=loader)
+    return statistics.median(timer.times), module
+
+
+def memory_per_parameter(variant: str, module: PrunableLM) -> float:
+    if variant == "gradual":
+        registry = gp.MaskRegistry.of(module)
+        numel = sum(m.numel() for m in registry.masks.values())
+        return sum(m.numel() * m.element_size() for m in registry.masks.values()) / numel
+    if variant == "lightning":
+        extra = numel = 0
+        for m in module.modules():
+            if hasattr(m, "weight_orig"):
+                numel += m.weight_orig.numel()
+                held = m.weight_orig.nbytes + m.weight_mask.nbytes + m.weight.nbytes
+                extra += held - m.weight_orig.nbytes  # the plain weight they replace
+        return extra / numel
+    return 0.0
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def global_event() -> tuple[float, float, float, float, int]:
+    """(seconds per million params, extra peak RSS MB, masks MB, largest weight MB, targeted params)."""
+    model = gp.models.load_causal_lm(dict(SMOLLM2_SHAPES))
+    targets = gp.find_targets(model)
+    numel = sum(t.numel for t in targets)
+    largest = max(t.weight.nbytes for t in targets)
+    baseline = rss_bytes()
+    peak = [baseline]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_bytes())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    start = time.perf_counter()
+    masks = gp.select_masks(targets, 0.5, scope="global")
+    gp.MaskRegistry.of(model).update(targets, masks)
+    seconds = time.perf_counter() - start
+    done.set()
+    sampler.join()
+    masks_mb = sum(m.numel() for m in masks.values()) / 2**20
+    return seconds / (numel / 1e6), (peak[0] - baseline) / 2**20, masks_mb, largest / 2**20, numel
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning").setLevel(logging.ERROR)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+
+    variants = ["dense", "gradual", "lightning"]
+    times = {v: [] for v in variants}
+    memory = {}
+    for rep in range(args.reps):
+        order = variants if rep % 2 == 0 else variants[::-1]  # alternate the order to cancel drift
+        for variant in order:
+            median, module = run(variant, args.steps)
+            times[variant].append(median)
+            memory[variant] = memory_per_parameter(variant, module)
+        print(f"rep {rep + 1}/{args.reps}: " + ", ".join(f"{v} {times[v][-1] * 1e3:.2f} ms" for v in variants), flush=True)
+
+    targeted = sum(t.numel for t in gp.find_targets(PrunableLM(model=dict(SMALL_LLAMA))))
+    print(f"\nStep time, small LLaMA ({targeted / 1e6:.1f} M targeted parameters), 1 x 32 tokens, "
+          f"{args.reps} interleaved repetitions x {args.steps} steps, {args.threads} threads")
+    print("| variant | median step (ms) | ratio to dense: median | range | extra bytes / targeted param while training |")
+    print("|---|---|---|---|---|")
+    for variant in variants:
+        ratios = [t / d for t, d in zip(times[variant], times["dense"])]
+        print(f"| {variant} | {statistics.median(times[variant]) * 1e3:.2f} | {statistics.median(ratios):.3f} | "
+              f"{min(ratios):.3f}-{max(ratios):.3f} | {memory[variant]:.2f} |")
+
+    per_million, extra_mb, masks_mb, largest_mb, numel = global_event()
+    print(f"\nOne global magnitude pruning event to 50% on SmolLM2-135M shapes ({numel / 1e6:.1f} M targeted parameters)")
+    print("| seconds per million targeted params | extra peak RSS (MB) | bool masks (MB) | largest weight (MB) |")
+    print("|---|---|---|---|")
+    print(f"| {per_million:.4f} | {extra_mb:.1f} | {masks_mb:.1f} | {largest_mb:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
