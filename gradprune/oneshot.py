@@ -32,7 +32,7 @@ from .blocks import BlockStack, call_model, capture_block_inputs, find_block_sta
 from .calibration import ActivationHooks, as_batches, count_samples, count_tokens, eval_mode
 from .masks import MaskRegistry
 from .report import sparsity_report
-from .selection import SCOPES, exact_count, lowest_mask, lowest_per_row, magnitude_scores, select_masks, validate_selection
+from .selection import SCOPES, drop_lowest, drop_lowest_per_row, exact_count, magnitude_scores, select_masks, validate_selection
 from .targets import Selector, Target, find_targets
 from .validation import Problems, check_choice, check_sparsity, parse_pattern
 
@@ -149,13 +149,13 @@ def sparsegpt_prune(
         d = Hinv1.diagonal()
         if nm is None:
             k = exact_count(sparsity, rows * i2) - done
-            mask1 = lowest_mask(block_scores(W1, d, slice(i1, i2)), k)
+            mask1 = ~drop_lowest(block_scores(W1, d, slice(i1, i2)), k)
         else:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
         for i in range(i2 - i1):
             if nm is not None and i % nm[1] == 0:
                 group = slice(i, i + nm[1])
-                mask1[:, group] = lowest_per_row(block_scores(W1[:, group], d[group], slice(i1 + i, i1 + i + nm[1])), nm[0])
+                mask1[:, group] = ~drop_lowest_per_row(block_scores(W1[:, group], d[group], slice(i1 + i, i1 + i + nm[1])), nm[0])
             w = W1[:, i]
             q = w.masked_fill(mask1[:, i], 0.0)
             err = (w - q) / d[i]

@@ -143,6 +143,17 @@ def _drop_lowest(score_tensors: Callable[[], Iterator[torch.Tensor]], k: int) ->
     return keeps
 
 
+def drop_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep-mask dropping exactly the ``k`` lowest elements of one float32 tensor (ties to the lower flat
+    index): the layer rule, for callers that select inside their own groups (SparseGPT's column blocks)."""
+    return _drop_lowest(lambda: iter([scores]), k)[0]
+
+
+def drop_lowest_per_row(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep-mask dropping exactly the ``k`` lowest of every row (ties to the lower column): the row rule."""
+    return _drop_lowest_per_row(scores, k)
+
+
 def _drop_lowest_per_row(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Keep-mask dropping exactly the k lowest of every row (ties to the lower column)."""
     if k <= 0:
@@ -153,6 +164,17 @@ def _drop_lowest_per_row(scores: torch.Tensor, k: int) -> torch.Tensor:
     missing = k - pruned.sum(dim=1, keepdim=True)
     pruned |= equal & (equal.cumsum(dim=1) <= missing)
     return pruned.logical_not_()
+
+
+def lowest_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """'pruned' mask marking exactly the ``k`` lowest elements of one float32 tensor (ties to the lower
+    flat index): the layer rule, for callers that select inside their own groups (SparseGPT's blocks)."""
+    return _drop_lowest(lambda: iter([scores]), k)[0].logical_not_()
+
+
+def lowest_per_row(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """'pruned' mask with exactly the ``k`` lowest of every row (ties to the lower column): the row rule."""
+    return _drop_lowest_per_row(scores, k).logical_not_()
 
 
 def select_masks(
@@ -186,7 +208,7 @@ def select_masks(
 
     keep_by_name: dict[str, torch.Tensor] = {}
     if scope == "global":
-        k = exact_count(sparsity, sum(t.numel for t in targets))
+        k = exact_count(sparsity, sum(t.numel for t in targets), rounding)
         keeps = _drop_lowest(lambda: (prepared(t) for t in targets), k)
         keep_by_name = {t.name: keep for t, keep in zip(targets, keeps)}
         del keeps
@@ -194,9 +216,9 @@ def select_masks(
         for t in targets:
             scores = prepared(t)
             if scope == "row":
-                keep_by_name[t.name] = _drop_lowest_per_row(scores, exact_count(sparsity, t.in_features))
+                keep_by_name[t.name] = _drop_lowest_per_row(scores, exact_count(sparsity, t.in_features, rounding))
             else:
-                keep_by_name[t.name] = _drop_lowest(lambda: iter([scores]), exact_count(sparsity, t.numel))[0]
+                keep_by_name[t.name] = _drop_lowest(lambda: iter([scores]), exact_count(sparsity, t.numel, rounding))[0]
             del scores
 
     result = {}
