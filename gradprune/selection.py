@@ -166,17 +166,6 @@ def _drop_lowest_per_row(scores: torch.Tensor, k: int) -> torch.Tensor:
     return pruned.logical_not_()
 
 
-def lowest_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """'pruned' mask marking exactly the ``k`` lowest elements of one float32 tensor (ties to the lower
-    flat index): the layer rule, for callers that select inside their own groups (SparseGPT's blocks)."""
-    return _drop_lowest(lambda: iter([scores]), k)[0].logical_not_()
-
-
-def lowest_per_row(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """'pruned' mask with exactly the ``k`` lowest of every row (ties to the lower column): the row rule."""
-    return _drop_lowest_per_row(scores, k).logical_not_()
-
-
 def select_masks(
     targets: Sequence[Target],
     sparsity: float,
