@@ -21,7 +21,7 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) scripts/core_example.py
+	$(VENV)/bin/gradprune fit --config configs/quickstart.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q
