@@ -1,0 +1,124 @@
+#!/usr/bin/env python
+"""Benchmark of one-shot pruning on SmolLM2-135M: held-out perplexity, pruning wall time and peak memory
+for dense, magnitude, Wanda and SparseGPT at 50% unstructured, 4:8 and 2:4, and Wanda with more
+calibration samples. Prints a markdown table (rows are also appended to --out as JSON lines as they finish).
+
+    python scripts/bench_oneshot.py --nsamples 32 --seqlen 512 --eval-windows 16 --more-samples 128
+
+The model is loaded once; before each configuration the dense weights are restored and the mask
+registry cleared. Peak memory: the process's resident set size sampled every 20 ms during pruning,
+reported as the peak and as the increase over the resident size before pruning.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from prune_oneshot import batched, calibration_windows, documents, heldout_tokens, perplexity  # noqa: E402
+
+from gradprune.masks import MaskRegistry  # noqa: E402
+from gradprune.models import load_causal_lm, load_tokenizer  # noqa: E402
+from gradprune.oneshot import prune_oneshot  # noqa: E402
+
+
+def rss_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class PeakRSS:
+    """Samples the resident set size in a thread while the ``with`` block runs."""
+
+    def __enter__(self):
+        self.before = self.peak = rss_mb()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, rss_mb())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_mb())
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--more-samples", type=int, default=128, help="extra Wanda 50%% run with this many samples (0: skip)")
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--eval-windows", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--patterns", nargs="*", default=["unstructured", "2:4", "4:8"])
+    p.add_argument("--methods", nargs="*", default=["magnitude", "wanda", "sparsegpt"])
+    p.add_argument("--out", default="bench_oneshot.jsonl")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+
+    model = load_causal_lm(args.model)
+    tokenizer = load_tokenizer(args.model)
+    dense = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    texts, val_files = documents(None, args.seed)
+    heldout = heldout_tokens(tokenizer, val_files, args.eval_windows * args.seqlen)
+    windows = calibration_windows(tokenizer, texts, max(args.nsamples, args.more_samples), args.seqlen, args.seed, True)
+    print(f"torch threads: {torch.get_num_threads()}, held-out tokens: {heldout.numel()}, model RSS {rss_mb():.0f} MB", flush=True)
+
+    configs = [("dense", "-", 0)]
+    for pattern in args.patterns:
+        configs += [(m, pattern, args.nsamples) for m in args.methods]
+        if args.more_samples and pattern == "unstructured":  # early, so a stopped run still has it
+            configs.append(("wanda", "unstructured", args.more_samples))
+    rows = []
+    for method, pattern, nsamples in configs:
+        model.load_state_dict(dense)
+        MaskRegistry.of(model).clear()
+        row = {"method": method, "pattern": pattern, "nsamples": nsamples}
+        if method != "dense":
+            calibration = batched(windows[:nsamples], args.batch_size) if method != "magnitude" else None
+            with PeakRSS() as mem:
+                report = prune_oneshot(model, method, 0.5, pattern, calibration, progress=False)
+            row.update(sparsity=report["global"]["sparsity"], calibration_s=report["time"]["calibration_s"],
+                       pruning_s=report["time"]["pruning_s"], total_s=report["time"]["total_s"],
+                       peak_rss_mb=mem.peak, extra_rss_mb=mem.peak - mem.before)
+        row["perplexity"] = perplexity(model, heldout, args.seqlen)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        with open(args.out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    print()
+    print("| method | pattern | calib samples | held-out ppl | sparsity | prune wall time (s) | of which calibration (s) | peak RSS (MB) | extra RSS (MB) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if r["method"] == "dense":
+            print(f"| dense | - | - | {r['perplexity']:.2f} | 0 | - | - | - | - |")
+            continue
+        samples = r["nsamples"] if r["method"] != "magnitude" else "-"
+        print(f"| {r['method']} | {r['pattern']} | {samples} | {r['perplexity']:.2f} | {r['sparsity']:.3f} | "
+              f"{r['total_s']:.1f} | {r['calibration_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['extra_rss_mb']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
