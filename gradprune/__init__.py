@@ -3,7 +3,9 @@
 The core (targets, schedules, mask selection, the mask registry, reports) is pure torch; the Lightning
 pieces live in :mod:`gradprune.callbacks` and the LightningModule / DataModule modules.
 """
+from . import calibration
 from .masks import MaskRegistry, pack_mask, unpack_mask
+from .oneshot import prune_oneshot
 from .report import sparsity_report
 from .schedules import SparsitySchedule
 from .selection import exact_count, magnitude_scores, select_masks
@@ -45,6 +47,8 @@ __all__ = [
     "magnitude_scores",
     "pack_mask",
     "prune",
+    "prune_oneshot",
+    "calibration",
     "select_masks",
     "sparsity_report",
     "unpack_mask",

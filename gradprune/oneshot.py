@@ -211,11 +211,15 @@ def _check_pattern(problems: Problems, method: str, sparsity: Any, pattern: Any,
     return nm
 
 
-def _validate(model, method, sparsity, pattern, calibration, sequential, include, exclude, method_options) -> dict:
-    """Check every argument and the model; returns the plan. Nothing is changed."""
-    problems = Problems()
-    if not isinstance(model, nn.Module):
-        problems.add(f"model must be a torch.nn.Module, got {type(model).__name__}", type_error=True)
+def check_arguments(method: str, sparsity: float, pattern: str = "unstructured", sequential: bool = True,
+                    **method_options: Any) -> tuple[dict, Optional[tuple[int, int]]]:
+    """Check the arguments of :func:`prune_oneshot` that do not need the model or data (also used by the
+    one-shot callbacks' ``__init__``). Returns (options with defaults, parsed N:M or None); raises
+    ValueError/TypeError listing every problem."""
+    return _check_arguments(Problems(), method, sparsity, pattern, sequential, method_options)
+
+
+def _check_arguments(problems: Problems, method, sparsity, pattern, sequential, method_options):
     check_choice(problems, "method", method, METHODS)
     check_sparsity(problems, "sparsity", sparsity)
     if not isinstance(sequential, bool):
@@ -229,6 +233,16 @@ def _validate(model, method, sparsity, pattern, calibration, sequential, include
     if calibrated and sequential and options.get("scope") == "global":
         problems.add("scope='global' compares all layers at once, so it needs sequential=False (one dense pass)")
     problems.raise_if_any()
+    return options, nm
+
+
+def _validate(model, method, sparsity, pattern, calibration, sequential, include, exclude, method_options) -> dict:
+    """Check every argument and the model; returns the plan. Nothing is changed."""
+    problems = Problems()
+    if not isinstance(model, nn.Module):
+        problems.add(f"model must be a torch.nn.Module, got {type(model).__name__}", type_error=True)
+    options, nm = _check_arguments(problems, method, sparsity, pattern, sequential, method_options)
+    calibrated = method != "magnitude"
 
     targets = find_targets(model, include, exclude)
     stack = None

@@ -1,0 +1,200 @@
+"""One-shot pruning callbacks: prune once at fit start (before the first optimizer step), then keep the
+masks for the rest of training.
+
+When: in ``on_fit_start``, after :class:`PruningCallback` has restored any masks of a resumed run. A
+resumed run (``done`` is in the checkpoint) does not prune again. What: :func:`gradprune.prune_oneshot`
+on the LightningModule itself, so target names are relative to it and the masks land in
+``MaskRegistry.of(pl_module)``, the registry every pruning callback shares. A
+:class:`GradualPruningCallback` in the same run starts its schedule from the sparsity found there.
+
+Calibration: ``trainer.datamodule.calibration_batches(nsamples, seqlen)`` when the datamodule has it,
+otherwise the first training batches (``nsamples`` sequences, cut to ``seqlen`` tokens). Under DDP the
+statistics are summed over ranks before any mask is chosen, so every rank gets the same masks.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional, Union
+
+import lightning.pytorch as pl
+
+from gradprune.calibration import as_batches
+from gradprune.oneshot import check_arguments, prune_oneshot, report_json
+from gradprune.validation import Problems
+
+from .base import PruningCallback
+
+log = logging.getLogger(__name__)
+
+
+class OneShotPruningCallback(PruningCallback):
+    """Base of the one-shot callbacks; subclasses set ``method``."""
+
+    method: str = ""
+
+    def __init__(
+        self,
+        sparsity: float = 0.5,
+        pattern: str = "unstructured",
+        nsamples: int = 128,
+        seqlen: int = 512,
+        sequential: bool = True,
+        include: Union[str, list[str], None] = None,
+        exclude: Union[str, list[str], None] = None,
+        **method_options: Any,
+    ) -> None:
+        super().__init__()
+        problems = Problems()
+        for name, value in (("nsamples", nsamples), ("seqlen", seqlen)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                problems.add(f"{name} must be a positive integer, got {value!r}")
+        problems.raise_if_any()
+        check_arguments(self.method, sparsity, pattern, sequential, **method_options)
+        self.sparsity = sparsity
+        self.pattern = pattern
+        self.nsamples = nsamples
+        self.seqlen = seqlen
+        self.sequential = sequential
+        self.include = include
+        self.exclude = exclude
+        self.method_options = method_options
+        self.done = False
+        self.report: Optional[dict] = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(method=self.method, sparsity=self.sparsity, pattern=self.pattern)
+
+    # -- state ----------------------------------------------------------------------------------------
+    def extra_state(self) -> dict:
+        return {"done": self.done, "report": self.report}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.done = bool(state.get("done", False))
+        self.report = state.get("report")
+
+    # -- calibration ----------------------------------------------------------------------------------
+    def calibration(self, trainer: pl.Trainer) -> list:
+        """Calibration batches: the datamodule's ``calibration_batches`` or the first training batches."""
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is not None and callable(getattr(datamodule, "calibration_batches", None)):
+            return list(datamodule.calibration_batches(self.nsamples, self.seqlen))
+        return self._first_train_batches(trainer)
+
+    def _first_train_batches(self, trainer: pl.Trainer) -> list:
+        source = getattr(trainer.fit_loop, "_data_source", None)  # the train dataloader is set up after fit start
+        loader = source.dataloader() if source is not None else None
+        if loader is None:
+            raise ValueError(
+                f"{type(self).__name__} needs calibration data: give the datamodule a calibration_batches(nsamples, "
+                f"seqlen) method or the trainer a train dataloader"
+            )
+        batches, samples = [], 0
+        for item in loader:
+            batch = as_batches([item])[0]
+            take = min(self.nsamples - samples, batch["input_ids"].shape[0])
+            mask = batch["attention_mask"]
+            batches.append({"input_ids": batch["input_ids"][:take, : self.seqlen],
+                            "attention_mask": None if mask is None else mask[:take, : self.seqlen]})
+            samples += take
+            if samples >= self.nsamples:
+                break
+        if samples < self.nsamples:
+            log.warning("%s: the train dataloader gave only %d of %d calibration sequences", type(self).__name__, samples, self.nsamples)
+        return batches
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)  # a resumed run gets its masks back here
+        if self.done:
+            log.info("%s: already pruned (restored from the checkpoint); not pruning again", type(self).__name__)
+            return
+        calibration = self.calibration(trainer) if self.method != "magnitude" else None
+        options = dict(self.method_options)
+        if trainer.world_size > 1 and self.method != "magnitude":
+            options["reduce"] = lambda t: trainer.strategy.reduce(t, reduce_op="sum")
+        options.setdefault("progress", None if trainer.is_global_zero else False)
+        report = prune_oneshot(pl_module, self.method, self.sparsity, self.pattern, calibration,
+                               sequential=self.sequential, include=self.include, exclude=self.exclude, **options)
+        self.done = True
+        self.report = report_json(report)
+        if trainer.is_global_zero:
+            log.info("%s: pruned %d layers to global sparsity %.4f (calibration %.1fs, pruning %.1fs)", type(self).__name__,
+                     len(report["layers"]), report["global"]["sparsity"], report["time"]["calibration_s"], report["time"]["pruning_s"])
+
+
+class MagnitudePruningCallback(OneShotPruningCallback):
+    """Prune once at fit start by weight magnitude |W| (no calibration data).
+
+    Args:
+        sparsity: fraction of each comparison group to prune, in [0, 1); N/M for an N:M pattern.
+        pattern: "unstructured" or "N:M" (e.g. "2:4", "4:8") along the input dimension.
+        nsamples: unused by magnitude (kept for a uniform interface).
+        seqlen: unused by magnitude.
+        sequential: unused by magnitude.
+        include: target modules (regex, or list of names / name suffixes); default every Linear but the head.
+        exclude: modules to leave dense.
+        scope: comparison group: "layer" (default), "global" or "row".
+    """
+
+    method = "magnitude"
+
+    def __init__(self, sparsity: float = 0.5, pattern: str = "unstructured", nsamples: int = 128, seqlen: int = 512,
+                 sequential: bool = True, include: Union[str, list[str], None] = None,
+                 exclude: Union[str, list[str], None] = None, scope: str = "layer") -> None:
+        super().__init__(sparsity, pattern, nsamples, seqlen, sequential, include, exclude, scope=scope)
+
+
+class WandaPruningCallback(OneShotPruningCallback):
+    """Prune once at fit start with Wanda: score |W_ij| * ||X_j||_2 over calibration activations.
+
+    Args:
+        sparsity: fraction to prune, in [0, 1); N/M for an N:M pattern.
+        pattern: "unstructured" or "N:M" (e.g. "2:4", "4:8") along the input dimension.
+        nsamples: calibration sequences (from the datamodule's calibration_batches, else the train loader).
+        seqlen: tokens per calibration sequence.
+        sequential: calibrate block by block on the outputs of the already-pruned blocks (the reference
+            protocol); False: one dense pass over the whole model.
+        include: target modules (regex, or list of names / name suffixes); default the Linears inside the
+            block stack.
+        exclude: modules to leave dense.
+        scope: comparison group: "row" (default, the reference), "layer", or "global" (needs sequential=False).
+        adaptive: Wanda's adaptive variant (one alpha per layer, found by bisection).
+    """
+
+    method = "wanda"
+
+    def __init__(self, sparsity: float = 0.5, pattern: str = "unstructured", nsamples: int = 128, seqlen: int = 512,
+                 sequential: bool = True, include: Union[str, list[str], None] = None,
+                 exclude: Union[str, list[str], None] = None, scope: str = "row", adaptive: bool = False) -> None:
+        super().__init__(sparsity, pattern, nsamples, seqlen, sequential, include, exclude, scope=scope, adaptive=adaptive)
+
+
+class SparseGPTPruningCallback(OneShotPruningCallback):
+    """Prune once at fit start with SparseGPT (OBS weight updates from the layer Hessians 2/n X X^T).
+
+    Args:
+        sparsity: fraction to prune, in [0, 1); N/M for an N:M pattern.
+        pattern: "unstructured" or "N:M" (e.g. "2:4", "4:8") along the input dimension.
+        nsamples: calibration sequences (from the datamodule's calibration_batches, else the train loader).
+        seqlen: tokens per calibration sequence.
+        sequential: calibrate block by block on the outputs of the already-pruned blocks; False: one pass.
+        include: target modules (regex, or list of names / name suffixes); default the Linears inside the
+            block stack.
+        exclude: modules to leave dense.
+        blocksize: columns processed together (a multiple of M for N:M).
+        percdamp: Hessian damping as a fraction of its mean diagonal.
+        hessian_dtype: dtype of the per-batch X X^T products: "float32" or "float64" (sums are float64).
+    """
+
+    method = "sparsegpt"
+
+    def __init__(self, sparsity: float = 0.5, pattern: str = "unstructured", nsamples: int = 128, seqlen: int = 512,
+                 sequential: bool = True, include: Union[str, list[str], None] = None,
+                 exclude: Union[str, list[str], None] = None, blocksize: int = 128, percdamp: float = 0.01,
+                 hessian_dtype: str = "float32") -> None:
+        super().__init__(sparsity, pattern, nsamples, seqlen, sequential, include, exclude,
+                         blocksize=blocksize, percdamp=percdamp, hessian_dtype=hessian_dtype)
+
+
+__all__ = ["MagnitudePruningCallback", "OneShotPruningCallback", "SparseGPTPruningCallback", "WandaPruningCallback"]
