@@ -7,9 +7,11 @@ Pruning itself is done by callbacks (gradprune.callbacks); they find the targets
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
@@ -19,7 +21,9 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from torchmetrics.text import Perplexity
 
+from .distill import Distillation, distillation_loss, hidden_loss
 from .losses import IGNORE_INDEX, next_token_loss, shifted_targets
+from .masks import _ATTRIBUTE as _REGISTRY_ATTRIBUTE
 from .models import load_causal_lm, load_tokenizer
 from .report import sparsity_report
 from .targets import find_targets
@@ -49,6 +53,9 @@ class PrunableLM(pl.LightningModule):
         export_dir: if set, the model is saved there (save_pretrained, safetensors) with the data module's
             tokenizer and a gradprune.json sparsity report when fit ends.
         tokenizer: tokenizer source for the export when there is no data module tokenizer.
+        distill: learn from a dense teacher as well (see :class:`gradprune.distill.Distillation`). The
+            teacher is frozen, in eval mode, never in the optimizer, and not saved in checkpoints or
+            exports; the checkpoint's hyperparameters record how to rebuild it.
     """
 
     def __init__(
@@ -63,6 +70,7 @@ class PrunableLM(pl.LightningModule):
         dtype: str = "float32",
         export_dir: Optional[str] = None,
         tokenizer: Optional[str] = None,
+        distill: Optional[Distillation] = None,
     ) -> None:
         super().__init__()
         problems = Problems()
@@ -80,8 +88,12 @@ class PrunableLM(pl.LightningModule):
             problems.add(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}")
         if vocab_size is not None and (not isinstance(vocab_size, int) or vocab_size <= 0):
             problems.add(f"vocab_size must be a positive integer, got {vocab_size!r}")
+        if distill is not None and not isinstance(distill, Distillation):
+            problems.add(f"distill must be a gradprune.distill.Distillation, got {type(distill).__name__}", type_error=True)
         problems.raise_if_any()
         self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else None)
+        if distill is not None:  # plain values in checkpoints: how to rebuild the teacher
+            self.hparams["distill"] = asdict(distill)
 
         self.model = self._build(model, vocab_size, _DTYPES[dtype])
         self.learning_rate = learning_rate
@@ -92,7 +104,16 @@ class PrunableLM(pl.LightningModule):
         self.export_dir = export_dir
         self.tokenizer_source = tokenizer if tokenizer is not None else (model if isinstance(model, str) else None)
         self.val_perplexity = Perplexity(ignore_index=IGNORE_INDEX)
-        self.teacher: Optional[nn.Module] = None  # set by distillation (not a submodule: never in checkpoints)
+        self.distill = distill
+        self._teacher: Optional[nn.Module] = None  # kept out of the module tree: never in checkpoints
+        if distill is not None:
+            num_layers = getattr(getattr(self.model, "config", None), "num_hidden_layers", None)
+            if distill.hidden_layers:
+                if num_layers is None:
+                    raise ValueError("distill.hidden_layers needs a Hugging Face model with config.num_hidden_layers")
+                distill.check_hidden_layers(num_layers)
+            if distill.teacher != "self":  # load now, so a wrong teacher fails before training
+                self._set_teacher(load_causal_lm(distill.teacher, _DTYPES[distill.teacher_dtype]))
 
     @staticmethod
     def _build(source, vocab_size: Optional[int], dtype: torch.dtype) -> nn.Module:
@@ -111,6 +132,46 @@ class PrunableLM(pl.LightningModule):
             raise ValueError(f"the tokenizer has {vocab_size} tokens but the model {source!r} only embeds {size}")
         return model
 
+    # -- teacher --------------------------------------------------------------------------------------
+    @property
+    def teacher(self) -> Optional[nn.Module]:
+        """The frozen distillation teacher (None without ``distill``, or before fit sets up for "self")."""
+        return self._teacher
+
+    def _set_teacher(self, teacher: nn.Module) -> None:
+        teacher.__dict__.pop(_REGISTRY_ATTRIBUTE, None)  # a copied model must not share the student's masks
+        teacher.eval().requires_grad_(False)
+        student_vocab = _logit_size(self.model)
+        teacher_vocab = _logit_size(teacher)
+        if student_vocab is not None and teacher_vocab is not None and student_vocab != teacher_vocab:
+            raise ValueError(
+                f"the teacher {self.distill.teacher!r} has a vocabulary of {teacher_vocab} tokens, the student "
+                f"{student_vocab}: distillation needs the same tokenizer"
+            )
+        if self.distill.hidden_layers:
+            sizes = [getattr(getattr(m, "config", None), "hidden_size", None) for m in (self.model, teacher)]
+            if sizes[0] != sizes[1]:
+                raise ValueError(f"hidden-state distillation needs equal hidden sizes, student {sizes[0]}, teacher {sizes[1]}")
+            self.distill.check_hidden_layers(teacher.config.num_hidden_layers)
+        object.__setattr__(self, "_teacher", teacher)
+
+    def setup(self, stage: str) -> None:
+        # Runs before on_fit_start, where one-shot callbacks prune, and before a checkpoint is restored:
+        # the "self" teacher is therefore always the dense model as built from its source.
+        if self.distill is not None and self.distill.teacher == "self" and self._teacher is None:
+            self._set_teacher(copy.deepcopy(self.model).to(_DTYPES[self.distill.teacher_dtype]))
+
+    def _teacher_outputs(self, input_ids, attention_mask):
+        teacher = self._teacher
+        if teacher is None:
+            raise RuntimeError("distill is set but the teacher is missing: was setup() called?")
+        first = next(teacher.parameters())
+        if first.device != input_ids.device:
+            teacher.to(input_ids.device)
+        with torch.no_grad():
+            return teacher(input_ids=input_ids, attention_mask=attention_mask,
+                           output_hidden_states=bool(self.distill.hidden_layers))
+
     # -- forward and losses ---------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits [B, T, V]."""
@@ -127,8 +188,23 @@ class PrunableLM(pl.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         input_ids, attention_mask = self._unpack(batch)
-        loss = next_token_loss(self(input_ids, attention_mask), input_ids, attention_mask)
-        self.log("train/loss", loss, prog_bar=True, batch_size=input_ids.shape[0])
+        size = input_ids.shape[0]
+        if self.distill is None:
+            loss = next_token_loss(self(input_ids, attention_mask), input_ids, attention_mask)
+            self.log("train/loss", loss, prog_bar=True, batch_size=size)
+            return loss
+        hidden = bool(self.distill.hidden_layers)
+        teacher_out = self._teacher_outputs(input_ids, attention_mask)
+        student_out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=hidden)
+        parts = distillation_loss(student_out.logits, teacher_out.logits, input_ids, attention_mask,
+                                  self.distill.alpha, self.distill.temperature)
+        loss = parts["loss"]
+        if hidden:
+            parts["hidden"] = hidden_loss(student_out.hidden_states, teacher_out.hidden_states,
+                                          self.distill.hidden_layers, self.distill.normalize_hidden, attention_mask)
+            loss = loss + self.distill.hidden_weight * parts["hidden"]
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        self.log_dict({f"train/{k}": v for k, v in parts.items() if k != "loss"}, batch_size=size)
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
@@ -175,6 +251,14 @@ class PrunableLM(pl.LightningModule):
         (out / "gradprune.json").write_text(json.dumps({"sparsity": report}, indent=1))
         log.info("exported the model to %s (global sparsity %.4f)", out, report["global"]["sparsity"])
         return out
+
+
+def _logit_size(model: nn.Module) -> Optional[int]:
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    if head is not None and getattr(head, "weight", None) is not None:
+        return head.weight.shape[0]
+    return getattr(getattr(model, "config", None), "vocab_size", None)
 
 
 def warmup_cosine(warmup: int, total: int, min_ratio: float):

@@ -1,0 +1,129 @@
+"""Knowledge distillation from a dense teacher: the options and the loss, as pure functions.
+
+    loss = alpha * CE(student, labels) + (1 - alpha) * T^2 * KL(softmax(teacher / T) || softmax(student / T))
+           [+ hidden_weight * mean over chosen layers of MSE(norm(h_student), norm(h_teacher))]
+
+Every term is averaged over non-padding target tokens. T^2 keeps the gradient scale of the soft term
+independent of the temperature (Hinton et al. 2015).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .losses import next_token_loss
+from .validation import Problems
+
+TEACHER_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class Distillation:
+    """How the student learns from its teacher.
+
+    Args:
+        teacher: "self" = a frozen copy of the model's dense weights, taken when fit sets up, before any
+            pruning callback changes them; or a model source (local directory, ``.gguf`` file,
+            ``"smollm2"``, hub id).
+        alpha: weight of the hard-label cross entropy; 1 - alpha goes to the distillation term.
+        temperature: softmax temperature T of the distillation term (> 0).
+        hidden_layers: hidden states to match (0 = embeddings output, i = output of block i); empty = none.
+        hidden_weight: weight of the hidden-state MSE term.
+        normalize_hidden: layer-normalise both hidden states (no affine) before the MSE.
+        teacher_dtype: "float32", or "bfloat16" / "float16" to halve the teacher's memory.
+    """
+
+    teacher: str = "self"
+    alpha: float = 0.5
+    temperature: float = 2.0
+    hidden_layers: List[int] = field(default_factory=list)
+    hidden_weight: float = 1.0
+    normalize_hidden: bool = True
+    teacher_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        problems = Problems()
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or math.isnan(self.alpha) or not 0 <= self.alpha <= 1:
+            problems.add(f"distill.alpha must be in [0, 1], got {self.alpha!r}")
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) or not self.temperature > 0:
+            problems.add(f"distill.temperature must be > 0, got {self.temperature!r}")
+        if not isinstance(self.hidden_weight, (int, float)) or self.hidden_weight < 0:
+            problems.add(f"distill.hidden_weight must be >= 0, got {self.hidden_weight!r}")
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in self.hidden_layers):
+            problems.add(f"distill.hidden_layers must be a list of integers, got {self.hidden_layers!r}")
+        if self.teacher_dtype not in TEACHER_DTYPES:
+            problems.add(f"distill.teacher_dtype must be one of {list(TEACHER_DTYPES)}, got {self.teacher_dtype!r}")
+        if not isinstance(self.teacher, str) or not self.teacher:
+            problems.add(f"distill.teacher must be 'self' or a model source, got {self.teacher!r}")
+        problems.raise_if_any()
+
+    def check_hidden_layers(self, num_layers: int) -> None:
+        """hidden_layers index hidden_states, which has num_layers + 1 entries."""
+        bad = [i for i in self.hidden_layers if not 0 <= i <= num_layers]
+        if bad:
+            raise ValueError(
+                f"distill.hidden_layers {bad} do not exist: the model has {num_layers} blocks, so hidden states "
+                f"0..{num_layers} (0 = embeddings output)"
+            )
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float,
+    attention_mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """T^2 * KL(softmax(teacher/T) || softmax(student/T)), summed over the vocabulary and averaged over
+    the positions that predict a non-padding token (the same positions as the cross entropy)."""
+    s = F.log_softmax(student_logits[:, :-1].float() / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits[:, :-1].float() / temperature, dim=-1)
+    per_token = (t.exp() * (t - s)).sum(-1)
+    weight = _target_weight(student_logits, attention_mask)
+    return temperature**2 * (per_token * weight).sum() / weight.sum().clamp_min(1)
+
+
+def hidden_loss(
+    student_hidden: Sequence[torch.Tensor],
+    teacher_hidden: Sequence[torch.Tensor],
+    layers: Sequence[int],
+    normalize: bool,
+    attention_mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Mean over ``layers`` of the per-token MSE between hidden states (over non-padding tokens)."""
+    total = student_hidden[0].new_zeros((), dtype=torch.float32)
+    for i in layers:
+        s, t = student_hidden[i].float(), teacher_hidden[i].float()
+        if normalize:
+            s, t = F.layer_norm(s, s.shape[-1:]), F.layer_norm(t, t.shape[-1:])
+        per_token = (s - t).pow(2).mean(-1)
+        if attention_mask is None:
+            total = total + per_token.mean()
+        else:
+            weight = attention_mask.to(per_token.dtype)
+            total = total + (per_token * weight).sum() / weight.sum().clamp_min(1)
+    return total / max(1, len(layers))
+
+
+def _target_weight(logits: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    if attention_mask is None:
+        return logits.new_ones(logits.shape[0], logits.shape[1] - 1, dtype=torch.float32)
+    return (attention_mask[:, 1:] != 0).float()
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    alpha: float,
+    temperature: float,
+) -> dict[str, torch.Tensor]:
+    """{"loss", "ce", "kd"}: loss = alpha * ce + (1 - alpha) * kd."""
+    ce = next_token_loss(student_logits, input_ids, attention_mask)
+    kd = kd_loss(student_logits, teacher_logits, temperature, attention_mask)
+    return {"loss": alpha * ce + (1 - alpha) * kd, "ce": ce, "kd": kd}
+
