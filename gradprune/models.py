@@ -66,7 +66,13 @@ def load_causal_lm(source: ModelSource, dtype: torch.dtype = torch.float32):
     if gguf is not None:
         folder, name = gguf
         log.info("loading GGUF model %s/%s (de-quantised to %s)", folder, name, dtype)
-        return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+        # The weights are now plain floating-point tensors; drop the GGUF quantizer marker so the
+        # (pruned) model saves with save_pretrained like any other.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        return model
     return AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
 
 
