@@ -32,14 +32,15 @@ def _show_gradprune_logs() -> None:
         logger.setLevel(logging.INFO)
 
 
-def main(args=None) -> GradpruneCLI:
+def run_cli(args=None) -> GradpruneCLI:
+    """Run the CLI (``args`` like the command line's, default sys.argv) and return it, e.g. for tests."""
     _show_gradprune_logs()
-    return GradpruneCLI(
-        PrunableLM,
-        TextDataModule,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-    )
+    return GradpruneCLI(PrunableLM, TextDataModule, save_config_kwargs={"overwrite": True}, args=args)
+
+
+def main(args=None) -> None:
+    """The ``gradprune`` console script (returns nothing, so the exit status is 0 on success)."""
+    run_cli(args)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gradprune.cli import GradpruneCLI, main
+from gradprune.cli import GradpruneCLI, run_cli
 from gradprune.data import TextDataModule
 from gradprune.lightning_module import PrunableLM
 
@@ -93,7 +93,7 @@ data:
 def test_fit_from_yaml_logs_reports_and_exports(tmp_path):
     path = tmp_path / "tiny.yaml"
     path.write_text(TINY.format(root=tmp_path))
-    cli = main(["fit", "--config", str(path)])
+    cli = run_cli(["fit", "--config", str(path)])
     assert cli.model.model.config.vocab_size == 258  # linked from the byte tokenizer
     export = tmp_path / "export"
     assert (export / "model.safetensors").exists() and (export / "tokenizer.json").exists()
@@ -111,8 +111,20 @@ def test_fit_from_yaml_logs_reports_and_exports(tmp_path):
     assert zeros == report["global"]["zeros"]
 
 
+def test_console_script_exits_zero(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY.format(root=tmp_path).replace("max_steps: 12", "max_steps: 2"))
+    script = Path(sys.executable).parent / "gradprune"
+    done = subprocess.run([str(script), "fit", "--config", str(path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "gradprune report" in done.stderr
+
+
 def test_print_config(capsys):
     with pytest.raises(SystemExit) as info:
-        main(["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--print_config"])
+        run_cli(["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--print_config"])
     assert info.value.code == 0
     assert "GradualPruningCallback" in capsys.readouterr().out
