@@ -137,3 +137,17 @@ def test_teacher_with_other_vocabulary_rejected(tmp_path):
     LlamaForCausalLM(LlamaConfig(vocab_size=100, **config)).save_pretrained(tmp_path / "teacher")
     with pytest.raises(ValueError, match=r"vocabulary of 100 tokens, the student 128"):
         tiny_module(distill=Distillation(teacher=str(tmp_path / "teacher")))
+
+
+def test_distillation_with_gradual_pruning_and_accumulation(tmp_path):
+    from gradprune.callbacks import GradualPruningCallback
+
+    module = tiny_module(distill=Distillation(alpha=0.2, temperature=3.0))
+    gradual = GradualPruningCallback(0.6, schedule="cubic", end_step=6, every=2)
+    fit = trainer(tmp_path, max_steps=8, accumulate_grad_batches=2, log_every_n_steps=1, callbacks=[gradual])
+    fit.fit(module, token_loader())
+    assert fit.global_step == 8
+    for layer in gp.sparsity_report(module)["layers"].values():  # scope "layer": exact in every layer
+        assert layer["zeros"] == gp.exact_count(0.6, layer["numel"])
+    assert gp.sparsity_report(module.teacher)["global"]["sparsity"] == 0.0  # the teacher stays dense
+    assert float(fit.callback_metrics["train/kd"]) > 0

@@ -141,3 +141,26 @@ def test_include_matching_nothing_fails_at_fit_start(tmp_path):
         trainer(tmp_path, max_steps=2, callbacks=[GradualPruningCallback(0.5, end_step=2, include=["nothing"])]).fit(
             module, token_loader()
         )
+
+
+def test_any_module_returning_logits_works(tmp_path):
+    from torch import nn
+
+    from gradprune import PrunableLM
+
+    class TinyLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(128, 32)
+            self.mlp = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
+            self.head = nn.Linear(32, 128)
+
+        def forward(self, input_ids, attention_mask=None):
+            return self.head(self.mlp(self.embed(input_ids)))
+
+    module = PrunableLM(model=TinyLM(), learning_rate=1e-2, warmup_steps=0)
+    gradual = GradualPruningCallback(0.5, end_step=4, every=2, exclude=["head"])
+    trainer(tmp_path, max_steps=5, callbacks=[gradual]).fit(module, token_loader())
+    assert [t.name for t in gradual._targets] == ["model.mlp.0", "model.mlp.2"]
+    report = sparsity_report(module, gradual._targets)["global"]
+    assert report["zeros"] == exact_count(0.5, report["numel"])
