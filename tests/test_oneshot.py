@@ -386,3 +386,23 @@ def test_bad_input_leaves_model_untouched(build, args, kwargs, error, match):
 def test_no_stack_works_in_whole_model_mode():
     report = prune_oneshot(NoStack(), "wanda", 0.5, calibration=calib(), sequential=False)
     assert report["global"]["sparsity"] == 0.5 and set(report["layers"]) == {"fc1", "fc2"}
+
+
+def test_reduce_option_sees_every_statistic_and_its_result_is_used():
+    """Under DDP the callbacks pass an all-reduce; here a 'reduce' that zeroes every sum shows that all
+    statistics go through it and that the masks come from the reduced values (all scores tie at 0, so each
+    row prunes its first half of columns)."""
+    seen = []
+
+    def zeroing(t):
+        seen.append(t.shape)
+        return torch.zeros_like(t)
+
+    report = prune_oneshot(tiny_llama(layers=1), "wanda", 0.5, calibration=calib(), reduce=zeroing)
+    assert len(seen) == 7 * 4  # 7 targets x (sum_sq, sum, near_zero, count)
+    for keep in report["masks"].values():
+        half = keep.shape[1] // 2
+        assert not keep[:, :half].any() and keep[:, half:].all()
+    hessians = []
+    prune_oneshot(tiny_llama(layers=1), "sparsegpt", 0.5, calibration=calib(), reduce=lambda t: hessians.append(t) or t)
+    assert len(hessians) == 7 * 2  # 7 targets x (X X^T, n)
