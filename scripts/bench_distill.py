@@ -1,0 +1,163 @@
+"""Benchmark: recovering a pruned SmolLM2-135M with fine-tuning, with and without knowledge distillation.
+
+Run:  python scripts/bench_distill.py [--steps 40] [--batch-size 4] [--block-size 256]
+
+Everything uses the same data (stdlib code through TextDataModule with the SmolLM2 tokenizer, seed 0: the
+same training batches in the same order, validation perplexity on held-out stdlib files that are never
+trained on or used for calibration) and the same number of optimizer steps:
+
+  (a) dense                       the pretrained model
+  (b) Wanda 50%, no fine-tuning   WandaPruningCallback's masks (same calibration windows), no training
+  (c) (b) + fine-tuning, CE only  WandaPruningCallback at fit start, then --steps of cross entropy
+  (d) (b) + fine-tuning, KD       the same with the dense model as teacher (alpha 0.5, T 2)
+  (e) gradual 60% + KD            GradualPruningCallback, cubic 0 -> 60% over the first 80% of the steps
+
+It prints a table with the perplexities, the share of the gap (b) - (a) that (c) and (d) close, the
+median time per optimizer step with and without the teacher, and the peak extra resident memory of
+each fit (sampled from /proc/self/statm).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import statistics
+import threading
+import time
+import warnings
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from gradprune import PrunableLM, TextDataModule, sparsity_report
+from gradprune.callbacks import GradualPruningCallback, WandaPruningCallback
+from gradprune.distill import Distillation
+from gradprune.models import load_causal_lm
+from gradprune.oneshot import prune_oneshot
+
+
+class StepTimer(Callback):
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.times.append(time.perf_counter() - self._start)
+
+
+class PeakRSS:
+    """Peak resident memory above the level at entry, sampled every 10 ms."""
+
+    def __enter__(self):
+        self.base = self.peak = _rss()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._done.is_set():
+            self.peak = max(self.peak, _rss())
+            time.sleep(0.01)
+
+    def __exit__(self, *exc):
+        self._done.set()
+        self._thread.join()
+        self.extra_mb = (self.peak - self.base) / 2**20
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def make_trainer(steps: int, callbacks) -> pl.Trainer:
+    return pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                      limit_val_batches=0, gradient_clip_val=1.0, callbacks=callbacks)
+
+
+def validate(module: PrunableLM, dm: TextDataModule) -> float:
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    return float(trainer.validate(module, datamodule=dm, verbose=False)[0]["val/ppl"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--block-size", type=int, default=256)
+    parser.add_argument("--val-tokens", type=int, default=16384)
+    parser.add_argument("--nsamples", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    for name in ("lightning", "lightning.pytorch", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+    dense = load_causal_lm("smollm2")
+    dm = TextDataModule(sources="stdlib", tokenizer="smollm2", block_size=args.block_size, batch_size=args.batch_size,
+                        max_train_tokens=args.steps * args.batch_size * args.block_size * 2,
+                        max_val_tokens=args.val_tokens, seed=0)
+    dm.setup("fit")
+
+    def module(distill=None) -> PrunableLM:
+        pl.seed_everything(0, verbose=False)
+        return PrunableLM(model=copy.deepcopy(dense), learning_rate=args.lr, weight_decay=0.0, warmup_steps=4,
+                          distill=distill)
+
+    def wanda():
+        return WandaPruningCallback(sparsity=0.5, nsamples=args.nsamples, seqlen=args.block_size)
+
+    rows = []
+    ppl_dense = validate(module(), dm)
+    rows.append(("(a) dense", ppl_dense, 0.0, None, None))
+    print(f"(a) dense: {ppl_dense:.3f}", flush=True)
+
+    pruned = module()
+    calibration = dm.calibration_batches(args.nsamples, args.block_size)
+    prune_oneshot(pruned.model, "wanda", 0.5, calibration=calibration)
+    ppl_oneshot = validate(pruned, dm)
+    rows.append(("(b) Wanda 50%, no fine-tuning", ppl_oneshot, sparsity_report(pruned.model)["global"]["sparsity"], None, None))
+    print(f"(b) wanda: {ppl_oneshot:.3f}", flush=True)
+    del pruned
+
+    timings = {}
+    for label, distill, pruner in [
+        ("(c) + fine-tuning, CE only", None, wanda),
+        ("(d) + fine-tuning, KD", Distillation(alpha=0.5, temperature=2.0), wanda),
+        ("(e) gradual 60% + KD", Distillation(alpha=0.5, temperature=2.0),
+         lambda: GradualPruningCallback(0.6, schedule="cubic", end_step=0.8, every=4, scope="layer")),
+    ]:
+        m = module(distill)
+        timer = StepTimer()
+        with PeakRSS() as memory:
+            make_trainer(args.steps, [pruner(), timer]).fit(m, datamodule=dm)
+        ppl = validate(m, dm)
+        step = statistics.median(timer.times[2:])
+        timings[label] = step
+        rows.append((label, ppl, sparsity_report(m.model)["global"]["sparsity"], step, memory.extra_mb))
+        print(f"{label}: {ppl:.3f}, {step:.2f} s/step, +{memory.extra_mb:.0f} MB", flush=True)
+        del m
+
+    gap = ppl_oneshot - ppl_dense
+    print(f"\nSmolLM2-135M-Instruct, {args.steps} optimizer steps of {args.batch_size} x {args.block_size} tokens of "
+          f"stdlib code, lr {args.lr}, {args.nsamples} calibration windows; perplexity on {args.val_tokens} held-out tokens")
+    print("| run | held-out ppl | sparsity | gap closed | s / step | peak extra RSS in fit (MB) |")
+    print("|---|---|---|---|---|---|")
+    for label, ppl, sparsity, step, extra in rows:
+        closed = f"{(ppl_oneshot - ppl) / gap:.0%}" if label.startswith(("(c)", "(d)")) and gap > 0 else ""
+        print(f"| {label} | {ppl:.3f} | {sparsity:.3f} | {closed} | {'' if step is None else f'{step:.2f}'} | "
+              f"{'' if extra is None else f'{extra:.0f}'} |")
+    ce, kd = timings["(c) + fine-tuning, CE only"], timings["(d) + fine-tuning, KD"]
+    print(f"\nteacher cost: {kd / ce:.2f}x time per optimizer step ({ce:.2f} s without, {kd:.2f} s with)")
+
+
+if __name__ == "__main__":
+    main()
