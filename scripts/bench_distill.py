@@ -22,13 +22,10 @@ import argparse
 import copy
 import logging
 import statistics
-import threading
-import time
 import warnings
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 
 from gradprune import PrunableLM, TextDataModule, sparsity_report
 from gradprune.callbacks import GradualPruningCallback, WandaPruningCallback
@@ -36,42 +33,7 @@ from gradprune.distill import Distillation
 from gradprune.models import load_causal_lm
 from gradprune.oneshot import prune_oneshot
 
-
-class StepTimer(Callback):
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.times.append(time.perf_counter() - self._start)
-
-
-class PeakRSS:
-    """Peak resident memory above the level at entry, sampled every 10 ms."""
-
-    def __enter__(self):
-        self.base = self.peak = _rss()
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._done.is_set():
-            self.peak = max(self.peak, _rss())
-            time.sleep(0.01)
-
-    def __exit__(self, *exc):
-        self._done.set()
-        self._thread.join()
-        self.extra_mb = (self.peak - self.base) / 2**20
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
+from benchtools import PeakRSS, StepTimer
 
 
 def make_trainer(steps: int, callbacks) -> pl.Trainer:

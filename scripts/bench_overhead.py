@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
-import threading
 import time
 import warnings
 
@@ -36,25 +35,13 @@ import gradprune as gp
 from gradprune import PrunableLM
 from gradprune.callbacks import GradualPruningCallback
 
+from benchtools import PeakRSS, StepTimer
+
 SMALL_LLAMA = dict(model_type="llama", hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
                    num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64, vocab_size=512,
                    tie_word_embeddings=True)
 SMOLLM2_SHAPES = dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                       num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
-
-
-class StepTimer(Callback):
-    """Wall time of every training batch (forward, backward, optimizer step, hooks) in epoch >= 1."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.current_epoch >= 1:
-            self.times.append(time.perf_counter() - self._start)
 
 
 def target_modules(module):
@@ -67,7 +54,7 @@ def run(variant: str, steps: int) -> tuple[float, PrunableLM]:
     pl.seed_everything(0, verbose=False)
     module = PrunableLM(model=dict(SMALL_LLAMA), learning_rate=1e-3, warmup_steps=0)
     loader = DataLoader(TensorDataset(torch.randint(0, 512, (steps, 32))), batch_size=1)
-    timer = StepTimer()
+    timer = StepTimer(from_epoch=1)
     callbacks: list[Callback] = [timer]
     if variant == "gradual":
         callbacks.append(GradualPruningCallback(0.5, schedule="constant", end_step=1, every=10**6, scope="global"))
@@ -98,36 +85,19 @@ def memory_per_parameter(variant: str, module: PrunableLM) -> float:
     return 0.0
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
-
-
 def global_event() -> tuple[float, float, float, float, int]:
     """(seconds per million params, extra peak RSS MB, masks MB, largest weight MB, targeted params)."""
     model = gp.models.load_causal_lm(dict(SMOLLM2_SHAPES))
     targets = gp.find_targets(model)
     numel = sum(t.numel for t in targets)
     largest = max(t.weight.nbytes for t in targets)
-    baseline = rss_bytes()
-    peak = [baseline]
-    done = threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], rss_bytes())
-            time.sleep(0.001)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    start = time.perf_counter()
-    masks = gp.select_masks(targets, 0.5, scope="global")
-    gp.MaskRegistry.of(model).update(targets, masks)
-    seconds = time.perf_counter() - start
-    done.set()
-    sampler.join()
+    with PeakRSS(interval=0.001) as memory:
+        start = time.perf_counter()
+        masks = gp.select_masks(targets, 0.5, scope="global")
+        gp.MaskRegistry.of(model).update(targets, masks)
+        seconds = time.perf_counter() - start
     masks_mb = sum(m.numel() for m in masks.values()) / 2**20
-    return seconds / (numel / 1e6), (peak[0] - baseline) / 2**20, masks_mb, largest / 2**20, numel
+    return seconds / (numel / 1e6), memory.extra_mb, masks_mb, largest / 2**20, numel
 
 
 def main() -> None:

@@ -1,9 +1,8 @@
 import pytest
 import torch
-from torch import nn
 
 import gradprune as gp
-from gradprune import MaskRegistry, find_targets, pack_mask, sparsity_report, unpack_mask
+from gradprune import MaskRegistry, pack_mask, sparsity_report, unpack_mask
 from tiny_models import tiny_gpt2, tiny_llama
 
 

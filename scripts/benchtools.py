@@ -1,0 +1,55 @@
+"""Small measuring tools shared by the benchmark scripts (run them as `python scripts/<bench>.py`)."""
+from __future__ import annotations
+
+import threading
+import time
+
+from lightning.pytorch.callbacks import Callback
+
+
+def rss_mb() -> float:
+    """Resident memory of this process in MiB (Linux /proc)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
+
+class PeakRSS:
+    """Peak resident memory while a ``with`` block runs, sampled every ``interval`` seconds in a thread.
+
+    After the block: ``before``, ``peak`` (MiB) and ``extra_mb = peak - before``."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval = interval
+
+    def __enter__(self) -> "PeakRSS":
+        self.before = self.peak = rss_mb()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, rss_mb())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_mb())
+        self.extra_mb = self.peak - self.before
+
+
+class StepTimer(Callback):
+    """Wall time of every training batch (forward, backward, optimizer step and the hooks around them),
+    from ``from_epoch`` on."""
+
+    def __init__(self, from_epoch: int = 0) -> None:
+        self.from_epoch = from_epoch
+        self.times: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.current_epoch >= self.from_epoch:
+            self.times.append(time.perf_counter() - self._start)
