@@ -50,6 +50,9 @@ class PrunableLM(pl.LightningModule):
         warmup_steps: linear warm-up length in optimizer steps (int) or as a fraction of the run (float < 1).
         min_lr_ratio: the cosine decays to learning_rate * min_lr_ratio at the last step.
         dtype: parameter dtype for loading: "float32", "bfloat16" or "float16".
+        fused_adamw: use torch's fused AdamW kernel when every parameter is on a CPU or CUDA device (one
+            pass per tensor instead of a dozen; on CPU it is also not slowed down by the zero moments of
+            pruned weights, which make the per-op sqrt several times slower).
         export_dir: if set, the model is saved there (save_pretrained, safetensors) with the data module's
             tokenizer and a gradprune.json sparsity report when fit ends.
         tokenizer: tokenizer source for the export when there is no data module tokenizer.
@@ -68,6 +71,7 @@ class PrunableLM(pl.LightningModule):
         warmup_steps: Union[int, float] = 0.05,
         min_lr_ratio: float = 0.1,
         dtype: str = "float32",
+        fused_adamw: bool = True,
         export_dir: Optional[str] = None,
         tokenizer: Optional[str] = None,
         distill: Optional[Distillation] = None,
@@ -101,6 +105,7 @@ class PrunableLM(pl.LightningModule):
         self.betas = tuple(betas)
         self.warmup_steps = warmup_steps
         self.min_lr_ratio = min_lr_ratio
+        self.fused_adamw = fused_adamw
         self.export_dir = export_dir
         self.tokenizer_source = tokenizer if tokenizer is not None else (model if isinstance(model, str) else None)
         self.val_perplexity = Perplexity(ignore_index=IGNORE_INDEX)
@@ -219,10 +224,12 @@ class PrunableLM(pl.LightningModule):
         for param in self.model.parameters():
             if param.requires_grad:
                 (decay if param.ndim >= 2 else no_decay).append(param)
+        fused = self.fused_adamw and all(p.device.type in ("cpu", "cuda") for p in decay + no_decay)
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=self.learning_rate,
             betas=self.betas,
+            fused=fused or None,
         )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = self.warmup_steps if isinstance(self.warmup_steps, int) else int(self.warmup_steps * total)

@@ -16,7 +16,8 @@ Run:  python scripts/bench_overhead.py [--reps 8] [--steps 30]
    minus the plain weight they replace).
 3. One global pruning event on a model with SmolLM2-135M's shapes (random weights, built from config):
    seconds per million targeted parameters, and the extra resident memory during the event (sampled from
-   /proc/self/statm) next to the size of the masks and of the largest weight.
+   /proc/self/statm every millisecond, with glibc told to return freed tensors to the system at once) next
+   to the size of the masks and of the largest weight.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ import gradprune as gp
 from gradprune import PrunableLM
 from gradprune.callbacks import GradualPruningCallback
 
-from benchtools import PeakRSS, StepTimer
+from benchtools import PeakRSS, StepTimer, return_freed_memory_to_os
 
 SMALL_LLAMA = dict(model_type="llama", hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
                    num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64, vocab_size=512,
@@ -87,6 +88,7 @@ def memory_per_parameter(variant: str, module: PrunableLM) -> float:
 
 def global_event() -> tuple[float, float, float, float, int]:
     """(seconds per million params, extra peak RSS MB, masks MB, largest weight MB, targeted params)."""
+    return_freed_memory_to_os()  # so that the resident size tracks live tensors, not freed heap
     model = gp.models.load_causal_lm(dict(SMOLLM2_SHAPES))
     targets = gp.find_targets(model)
     numel = sum(t.numel for t in targets)
