@@ -111,6 +111,15 @@ def test_fit_from_yaml_logs_reports_and_exports(tmp_path):
     assert zeros == report["global"]["zeros"]
 
 
+def test_validate_subcommand_reports_perplexity(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY.format(root=tmp_path))
+    cli = run_cli(["validate", "--config", str(path)])
+    ppl = float(cli.trainer.callback_metrics["val/ppl"])
+    assert 1.0 < ppl < 300.0  # an untrained byte-level model: about the vocabulary size
+    assert float(cli.trainer.callback_metrics["sparsity/global"]) == 0.0
+
+
 def test_console_script_exits_zero(tmp_path):
     import subprocess
     import sys
