@@ -44,6 +44,7 @@ class PruningCallback(Callback):
         if self._pending_masks is not None:  # resuming: weights are restored by now, masks come back too
             registry.load_state_dict(self._pending_masks)
             self._pending_masks = None
+        registry.masked_step = None
         for optimizer in trainer.optimizers:
             registry.attach(optimizer, mask_gradients=False)  # done in on_before_optimizer_step
 
@@ -53,8 +54,8 @@ class PruningCallback(Callback):
 
     # -- enforcement ----------------------------------------------------------------------------------
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        if self._registry is not None:
-            self._registry.mask_gradients_()
+        if self._registry is not None:  # once per step, however many pruning callbacks share the registry
+            self._registry.mask_gradients_(step=trainer.global_step)
 
     # -- checkpointing --------------------------------------------------------------------------------
     def extra_state(self) -> dict:

@@ -69,6 +69,7 @@ class MaskRegistry:
         self.masks: dict[str, torch.Tensor] = {}
         self._hooks: dict[int, list] = {}
         self._optimizers: dict[int, torch.optim.Optimizer] = {}
+        self.masked_step: Optional[int] = None  # the last ``step`` given to mask_gradients_
 
     @classmethod
     def of(cls, model: nn.Module) -> "MaskRegistry":
@@ -125,8 +126,15 @@ class MaskRegistry:
             self.targets[name].weight.mul_(self._moved(name))
 
     @torch.no_grad()
-    def mask_gradients_(self) -> None:
-        """Zero the gradients of pruned weights in place (weights without a gradient are skipped)."""
+    def mask_gradients_(self, step: Optional[int] = None) -> None:
+        """Zero the gradients of pruned weights in place (weights without a gradient are skipped).
+
+        With ``step`` (an optimizer step count) the work is done once per step however many callers ask,
+        as when several pruning callbacks share the registry."""
+        if step is not None:
+            if step == self.masked_step:
+                return
+            self.masked_step = step
         for name in self.masks:
             grad = self.targets[name].weight.grad
             if grad is not None:

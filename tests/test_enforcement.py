@@ -178,3 +178,19 @@ def test_other_optimizers_get_weights_rezeroed_after_each_step():
     other.attach(drift, remask_weights=False)
     drift.step()
     assert not any((other.targets[n].weight[~m] == 0).any() for n, m in other.masks.items())
+
+
+def test_gradient_masking_runs_once_per_step_when_shared():
+    model = tiny_llama()
+    gp.prune(model, 0.5)
+    registry = MaskRegistry.of(model)
+    name, mask = next(iter(registry.masks.items()))
+    weight = registry.targets[name].weight
+    weight.grad = torch.ones_like(weight)
+    registry.mask_gradients_(step=3)
+    assert (weight.grad[~mask] == 0).all()
+    weight.grad = torch.ones_like(weight)
+    registry.mask_gradients_(step=3)  # a second callback at the same step: no second pass
+    assert (weight.grad == 1).all()
+    registry.mask_gradients_(step=4)
+    assert (weight.grad[~mask] == 0).all()
