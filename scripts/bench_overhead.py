@@ -14,7 +14,8 @@ Run:  python scripts/bench_overhead.py [--reps 8] [--steps 30]
 2. Memory held while training per targeted parameter, counted from the tensors each approach keeps
    (gradual: the bool masks; ModelPruning: weight_orig, the same-dtype mask and the recomputed weight,
    minus the plain weight they replace).
-3. One global pruning event on a model with SmolLM2-135M's shapes (random weights, built from config):
+3. The cost of the per-step mask multiply with a bool mask and with a same-dtype (float32) mask.
+4. One global pruning event on a model with SmolLM2-135M's shapes (random weights, built from config):
    seconds per million targeted parameters, and the extra resident memory during the event (sampled from
    /proc/self/statm every millisecond, with glibc told to return freed tensors to the system at once) next
    to the size of the masks and of the largest weight.
@@ -102,6 +103,21 @@ def global_event() -> tuple[float, float, float, float, int]:
     return seconds / (numel / 1e6), memory.extra_mb, masks_mb, largest / 2**20, numel
 
 
+def mask_multiply_cost(numel: int = 4 * 2**20, reps: int = 20) -> tuple[float, float]:
+    """Milliseconds per million elements of an in-place multiply of a float32 tensor by a bool mask (what
+    enforcement does per step) and by a float32 mask (what a same-dtype mask would cost), interleaved."""
+    weight = torch.randn(numel)
+    keep_bool = torch.rand(numel) > 0.5
+    keep_float = keep_bool.float()
+    times = {"bool": [], "float": []}
+    for _ in range(reps):
+        for kind, mask in (("bool", keep_bool), ("float", keep_float)):
+            start = time.perf_counter()
+            weight.mul_(mask)
+            times[kind].append(time.perf_counter() - start)
+    return tuple(statistics.median(times[k]) * 1e3 / (numel / 1e6) for k in ("bool", "float"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=8)
@@ -133,6 +149,12 @@ def main() -> None:
         ratios = [t / d for t, d in zip(times[variant], times["dense"])]
         print(f"| {variant} | {statistics.median(times[variant]) * 1e3:.2f} | {statistics.median(ratios):.3f} | "
               f"{min(ratios):.3f}-{max(ratios):.3f} | {memory[variant]:.2f} |")
+
+    with_bool, with_float = mask_multiply_cost()
+    print("\nIn-place multiply of float32 weights or gradients by a keep-mask, ms per million elements (median of 20)")
+    print("| bool mask (1 byte) | float32 mask (4 bytes) |")
+    print("|---|---|")
+    print(f"| {with_bool:.3f} | {with_float:.3f} |")
 
     per_million, extra_mb, masks_mb, largest_mb, numel = global_event()
     print(f"\nOne global magnitude pruning event to 50% on SmolLM2-135M shapes ({numel / 1e6:.1f} M targeted parameters)")
