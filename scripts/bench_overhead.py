@@ -50,11 +50,11 @@ def target_modules(module):
     return [(t.module, "weight") for t in gp.find_targets(module)]
 
 
-def run(variant: str, steps: int) -> tuple[float, PrunableLM]:
+def run(variant: str, steps: int, fused_adamw: bool = True) -> tuple[float, PrunableLM]:
     """Median batch time of the second of two epochs of ``steps`` batches; the first is a warm-up (and
     ModelPruning prunes at its end)."""
     pl.seed_everything(0, verbose=False)
-    module = PrunableLM(model=dict(SMALL_LLAMA), learning_rate=1e-3, warmup_steps=0)
+    module = PrunableLM(model=dict(SMALL_LLAMA), learning_rate=1e-3, warmup_steps=0, fused_adamw=fused_adamw)
     loader = DataLoader(TensorDataset(torch.randint(0, 512, (steps, 32))), batch_size=1)
     timer = StepTimer(from_epoch=1)
     callbacks: list[Callback] = [timer]
@@ -123,6 +123,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=8)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--unfused", action="store_true", help="torch's default (non-fused) AdamW in every variant")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -135,14 +136,15 @@ def main() -> None:
     for rep in range(args.reps):
         order = variants if rep % 2 == 0 else variants[::-1]  # alternate the order to cancel drift
         for variant in order:
-            median, module = run(variant, args.steps)
+            median, module = run(variant, args.steps, fused_adamw=not args.unfused)
             times[variant].append(median)
             memory[variant] = memory_per_parameter(variant, module)
         print(f"rep {rep + 1}/{args.reps}: " + ", ".join(f"{v} {times[v][-1] * 1e3:.2f} ms" for v in variants), flush=True)
 
     targeted = sum(t.numel for t in gp.find_targets(PrunableLM(model=dict(SMALL_LLAMA))))
     print(f"\nStep time, small LLaMA ({targeted / 1e6:.1f} M targeted parameters), 1 x 32 tokens, "
-          f"{args.reps} interleaved repetitions x {args.steps} steps, {args.threads} threads")
+          f"{args.reps} interleaved repetitions x {args.steps} steps, {args.threads} threads, "
+          f"{'default' if args.unfused else 'fused'} AdamW")
     print("| variant | median step (ms) | ratio to dense: median | range | extra bytes / targeted param while training |")
     print("|---|---|---|---|---|")
     for variant in variants:
