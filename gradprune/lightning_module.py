@@ -131,7 +131,7 @@ class PrunableLM(pl.LightningModule):
                 if given != vocab_size:
                     raise ValueError(f"model config has vocab_size={given} but the tokenizer has {vocab_size} tokens")
             return load_causal_lm(config, dtype)
-        model = load_causal_lm(source, dtype)
+        model = load_causal_lm(source, dtype).train()  # from_pretrained returns eval mode; we train it
         size = model.get_input_embeddings().weight.shape[0]
         if vocab_size is not None and vocab_size > size:
             raise ValueError(f"the tokenizer has {vocab_size} tokens but the model {source!r} only embeds {size}")

@@ -164,3 +164,12 @@ def test_any_module_returning_logits_works(tmp_path):
     assert [t.name for t in gradual._targets] == ["model.mlp.0", "model.mlp.2"]
     report = sparsity_report(module, gradual._targets)["global"]
     assert report["zeros"] == exact_count(0.5, report["numel"])
+
+
+def test_model_loaded_from_a_directory_trains_in_train_mode(tmp_path):
+    from gradprune import PrunableLM
+    from tiny_models import tiny_llama
+
+    tiny_llama().save_pretrained(tmp_path / "model")
+    module = PrunableLM(model=str(tmp_path / "model"), vocab_size=128)
+    assert module.model.training and all(m.training for m in module.model.modules())
