@@ -14,10 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import resource
 import sys
-import threading
-import time
 from pathlib import Path
 
 import torch
@@ -25,41 +22,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from benchtools import PeakRSS, rss_mb  # noqa: E402
 from prune_oneshot import batched, calibration_windows, documents, heldout_tokens, perplexity  # noqa: E402
 
 from gradprune.masks import MaskRegistry  # noqa: E402
 from gradprune.models import load_causal_lm, load_tokenizer  # noqa: E402
 from gradprune.oneshot import prune_oneshot  # noqa: E402
-
-
-def rss_mb() -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-class PeakRSS:
-    """Samples the resident set size in a thread while the ``with`` block runs."""
-
-    def __enter__(self):
-        self.before = self.peak = rss_mb()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self):
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, rss_mb())
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss_mb())
 
 
 def main(argv=None) -> None:
