@@ -123,10 +123,13 @@ class GradualPruningCallback(PruningCallback):
 
     # -- Lightning hooks ------------------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.resolved_end_step is None:  # a resumed run keeps the end step it started with
-            self.resolved_end_step = self._resolve_end_step(trainer)
-        self._targets = find_targets(pl_module, self.include, self.exclude)
-        validate_selection(self._targets, self.final_sparsity, self.scope, self.pattern)
+        targets = find_targets(pl_module, self.include, self.exclude)
+        validate_selection(targets, self.final_sparsity, self.scope, self.pattern)
+        end_step = self.resolved_end_step  # a resumed run keeps the end step it started with
+        if end_step is None:
+            end_step = self._resolve_end_step(trainer)
+        # all checks passed: only now does the callback's state change
+        self._targets, self.resolved_end_step = targets, end_step
         super().on_fit_start(trainer, pl_module)
 
     def _resolve_end_step(self, trainer: pl.Trainer) -> int:
