@@ -100,6 +100,11 @@ class PrunableLM(pl.LightningModule):
             self.hparams["distill"] = asdict(distill)
 
         self.model = self._build(model, vocab_size, _DTYPES[dtype])
+        if export_dir and not hasattr(self.model, "save_pretrained"):  # fail now, not after training
+            raise ValueError(
+                f"export_dir={export_dir!r} needs a model with save_pretrained (a Hugging Face model); "
+                f"got {type(self.model).__name__}"
+            )
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
         self.betas = tuple(betas)
