@@ -33,10 +33,10 @@ def token_loader(n=40, length=16, batch_size=4, seed=0):
 def trainer(tmp_path, **kwargs):
     kwargs.setdefault("logger", False)
     kwargs.setdefault("enable_checkpointing", False)
+    kwargs.setdefault("devices", 1)
     return pl.Trainer(
         default_root_dir=tmp_path,
         accelerator="cpu",
-        devices=1,
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
