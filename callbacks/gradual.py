@@ -164,7 +164,7 @@ class GradualPruningCallback(PruningCallback):
             return
         registry = self.registry(pl_module)
         if self.base_sparsity is None:
-            current = self._current_sparsity(registry)
+            current = registry.sparsity(self._targets)
             self.base_sparsity = max(self.initial_sparsity, current)
             if current > self.final_sparsity:
                 log.warning(
@@ -179,19 +179,10 @@ class GradualPruningCallback(PruningCallback):
         new = select_masks(self._targets, target, get_scorer(self.scorer), self.scope, self.pattern, masks)
         registry.update(self._targets, new)
         self.last_event_step = step
-        achieved = self._current_sparsity(registry)
+        achieved = registry.sparsity(self._targets)
         log.info("step %d: pruned to %.4f sparsity (target %.4f)", step, achieved, target)
         pl_module.log("sparsity/target", target, on_step=True, on_epoch=False, sync_dist=False)
         pl_module.log("sparsity/achieved", achieved, on_step=True, on_epoch=False, sync_dist=False)
-
-    def _current_sparsity(self, registry) -> float:
-        pruned = numel = 0
-        for t in self._targets:
-            numel += t.numel
-            mask = registry.masks.get(t.name)
-            if mask is not None:
-                pruned += mask.numel() - int(mask.count_nonzero())
-        return pruned / numel
 
     # -- state ----------------------------------------------------------------------------------------
     def extra_state(self) -> dict:

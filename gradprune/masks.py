@@ -187,8 +187,14 @@ class MaskRegistry:
         self._optimizers.clear()
 
     # -- inspection and persistence -------------------------------------------------------------------
-    def pruned_count(self) -> int:
-        return sum(int(m.numel() - m.count_nonzero()) for m in self.masks.values())
+    def pruned_count(self, names: Optional[Iterable[str]] = None) -> int:
+        """How many weights the masks prune (of the named targets; default all)."""
+        masks = self.masks.values() if names is None else [self.masks[n] for n in names if n in self.masks]
+        return sum(int(m.numel() - m.count_nonzero()) for m in masks)
+
+    def sparsity(self, targets: Sequence[Target]) -> float:
+        """Pruned fraction of these targets' weights (a target without a mask counts as dense)."""
+        return self.pruned_count(t.name for t in targets) / sum(t.numel for t in targets)
 
     def numel(self) -> int:
         return sum(m.numel() for m in self.masks.values())
