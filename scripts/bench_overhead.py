@@ -14,8 +14,11 @@ Run:  python scripts/bench_overhead.py [--reps 8] [--steps 30]
 2. Memory held while training per targeted parameter, counted from the tensors each approach keeps
    (gradual: the bool masks; ModelPruning: weight_orig, the same-dtype mask and the recomputed weight,
    minus the plain weight they replace).
-3. The cost of the per-step mask multiply with a bool mask and with a same-dtype (float32) mask.
-4. One global pruning event on a model with SmolLM2-135M's shapes (random weights, built from config):
+3. The cost of the per-step masking pass: float x bool multiply, gradprune's integer-view multiply, and a
+   multiply by a same-dtype (float32) mask.
+4. The same pass in place, on the gradients of a plain PyTorch training step of the small LLaMA: its
+   milliseconds and its share of the step, for gradprune's pass and for a same-dtype float32 mask.
+5. One global pruning event on a model with SmolLM2-135M's shapes (random weights, built from config):
    seconds per million targeted parameters, and the extra resident memory during the event (sampled from
    /proc/self/statm every millisecond, with glibc told to return freed tensors to the system at once) next
    to the size of the masks and of the largest weight.
@@ -103,19 +106,58 @@ def global_event() -> tuple[float, float, float, float, int]:
     return seconds / (numel / 1e6), memory.extra_mb, masks_mb, largest / 2**20, numel
 
 
-def mask_multiply_cost(numel: int = 4 * 2**20, reps: int = 20) -> tuple[float, float]:
-    """Milliseconds per million elements of an in-place multiply of a float32 tensor by a bool mask (what
-    enforcement does per step) and by a float32 mask (what a same-dtype mask would cost), interleaved."""
-    weight = torch.randn(numel)
-    keep_bool = torch.rand(numel) > 0.5
-    keep_float = keep_bool.float()
-    times = {"bool": [], "float": []}
+def mask_multiply_cost(numel: int = 4 * 2**20, reps: int = 20) -> dict[str, float]:
+    """Milliseconds per million elements of zeroing the pruned entries of a float32 tensor in place:
+    multiplying by the bool mask, what gradprune does (gradprune.masks.zero_pruned_: the bits read as
+    int32 times the mask's bytes), and multiplying by a float32 mask (what a same-dtype mask costing 4
+    bytes per parameter would take). Interleaved, median of ``reps``."""
+    values = torch.randn(numel)
+    keep = torch.rand(numel) > 0.5
+    keep_float = keep.float()
+    methods = {
+        "float x bool": lambda: values.mul_(keep),
+        "gradprune (int32 view x mask bytes)": lambda: gp.masks.zero_pruned_(values, keep),
+        "float x float32 mask": lambda: values.mul_(keep_float),
+    }
+    times: dict[str, list[float]] = {k: [] for k in methods}
     for _ in range(reps):
-        for kind, mask in (("bool", keep_bool), ("float", keep_float)):
+        for kind, method in methods.items():
             start = time.perf_counter()
-            weight.mul_(mask)
+            method()
             times[kind].append(time.perf_counter() - start)
-    return tuple(statistics.median(times[k]) * 1e3 / (numel / 1e6) for k in ("bool", "float"))
+    return {k: statistics.median(v) * 1e3 / (numel / 1e6) for k, v in times.items()}
+
+
+def masking_pass_share(steps: int = 60) -> tuple[float, dict[str, float]]:
+    """The small LLaMA in a plain PyTorch loop (1 x 32 tokens, fused AdamW, 50% global masks): median
+    milliseconds of a training step without masking, and of the masking pass over its gradients right
+    after backward, done by gradprune and, for comparison, by a same-dtype float32 mask multiply."""
+    torch.manual_seed(0)
+    model = gp.models.load_causal_lm(dict(SMALL_LLAMA)).train()
+    gp.prune(model, 0.5, scope="global")
+    registry = gp.MaskRegistry.of(model)
+    float_masks = {name: mask.float() for name, mask in registry.masks.items()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    ids = torch.randint(0, SMALL_LLAMA["vocab_size"], (1, 32))
+
+    def float_pass():
+        for name, mask in float_masks.items():
+            registry.targets[name].weight.grad.mul_(mask)
+
+    passes = {"gradprune": registry.mask_gradients_, "float32 mask": float_pass}
+    step_times, pass_times = [], {k: [] for k in passes}
+    for i in range(steps):
+        for kind, masking in passes.items():
+            start = time.perf_counter()
+            model(input_ids=ids, labels=ids).loss.backward()
+            middle = time.perf_counter()
+            masking()
+            end = time.perf_counter()
+            optimizer.step()
+            optimizer.zero_grad()
+            step_times.append(time.perf_counter() - end + middle - start)
+            pass_times[kind].append(end - middle)
+    return statistics.median(step_times) * 1e3, {k: statistics.median(v) * 1e3 for k, v in pass_times.items()}
 
 
 def main() -> None:
@@ -152,11 +194,18 @@ def main() -> None:
         print(f"| {variant} | {statistics.median(times[variant]) * 1e3:.2f} | {statistics.median(ratios):.3f} | "
               f"{min(ratios):.3f}-{max(ratios):.3f} | {memory[variant]:.2f} |")
 
-    with_bool, with_float = mask_multiply_cost()
-    print("\nIn-place multiply of float32 weights or gradients by a keep-mask, ms per million elements (median of 20)")
-    print("| bool mask (1 byte) | float32 mask (4 bytes) |")
-    print("|---|---|")
-    print(f"| {with_bool:.3f} | {with_float:.3f} |")
+    costs = mask_multiply_cost()
+    print("\nZeroing the pruned entries of a float32 tensor in place, ms per million elements (median of 20)")
+    print("| " + " | ".join(costs) + " |")
+    print("|" + "---|" * len(costs))
+    print("| " + " | ".join(f"{v:.3f}" for v in costs.values()) + " |")
+
+    step_ms, pass_ms = masking_pass_share()
+    print(f"\nThe masking pass inside a plain PyTorch step of the same model (step without it: {step_ms:.2f} ms)")
+    print("| masking pass | ms per step | share of the step |")
+    print("|---|---|---|")
+    for kind, ms in pass_ms.items():
+        print(f"| {kind} | {ms:.3f} | {ms / step_ms:.1%} |")
 
     per_million, extra_mb, masks_mb, largest_mb, numel = global_event()
     print(f"\nOne global magnitude pruning event to 50% on SmolLM2-135M shapes ({numel / 1e6:.1f} M targeted parameters)")

@@ -194,3 +194,23 @@ def test_gradient_masking_runs_once_per_step_when_shared():
     assert (weight.grad == 1).all()
     registry.mask_gradients_(step=4)
     assert (weight.grad[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64])
+def test_zero_pruned_keeps_live_bits_and_writes_positive_zero(dtype):
+    torch.manual_seed(0)
+    values = torch.randn(6, 10).to(dtype) if dtype.is_floating_point else torch.randint(-9, 9, (6, 10))
+    if dtype.is_floating_point:
+        values[0, :4] = torch.tensor([-0.0, float("nan"), float("inf"), -float("inf")], dtype=dtype)
+    keep = torch.rand(6, 10) > 0.5
+    keep[0, :4] = False
+    strided = values.clone().t()  # a non-contiguous view, as a transposed weight's gradient can be
+    gp.masks.zero_pruned_(strided, keep.t())
+    result = strided.t()
+    assert torch.equal(result[keep], values[keep])  # the NaN and infs above are all in pruned places
+    if dtype.is_floating_point:
+        width = {2: torch.int16, 4: torch.int32, 8: torch.int64}[values.element_size()]
+        assert torch.equal(result.view(width)[keep], values.view(width)[keep])  # bit for bit
+        assert (result.view(width)[~keep] == 0).all()  # +0.0: no -0.0, no NaN left behind
+    else:
+        assert (result[~keep] == 0).all()
