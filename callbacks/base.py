@@ -54,8 +54,10 @@ class PruningCallback(Callback):
 
     # -- enforcement ----------------------------------------------------------------------------------
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        if self._registry is not None:  # once per step, however many pruning callbacks share the registry
-            self._registry.mask_gradients_(step=trainer.global_step)
+        # A MaskedAdamW applies the masks in its own update; gradients need a pass of their own only for
+        # other optimizers, or when Lightning's gradient clipping (run after this hook) reads them.
+        if self._registry is not None and (trainer.gradient_clip_val or not self._registry.enforced_by(optimizer)):
+            self._registry.mask_gradients_(step=trainer.global_step)  # once per step, however many callbacks
 
     # -- checkpointing --------------------------------------------------------------------------------
     def extra_state(self) -> dict:

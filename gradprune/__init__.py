@@ -6,6 +6,7 @@ pieces live in :mod:`gradprune.callbacks` and the LightningModule / DataModule m
 from . import calibration
 from .masks import MaskRegistry, pack_mask, unpack_mask
 from .oneshot import prune_oneshot
+from .optim import MaskedAdamW
 from .report import sparsity_report
 from .schedules import SparsitySchedule
 from .selection import exact_count, magnitude_scores, select_masks
@@ -37,6 +38,7 @@ def prune(model, sparsity, scope="layer", pattern="unstructured", include=None, 
 
 __all__ = [
     "MaskRegistry",
+    "MaskedAdamW",
     "PrunableLM",
     "SparsitySchedule",
     "Target",

@@ -25,6 +25,7 @@ from .distill import Distillation, distillation_loss, hidden_loss
 from .losses import IGNORE_INDEX, next_token_loss, shifted_targets
 from .masks import _ATTRIBUTE as _REGISTRY_ATTRIBUTE
 from .models import load_causal_lm, load_tokenizer
+from .optim import MaskedAdamW
 from .report import sparsity_report
 from .targets import find_targets
 from .validation import Problems
@@ -230,7 +231,7 @@ class PrunableLM(pl.LightningModule):
             if param.requires_grad:
                 (decay if param.ndim >= 2 else no_decay).append(param)
         fused = self.fused_adamw and all(p.device.type in ("cpu", "cuda") for p in decay + no_decay)
-        optimizer = torch.optim.AdamW(
+        optimizer = MaskedAdamW(  # torch's AdamW, applying pruning masks in its update (gradprune.optim)
             [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=self.learning_rate,
             betas=self.betas,

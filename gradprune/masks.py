@@ -142,6 +142,10 @@ class MaskRegistry:
             mask = self.masks[name] = mask.to(weight.device)
         return mask
 
+    def weight_masks(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(weight, keep-mask on the weight's device) of every masked target."""
+        return [(self.targets[name].weight, self._moved(name)) for name in self.masks]
+
     @torch.no_grad()
     def apply_(self, names: Optional[Iterable[str]] = None) -> None:
         """Zero every pruned weight in place."""
@@ -184,6 +188,8 @@ class MaskRegistry:
             mask_gradients: mask the gradients of pruned weights just before each step. With gradient
                 clipping, call :meth:`mask_gradients_` before clipping instead (so the norm ignores pruned
                 weights) and pass False; the Lightning callbacks do this in ``on_before_optimizer_step``.
+                Not needed for an optimizer that applies the masks itself (:class:`gradprune.MaskedAdamW`:
+                it is handed the masks here; see :meth:`enforced_by`).
             remask_weights: re-zero pruned weights after each step. None (default) does it unless the
                 optimizer is one of ZERO_PRESERVING_OPTIMIZERS, for which it cannot change anything.
 
@@ -195,17 +201,27 @@ class MaskRegistry:
         self.zero_optimizer_state_(optimizer)
         if remask_weights is None:
             remask_weights = not isinstance(optimizer, ZERO_PRESERVING_OPTIMIZERS)
+        if hasattr(optimizer, "use_masks_of"):
+            optimizer.use_masks_of(self)
         handles = []
         if remask_weights:
             handles.append(optimizer.register_step_post_hook(lambda *_: self.apply_()))
-        if mask_gradients:
+        if mask_gradients and not self.enforced_by(optimizer):
             handles.append(optimizer.register_step_pre_hook(lambda *_: self.mask_gradients_()))
         self._hooks[id(optimizer)] = handles
+
+    def enforced_by(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether ``optimizer`` applies these masks inside its own step (so gradients need no masking
+        pass before it, unless something such as clipping reads them first)."""
+        return getattr(optimizer, "mask_registry", None) is self
 
     def detach(self) -> None:
         for handles in self._hooks.values():
             for handle in handles:
                 handle.remove()
+        for optimizer in self._optimizers.values():
+            if self.enforced_by(optimizer):
+                optimizer.use_masks_of(None)
         self._hooks.clear()
         self._optimizers.clear()
 

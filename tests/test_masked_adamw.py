@@ -1,0 +1,114 @@
+"""MaskedAdamW: AdamW with the pruning masks folded into its update (no separate gradient pass)."""
+import copy
+import shutil
+
+import pytest
+import torch
+
+import gradprune as gp
+import gradprune.optim
+from gradprune import MaskedAdamW, MaskRegistry, PrunableLM
+from gradprune.callbacks import GradualPruningCallback
+from lightning_helpers import TINY_LLAMA, token_loader, trainer
+from tiny_models import tiny_llama
+
+
+def train_pair(make_optimizer, steps=12, **optimizer_kwargs):
+    """The same pruned model trained by torch's AdamW (gradients masked before each step) and by
+    ``make_optimizer``; returns both registries and the second optimizer."""
+    torch.manual_seed(0)
+    reference = tiny_llama()
+    gp.prune(reference, 0.6, scope="global")
+    model = copy.deepcopy(reference)
+    registries = []
+    optimizers = [torch.optim.AdamW(reference.parameters(), **optimizer_kwargs),
+                  make_optimizer(model.parameters(), **optimizer_kwargs)]
+    for net, optimizer in zip((reference, model), optimizers):
+        registries.append(MaskRegistry.of(net))
+        registries[-1].attach(optimizer)
+    for _ in range(steps):
+        ids = torch.randint(0, 128, (2, 16))
+        for net, optimizer in zip((reference, model), optimizers):
+            net(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    return registries, optimizers[1]
+
+
+def test_kernel_builds_here():
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler: MaskedAdamW falls back to a separate masking pass")
+    assert gradprune.optim._kernel() is not None
+
+
+def test_matches_adamw_on_masked_gradients_and_keeps_pruned_weights_zero(monkeypatch):
+    kernel = gradprune.optim._kernel()
+    if kernel is None:
+        pytest.skip("the kernel cannot be built here")
+    calls = []
+
+    class Counting:
+        def masked_adamw_(self, *args):
+            calls.append(args[0].shape)
+            kernel.masked_adamw_(*args)
+
+    monkeypatch.setattr(gradprune.optim, "_kernel", lambda: Counting())
+    (reference, registry), optimizer = train_pair(MaskedAdamW, steps=12, lr=1e-2, weight_decay=0.1)
+    assert registry.enforced_by(optimizer) and registry._hooks[id(optimizer)] == []  # no gradient pass
+    assert len(calls) == 12 * len(registry.masks)  # every masked weight went through the kernel
+    for name, mask in registry.masks.items():
+        weight, expected = registry.targets[name].weight, reference.targets[name].weight
+        assert (weight[~mask] == 0).all(), name
+        torch.testing.assert_close(weight, expected, rtol=0, atol=1e-5)
+
+
+def test_state_has_torchs_layout_and_loads_into_adamw():
+    (_, registry), optimizer = train_pair(MaskedAdamW, steps=3, lr=1e-2)
+    name = next(iter(registry.masks))
+    state = optimizer.state[registry.targets[name].weight]
+    assert set(state) == {"step", "exp_avg", "exp_avg_sq"} and int(state["step"]) == 3
+    assert (state["exp_avg"][~registry.masks[name]] == 0).all() and (state["exp_avg_sq"][~registry.masks[name]] == 0).all()
+    plain = torch.optim.AdamW(registry.model.parameters(), lr=1e-2)
+    plain.load_state_dict(optimizer.state_dict())
+    assert torch.equal(plain.state[registry.targets[name].weight]["exp_avg"], state["exp_avg"])
+
+
+def test_without_the_kernel_it_is_exactly_adamw_on_masked_gradients(monkeypatch):
+    monkeypatch.setattr(gradprune.optim, "_kernel", lambda: None)
+    (reference, registry), _ = train_pair(MaskedAdamW, lr=1e-2, weight_decay=0.1)
+    for name in registry.masks:
+        assert torch.equal(registry.targets[name].weight, reference.targets[name].weight), name
+
+
+def test_options_the_kernel_does_not_cover_fall_back_to_torch():
+    (reference, registry), _ = train_pair(MaskedAdamW, lr=1e-2, amsgrad=True)
+    for name, mask in registry.masks.items():
+        assert (registry.targets[name].weight[~mask] == 0).all()
+        assert torch.equal(registry.targets[name].weight, reference.targets[name].weight), name
+
+
+class GradientsAtClipping(PrunableLM):
+    """Records, at Lightning's gradient clipping, the largest gradient of any pruned weight."""
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        registry = MaskRegistry.of(self)
+        self.seen = max([self.seen] + [float(w.grad[~m].abs().max()) for w, m in registry.weight_masks()
+                                        if w.grad is not None and (~m).any()])
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_lightning_masks_gradients_in_a_pass_only_when_clipping_reads_them(tmp_path, clip):
+    torch.manual_seed(0)
+    module = GradientsAtClipping(model=dict(TINY_LLAMA), vocab_size=128, learning_rate=1e-2, warmup_steps=0)
+    module.seen = 0.0
+    callback = GradualPruningCallback(0.5, schedule="linear", end_step=6, every=2)
+    trainer(tmp_path, max_steps=10, callbacks=[callback], gradient_clip_val=clip).fit(module, token_loader())
+    registry = MaskRegistry.of(module)
+    assert registry.sparsity(list(registry.targets.values())) == pytest.approx(0.5, abs=1e-3)
+    assert all((w[~m] == 0).all() for w, m in registry.weight_masks())
+    if clip:
+        assert module.seen == 0.0  # the clipping norm only saw live weights
+    else:
+        assert module.seen > 0.0  # no masking pass ran: MaskedAdamW ignored those gradients itself
+    assert module.trainer.optimizers[0].mask_registry is None  # handed back at fit end
