@@ -1,10 +1,12 @@
 """What every pruning callback shares: the model's mask registry, its enforcement, and checkpointing.
 
 A pruning callback only decides *when* to change masks; :class:`PruningCallback` makes sure that, once
-masks exist, pruned weights stay exactly zero for the rest of the run (gradients masked in
-``on_before_optimizer_step``, which Lightning calls before gradient clipping; weights re-zeroed by an
-optimizer step post-hook, i.e. only after real optimizer steps under gradient accumulation), and that
-the masks travel in checkpoints bit-packed.
+masks exist, pruned weights stay exactly zero for the rest of the run, and that the masks travel in
+checkpoints bit-packed. With :class:`gradprune.MaskedAdamW` (PrunableLM's optimizer) the masks are applied
+inside the optimizer's update; otherwise, and whenever Lightning's gradient clipping will read the
+gradients, they are masked in ``on_before_optimizer_step`` (which Lightning calls before clipping).
+Weights are re-zeroed by an optimizer step post-hook for optimizers that could move a zero weight (only
+real optimizer steps fire it under gradient accumulation).
 
 Several pruning callbacks may be used together: they share the registry of the LightningModule
 (:meth:`gradprune.MaskRegistry.of`), each saves the registry's masks under its own state key, and loading

@@ -19,6 +19,8 @@ first-order optimizers (SGD, Adam, AdamW, ...) a zero weight with a zero gradien
 receives an update of exactly zero, so the per-step re-zeroing of weights is skipped for them: the
 enforcement costs one pass over the targets per step instead of two (tests check every listed
 optimizer keeps pruned weights exactly zero). Any other optimizer gets the re-zeroing after each step.
+:class:`gradprune.MaskedAdamW` goes further: it is handed the masks and applies them inside its own
+update, so no pass over the gradients is needed at all (:meth:`MaskRegistry.enforced_by`).
 All pruning callbacks of a model share its registry (:meth:`MaskRegistry.of`), so a one-shot and a
 gradual callback compose and enforcement runs once per step.
 """
@@ -93,6 +95,7 @@ class MaskRegistry:
         self._hooks: dict[int, list] = {}
         self._optimizers: dict[int, torch.optim.Optimizer] = {}
         self.masked_step: Optional[int] = None  # the last ``step`` given to mask_gradients_
+        self.version = 0  # changes whenever a mask tensor is replaced, for caches keyed on it
 
     @classmethod
     def of(cls, model: nn.Module) -> "MaskRegistry":
@@ -125,6 +128,7 @@ class MaskRegistry:
                 keep = keep & self.masks[t.name]
             self.targets[t.name] = t
             self.masks[t.name] = keep.contiguous()
+        self.version += 1
         names = [t.name for t in targets]
         self.apply_(names=names)
         for optimizer in self._optimizers.values():
@@ -134,23 +138,26 @@ class MaskRegistry:
         """Forget all masks (pruned weights stay zero; nothing is restored)."""
         self.targets.clear()
         self.masks.clear()
+        self.version += 1
 
     # -- enforcement ----------------------------------------------------------------------------------
-    def _moved(self, name: str) -> torch.Tensor:
+    def mask_of(self, name: str) -> torch.Tensor:
+        """The keep-mask of target ``name``, on its weight's device."""
         mask, weight = self.masks[name], self.targets[name].weight
         if mask.device != weight.device:  # the module was moved (e.g. .to("cuda")) after pruning
             mask = self.masks[name] = mask.to(weight.device)
+            self.version += 1
         return mask
 
     def weight_masks(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(weight, keep-mask on the weight's device) of every masked target."""
-        return [(self.targets[name].weight, self._moved(name)) for name in self.masks]
+        return [(self.targets[name].weight, self.mask_of(name)) for name in self.masks]
 
     @torch.no_grad()
     def apply_(self, names: Optional[Iterable[str]] = None) -> None:
         """Zero every pruned weight in place."""
         for name in self.masks if names is None else names:
-            zero_pruned_(self.targets[name].weight, self._moved(name))
+            zero_pruned_(self.targets[name].weight, self.mask_of(name))
 
     @torch.no_grad()
     def mask_gradients_(self, step: Optional[int] = None) -> None:
@@ -165,7 +172,7 @@ class MaskRegistry:
         for name in self.masks:
             grad = self.targets[name].weight.grad
             if grad is not None:
-                zero_pruned_(grad, self._moved(name))
+                zero_pruned_(grad, self.mask_of(name))
 
     @torch.no_grad()
     def zero_optimizer_state_(self, optimizer: torch.optim.Optimizer, names: Optional[Iterable[str]] = None) -> None:
@@ -175,7 +182,7 @@ class MaskRegistry:
             state = optimizer.state.get(self.targets[name].weight)
             for value in (state or {}).values():
                 if isinstance(value, torch.Tensor) and value.shape == self.masks[name].shape:
-                    zero_pruned_(value, self._moved(name))
+                    zero_pruned_(value, self.mask_of(name))
 
     def attach(
         self, optimizer: torch.optim.Optimizer, mask_gradients: bool = True, remask_weights: Optional[bool] = None

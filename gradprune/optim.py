@@ -54,18 +54,14 @@ def _kernel():
         return None
 
 
-def _kernel_can_update(group: dict, param: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor) -> bool:
-    plain = not (group["amsgrad"] or group["maximize"] or group.get("capturable") or group.get("differentiable"))
-    return (
-        plain
-        and param.device.type == "cpu"
-        and param.dtype == torch.float32
-        and grad.dtype == torch.float32
-        and not grad.is_sparse
-        and param.is_contiguous()
-        and grad.is_contiguous()
-        and mask.is_contiguous()
-    )
+def _plain(group: dict) -> bool:
+    """Whether the kernel implements this parameter group's options."""
+    return not (group["amsgrad"] or group["maximize"] or group.get("capturable") or group.get("differentiable"))
+
+
+def _kernel_fits(param: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor) -> bool:
+    return (param.is_cpu and mask.is_cpu and param.dtype == torch.float32 and grad.dtype == torch.float32
+            and not grad.is_sparse and param.is_contiguous() and grad.is_contiguous())
 
 
 class MaskedAdamW(torch.optim.AdamW):
@@ -77,11 +73,22 @@ class MaskedAdamW(torch.optim.AdamW):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                          maximize=maximize, fused=fused)
         self.mask_registry: Optional[MaskRegistry] = None
+        self._names: dict[int, str] = {}  # id(weight) -> target name, for the registry version below
+        self._names_of: Optional[tuple[int, int]] = None
 
     def use_masks_of(self, registry: Optional[MaskRegistry]) -> None:
         """Enforce ``registry``'s masks from now on, or none (called by :meth:`MaskRegistry.attach` and
         :meth:`MaskRegistry.detach`)."""
         self.mask_registry = registry
+
+    def _masked_names(self) -> dict[int, str]:
+        registry = self.mask_registry
+        if registry is None:
+            return {}
+        if self._names_of != (id(registry), registry.version):
+            self._names = {id(registry.targets[name].weight): name for name in registry.masks}
+            self._names_of = (id(registry), registry.version)
+        return self._names
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -89,32 +96,44 @@ class MaskedAdamW(torch.optim.AdamW):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        masks = {id(w): m for w, m in self.mask_registry.weight_masks()} if self.mask_registry is not None else {}
-        kernel = _kernel() if masks else None
-        own = []  # (group, param, grad, mask) for the kernel; hidden from torch's step by a None grad
+        names = self._masked_names()
+        kernel = _kernel() if names else None
+        batches = []  # per parameter group: the weights for the kernel, their gradients and masks
         for group in self.param_groups:
+            params, grads, masks = [], [], []
             for param in group["params"]:
-                mask = masks.get(id(param))
-                if mask is None or param.grad is None:
+                name = names.get(id(param))
+                if name is None or param.grad is None:
                     continue
-                if kernel is not None and _kernel_can_update(group, param, param.grad, mask):
-                    own.append((group, param, param.grad, mask))
-                    param.grad = None
+                mask = self.mask_registry.masks[name]
+                if kernel is not None and _plain(group) and _kernel_fits(param, param.grad, mask):
+                    params.append(param)
+                    grads.append(param.grad)
+                    masks.append(mask)
+                    param.grad = None  # hidden from torch's step below
                 else:
-                    zero_pruned_(param.grad, mask)
+                    zero_pruned_(param.grad, self.mask_registry.mask_of(name))
+            if params:
+                batches.append((group, params, grads, masks))
         try:
             super().step()
         finally:
-            for _, param, grad, _ in own:
-                param.grad = grad
-        for group, param, grad, mask in own:
-            state = self.state[param]
-            if not state:  # as torch's AdamW initialises it
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-            state["step"] += 1
+            for _, params, grads, _ in batches:
+                for param, grad in zip(params, grads):
+                    param.grad = grad
+        for group, params, grads, masks in batches:
+            states = [self._state_of(param) for param in params]
+            steps = [state["step"] for state in states]
+            torch._foreach_add_(steps, 1)
             beta1, beta2 = group["betas"]
-            kernel.masked_adamw_(param, grad, state["exp_avg"], state["exp_avg_sq"], mask, float(group["lr"]),
-                                 beta1, beta2, group["eps"], group["weight_decay"], int(state["step"]))
+            kernel.masked_adamw_(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                                 masks, steps, float(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"])
         return loss
+
+    def _state_of(self, param: torch.Tensor) -> dict:
+        state = self.state[param]
+        if not state:  # as torch's AdamW initialises it
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        return state

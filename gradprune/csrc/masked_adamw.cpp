@@ -1,4 +1,4 @@
-// One AdamW step for a float32 CPU weight whose pruned entries (keep == false) must stay exactly zero.
+// AdamW steps for float32 CPU weights whose pruned entries (keep == false) must stay exactly zero.
 //
 // This is torch.optim.AdamW's update applied to the gradient multiplied by the keep-mask, in one pass
 // over memory; masking the gradient in a pass of its own first would read and write every gradient once
@@ -34,32 +34,46 @@ void update(float* __restrict param, const float* __restrict grad, float* __rest
 
 }  // namespace
 
-void masked_adamw_(torch::Tensor param, torch::Tensor grad, torch::Tensor exp_avg, torch::Tensor exp_avg_sq,
-                   torch::Tensor keep, double lr, double beta1, double beta2, double eps, double weight_decay,
-                   int64_t step) {
-  for (const auto& t : {param, grad, exp_avg, exp_avg_sq}) {
-    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(),
-                "masked_adamw_ needs contiguous float32 CPU tensors");
-    TORCH_CHECK(t.numel() == param.numel(), "masked_adamw_: tensors of different sizes");
-  }
-  TORCH_CHECK(keep.device().is_cpu() && keep.scalar_type() == at::kBool && keep.is_contiguous() &&
-                  keep.numel() == param.numel(),
-              "masked_adamw_ needs a contiguous bool CPU mask shaped like the weight");
-  TORCH_CHECK(step >= 1, "masked_adamw_: step counts from 1");
-  float* p = param.data_ptr<float>();
-  const float* g = grad.data_ptr<float>();
-  float* m = exp_avg.data_ptr<float>();
-  float* v = exp_avg_sq.data_ptr<float>();
-  const uint8_t* k = reinterpret_cast<const uint8_t*>(keep.data_ptr<bool>());
+namespace {
+
+void check(const at::Tensor& t, at::ScalarType dtype, int64_t numel) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.is_contiguous() && t.numel() == numel,
+              "masked_adamw_: each weight, gradient, exp_avg and exp_avg_sq must be a contiguous float32 CPU "
+              "tensor and each mask a contiguous bool CPU tensor, all of the weight's size");
+}
+
+}  // namespace
+
+// One AdamW step for each weight of a parameter group (same lr, betas, eps and weight decay); ``steps``
+// holds each weight's step count, already incremented for this step (as torch keeps it in the state).
+void masked_adamw_(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::vector<at::Tensor> exp_avgs,
+                   std::vector<at::Tensor> exp_avg_sqs, std::vector<at::Tensor> keeps, std::vector<at::Tensor> steps,
+                   double lr, double beta1, double beta2, double eps, double weight_decay) {
+  const size_t count = params.size();
+  TORCH_CHECK(grads.size() == count && exp_avgs.size() == count && exp_avg_sqs.size() == count &&
+                  keeps.size() == count && steps.size() == count,
+              "masked_adamw_: lists of different lengths");
   const float decay = static_cast<float>(1.0 - lr * weight_decay);
-  const float step_size = static_cast<float>(lr / (1.0 - std::pow(beta1, static_cast<double>(step))));
-  const float bias_correction2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(beta2, static_cast<double>(step))));
-  at::parallel_for(0, param.numel(), 32768, [&](int64_t begin, int64_t end) {
-    update(p, g, m, v, k, begin, end, static_cast<float>(1.0 - beta1), static_cast<float>(beta2),
-           static_cast<float>(1.0 - beta2), bias_correction2_sqrt, static_cast<float>(eps), decay, step_size);
-  });
+  for (size_t t = 0; t < count; ++t) {
+    const int64_t numel = params[t].numel();
+    for (const auto& tensor : {params[t], grads[t], exp_avgs[t], exp_avg_sqs[t]}) check(tensor, at::kFloat, numel);
+    check(keeps[t], at::kBool, numel);
+    const double step = steps[t].item<double>();
+    TORCH_CHECK(step >= 1, "masked_adamw_: step counts from 1");
+    const float step_size = static_cast<float>(lr / (1.0 - std::pow(beta1, step)));
+    const float bias_correction2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(beta2, step)));
+    float* p = params[t].data_ptr<float>();
+    const float* g = grads[t].data_ptr<float>();
+    float* m = exp_avgs[t].data_ptr<float>();
+    float* v = exp_avg_sqs[t].data_ptr<float>();
+    const uint8_t* k = reinterpret_cast<const uint8_t*>(keeps[t].data_ptr<bool>());
+    at::parallel_for(0, numel, 32768, [&](int64_t begin, int64_t end) {
+      update(p, g, m, v, k, begin, end, static_cast<float>(1.0 - beta1), static_cast<float>(beta2),
+             static_cast<float>(1.0 - beta2), bias_correction2_sqrt, static_cast<float>(eps), decay, step_size);
+    });
+  }
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-  module.def("masked_adamw_", &masked_adamw_, "AdamW step of a float32 CPU weight with a keep-mask, in place");
+  module.def("masked_adamw_", &masked_adamw_, "AdamW step of float32 CPU weights with keep-masks, in place");
 }
