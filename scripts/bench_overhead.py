@@ -1,11 +1,11 @@
 """Benchmark: what train-time pruning costs per optimizer step, in memory, and per pruning event.
 
-Run:  python scripts/bench_overhead.py [--reps 8] [--steps 30]
+Run:  python scripts/bench_overhead.py [--reps 8] [--steps 30] [--event-layers 30]
 
 1. Step time. A small LLaMA at a weight-heavy setting (micro-batches of 1 x 32 tokens, where per-weight
    work matters most) is trained with Lightning for --steps measured optimizer steps, three ways, in one
    process, interleaved (dense, gradual, ModelPruning, dense, gradual, ...) for --reps repetitions:
-     dense    no pruning;
+     dense    no pruning (PrunableLM's optimizer, MaskedAdamW, with no masks: torch's fused AdamW);
      gradual  GradualPruningCallback at 50% global sparsity, between events (the only event is at step 0);
      lightning  Lightning's ModelPruning("l1_unstructured", global, 50%), applied at the end of a
               warm-up epoch, so the measured epoch runs with its re-parametrisation in place.
@@ -16,17 +16,22 @@ Run:  python scripts/bench_overhead.py [--reps 8] [--steps 30]
    minus the plain weight they replace).
 3. The cost of the per-step masking pass: float x bool multiply, gradprune's integer-view multiply, and a
    multiply by a same-dtype (float32) mask.
-4. The same pass in place, on the gradients of a plain PyTorch training step of the small LLaMA: its
-   milliseconds and its share of the step, for gradprune's pass and for a same-dtype float32 mask.
-5. One global pruning event on a model with SmolLM2-135M's shapes (random weights, built from config):
-   seconds per million targeted parameters, and the extra resident memory during the event (sampled from
-   /proc/self/statm every millisecond, with glibc told to return freed tensors to the system at once) next
-   to the size of the masks and of the largest weight.
+4. Enforcement inside a plain PyTorch training step of the small LLaMA, in milliseconds and as a share
+   of the step: the separate masking pass (gradprune's; with a same-dtype float32 mask), and what
+   MaskedAdamW (PrunableLM's optimizer, which folds the masks into its update) adds over torch's fused
+   AdamW.
+5. One global pruning event, in a fresh process of its own, on a model with SmolLM2-135M's shapes
+   (random weights, built from config; --event-layers decoder blocks, several values to see how memory
+   scales): seconds per million targeted parameters, and the extra resident memory during the event
+   (sampled from /proc/self/statm every millisecond, with glibc told to return freed tensors to the
+   system at once) next to the size of the masks and of the largest weight.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
+import multiprocessing
 import statistics
 import time
 import warnings
@@ -90,10 +95,12 @@ def memory_per_parameter(variant: str, module: PrunableLM) -> float:
     return 0.0
 
 
-def global_event() -> tuple[float, float, float, float, int]:
-    """(seconds per million params, extra peak RSS MB, masks MB, largest weight MB, targeted params)."""
+def global_event(threads: int, layers: int) -> tuple[float, float, float, float, int]:
+    """(seconds per million params, extra peak RSS MB, masks MB, largest weight MB, targeted params) of
+    one event on a model with SmolLM2-135M's shapes and ``layers`` decoder blocks."""
+    torch.set_num_threads(threads)
     return_freed_memory_to_os()  # so that the resident size tracks live tensors, not freed heap
-    model = gp.models.load_causal_lm(dict(SMOLLM2_SHAPES))
+    model = gp.models.load_causal_lm(dict(SMOLLM2_SHAPES, num_hidden_layers=layers))
     targets = gp.find_targets(model)
     numel = sum(t.numel for t in targets)
     largest = max(t.weight.nbytes for t in targets)
@@ -128,36 +135,49 @@ def mask_multiply_cost(numel: int = 4 * 2**20, reps: int = 20) -> dict[str, floa
     return {k: statistics.median(v) * 1e3 / (numel / 1e6) for k, v in times.items()}
 
 
-def masking_pass_share(steps: int = 60) -> tuple[float, dict[str, float]]:
-    """The small LLaMA in a plain PyTorch loop (1 x 32 tokens, fused AdamW, 50% global masks): median
-    milliseconds of a training step without masking, and of the masking pass over its gradients right
-    after backward, done by gradprune and, for comparison, by a same-dtype float32 mask multiply."""
+def enforcement_in_a_step(steps: int = 60) -> dict[str, float]:
+    """Median milliseconds of the pieces of enforcement inside a plain PyTorch training step of the small
+    LLaMA (1 x 32 tokens, 50% global masks), measured on two copies of the model trained side by side:
+    the step itself (torch's fused AdamW, no enforcement), the separate masking pass over the gradients
+    (gradprune's, and one with a same-dtype float32 mask), and the time MaskedAdamW's step takes beyond
+    torch's fused AdamW step."""
     torch.manual_seed(0)
-    model = gp.models.load_causal_lm(dict(SMALL_LLAMA)).train()
-    gp.prune(model, 0.5, scope="global")
-    registry = gp.MaskRegistry.of(model)
-    float_masks = {name: mask.float() for name, mask in registry.masks.items()}
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    plain = gp.models.load_causal_lm(dict(SMALL_LLAMA)).train()
+    gp.prune(plain, 0.5, scope="global")
+    masked = copy.deepcopy(plain)
+    registry = gp.MaskRegistry.of(plain)
+    float_masks = [(weight, mask.float()) for weight, mask in registry.weight_masks()]
+    torch_adamw = torch.optim.AdamW(plain.parameters(), lr=1e-3, fused=True)
+    masked_adamw = gp.MaskedAdamW(masked.parameters(), lr=1e-3, fused=True)
+    gp.MaskRegistry.of(masked).attach(masked_adamw)
     ids = torch.randint(0, SMALL_LLAMA["vocab_size"], (1, 32))
 
     def float_pass():
-        for name, mask in float_masks.items():
-            registry.targets[name].weight.grad.mul_(mask)
+        for weight, mask in float_masks:
+            weight.grad.mul_(mask)
 
     passes = {"gradprune": registry.mask_gradients_, "float32 mask": float_pass}
-    step_times, pass_times = [], {k: [] for k in passes}
+    times: dict[str, list[float]] = {k: [] for k in ("step", "torch AdamW step", "MaskedAdamW step", *passes)}
     for i in range(steps):
         for kind, masking in passes.items():
             start = time.perf_counter()
-            model(input_ids=ids, labels=ids).loss.backward()
+            plain(input_ids=ids, labels=ids).loss.backward()
             middle = time.perf_counter()
             masking()
             end = time.perf_counter()
-            optimizer.step()
-            optimizer.zero_grad()
-            step_times.append(time.perf_counter() - end + middle - start)
-            pass_times[kind].append(end - middle)
-    return statistics.median(step_times) * 1e3, {k: statistics.median(v) * 1e3 for k, v in pass_times.items()}
+            torch_adamw.step()
+            stepped = time.perf_counter()
+            torch_adamw.zero_grad()
+            times["step"].append(stepped - end + middle - start)
+            times["torch AdamW step"].append(stepped - end)
+            times[kind].append(end - middle)
+
+            masked(input_ids=ids, labels=ids).loss.backward()
+            start = time.perf_counter()
+            masked_adamw.step()
+            times["MaskedAdamW step"].append(time.perf_counter() - start)
+            masked_adamw.zero_grad()
+    return {k: statistics.median(v[2:]) * 1e3 for k, v in times.items()}  # the first steps warm up
 
 
 def main() -> None:
@@ -165,12 +185,21 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=8)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--event-layers", type=int, nargs="+", default=[30],
+                        help="decoder blocks of the SmolLM2-shaped models for the pruning-event measurement")
     parser.add_argument("--unfused", action="store_true", help="torch's default (non-fused) AdamW in every variant")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+
+    # In a fresh process: freed memory of the other phases would hide its allocations, and the malloc
+    # setting it needs (every large tensor its own mmap) would slow the other phases down.
+    events = {}
+    for layers in args.event_layers:
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            events[layers] = pool.apply(global_event, (args.threads, layers))
 
     variants = ["dense", "gradual", "lightning"]
     times = {v: [] for v in variants}
@@ -200,18 +229,26 @@ def main() -> None:
     print("|" + "---|" * len(costs))
     print("| " + " | ".join(f"{v:.3f}" for v in costs.values()) + " |")
 
-    step_ms, pass_ms = masking_pass_share()
-    print(f"\nThe masking pass inside a plain PyTorch step of the same model (step without it: {step_ms:.2f} ms)")
-    print("| masking pass | ms per step | share of the step |")
+    ms = enforcement_in_a_step()
+    rows = {
+        "separate masking pass, gradprune (other optimizers; before gradient clipping)": ms["gradprune"],
+        "separate masking pass with a float32 mask (4 bytes per parameter)": ms["float32 mask"],
+        "MaskedAdamW step minus torch's fused AdamW step (no pass)": ms["MaskedAdamW step"] - ms["torch AdamW step"],
+    }
+    print(f"\nEnforcement inside a plain PyTorch step of the same model (the step: {ms['step']:.2f} ms, "
+          f"of which torch's fused AdamW {ms['torch AdamW step']:.2f} ms)")
+    print("| enforcement | ms per step | share of the step |")
     print("|---|---|---|")
-    for kind, ms in pass_ms.items():
-        print(f"| {kind} | {ms:.3f} | {ms / step_ms:.1%} |")
+    for kind, value in rows.items():
+        print(f"| {kind} | {value:.3f} | {value / ms['step']:.1%} |")
 
-    per_million, extra_mb, masks_mb, largest_mb, numel = global_event()
-    print(f"\nOne global magnitude pruning event to 50% on SmolLM2-135M shapes ({numel / 1e6:.1f} M targeted parameters)")
-    print("| seconds per million targeted params | extra peak RSS (MB) | bool masks (MB) | largest weight (MB) |")
-    print("|---|---|---|---|")
-    print(f"| {per_million:.4f} | {extra_mb:.1f} | {masks_mb:.1f} | {largest_mb:.1f} |")
+    print("\nOne global magnitude pruning event to 50% on SmolLM2-135M's shapes (random weights)")
+    print("| decoder blocks | targeted params (M) | seconds per million targeted params | extra peak RSS (MB) "
+          "| bool masks (MB) | extra beyond the masks (MB) | largest weight (MB) |")
+    print("|---|---|---|---|---|---|---|")
+    for layers, (per_million, extra_mb, masks_mb, largest_mb, numel) in events.items():
+        print(f"| {layers} | {numel / 1e6:.1f} | {per_million:.4f} | {extra_mb:.1f} | {masks_mb:.1f} | "
+              f"{extra_mb - masks_mb:.1f} | {largest_mb:.1f} |")
 
 
 if __name__ == "__main__":
