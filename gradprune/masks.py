@@ -7,8 +7,8 @@ is no ``weight_orig`` re-parametrisation: pruned weights are zeroed in place.
 Enforcement keeps pruned weights exactly zero through training:
 
 - :meth:`MaskRegistry.mask_gradients_` before the optimizer step (and before gradient clipping, so the
-  clipping norm only sees live weights), with :func:`zero_pruned_`, an exact integer-view multiply that
-  is this pass's cheapest form in PyTorch;
+  clipping norm only sees live weights), with :func:`zero_pruned_`, an exact integer-view multiply
+  that is faster than a float x bool one;
 - :meth:`MaskRegistry.apply_` after the optimizer step, because momentum and decoupled weight decay
   (AdamW) move weights whose gradient is zero.
 
@@ -53,8 +53,8 @@ def zero_pruned_(tensor: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
     A floating tensor's bits, read as integers of the same width, are multiplied by the mask's bytes (0
     or 1). That is exact, gives +0.0 also where the tensor held -0.0, inf or NaN (a float multiply by
-    zero would keep -0.0 and NaN), and PyTorch's CPU kernel for it runs at the speed of a same-dtype
-    multiply, where float x bool takes about twice as long (scripts/bench_overhead.py measures both).
+    zero would keep -0.0 and NaN), and PyTorch's CPU kernel for it is faster than its float x bool
+    multiply (scripts/bench_overhead.py measures both).
     Other dtypes are multiplied by the mask directly.
     """
     width = tensor.element_size()
