@@ -15,8 +15,10 @@ def main() -> None:
     targets = gp.find_targets(model)  # every Linear in the blocks; embeddings and lm_head are left alone
     schedule = gp.SparsitySchedule("cubic", final_sparsity=0.7, end_step=60, every=10)
     registry = gp.MaskRegistry.of(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
-    registry.attach(optimizer)  # masks gradients before and re-zeroes pruned weights after every step
+    optimizer = gp.MaskedAdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+    # MaskedAdamW applies the masks inside its update; with another optimizer, attach masks the gradients
+    # before every step (and re-zeroes pruned weights after it if the optimizer could move them)
+    registry.attach(optimizer)
 
     for step in range(80):
         if schedule.is_event(step):

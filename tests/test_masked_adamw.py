@@ -112,3 +112,10 @@ def test_lightning_masks_gradients_in_a_pass_only_when_clipping_reads_them(tmp_p
     else:
         assert module.seen > 0.0  # no masking pass ran: MaskedAdamW ignored those gradients itself
     assert module.trainer.optimizers[0].mask_registry is None  # handed back at fit end
+
+
+def test_without_a_compiler_the_loader_warns_and_gives_the_fallback(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # nothing cached: it has to build
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with pytest.warns(RuntimeWarning, match="could not be built"):
+        assert gradprune.optim._kernel.__wrapped__() is None  # the loader itself, not its cached result
