@@ -17,6 +17,7 @@ callbacks do this when ``gradient_clip_val`` is set.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import warnings
 from pathlib import Path
@@ -64,6 +65,15 @@ def _kernel_fits(param: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor) ->
             and not grad.is_sparse and param.is_contiguous() and grad.is_contiguous())
 
 
+def _without_step_hooks(step):
+    """``step`` without the wrapper that runs the optimizer's step hooks.
+
+    torch wraps each optimizer class's ``step`` in one that runs the registered step pre- and post-hooks
+    (``Optimizer._patch_step_function``, once the class has an instance). MaskedAdamW.step is wrapped so
+    already; the AdamW step it delegates to must run unwrapped or every hook would fire twice."""
+    return inspect.unwrap(step, stop=lambda function: not getattr(function, "hooked", False))
+
+
 class MaskedAdamW(torch.optim.AdamW):
     """torch.optim.AdamW (same arguments, same state layout: checkpoints load either way) whose update
     of each masked weight uses only its kept gradient entries, without a separate masking pass."""
@@ -80,6 +90,7 @@ class MaskedAdamW(torch.optim.AdamW):
         """Enforce ``registry``'s masks from now on, or none (called by :meth:`MaskRegistry.attach` and
         :meth:`MaskRegistry.detach`)."""
         self.mask_registry = registry
+        self._names_of = None
 
     def _masked_names(self) -> dict[int, str]:
         registry = self.mask_registry
@@ -116,7 +127,7 @@ class MaskedAdamW(torch.optim.AdamW):
             if params:
                 batches.append((group, params, grads, masks))
         try:
-            super().step()
+            _without_step_hooks(torch.optim.AdamW.step)(self)
         finally:
             for _, params, grads, _ in batches:
                 for param, grad in zip(params, grads):

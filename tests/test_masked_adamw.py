@@ -119,3 +119,16 @@ def test_without_a_compiler_the_loader_warns_and_gives_the_fallback(monkeypatch,
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     with pytest.warns(RuntimeWarning, match="could not be built"):
         assert gradprune.optim._kernel.__wrapped__() is None  # the loader itself, not its cached result
+
+
+def test_step_hooks_fire_once_per_step():
+    """MaskedAdamW delegates to AdamW's step, which torch wraps with the hook runner too."""
+    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])  # an AdamW instance: AdamW.step gets wrapped
+    (_, registry), optimizer = train_pair(MaskedAdamW, steps=1, lr=1e-2)
+    calls = []
+    optimizer.register_step_pre_hook(lambda *_: calls.append("pre"))
+    optimizer.register_step_post_hook(lambda *_: calls.append("post"))
+    for weight in registry.model.parameters():
+        weight.grad = torch.ones_like(weight)
+    optimizer.step()
+    assert calls == ["pre", "post"]
