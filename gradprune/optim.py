@@ -108,7 +108,6 @@ class MaskedAdamW(torch.optim.AdamW):
             with torch.enable_grad():
                 loss = closure()
         names = self._masked_names()
-        kernel = _kernel() if names else None
         batches = []  # per parameter group: the weights for the kernel, their gradients and masks
         for group in self.param_groups:
             params, grads, masks = [], [], []
@@ -117,7 +116,7 @@ class MaskedAdamW(torch.optim.AdamW):
                 if name is None or param.grad is None:
                     continue
                 mask = self.mask_registry.masks[name]
-                if kernel is not None and _plain(group) and _kernel_fits(param, param.grad, mask):
+                if _plain(group) and _kernel_fits(param, param.grad, mask) and _kernel() is not None:
                     params.append(param)
                     grads.append(param.grad)
                     masks.append(mask)
@@ -137,8 +136,8 @@ class MaskedAdamW(torch.optim.AdamW):
             steps = [state["step"] for state in states]
             torch._foreach_add_(steps, 1)
             beta1, beta2 = group["betas"]
-            kernel.masked_adamw_(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                                 masks, steps, float(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"])
+            _kernel().masked_adamw_(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                                    masks, steps, float(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"])
         return loss
 
     def _state_of(self, param: torch.Tensor) -> dict:
