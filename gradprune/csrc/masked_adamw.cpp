@@ -2,8 +2,9 @@
 //
 // This is torch.optim.AdamW's update applied to the gradient multiplied by the keep-mask, in one pass
 // over memory; masking the gradient in a pass of its own first would read and write every gradient once
-// more. A pruned entry has weight, exp_avg and exp_avg_sq all zero (gradprune's registry
-// zeroes them when the masks change), so with a zero gradient every update below leaves it at +0.0.
+// more. A pruned entry has weight, exp_avg and exp_avg_sq all zero (gradprune's registry zeroes them
+// when the masks change and when the optimizer is attached), so with its gradient taken as zero every
+// update below leaves it at +0.0.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -31,10 +32,6 @@ void update(float* __restrict param, const float* __restrict grad, float* __rest
     exp_avg_sq[i] = v;
   }
 }
-
-}  // namespace
-
-namespace {
 
 void check(const at::Tensor& t, at::ScalarType dtype, int64_t numel) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.is_contiguous() && t.numel() == numel,
