@@ -58,7 +58,7 @@ def target_modules(module):
     return [(t.module, "weight") for t in gp.find_targets(module)]
 
 
-def run(variant: str, steps: int, fused_adamw: bool = True) -> tuple[float, PrunableLM]:
+def run(variant: str, steps: int, fused_adamw: bool = True, clip: float | None = None) -> tuple[float, PrunableLM]:
     """Median batch time of the second of two epochs of ``steps`` batches; the first is a warm-up (and
     ModelPruning prunes at its end)."""
     pl.seed_everything(0, verbose=False)
@@ -74,7 +74,7 @@ def run(variant: str, steps: int, fused_adamw: bool = True) -> tuple[float, Prun
                                       make_pruning_permanent=False, verbose=0))
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=2, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         callbacks=callbacks)
+                         callbacks=callbacks, gradient_clip_val=clip)
     trainer.fit(module, train_dataloaders=loader)
     return statistics.median(timer.times), module
 
@@ -187,6 +187,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--event-layers", type=int, nargs="+", default=[30],
                         help="decoder blocks of the SmolLM2-shaped models for the pruning-event measurement")
+    parser.add_argument("--clip", type=float, default=None, help="gradient_clip_val (norm) in every variant")
     parser.add_argument("--unfused", action="store_true", help="torch's default (non-fused) AdamW in every variant")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -207,7 +208,7 @@ def main() -> None:
     for rep in range(args.reps):
         order = variants if rep % 2 == 0 else variants[::-1]  # alternate the order to cancel drift
         for variant in order:
-            median, module = run(variant, args.steps, fused_adamw=not args.unfused)
+            median, module = run(variant, args.steps, fused_adamw=not args.unfused, clip=args.clip)
             times[variant].append(median)
             memory[variant] = memory_per_parameter(variant, module)
         print(f"rep {rep + 1}/{args.reps}: " + ", ".join(f"{v} {times[v][-1] * 1e3:.2f} ms" for v in variants), flush=True)
@@ -215,7 +216,8 @@ def main() -> None:
     targeted = sum(t.numel for t in gp.find_targets(PrunableLM(model=dict(SMALL_LLAMA))))
     print(f"\nStep time, small LLaMA ({targeted / 1e6:.1f} M targeted parameters), 1 x 32 tokens, "
           f"{args.reps} interleaved repetitions x {args.steps} steps, {args.threads} threads, "
-          f"{'default' if args.unfused else 'fused'} AdamW")
+          f"{'default' if args.unfused else 'fused'} AdamW, "
+          f"{f'gradient clipping at norm {args.clip}' if args.clip else 'no gradient clipping'}")
     print("| variant | median step (ms) | ratio to dense: median | range | extra bytes / targeted param while training |")
     print("|---|---|---|---|---|")
     for variant in variants:
