@@ -242,6 +242,21 @@ class PrunableLM(pl.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, total, self.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    # Tells the pruning callbacks that configure_gradient_clipping below leaves pruned weights out of the
+    # clipping norm by itself, so they need not mask the gradients in a pass before clipping.
+    clips_live_gradients = True
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clipping by norm with a MaskedAdamW that enforces masks uses its clip_grad_norm_ (the norm of
+        the live weights' gradients, without a masking pass); anything else is Lightning's clipping (by
+        value, pruned entries need no masking: MaskedAdamW ignores them; with another optimizer the
+        callbacks mask the gradients before this hook)."""
+        masked = isinstance(optimizer, MaskedAdamW) and optimizer.mask_registry is not None
+        if masked and gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
+            optimizer.clip_grad_norm_(gradient_clip_val)
+        else:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     # -- export ---------------------------------------------------------------------------------------
     def on_fit_end(self) -> None:
         if self.export_dir:

@@ -76,7 +76,10 @@ def _without_step_hooks(step):
 
 class MaskedAdamW(torch.optim.AdamW):
     """torch.optim.AdamW (same arguments, same state layout: checkpoints load either way) whose update
-    of each masked weight uses only its kept gradient entries, without a separate masking pass."""
+    of each masked weight uses only its kept gradient entries, without a separate masking pass.
+
+    :meth:`clip_grad_norm_` clips by the norm of the live weights' gradients, also without a pass of its
+    own over the masked ones: their scaling is folded into the next :meth:`step`."""
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
                  amsgrad: bool = False, *, maximize: bool = False, fused: Optional[bool] = None) -> None:
@@ -85,6 +88,9 @@ class MaskedAdamW(torch.optim.AdamW):
         self.mask_registry: Optional[MaskRegistry] = None
         self._names: dict[int, str] = {}  # id(weight) -> target name, for the registry version below
         self._names_of: Optional[tuple[int, int]] = None
+        # Set by clip_grad_norm_ for the next step (forgotten after it, or at zero_grad if it is skipped):
+        self._grad_scale = 1.0  # clipping's factor for the gradients the kernel reads
+        self._grads_masked = False  # the gradients the kernel does not read are masked already
 
     def use_masks_of(self, registry: Optional[MaskRegistry]) -> None:
         """Enforce ``registry``'s masks from now on, or none (called by :meth:`MaskRegistry.attach` and
@@ -101,43 +107,87 @@ class MaskedAdamW(torch.optim.AdamW):
             self._names_of = (id(registry), registry.version)
         return self._names
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _masked_gradients(self):
+        """(group, param, mask, whether the kernel updates it) for every masked weight with a gradient;
+        the gradients the kernel will not read are masked here (unless clip_grad_norm_ did already)."""
         names = self._masked_names()
-        batches = []  # per parameter group: the weights for the kernel, their gradients and masks
         for group in self.param_groups:
-            params, grads, masks = [], [], []
             for param in group["params"]:
                 name = names.get(id(param))
                 if name is None or param.grad is None:
                     continue
                 mask = self.mask_registry.masks[name]
                 if _plain(group) and _kernel_fits(param, param.grad, mask) and _kernel() is not None:
-                    params.append(param)
-                    grads.append(param.grad)
-                    masks.append(mask)
-                    param.grad = None  # hidden from torch's step below
+                    yield group, param, mask, True
                 else:
-                    zero_pruned_(param.grad, self.mask_registry.mask_of(name))
-            if params:
-                batches.append((group, params, grads, masks))
+                    if not self._grads_masked:
+                        zero_pruned_(param.grad, self.mask_registry.mask_of(name))
+                    yield group, param, mask, False
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Scale all gradients by min(1, max_norm / (norm + 1e-6)), where norm is the 2-norm of the live
+        weights' gradients (pruned entries left out), as ``torch.nn.utils.clip_grad_norm_`` on masked
+        gradients does; returns that norm. The gradients of weights the kernel updates are neither masked
+        nor scaled here: the next :meth:`step` applies the factor in its update (``zero_grad`` before a
+        step forgets it)."""
+        kernel_grads, kernel_masks, other = [], [], []
+        for _, param, mask, by_kernel in self._masked_gradients():
+            if by_kernel:
+                kernel_grads.append(param.grad)
+                kernel_masks.append(mask)
+        self._grads_masked = True
+        by_kernel = {id(g) for g in kernel_grads}
+        for group in self.param_groups:
+            other.extend(p.grad for p in group["params"] if p.grad is not None and id(p.grad) not in by_kernel)
+        squared = _kernel().kept_squared_norm(kernel_grads, kernel_masks) if kernel_grads else 0.0
+        if other:
+            norms = torch._foreach_norm(other)
+            device = other[0].device
+            total = (torch.stack([n.to(device) for n in norms]).square().sum() + squared).sqrt()
+        else:
+            total = torch.tensor(squared, dtype=torch.float64).sqrt().float()
+        factor = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        if other:
+            torch._foreach_mul_(other, factor.to(other[0].dtype))
+        if kernel_grads:
+            self._grad_scale = float(factor)
+        return total
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._grad_scale = 1.0
+        self._grads_masked = False
+        super().zero_grad(set_to_none)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        batches: dict[int, tuple] = {}  # per parameter group: the weights for the kernel, their grads and masks
+        for group, param, mask, by_kernel in self._masked_gradients():
+            if by_kernel:
+                params, grads, masks = batches.setdefault(id(group), (group, [], [], []))[1:]
+                params.append(param)
+                grads.append(param.grad)
+                masks.append(mask)
+                param.grad = None  # hidden from torch's step below
         try:
             _without_step_hooks(torch.optim.AdamW.step)(self)
         finally:
-            for _, params, grads, _ in batches:
+            for _, params, grads, _ in batches.values():
                 for param, grad in zip(params, grads):
                     param.grad = grad
-        for group, params, grads, masks in batches:
+        for group, params, grads, masks in batches.values():
             states = [self._state_of(param) for param in params]
             steps = [state["step"] for state in states]
             torch._foreach_add_(steps, 1)
             beta1, beta2 = group["betas"]
             _kernel().masked_adamw_(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                                    masks, steps, float(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"])
+                                    masks, steps, float(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"],
+                                    self._grad_scale)
+        self._grad_scale, self._grads_masked = 1.0, False  # a clipping factor serves one step
         return loss
 
     def _state_of(self, param: torch.Tensor) -> dict:

@@ -13,9 +13,10 @@ from lightning_helpers import TINY_LLAMA, token_loader, trainer
 from tiny_models import tiny_llama
 
 
-def train_pair(make_optimizer, steps=12, **optimizer_kwargs):
-    """The same pruned model trained by torch's AdamW (gradients masked before each step) and by
-    ``make_optimizer``; returns both registries and the second optimizer."""
+def train_pair(make_optimizer, steps=12, clip=None, norms=None, **optimizer_kwargs):
+    """The same pruned model trained by torch's AdamW (gradients masked before each step, then clipped
+    by torch if ``clip``) and by ``make_optimizer`` (clipped by its clip_grad_norm_); returns both
+    registries and the second optimizer. ``norms`` collects (torch's, the optimizer's) clipping norms."""
     torch.manual_seed(0)
     reference = tiny_llama()
     gp.prune(reference, 0.6, scope="global")
@@ -30,6 +31,12 @@ def train_pair(make_optimizer, steps=12, **optimizer_kwargs):
         ids = torch.randint(0, 128, (2, 16))
         for net, optimizer in zip((reference, model), optimizers):
             net(input_ids=ids, labels=ids).loss.backward()
+        if clip:
+            registries[0].mask_gradients_()
+            pair = (torch.nn.utils.clip_grad_norm_(reference.parameters(), clip), optimizers[1].clip_grad_norm_(clip))
+            if norms is not None:
+                norms.append(pair)
+        for optimizer in optimizers:
             optimizer.step()
             optimizer.zero_grad()
     return registries, optimizers[1]
@@ -87,31 +94,64 @@ def test_options_the_kernel_does_not_cover_fall_back_to_torch():
         assert torch.equal(registry.targets[name].weight, reference.targets[name].weight), name
 
 
-class GradientsAtClipping(PrunableLM):
-    """Records, at Lightning's gradient clipping, the largest gradient of any pruned weight."""
+def test_clipping_by_the_norm_of_live_gradients_matches_torch_on_masked_gradients():
+    norms = []
+    (reference, registry), optimizer = train_pair(MaskedAdamW, steps=10, clip=0.5, norms=norms, lr=1e-2,
+                                                  weight_decay=0.1)
+    assert all(float(theirs) > 0.5 for theirs, _ in norms)  # clipping was active at every step
+    for theirs, ours in norms:
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=0)
+    for name, mask in registry.masks.items():
+        assert (registry.targets[name].weight[~mask] == 0).all(), name
+        torch.testing.assert_close(registry.targets[name].weight, reference.targets[name].weight, rtol=0, atol=1e-5)
+
+
+class PrunedGradientsSeen(PrunableLM):
+    """Records the largest gradient of any pruned weight when Lightning's clipping hook runs."""
+
+    seen = 0.0
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        registry = MaskRegistry.of(self)
-        self.seen = max([self.seen] + [float(w.grad[~m].abs().max()) for w, m in registry.weight_masks()
-                                        if w.grad is not None and (~m).any()])
+        pruned = [float(w.grad[~m].abs().max()) for w, m in MaskRegistry.of(self).weight_masks()
+                  if w.grad is not None and (~m).any()]
+        self.seen = max([self.seen] + pruned)
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
 
-@pytest.mark.parametrize("clip", [None, 1.0])
-def test_lightning_masks_gradients_in_a_pass_only_when_clipping_reads_them(tmp_path, clip):
+class MaskThenClip(PrunedGradientsSeen):
+    """Lightning's own clipping, so the callbacks mask the gradients in a pass before it."""
+
+    clips_live_gradients = False
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        super(PrunableLM, self).configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+
+def fit_gradual(tmp_path, module_class, clip):
     torch.manual_seed(0)
-    module = GradientsAtClipping(model=dict(TINY_LLAMA), vocab_size=128, learning_rate=1e-2, warmup_steps=0)
-    module.seen = 0.0
+    module = module_class(model=dict(TINY_LLAMA), vocab_size=128, learning_rate=1e-2, warmup_steps=0)
     callback = GradualPruningCallback(0.5, schedule="linear", end_step=6, every=2)
     trainer(tmp_path, max_steps=10, callbacks=[callback], gradient_clip_val=clip).fit(module, token_loader())
+    return module
+
+
+@pytest.mark.parametrize("clip", [None, 0.5])
+def test_lightning_runs_no_masking_pass_with_prunable_lm(tmp_path, clip):
+    module = fit_gradual(tmp_path, PrunedGradientsSeen, clip)
     registry = MaskRegistry.of(module)
-    assert registry.sparsity(list(registry.targets.values())) == pytest.approx(0.5, abs=1e-3)
+    assert registry.pruned_count() == gp.exact_count(0.5, registry.numel())
     assert all((w[~m] == 0).all() for w, m in registry.weight_masks())
-    if clip:
-        assert module.seen == 0.0  # the clipping norm only saw live weights
-    else:
-        assert module.seen > 0.0  # no masking pass ran: MaskedAdamW ignored those gradients itself
+    assert module.seen > 0.0  # gradients of pruned weights were never masked in a pass: the optimizer ignored them
     assert module.trainer.optimizers[0].mask_registry is None  # handed back at fit end
+
+
+def test_lightning_clipping_of_live_gradients_trains_like_masking_then_clipping(tmp_path):
+    fused = fit_gradual(tmp_path / "fused", PrunedGradientsSeen, 0.5)
+    passes = fit_gradual(tmp_path / "passes", MaskThenClip, 0.5)
+    assert passes.seen == 0.0  # there, the callback masked the gradients before Lightning's clipping
+    for (name, ours), theirs in zip(fused.named_parameters(), passes.parameters()):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5, msg=name)
+    assert torch.equal(*(torch.cat([m.flatten() for m in MaskRegistry.of(x).masks.values()]) for x in (fused, passes)))
 
 
 def test_without_a_compiler_the_loader_warns_and_gives_the_fallback(monkeypatch, tmp_path):

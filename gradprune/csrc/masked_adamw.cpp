@@ -8,6 +8,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -20,10 +21,10 @@ __attribute__((target_clones("avx512f", "avx2", "default")))
 void update(float* __restrict param, const float* __restrict grad, float* __restrict exp_avg,
             float* __restrict exp_avg_sq, const uint8_t* __restrict keep, int64_t begin, int64_t end,
             float one_minus_beta1, float beta2, float one_minus_beta2, float bias_correction2_sqrt, float eps,
-            float decay, float step_size) {
+            float decay, float step_size, float grad_scale) {
   for (int64_t i = begin; i < end; ++i) {
     const float loaded = grad[i];  // loaded unconditionally so that the loop vectorises
-    const float g = keep[i] ? loaded : 0.0f;
+    const float g = keep[i] ? loaded * grad_scale : 0.0f;
     const float m = exp_avg[i] + one_minus_beta1 * (g - exp_avg[i]);  // lerp, as torch does
     const float v = beta2 * exp_avg_sq[i] + one_minus_beta2 * g * g;
     const float denom = std::sqrt(v) / bias_correction2_sqrt + eps;
@@ -31,6 +32,27 @@ void update(float* __restrict param, const float* __restrict grad, float* __rest
     exp_avg[i] = m;
     exp_avg_sq[i] = v;
   }
+}
+
+// Sum of the squares of the kept gradient entries in [begin, end): float partial sums over short runs
+// (vectorised), added up in double.
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+double kept_sum_of_squares(const float* __restrict grad, const uint8_t* __restrict keep, int64_t begin, int64_t end) {
+  double total = 0.0;
+  for (int64_t start = begin; start < end; start += 4096) {
+    const int64_t stop = std::min(end, start + 4096);
+    float partial = 0.0f;
+#pragma omp simd reduction(+ : partial)
+    for (int64_t i = start; i < stop; ++i) {
+      const float loaded = grad[i];
+      const float g = keep[i] ? loaded : 0.0f;
+      partial += g * g;
+    }
+    total += partial;
+  }
+  return total;
 }
 
 void check(const at::Tensor& t, at::ScalarType dtype, int64_t numel) {
@@ -43,9 +65,10 @@ void check(const at::Tensor& t, at::ScalarType dtype, int64_t numel) {
 
 // One AdamW step for each weight of a parameter group (same lr, betas, eps and weight decay); ``steps``
 // holds each weight's step count, already incremented for this step (as torch keeps it in the state).
+// Kept gradient entries are multiplied by ``grad_scale`` first (gradient clipping's factor, or 1).
 void masked_adamw_(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::vector<at::Tensor> exp_avgs,
                    std::vector<at::Tensor> exp_avg_sqs, std::vector<at::Tensor> keeps, std::vector<at::Tensor> steps,
-                   double lr, double beta1, double beta2, double eps, double weight_decay) {
+                   double lr, double beta1, double beta2, double eps, double weight_decay, double grad_scale) {
   const size_t count = params.size();
   TORCH_CHECK(grads.size() == count && exp_avgs.size() == count && exp_avg_sqs.size() == count &&
                   keeps.size() == count && steps.size() == count,
@@ -66,11 +89,32 @@ void masked_adamw_(std::vector<at::Tensor> params, std::vector<at::Tensor> grads
     const uint8_t* k = reinterpret_cast<const uint8_t*>(keeps[t].data_ptr<bool>());
     at::parallel_for(0, numel, 32768, [&](int64_t begin, int64_t end) {
       update(p, g, m, v, k, begin, end, static_cast<float>(1.0 - beta1), static_cast<float>(beta2),
-             static_cast<float>(1.0 - beta2), bias_correction2_sqrt, static_cast<float>(eps), decay, step_size);
+             static_cast<float>(1.0 - beta2), bias_correction2_sqrt, static_cast<float>(eps), decay, step_size,
+             static_cast<float>(grad_scale));
     });
   }
 }
 
+// The sum of the squares of the kept entries of all these gradients (for clipping by the norm of the
+// live weights' gradients without masking them first).
+double kept_squared_norm(std::vector<at::Tensor> grads, std::vector<at::Tensor> keeps) {
+  TORCH_CHECK(grads.size() == keeps.size(), "kept_squared_norm: lists of different lengths");
+  double total = 0.0;
+  for (size_t t = 0; t < grads.size(); ++t) {
+    const int64_t numel = grads[t].numel();
+    check(grads[t], at::kFloat, numel);
+    check(keeps[t], at::kBool, numel);
+    const float* g = grads[t].data_ptr<float>();
+    const uint8_t* k = reinterpret_cast<const uint8_t*>(keeps[t].data_ptr<bool>());
+    total += at::parallel_reduce(
+        0, numel, 32768, 0.0,
+        [&](int64_t begin, int64_t end, double identity) { return identity + kept_sum_of_squares(g, k, begin, end); },
+        [](double a, double b) { return a + b; });
+  }
+  return total;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("masked_adamw_", &masked_adamw_, "AdamW step of float32 CPU weights with keep-masks, in place");
+  module.def("kept_squared_norm", &kept_squared_norm, "sum of squares of the kept gradient entries");
 }
