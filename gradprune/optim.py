@@ -10,9 +10,10 @@ mask, other devices and dtypes, amsgrad or maximize, and machines where the kern
 C++ compiler; a warning says so). The result is the same up to float rounding either way.
 
 The masks come from the model's registry: :meth:`MaskRegistry.attach` hands them over. The optimizer
-leaves gradients untouched, so code that reads gradients between backward and the step (gradient
-clipping, norm logging) sees those of pruned weights too unless it masks them first; the Lightning
-callbacks do this when ``gradient_clip_val`` is set.
+leaves gradients untouched, so code that reads gradients between backward and the step sees those of
+pruned weights too unless it masks them first. For gradient clipping by norm use
+:meth:`MaskedAdamW.clip_grad_norm_` (PrunableLM does): it leaves pruned entries out of the norm without
+a masking pass, and the kernel applies its factor during the step.
 """
 from __future__ import annotations
 
