@@ -43,7 +43,8 @@ def _kernel():
         return load(
             name="gradprune_masked_adamw",
             sources=[str(_SOURCE)],
-            extra_cflags=["-O3", "-fno-math-errno", "-fopenmp"],
+            # without errno and trapping semantics gcc may vectorise sqrt and the masked select
+            extra_cflags=["-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )

@@ -23,8 +23,8 @@ void update(float* __restrict param, const float* __restrict grad, float* __rest
             float one_minus_beta1, float beta2, float one_minus_beta2, float bias_correction2_sqrt, float eps,
             float decay, float step_size, float grad_scale) {
   for (int64_t i = begin; i < end; ++i) {
-    const float loaded = grad[i];  // loaded unconditionally so that the loop vectorises
-    const float g = keep[i] ? loaded * grad_scale : 0.0f;
+    const float scaled = grad[i] * grad_scale;  // kept or not (-fno-trapping-math lets it vectorise)
+    const float g = keep[i] ? scaled : 0.0f;
     const float m = exp_avg[i] + one_minus_beta1 * (g - exp_avg[i]);  // lerp, as torch does
     const float v = beta2 * exp_avg_sq[i] + one_minus_beta2 * g * g;
     const float denom = std::sqrt(v) / bias_correction2_sqrt + eps;
