@@ -142,7 +142,8 @@ class MaskedAdamW(torch.optim.AdamW):
         by_kernel = {id(g) for g in kernel_grads}
         for group in self.param_groups:
             other.extend(p.grad for p in group["params"] if p.grad is not None and id(p.grad) not in by_kernel)
-        squared = _kernel().kept_squared_norm(kernel_grads, kernel_masks) if kernel_grads else 0.0
+        # the kernel's gradients count as already scaled by any factor still pending from an earlier call
+        squared = _kernel().kept_squared_norm(kernel_grads, kernel_masks) * self._grad_scale**2 if kernel_grads else 0.0
         if other:
             norms = torch._foreach_norm(other)
             device = other[0].device
@@ -153,7 +154,7 @@ class MaskedAdamW(torch.optim.AdamW):
         if other:
             torch._foreach_mul_(other, factor.to(other[0].dtype))
         if kernel_grads:
-            self._grad_scale = float(factor)
+            self._grad_scale *= float(factor)
         return total
 
     def zero_grad(self, set_to_none: bool = True) -> None:

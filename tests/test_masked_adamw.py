@@ -172,3 +172,19 @@ def test_step_hooks_fire_once_per_step():
         weight.grad = torch.ones_like(weight)
     optimizer.step()
     assert calls == ["pre", "post"]
+
+
+def test_clipping_twice_before_a_step_composes_like_torch():
+    torch.manual_seed(0)
+    model = tiny_llama()
+    gp.prune(model, 0.5)
+    reference = copy.deepcopy(model)
+    optimizer = MaskedAdamW(model.parameters(), lr=1e-2)
+    MaskRegistry.of(model).attach(optimizer)
+    ids = torch.randint(0, 128, (2, 16))
+    for net in (model, reference):
+        net(input_ids=ids, labels=ids).loss.backward()
+    MaskRegistry.of(reference).mask_gradients_()
+    for limit in (1.0, 0.3):  # the second call sees the gradients as the first one left them
+        torch.testing.assert_close(optimizer.clip_grad_norm_(limit),
+                                   torch.nn.utils.clip_grad_norm_(reference.parameters(), limit), rtol=1e-5, atol=0)
