@@ -8,8 +8,10 @@ on the LightningModule itself, so target names are relative to it and the masks 
 :class:`GradualPruningCallback` in the same run starts its schedule from the sparsity found there.
 
 Calibration: ``trainer.datamodule.calibration_batches(nsamples, seqlen)`` when the datamodule has it,
-otherwise the first training batches (``nsamples`` sequences, cut to ``seqlen`` tokens). Under DDP the
-statistics are summed over ranks before any mask is chosen, so every rank gets the same masks.
+otherwise the first training batches (``nsamples`` sequences, cut to ``seqlen`` tokens). Under DDP each
+rank calibrates on its share (every world_size-th window of the datamodule's; the first batches of its
+own part of the training data) and the statistics are summed over ranks before any mask is chosen, so
+every rank gets the same masks, those of all the calibration data together.
 """
 from __future__ import annotations
 
@@ -78,8 +80,13 @@ class OneShotPruningCallback(PruningCallback):
         """Calibration batches: the datamodule's ``calibration_batches`` or the first training batches."""
         datamodule = getattr(trainer, "datamodule", None)
         if datamodule is not None and callable(getattr(datamodule, "calibration_batches", None)):
-            return list(datamodule.calibration_batches(self.nsamples, self.seqlen))
-        return self._first_train_batches(trainer)
+            windows = list(datamodule.calibration_batches(self.nsamples, self.seqlen))
+            if trainer.world_size > 1 and len(windows) >= trainer.world_size:
+                # every rank draws the same seeded windows: each calibrates on its share, and the summed
+                # statistics are those of all the windows
+                windows = windows[trainer.global_rank :: trainer.world_size]
+            return windows
+        return self._first_train_batches(trainer)  # under DDP each rank reads its own part of the data
 
     def _first_train_batches(self, trainer: pl.Trainer) -> list:
         source = getattr(trainer.fit_loop, "_data_source", None)  # the train dataloader is set up after fit start
