@@ -127,17 +127,18 @@ class MaskThenClip(PrunedGradientsSeen):
         super(PrunableLM, self).configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
 
-def fit_gradual(tmp_path, module_class, clip):
+def fit_gradual(tmp_path, module_class, clip, **trainer_kwargs):
     torch.manual_seed(0)
     module = module_class(model=dict(TINY_LLAMA), vocab_size=128, learning_rate=1e-2, warmup_steps=0)
     callback = GradualPruningCallback(0.5, schedule="linear", end_step=6, every=2)
-    trainer(tmp_path, max_steps=10, callbacks=[callback], gradient_clip_val=clip).fit(module, token_loader())
+    trainer(tmp_path, max_steps=10, callbacks=[callback], gradient_clip_val=clip, **trainer_kwargs).fit(
+        module, token_loader())
     return module
 
 
-@pytest.mark.parametrize("clip", [None, 0.5])
-def test_lightning_runs_no_masking_pass_with_prunable_lm(tmp_path, clip):
-    module = fit_gradual(tmp_path, PrunedGradientsSeen, clip)
+@pytest.mark.parametrize("clip, precision", [(None, "32-true"), (0.5, "32-true"), (0.5, "bf16-mixed")])
+def test_lightning_runs_no_masking_pass_with_prunable_lm(tmp_path, clip, precision):
+    module = fit_gradual(tmp_path, PrunedGradientsSeen, clip, precision=precision)
     registry = MaskRegistry.of(module)
     assert registry.pruned_count() == gp.exact_count(0.5, registry.numel())
     assert all((w[~m] == 0).all() for w, m in registry.weight_masks())
