@@ -84,9 +84,10 @@ class MaskedAdamW(torch.optim.AdamW):
     own over the masked ones: their scaling is folded into the next :meth:`step`."""
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
-                 amsgrad: bool = False, *, maximize: bool = False, fused: Optional[bool] = None) -> None:
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                         maximize=maximize, fused=fused)
+                 amsgrad: bool = False, **options) -> None:
+        """Arguments as torch.optim.AdamW's (``options``: maximize, foreach, capturable, differentiable,
+        fused); options the kernel does not implement send the masked weights through torch's update."""
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, **options)
         self.mask_registry: Optional[MaskRegistry] = None
         self._names: dict[int, str] = {}  # id(weight) -> target name, for the registry version below
         self._names_of: Optional[tuple[int, int]] = None
