@@ -39,6 +39,7 @@ from .validation import Problems
 log = logging.getLogger(__name__)
 
 BYTES = "bytes"
+VAL_FRACTION = 0.05  # default share of files held out for validation; scripts/prune_oneshot.py uses it too
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<pad>"
 JSON_SUFFIXES = (".jsonl", ".json")
@@ -344,7 +345,7 @@ class TextDataModule(pl.LightningDataModule):
         tokenizer: str = "bytes",
         block_size: int = 256,
         batch_size: int = 8,
-        val_fraction: float = 0.05,
+        val_fraction: float = VAL_FRACTION,
         seed: int = 0,
         text_field: str = "text",
         dataset_config: Optional[str] = None,

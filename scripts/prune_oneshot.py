@@ -26,15 +26,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gradprune.calibration import sample_windows  # noqa: E402
 from gradprune.corpus import expand_paths, read_text, split_files, stdlib_files  # noqa: E402
+from gradprune.data import VAL_FRACTION  # noqa: E402  (the held-out files are TextDataModule's)
 from gradprune.models import load_causal_lm, load_tokenizer  # noqa: E402
 from gradprune.oneshot import METHODS, prune_oneshot, report_json  # noqa: E402
 
 PROMPT = "Write a Python function that returns True if a number is even."
-VAL_FRACTION = 0.1
 
 
 def documents(calib: list[str] | None, seed: int) -> tuple[list[str], list[Path]]:
-    """(calibration texts, held-out files). Default: the stdlib train / validation split."""
+    """(calibration texts, held-out files). Default: the stdlib train / validation split of
+    TextDataModule (same files, same fraction), so a model fine-tuned there is scored on files it never
+    saw."""
     train, val = split_files(stdlib_files(), VAL_FRACTION, seed=0)
     if not calib:
         return [str(p) for p in train], val
