@@ -134,15 +134,12 @@ class MaskedAdamW(torch.optim.AdamW):
         gradients does; returns that norm. The gradients of weights the kernel updates are neither masked
         nor scaled here: the next :meth:`step` applies the factor in its update (``zero_grad`` before a
         step forgets it)."""
-        kernel_grads, kernel_masks, other = [], [], []
-        for _, param, mask, by_kernel in self._masked_gradients():
-            if by_kernel:
-                kernel_grads.append(param.grad)
-                kernel_masks.append(mask)
+        kernel = {id(param): (param.grad, mask) for _, param, mask, by_kernel in self._masked_gradients() if by_kernel}
         self._grads_masked = True
-        by_kernel = {id(g) for g in kernel_grads}
-        for group in self.param_groups:
-            other.extend(p.grad for p in group["params"] if p.grad is not None and id(p.grad) not in by_kernel)
+        kernel_grads = [grad for grad, _ in kernel.values()]
+        kernel_masks = [mask for _, mask in kernel.values()]
+        other = [p.grad for group in self.param_groups for p in group["params"]
+                 if p.grad is not None and id(p) not in kernel]
         # the kernel's gradients count as already scaled by any factor still pending from an earlier call
         squared = _kernel().kept_squared_norm(kernel_grads, kernel_masks) * self._grad_scale**2 if kernel_grads else 0.0
         if other:

@@ -2,6 +2,7 @@
 import copy
 import shutil
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -111,10 +112,13 @@ class PrunedGradientsSeen(PrunableLM):
 
     seen = 0.0
 
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+    def record(self):
         pruned = [float(w.grad[~m].abs().max()) for w, m in MaskRegistry.of(self).weight_masks()
                   if w.grad is not None and (~m).any()]
         self.seen = max([self.seen] + pruned)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        self.record()
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
 
@@ -124,7 +128,8 @@ class MaskThenClip(PrunedGradientsSeen):
     clips_live_gradients = False
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        super(PrunableLM, self).configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        self.record()
+        pl.LightningModule.configure_gradient_clipping(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
 
 def fit_gradual(tmp_path, module_class, clip, **trainer_kwargs):
