@@ -8,6 +8,8 @@ from gradprune.callbacks import PruningCallback
 from gradprune.distill import Distillation, distillation_loss, hidden_loss, kd_loss
 from lightning_helpers import TINY_LLAMA, tiny_module, token_loader, trainer
 
+pytestmark = pytest.mark.numerics  # run again under other CPU kernels by .ci/run (make test-numerics)
+
 
 def hand_made():
     torch.manual_seed(0)
