@@ -9,6 +9,13 @@ the chosen scorer; the shared mask registry keeps pruned weights at zero between
 
 If the model is already sparse when the first event comes (a one-shot callback pruned it at fit start),
 the schedule ramps from that sparsity instead of ``initial_sparsity``.
+
+Statistics: the callback asks the scorer what it needs (:mod:`gradprune.scorers`). For activations
+(``wanda``, ``ria``) forward hooks on the targets sum the squared inputs during the last ``stat_batches``
+training micro-batches before each event and are removed at the event (no hooks run between windows);
+for gradients (``taylor``) ``|W * G|`` is summed at every optimizer step since the last event, before any
+masking. Sums are all-reduced over data-parallel ranks before scoring, and the partial sums travel in the
+callback's state, so a checkpoint inside a window resumes exactly. Hooks are removed when fit ends or fails.
 """
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ import lightning.pytorch as pl
 from gradprune.schedules import SCHEDULE_KINDS, SparsitySchedule
 from gradprune.scorers import get_scorer, scorer_names
 from gradprune.selection import select_masks, validate_selection
+from gradprune.statistics import ActivationWindow, SaliencyAccumulator
 from gradprune.targets import find_targets
 from gradprune.validation import Problems, check_choice, check_sparsity, parse_pattern
 
@@ -40,14 +48,18 @@ class GradualPruningCallback(PruningCallback):
         end_step: optimizer step of the last event, or a float in (0, 1] = that fraction of the run's
             total optimizer steps (resolved at fit start).
         every: optimizer steps between pruning events.
-        scope: "layer" (each weight matrix at the target) or "global" (all targets ranked together).
+        scope: "layer" (each weight matrix at the target), "global" (all targets ranked together) or
+            "row" (each output row at the target, Wanda's comparison group).
         pattern: "unstructured" or "N:M" (e.g. "2:4"; final_sparsity must then be at most N/M).
         include: which modules to prune: regex, or list of names / ``.suffix`` es (default: all Linear /
             Conv1D except embeddings and the output head).
         exclude: modules not to prune, same forms as ``include``.
-        scorer: how weights are ranked; "magnitude" (|W|), or a name added with
-            ``gradprune.scorers.register_scorer``.
+        scorer: how weights are ranked: "magnitude" (|W|), "wanda" (|W| * input norm), "ria" (relative
+            importance and activations), "taylor" (sum of |W * G| since the last event), or a name added
+            with ``gradprune.scorers.register_scorer``.
         exponent: power of the cubic schedule, rate of the exponential one.
+        stat_batches: for activation scorers, how many training micro-batches before each event the
+            input statistics are collected over.
     """
 
     def __init__(
@@ -58,20 +70,23 @@ class GradualPruningCallback(PruningCallback):
         start_step: int = 0,
         end_step: Union[int, float] = 1.0,
         every: int = 100,
-        scope: Literal["layer", "global"] = "layer",
+        scope: Literal["layer", "global", "row"] = "layer",
         pattern: str = "unstructured",
         include: Union[str, List[str], None] = None,
         exclude: Union[str, List[str], None] = None,
         scorer: str = "magnitude",
         exponent: float = 3.0,
+        stat_batches: int = 8,
     ) -> None:
         super().__init__()
         problems = Problems()
         check_sparsity(problems, "final_sparsity", final_sparsity)
         check_sparsity(problems, "initial_sparsity", initial_sparsity)
         check_choice(problems, "schedule", schedule, SCHEDULE_KINDS)
-        check_choice(problems, "scope", scope, ("layer", "global"))
+        check_choice(problems, "scope", scope, ("layer", "global", "row"))
         check_choice(problems, "scorer", scorer, scorer_names())
+        if isinstance(stat_batches, bool) or not isinstance(stat_batches, int) or stat_batches < 1:
+            problems.add(f"stat_batches must be an int >= 1 (training micro-batches per statistics window), got {stat_batches!r}")
         if isinstance(end_step, float) and not 0.0 < end_step <= 1.0:
             problems.add(f"end_step as a float is a fraction of the run and must be in (0, 1], got {end_step!r}")
         try:
@@ -98,11 +113,14 @@ class GradualPruningCallback(PruningCallback):
         self.exclude = exclude
         self.scorer = scorer
         self.exponent = exponent
+        self.stat_batches = stat_batches
         # resumable state
         self.resolved_end_step: Optional[int] = None
         self.base_sparsity: Optional[float] = None  # the schedule's effective initial sparsity
         self.last_event_step: Optional[int] = None
         self._targets = None
+        self._statistics: Union[ActivationWindow, SaliencyAccumulator, None] = None
+        self._pending_statistics: Optional[dict] = None
 
     @property
     def state_key(self) -> str:
@@ -125,12 +143,27 @@ class GradualPruningCallback(PruningCallback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         targets = find_targets(pl_module, self.include, self.exclude)
         validate_selection(targets, self.final_sparsity, self.scope, self.pattern)
+        needs = get_scorer(self.scorer).needs
+        if needs != "weights" and self.start_step == 0 and self.initial_sparsity > 0 and self.last_event_step is None:
+            raise ValueError(
+                f"scorer {self.scorer!r} ranks by {needs} seen in training, but initial_sparsity "
+                f"{self.initial_sparsity} is due at step 0, before any batch: set start_step >= 1"
+            )
         end_step = self.resolved_end_step  # a resumed run keeps the end step it started with
         if end_step is None:
             end_step = self._resolve_end_step(trainer)
         # all checks passed: only now does the callback's state change
         self._targets, self.resolved_end_step = targets, end_step
+        self._statistics = {"activations": ActivationWindow, "gradients": SaliencyAccumulator}.get(needs, lambda t: None)(targets)
+        if self._statistics is not None and self._pending_statistics:
+            self._statistics.load_state_dict(self._pending_statistics)
+        self._pending_statistics = None
         super().on_fit_start(trainer, pl_module)
+
+    @property
+    def targets(self):
+        """The targets this callback prunes (resolved at fit start; None before)."""
+        return self._targets
 
     def _resolve_end_step(self, trainer: pl.Trainer) -> int:
         total = trainer.estimated_stepping_batches
@@ -151,9 +184,55 @@ class GradualPruningCallback(PruningCallback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._maybe_prune(trainer, pl_module)
+        if isinstance(self._statistics, ActivationWindow):
+            remaining = self._micro_batches_to_event(trainer, batch_idx)
+            if remaining is not None and remaining <= self.stat_batches:
+                self._statistics.open()
+                self._statistics.tokens(batch)
+            else:
+                self._statistics.close()
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if isinstance(self._statistics, SaliencyAccumulator) and self._next_event(trainer.global_step + 1) is not None:
+            self._statistics.add()  # before any masking (and pruned weights score |0 * G| = 0 anyway)
+        super().on_before_optimizer_step(trainer, pl_module, optimizer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._maybe_prune(trainer, pl_module)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._close_window()
+        super().on_fit_end(trainer, pl_module)
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._close_window()
+
+    def teardown(self, trainer, pl_module, stage) -> None:
+        self._close_window()
+
+    def _close_window(self) -> None:
+        if isinstance(self._statistics, ActivationWindow):
+            self._statistics.close()
+
+    def _next_event(self, step: int) -> Optional[int]:
+        """The first event at or after optimizer step ``step`` (None when the schedule is done)."""
+        if self.resolved_end_step is None:
+            return None
+        start = self.start_step
+        if step <= start:
+            return start
+        if step > self.resolved_end_step:
+            return None
+        return min(start + -(-(step - start) // self.every) * self.every, self.resolved_end_step)
+
+    def _micro_batches_to_event(self, trainer: pl.Trainer, batch_idx: int) -> Optional[int]:
+        """How many micro-batches, this one included, run before the next event is applied."""
+        step = trainer.global_step
+        event = self._next_event(step + 1)
+        if event is None:
+            return None
+        accumulate = trainer.accumulate_grad_batches
+        return (event - step - 1) * accumulate + (accumulate - batch_idx % accumulate)
 
     # -- pruning --------------------------------------------------------------------------------------
     def _maybe_prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -176,13 +255,39 @@ class GradualPruningCallback(PruningCallback):
             return
         target = schedule.sparsity_at(step)
         masks = registry.current(self._targets)
-        new = select_masks(self._targets, target, get_scorer(self.scorer), self.scope, self.pattern, masks)
-        registry.update(self._targets, new)
+        if step == self.start_step and target <= self.base_sparsity:
+            new = None  # the ramp starts where the model already is: nothing to prune or to score
+        else:
+            new = select_masks(self._targets, target, self._score_fn(trainer), self.scope, self.pattern, masks)
+        if self._statistics is not None:
+            self._statistics.reset()
+        if new is not None:
+            registry.update(self._targets, new)
         self.last_event_step = step
         achieved = registry.sparsity(self._targets)
         log.info("step %d: pruned to %.4f sparsity (target %.4f)", step, achieved, target)
         pl_module.log("sparsity/target", target, on_step=True, on_epoch=False, sync_dist=False)
         pl_module.log("sparsity/achieved", achieved, on_step=True, on_epoch=False, sync_dist=False)
+
+    def _score_fn(self, trainer: pl.Trainer):
+        """``score(target)`` for select_masks, from the scorer and the statistics it asked for."""
+        scorer = get_scorer(self.scorer)
+        statistics = self._statistics
+        if statistics is None:
+            return lambda t: scorer.score(t, None)
+        self._close_window()
+        missing = statistics.missing()
+        if missing:
+            what = "saw no input in forward" if scorer.needs == "activations" else "got no gradient"
+            raise RuntimeError(
+                f"scorer {self.scorer!r} needs {scorer.needs}, but these targets {what} since the last event: "
+                f"{missing[:5]}{' ...' if len(missing) > 5 else ''}; exclude them (exclude=...) or use scorer='magnitude'"
+            )
+        if isinstance(statistics, ActivationWindow) and trainer.world_size > 1:
+            statistics.reduce_(lambda t: trainer.strategy.reduce(t, reduce_op="sum"))
+        if isinstance(statistics, ActivationWindow):
+            return lambda t: scorer.score(t, statistics.sum_sq(t.name))
+        return lambda t: scorer.score(t, statistics.saliency(t.name))
 
     # -- state ----------------------------------------------------------------------------------------
     def extra_state(self) -> dict:
@@ -190,10 +295,12 @@ class GradualPruningCallback(PruningCallback):
             "resolved_end_step": self.resolved_end_step,
             "base_sparsity": self.base_sparsity,
             "last_event_step": self.last_event_step,
+            "statistics": self._statistics.state_dict() if self._statistics is not None else self._pending_statistics,
         }
 
     def load_extra_state(self, state: dict) -> None:
         self.resolved_end_step = state.get("resolved_end_step")
         self.base_sparsity = state.get("base_sparsity")
         self.last_event_step = state.get("last_event_step")
+        self._pending_statistics = state.get("statistics")
 

@@ -47,19 +47,22 @@ class ChannelStats:
     near_zero: torch.Tensor
     count: torch.Tensor  # float64 scalar: number of tokens seen
     near_zero_eps: float = 1e-6
+    l2_only: bool = False  # keep only sum_sq and count (what Wanda needs; the cheapest hook)
 
     @classmethod
-    def empty(cls, in_features: int, device: torch.device, near_zero_eps: float = 1e-6) -> "ChannelStats":
+    def empty(cls, in_features: int, device: torch.device, near_zero_eps: float = 1e-6, l2_only: bool = False) -> "ChannelStats":
         zeros = lambda: torch.zeros(in_features, dtype=torch.float64, device=device)  # noqa: E731
-        return cls(zeros(), zeros(), zeros(), torch.zeros((), dtype=torch.float64, device=device), near_zero_eps)
+        return cls(zeros(), zeros(), zeros(), torch.zeros((), dtype=torch.float64, device=device), near_zero_eps, l2_only)
 
     def add(self, x: torch.Tensor) -> None:
         """Accumulate a (tokens, in_features) batch of inputs."""
         x = x.to(torch.float32)
         self.sum_sq += x.square().sum(dim=0, dtype=torch.float64)
+        self.count += x.shape[0]
+        if self.l2_only:
+            return
         self.sum += x.sum(dim=0, dtype=torch.float64)
         self.near_zero += (x.abs() <= self.near_zero_eps).sum(dim=0).to(torch.float64)
-        self.count += x.shape[0]
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.sum_sq, self.sum, self.near_zero, self.count]
@@ -142,6 +145,7 @@ class ActivationHooks:
     channel: bool = True
     near_zero_eps: float = 1e-6
     hessian_dtype: torch.dtype = torch.float32
+    l2_only: bool = False  # channel statistics: only sum_sq and count
     stats: dict = field(default_factory=dict)
     hessians: dict = field(default_factory=dict)
     _tokens: Optional[torch.Tensor] = None
@@ -168,7 +172,7 @@ class ActivationHooks:
             for t in self.targets:
                 device = t.weight.device
                 if self.channel:
-                    self.stats.setdefault(t.name, ChannelStats.empty(t.in_features, device, self.near_zero_eps))
+                    self.stats.setdefault(t.name, ChannelStats.empty(t.in_features, device, self.near_zero_eps, self.l2_only))
                 if self.hessian:
                     self.hessians.setdefault(t.name, HessianStats.empty(t.in_features, device, self.hessian_dtype))
                 self._handles.append(t.module.register_forward_hook(self._hook(t), with_kwargs=True))

@@ -1,23 +1,82 @@
-"""Named weight scorers for train-time pruning: ``score(target) -> tensor shaped like the weight``; low
-scores are pruned first. Register new ones (activation-aware, movement) with :func:`register_scorer`."""
+"""Named scorers for train-time pruning: how the gradual callback ranks weights (low scores go first).
+
+Each scorer says what it needs, and the callback arranges exactly that (see
+:class:`gradprune.callbacks.GradualPruningCallback`):
+
+- ``"weights"``: nothing but the weights. ``magnitude``: ``|W|``.
+- ``"activations"``: per input channel ``j`` the sum over tokens of ``x_j^2`` of each target's inputs,
+  collected by forward hooks during the last ``stat_batches`` training micro-batches before an event
+  (padding left out, summed over data-parallel ranks). ``wanda``: ``|W_ij| * sqrt(sum x_j^2)`` (the same
+  function as one-shot Wanda); ``ria``: relative importance times activations (Zhang et al. 2024).
+- ``"gradients"``: ``taylor``: first-order saliency ``sum over optimizer steps of |W * G|`` since the last
+  event (the gradient before any masking; pruned weights score 0 anyway), kept in a float32 accumulator
+  of 4 bytes per targeted weight.
+
+A scorer is ``score(target, statistic) -> tensor shaped like the stored weight``; ``statistic`` is None,
+the target's float64 ``sum x^2`` vector, or its accumulated ``|W * G|``. Register more with
+:func:`register_scorer`.
+"""
 from __future__ import annotations
 
-from typing import Callable, Dict
+from dataclasses import dataclass
+from typing import Callable, Dict, Literal, Optional
 
 import torch
 
+from .oneshot import wanda_scores
 from .selection import magnitude_scores
 from .targets import Target
 
-Scorer = Callable[[Target], torch.Tensor]
-_SCORERS: Dict[str, Scorer] = {"magnitude": magnitude_scores}
+Needs = Literal["weights", "activations", "gradients"]
+NEEDS = ("weights", "activations", "gradients")
 
 
-def register_scorer(name: str, scorer: Scorer) -> None:
-    """Make ``scorer`` available by ``name`` (e.g. to ``GradualPruningCallback(scorer=name)``)."""
+@dataclass(frozen=True)
+class Scorer:
+    """A named rule: what it needs, and ``score(target, statistic)``."""
+
+    name: str
+    needs: Needs
+    score: Callable[[Target, Optional[torch.Tensor]], torch.Tensor]
+
+
+def _magnitude(target: Target, statistic: Optional[torch.Tensor]) -> torch.Tensor:
+    return magnitude_scores(target)
+
+
+def _wanda(target: Target, sum_sq: Optional[torch.Tensor]) -> torch.Tensor:
+    return target.stored(wanda_scores(target.out_in(target.weight), sum_sq))
+
+
+def _ria(target: Target, sum_sq: Optional[torch.Tensor]) -> torch.Tensor:
+    from .methods.ria import ria_scores
+
+    return target.stored(ria_scores(target.out_in(target.weight), sum_sq))
+
+
+def _taylor(target: Target, saliency: Optional[torch.Tensor]) -> torch.Tensor:
+    return saliency
+
+
+_SCORERS: Dict[str, Scorer] = {
+    "magnitude": Scorer("magnitude", "weights", _magnitude),
+    "wanda": Scorer("wanda", "activations", _wanda),
+    "ria": Scorer("ria", "activations", _ria),
+    "taylor": Scorer("taylor", "gradients", _taylor),
+}
+
+
+def register_scorer(name: str, scorer: Callable, needs: Needs = "weights") -> None:
+    """Make ``scorer`` available by ``name`` (e.g. to ``GradualPruningCallback(scorer=name)``).
+
+    With ``needs="weights"`` a scorer is ``score(target) -> tensor``; otherwise ``score(target, statistic)``
+    (see the module docstring for what ``statistic`` holds)."""
     if not callable(scorer):
         raise TypeError(f"scorer must be callable, got {scorer!r}")
-    _SCORERS[name] = scorer
+    if needs not in NEEDS:
+        raise ValueError(f"needs must be one of {list(NEEDS)}, got {needs!r}")
+    score = (lambda target, statistic: scorer(target)) if needs == "weights" else scorer
+    _SCORERS[name] = Scorer(name, needs, score)
 
 
 def get_scorer(name: str) -> Scorer:
