@@ -21,7 +21,7 @@ from gradprune.schedules import SCHEDULE_KINDS, SparsitySchedule
 from gradprune.scorers import get_scorer, scorer_names
 from gradprune.selection import select_masks, validate_selection
 from gradprune.targets import find_targets
-from gradprune.validation import Problems, check_choice, check_sparsity, parse_pattern
+from gradprune.validation import Problems, check_choice, check_pattern, check_sparsity
 
 from .base import PruningCallback
 
@@ -74,12 +74,7 @@ class GradualPruningCallback(PruningCallback):
         check_choice(problems, "scorer", scorer, scorer_names())
         if isinstance(end_step, float) and not 0.0 < end_step <= 1.0:
             problems.add(f"end_step as a float is a fraction of the run and must be in (0, 1], got {end_step!r}")
-        try:
-            nm = parse_pattern(pattern)
-            if nm is not None and isinstance(final_sparsity, float) and final_sparsity > nm[0] / nm[1] + 1e-9:
-                problems.add(f"final_sparsity {final_sparsity} is above what pattern {pattern!r} allows ({nm[0]}/{nm[1]})")
-        except ValueError as exc:
-            problems.add(str(exc))
+        check_pattern(problems, pattern, "final_sparsity", final_sparsity)
         problems.raise_if_any()
         # Check the remaining schedule arguments now (end_step may still be a fraction of the run).
         SparsitySchedule(

@@ -34,7 +34,7 @@ from .masks import MaskRegistry
 from .report import sparsity_report
 from .selection import SCOPES, drop_lowest, drop_lowest_per_row, exact_count, magnitude_scores, select_masks, validate_selection
 from .targets import Selector, Target, find_targets
-from .validation import Problems, check_choice, check_sparsity, parse_pattern
+from .validation import Problems, check_choice, check_pattern, check_sparsity
 
 log = logging.getLogger(__name__)
 
@@ -194,16 +194,10 @@ def _options(method: str, given: dict, problems: Problems) -> dict:
 
 
 def _check_pattern(problems: Problems, method: str, sparsity: Any, pattern: Any, options: dict) -> Optional[tuple[int, int]]:
-    try:
-        nm = parse_pattern(pattern)
-    except ValueError as exc:
-        problems.add(str(exc))
-        return None
-    if nm is None or not isinstance(sparsity, (int, float)):
+    nm = check_pattern(problems, pattern, "sparsity", sparsity, exact=True)
+    if nm is None:
         return nm
     n, m = nm
-    if abs(sparsity - n / m) > 1e-9:
-        problems.add(f"sparsity {sparsity!r} does not match pattern {pattern!r}: an N:M pattern prunes exactly N/M = {n / m:g}")
     if method == "wanda" and options.get("adaptive"):
         problems.add(f"adaptive=True (Wanda's adaptive variant) works only with pattern='unstructured', got {pattern!r}")
     if method == "sparsegpt" and isinstance(options.get("blocksize"), int) and options["blocksize"] % m:

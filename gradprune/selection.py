@@ -26,7 +26,7 @@ from typing import Callable, Iterator, Literal, Mapping, Optional, Sequence
 import torch
 
 from .targets import Target
-from .validation import Problems, check_choice, check_sparsity, parse_pattern
+from .validation import Problems, check_choice, check_pattern, check_sparsity
 
 Scope = Literal["layer", "global", "row"]
 SCOPES = ("layer", "global", "row")
@@ -52,21 +52,22 @@ def magnitude_scores(target: Target) -> torch.Tensor:
 
 def validate_selection(targets: Sequence[Target], sparsity: float, scope: str, pattern: str,
                        rounding: str = "nearest") -> Optional[tuple[int, int]]:
-    """Check selection arguments against the targets; return the parsed N:M pattern (or None)."""
+    """Check selection arguments against the targets; return the parsed N:M pattern (or None).
+
+    Callers that select many times with the same arguments (block by block) check once here and then
+    call :func:`select_masks_unchecked`."""
     problems = Problems()
     check_sparsity(problems, "sparsity", sparsity)
     check_choice(problems, "scope", scope, SCOPES)
     check_choice(problems, "rounding", rounding, ROUNDINGS)
     problems.raise_if_any()
-    nm = parse_pattern(pattern)
+    nm = check_pattern(problems, pattern, "sparsity", sparsity)
+    problems.raise_if_any()
     if nm is not None:
-        n, m = nm
-        if sparsity > n / m + 1e-9:
-            raise ValueError(f"sparsity {sparsity} is above what pattern {pattern!r} allows ({n}/{m} = {n / m:g})")
         for t in targets:
-            if t.in_features % m:
+            if t.in_features % nm[1]:
                 raise ValueError(
-                    f"pattern {pattern!r}: layer {t.name!r} has in_features={t.in_features}, not divisible by M={m}"
+                    f"pattern {pattern!r}: layer {t.name!r} has in_features={t.in_features}, not divisible by M={nm[1]}"
                 )
     return nm
 
@@ -190,6 +191,20 @@ def select_masks(
     Nothing is modified: the caller applies the masks (see :class:`gradprune.MaskRegistry`).
     """
     nm = validate_selection(targets, sparsity, scope, pattern, rounding)
+    return select_masks_unchecked(targets, sparsity, score_fn, scope, nm, masks, rounding)
+
+
+def select_masks_unchecked(
+    targets: Sequence[Target],
+    sparsity: float,
+    score_fn: ScoreFn,
+    scope: Scope,
+    nm: Optional[tuple[int, int]],
+    masks: Optional[Mapping[str, torch.Tensor]] = None,
+    rounding: Rounding = "nearest",
+) -> dict[str, torch.Tensor]:
+    """:func:`select_masks` for arguments already checked by :func:`validate_selection` (``nm`` is what
+    it returned, None for unstructured): the one-shot pipeline checks once and then selects per block."""
     masks = masks or {}
 
     def prepared(t: Target) -> torch.Tensor:
