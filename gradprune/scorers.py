@@ -1,12 +1,13 @@
 """Named weight scorers for train-time pruning: ``score(target) -> tensor shaped like the weight``; low
-scores are pruned first. Register new ones (activation-aware, movement) with :func:`register_scorer`."""
+scores are pruned first. The scores come from :mod:`gradprune.methods` (one module per method); register
+new ones (activation-aware, movement) with :func:`register_scorer`."""
 from __future__ import annotations
 
 from typing import Callable, Dict
 
 import torch
 
-from .selection import magnitude_scores
+from .methods.magnitude import magnitude_scores
 from .targets import Target
 
 Scorer = Callable[[Target], torch.Tensor]

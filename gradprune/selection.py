@@ -45,11 +45,6 @@ def exact_count(sparsity: float, size: int, rounding: Rounding = "nearest") -> i
     return int(math.floor(sparsity * size + 0.5))
 
 
-def magnitude_scores(target: Target) -> torch.Tensor:
-    """|W|, shaped like the stored weight."""
-    return target.weight.detach().abs()
-
-
 def validate_selection(targets: Sequence[Target], sparsity: float, scope: str, pattern: str,
                        rounding: str = "nearest") -> Optional[tuple[int, int]]:
     """Check selection arguments against the targets; return the parsed N:M pattern (or None).
@@ -170,7 +165,7 @@ def _drop_lowest_per_row(scores: torch.Tensor, k: int) -> torch.Tensor:
 def select_masks(
     targets: Sequence[Target],
     sparsity: float,
-    score_fn: ScoreFn = magnitude_scores,
+    score_fn: Optional[ScoreFn] = None,
     scope: Scope = "layer",
     pattern: str = "unstructured",
     masks: Optional[Mapping[str, torch.Tensor]] = None,
@@ -182,6 +177,7 @@ def select_masks(
         targets: from :func:`gradprune.find_targets`.
         sparsity: fraction of each comparison group to prune, in [0, 1).
         score_fn: maps a target to scores shaped like its stored weight; low scores are pruned first.
+            Default: ``|W|`` (:func:`gradprune.methods.magnitude.magnitude_scores`).
         scope: comparison group: "layer", "global" or "row".
         pattern: "unstructured" or "N:M" (e.g. "2:4").
         masks: current keep-masks by target name; the result only ever removes more weights.
@@ -191,6 +187,8 @@ def select_masks(
     Nothing is modified: the caller applies the masks (see :class:`gradprune.MaskRegistry`).
     """
     nm = validate_selection(targets, sparsity, scope, pattern, rounding)
+    if score_fn is None:
+        from .methods.magnitude import magnitude_scores as score_fn  # the methods build on this module
     return select_masks_unchecked(targets, sparsity, score_fn, scope, nm, masks, rounding)
 
 
