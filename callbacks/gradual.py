@@ -20,7 +20,7 @@ import lightning.pytorch as pl
 from gradprune.schedules import SCHEDULE_KINDS, SparsitySchedule
 from gradprune.scorers import get_scorer, scorer_names
 from gradprune.selection import select_masks, validate_selection
-from gradprune.targets import find_targets
+from gradprune.targets import Target, find_targets
 from gradprune.validation import Problems, check_choice, check_pattern, check_sparsity
 
 from .base import PruningCallback
@@ -97,7 +97,7 @@ class GradualPruningCallback(PruningCallback):
         self.resolved_end_step: Optional[int] = None
         self.base_sparsity: Optional[float] = None  # the schedule's effective initial sparsity
         self.last_event_step: Optional[int] = None
-        self._targets = None
+        self._targets: Optional[list[Target]] = None
 
     @property
     def state_key(self) -> str:
@@ -105,6 +105,11 @@ class GradualPruningCallback(PruningCallback):
             final_sparsity=self.final_sparsity, schedule=self.schedule_kind, start_step=self.start_step,
             end_step=self.end_step, scope=self.scope, pattern=self.pattern, include=self.include,
         )
+
+    @property
+    def targets(self) -> Optional[list[Target]]:
+        """The weights this callback prunes, chosen at fit start (None before)."""
+        return self._targets
 
     @property
     def schedule(self) -> SparsitySchedule:

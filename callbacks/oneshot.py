@@ -104,8 +104,8 @@ class OneShotPruningCallback(PruningCallback):
         return self._first_train_batches(trainer)  # under DDP each rank reads its own part of the data
 
     def _first_train_batches(self, trainer: pl.Trainer) -> list:
-        source = getattr(trainer.fit_loop, "_data_source", None)  # the train dataloader is set up after fit start
-        loader = source.dataloader() if source is not None else None
+        trainer.fit_loop.setup_data()  # Lightning sets the train dataloader up after fit start; now it is ready
+        loader = trainer.train_dataloader
         if loader is None:
             raise ValueError(
                 f"{type(self).__name__} needs calibration data: give the datamodule a calibration_batches(nsamples, "
