@@ -5,7 +5,8 @@ masks exist, pruned weights stay exactly zero for the rest of the run, and that 
 checkpoints bit-packed. With :class:`gradprune.MaskedAdamW` (PrunableLM's optimizer) the masks are applied
 inside the optimizer's update; otherwise, and when Lightning's gradient clipping would read unmasked
 gradients, they are masked in ``on_before_optimizer_step`` (which Lightning calls before clipping).
-``PrunableLM`` clips by the norm of the live weights' gradients itself (``clips_live_gradients``).
+``PrunableLM`` clips by the norm of the live weights' gradients itself: it declares so with
+``clips_live_gradients = True`` (the protocol of :func:`gradprune.masks.clips_live_gradients`).
 Weights are re-zeroed by an optimizer step post-hook for optimizers that could move a zero weight (only
 real optimizer steps fire it under gradient accumulation).
 
@@ -21,7 +22,7 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
-from gradprune.masks import MaskRegistry
+from gradprune.masks import MaskRegistry, clips_live_gradients
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,8 @@ class PruningCallback(Callback):
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         # A MaskedAdamW applies the masks in its own update; gradients need a pass of their own only for
         # other optimizers, or when Lightning's gradient clipping (run after this hook) would read them
-        # unmasked (PrunableLM clips by the live weights' norm itself: clips_live_gradients).
-        clipping_reads_them = trainer.gradient_clip_val and not getattr(pl_module, "clips_live_gradients", False)
+        # unmasked (a module that clips by the live weights' norm itself says so: clips_live_gradients).
+        clipping_reads_them = trainer.gradient_clip_val and not clips_live_gradients(pl_module)
         if self._registry is not None and (clipping_reads_them or not self._registry.enforced_by(optimizer)):
             self._registry.mask_gradients_(step=trainer.global_step)  # once per step, however many callbacks
 

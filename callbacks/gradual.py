@@ -28,8 +28,8 @@ from gradprune.schedules import SCHEDULE_KINDS, SparsitySchedule
 from gradprune.scorers import get_scorer, scorer_names
 from gradprune.selection import select_masks, validate_selection
 from gradprune.statistics import ActivationWindow, SaliencyAccumulator
-from gradprune.targets import find_targets
-from gradprune.validation import Problems, check_choice, check_sparsity, parse_pattern
+from gradprune.targets import Target, find_targets
+from gradprune.validation import Problems, check_choice, check_pattern, check_sparsity
 
 from .base import PruningCallback
 
@@ -89,12 +89,7 @@ class GradualPruningCallback(PruningCallback):
             problems.add(f"stat_batches must be an int >= 1 (training micro-batches per statistics window), got {stat_batches!r}")
         if isinstance(end_step, float) and not 0.0 < end_step <= 1.0:
             problems.add(f"end_step as a float is a fraction of the run and must be in (0, 1], got {end_step!r}")
-        try:
-            nm = parse_pattern(pattern)
-            if nm is not None and isinstance(final_sparsity, float) and final_sparsity > nm[0] / nm[1] + 1e-9:
-                problems.add(f"final_sparsity {final_sparsity} is above what pattern {pattern!r} allows ({nm[0]}/{nm[1]})")
-        except ValueError as exc:
-            problems.add(str(exc))
+        check_pattern(problems, pattern, "final_sparsity", final_sparsity)
         problems.raise_if_any()
         # Check the remaining schedule arguments now (end_step may still be a fraction of the run).
         SparsitySchedule(
@@ -118,7 +113,7 @@ class GradualPruningCallback(PruningCallback):
         self.resolved_end_step: Optional[int] = None
         self.base_sparsity: Optional[float] = None  # the schedule's effective initial sparsity
         self.last_event_step: Optional[int] = None
-        self._targets = None
+        self._targets: Optional[list[Target]] = None
         self._statistics: Union[ActivationWindow, SaliencyAccumulator, None] = None
         self._pending_statistics: Optional[dict] = None
 
@@ -128,6 +123,11 @@ class GradualPruningCallback(PruningCallback):
             final_sparsity=self.final_sparsity, schedule=self.schedule_kind, start_step=self.start_step,
             end_step=self.end_step, scope=self.scope, pattern=self.pattern, include=self.include,
         )
+
+    @property
+    def targets(self) -> Optional[list[Target]]:
+        """The weights this callback prunes, chosen at fit start (None before)."""
+        return self._targets
 
     @property
     def schedule(self) -> SparsitySchedule:
@@ -159,11 +159,6 @@ class GradualPruningCallback(PruningCallback):
             self._statistics.load_state_dict(self._pending_statistics)
         self._pending_statistics = None
         super().on_fit_start(trainer, pl_module)
-
-    @property
-    def targets(self):
-        """The targets this callback prunes (resolved at fit start; None before)."""
-        return self._targets
 
     def _resolve_end_step(self, trainer: pl.Trainer) -> int:
         total = trainer.estimated_stepping_batches

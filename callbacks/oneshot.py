@@ -16,7 +16,7 @@ every rank gets the same masks, those of all the calibration data together.
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
 
@@ -30,7 +30,22 @@ log = logging.getLogger(__name__)
 
 
 class OneShotPruningCallback(PruningCallback):
-    """Base of the one-shot callbacks; subclasses set ``method``."""
+    """Base of the one-shot callbacks: the arguments every method shares. A subclass sets ``method`` (a
+    name in :data:`gradprune.methods.METHODS`) and adds only the method's own options as keyword
+    arguments, passing the rest on with ``**kwargs`` (LightningCLI follows them here).
+
+    Args:
+        sparsity: fraction of each comparison group to prune, in [0, 1); N/M for an N:M pattern.
+        pattern: "unstructured" or "N:M" (e.g. "2:4", "4:8") along the input dimension.
+        nsamples: calibration sequences (from the datamodule's calibration_batches, else the train
+            loader); unused by magnitude.
+        seqlen: tokens per calibration sequence; unused by magnitude.
+        sequential: calibrate block by block on the outputs of the already-pruned blocks (the reference
+            protocol); False: one dense pass over the whole model. Unused by magnitude.
+        include: target modules (regex, or list of names / name suffixes); default every Linear but the
+            head, and for calibrated methods in sequential mode the Linears inside the block stack.
+        exclude: modules to leave dense.
+    """
 
     method: str = ""
 
@@ -89,8 +104,8 @@ class OneShotPruningCallback(PruningCallback):
         return self._first_train_batches(trainer)  # under DDP each rank reads its own part of the data
 
     def _first_train_batches(self, trainer: pl.Trainer) -> list:
-        source = getattr(trainer.fit_loop, "_data_source", None)  # the train dataloader is set up after fit start
-        loader = source.dataloader() if source is not None else None
+        trainer.fit_loop.setup_data()  # Lightning sets the train dataloader up after fit start; now it is ready
+        loader = trainer.train_dataloader
         if loader is None:
             raise ValueError(
                 f"{type(self).__name__} needs calibration data: give the datamodule a calibration_batches(nsamples, "
@@ -134,61 +149,34 @@ class MagnitudePruningCallback(OneShotPruningCallback):
     """Prune once at fit start by weight magnitude |W| (no calibration data).
 
     Args:
-        sparsity: fraction of each comparison group to prune, in [0, 1); N/M for an N:M pattern.
-        pattern: "unstructured" or "N:M" (e.g. "2:4", "4:8") along the input dimension.
-        nsamples: unused by magnitude (kept for a uniform interface).
-        seqlen: unused by magnitude.
-        sequential: unused by magnitude.
-        include: target modules (regex, or list of names / name suffixes); default every Linear but the head.
-        exclude: modules to leave dense.
         scope: comparison group: "layer" (default), "global" or "row".
     """
 
     method = "magnitude"
 
-    def __init__(self, sparsity: float = 0.5, pattern: str = "unstructured", nsamples: int = 128, seqlen: int = 512,
-                 sequential: bool = True, include: Union[str, list[str], None] = None,
-                 exclude: Union[str, list[str], None] = None, scope: str = "layer") -> None:
-        super().__init__(sparsity, pattern, nsamples, seqlen, sequential, include, exclude, scope=scope)
+    def __init__(self, *args: Any, scope: Literal["layer", "global", "row"] = "layer", **kwargs: Any) -> None:
+        super().__init__(*args, scope=scope, **kwargs)
 
 
 class WandaPruningCallback(OneShotPruningCallback):
     """Prune once at fit start with Wanda: score |W_ij| * ||X_j||_2 over calibration activations.
 
     Args:
-        sparsity: fraction to prune, in [0, 1); N/M for an N:M pattern.
-        pattern: "unstructured" or "N:M" (e.g. "2:4", "4:8") along the input dimension.
-        nsamples: calibration sequences (from the datamodule's calibration_batches, else the train loader).
-        seqlen: tokens per calibration sequence.
-        sequential: calibrate block by block on the outputs of the already-pruned blocks (the reference
-            protocol); False: one dense pass over the whole model.
-        include: target modules (regex, or list of names / name suffixes); default the Linears inside the
-            block stack.
-        exclude: modules to leave dense.
         scope: comparison group: "row" (default, the reference), "layer", or "global" (needs sequential=False).
         adaptive: Wanda's adaptive variant (one alpha per layer, found by bisection).
     """
 
     method = "wanda"
 
-    def __init__(self, sparsity: float = 0.5, pattern: str = "unstructured", nsamples: int = 128, seqlen: int = 512,
-                 sequential: bool = True, include: Union[str, list[str], None] = None,
-                 exclude: Union[str, list[str], None] = None, scope: str = "row", adaptive: bool = False) -> None:
-        super().__init__(sparsity, pattern, nsamples, seqlen, sequential, include, exclude, scope=scope, adaptive=adaptive)
+    def __init__(self, *args: Any, scope: Literal["row", "layer", "global"] = "row", adaptive: bool = False,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, scope=scope, adaptive=adaptive, **kwargs)
 
 
 class SparseGPTPruningCallback(OneShotPruningCallback):
     """Prune once at fit start with SparseGPT (OBS weight updates from the layer Hessians 2/n X X^T).
 
     Args:
-        sparsity: fraction to prune, in [0, 1); N/M for an N:M pattern.
-        pattern: "unstructured" or "N:M" (e.g. "2:4", "4:8") along the input dimension.
-        nsamples: calibration sequences (from the datamodule's calibration_batches, else the train loader).
-        seqlen: tokens per calibration sequence.
-        sequential: calibrate block by block on the outputs of the already-pruned blocks; False: one pass.
-        include: target modules (regex, or list of names / name suffixes); default the Linears inside the
-            block stack.
-        exclude: modules to leave dense.
         blocksize: columns processed together (a multiple of M for N:M).
         percdamp: Hessian damping as a fraction of its mean diagonal.
         hessian_dtype: dtype of the per-batch X X^T products: "float32" or "float64" (sums are float64).
@@ -196,12 +184,9 @@ class SparseGPTPruningCallback(OneShotPruningCallback):
 
     method = "sparsegpt"
 
-    def __init__(self, sparsity: float = 0.5, pattern: str = "unstructured", nsamples: int = 128, seqlen: int = 512,
-                 sequential: bool = True, include: Union[str, list[str], None] = None,
-                 exclude: Union[str, list[str], None] = None, blocksize: int = 128, percdamp: float = 0.01,
-                 hessian_dtype: str = "float32") -> None:
-        super().__init__(sparsity, pattern, nsamples, seqlen, sequential, include, exclude,
-                         blocksize=blocksize, percdamp=percdamp, hessian_dtype=hessian_dtype)
+    def __init__(self, *args: Any, blocksize: int = 128, percdamp: float = 0.01,
+                 hessian_dtype: Literal["float32", "float64"] = "float32", **kwargs: Any) -> None:
+        super().__init__(*args, blocksize=blocksize, percdamp=percdamp, hessian_dtype=hessian_dtype, **kwargs)
 
 
 __all__ = ["MagnitudePruningCallback", "OneShotPruningCallback", "SparseGPTPruningCallback", "WandaPruningCallback"]

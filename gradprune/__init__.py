@@ -5,11 +5,12 @@ pieces live in :mod:`gradprune.callbacks` and the LightningModule / DataModule m
 """
 from . import calibration
 from .masks import MaskRegistry, pack_mask, unpack_mask
+from .methods.magnitude import magnitude_scores
 from .oneshot import prune_oneshot
 from .optim import MaskedAdamW
 from .report import sparsity_report
 from .schedules import SparsitySchedule
-from .selection import exact_count, magnitude_scores, select_masks
+from .selection import exact_count, select_masks
 from .targets import Target, find_targets
 
 __version__ = "0.1.0"

@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from .targets import Target, _is_prunable
+from .targets import Target, is_prunable
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +57,9 @@ def find_block_stack(model: nn.Module) -> Optional[BlockStack]:
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
         kinds = {type(child) for child in module}
-        if len(kinds) != 1 or _is_prunable(module[0]):
+        if len(kinds) != 1 or is_prunable(module[0]):
             continue
-        if not all(any(_is_prunable(m) for m in child.modules()) for child in module):
+        if not all(any(is_prunable(m) for m in child.modules()) for child in module):
             continue
         params = sum(p.numel() for p in module.parameters())
         if params > best_params:

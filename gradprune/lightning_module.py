@@ -23,7 +23,7 @@ from torchmetrics.text import Perplexity
 
 from .distill import Distillation, distillation_loss, hidden_loss
 from .losses import IGNORE_INDEX, next_token_loss, shifted_targets
-from .masks import _ATTRIBUTE as _REGISTRY_ATTRIBUTE
+from .masks import MaskRegistry
 from .models import load_causal_lm, load_tokenizer
 from .optim import MaskedAdamW
 from .report import sparsity_report
@@ -150,7 +150,7 @@ class PrunableLM(pl.LightningModule):
         return self._teacher
 
     def _set_teacher(self, teacher: nn.Module) -> None:
-        teacher.__dict__.pop(_REGISTRY_ATTRIBUTE, None)  # a copied model must not share the student's masks
+        MaskRegistry.remove_from(teacher)  # a copied model must not share the student's masks
         teacher.eval().requires_grad_(False)
         student_vocab = _logit_size(self.model)
         teacher_vocab = _logit_size(teacher)

@@ -26,7 +26,7 @@ gradual callback compose and enforcement runs once per step.
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -41,6 +41,16 @@ ZERO_PRESERVING_OPTIMIZERS = (
     torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax, torch.optim.NAdam,
     torch.optim.RAdam, torch.optim.RMSprop, torch.optim.Adagrad, torch.optim.Adadelta,
 )
+
+
+def clips_live_gradients(module: Any) -> bool:
+    """Whether ``module`` (a LightningModule) clips gradients by the norm of the kept weights' gradients
+    by itself, so the pruning callbacks need not mask gradients in a pass before Lightning's clipping.
+
+    The protocol: a class declares ``clips_live_gradients = True`` when its
+    ``configure_gradient_clipping`` leaves pruned weights out of the norm (``PrunableLM`` does, with
+    :meth:`gradprune.MaskedAdamW.clip_grad_norm_`). Undeclared means False."""
+    return bool(getattr(module, "clips_live_gradients", False))
 
 
 # Integer dtypes as wide as each floating dtype, for :func:`zero_pruned_`.
@@ -105,6 +115,12 @@ class MaskRegistry:
             registry = cls(model)
             model.__dict__[_ATTRIBUTE] = registry
         return registry
+
+    @classmethod
+    def remove_from(cls, model: nn.Module) -> None:
+        """Drop ``model``'s registry, if it has one (a copy of a pruned model, such as a distillation
+        teacher, must not share the original's masks). Its weights are left as they are."""
+        model.__dict__.pop(_ATTRIBUTE, None)
 
     # -- changing masks -------------------------------------------------------------------------------
     def current(self, targets: Iterable[Target]) -> dict[str, torch.Tensor]:

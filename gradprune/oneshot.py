@@ -1,214 +1,54 @@
-"""One-shot pruning: magnitude, Wanda and SparseGPT, block by block or over the whole model.
+"""One-shot pruning: any method of :mod:`gradprune.methods`, block by block or over the whole model.
 
-The maths, each in one place:
-
-- :func:`wanda_scores`: ``|W_ij| * sqrt(sum over tokens of x_j^2)``; the masks come from the core rule
-  (:func:`gradprune.select_masks`): per output row exactly ``int(in_features * s)`` lowest by default,
-  ``N:M`` along the input dimension, or ``scope="layer"/"global"``. :func:`wanda_adaptive_pruned` is the
-  paper appendix's variant (one alpha per layer found by bisection, a different count per row).
-- :func:`sparsegpt_prune`: SparseGPT's OBS pruning of one weight matrix with its Hessian
-  ``H = 2/n X X^T`` (damping, dead inputs, Cholesky inverse, column blocks, error compensation).
-- magnitude: ``|W|`` through the core rule (scope layer/global/row, N:M); no calibration.
-
-:func:`prune_oneshot` validates everything before it touches the model, collects statistics
-(:mod:`gradprune.calibration`), block by block by default (:mod:`gradprune.blocks`: block ``i`` sees
-the outputs of the already-pruned blocks ``0..i-1``, peak memory is the model plus one block's
-activations), and records the masks in the model's :class:`gradprune.MaskRegistry`, so any later
-training keeps them.
+The methods' maths lives in :mod:`gradprune.methods` (one module each, with an entry saying which
+statistics it needs, its options and how it prunes); this module is the pipeline that reads those
+entries. :func:`prune_oneshot` checks every argument once, before it touches the model, into a
+:class:`Plan`; collects the method's statistics (:mod:`gradprune.calibration`), block by block by default
+(:mod:`gradprune.blocks`: block ``i`` sees the outputs of the already-pruned blocks ``0..i-1``, peak
+memory is the model plus one block's activations), or in one whole-model pass; and records the keep-masks
+in the model's :class:`gradprune.MaskRegistry`, so any later training keeps them.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
-import math
 import time
-from dataclasses import replace
-from typing import Any, Optional, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Iterator, Optional, Sequence
 
-import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .blocks import BlockStack, call_model, capture_block_inputs, find_block_stack, run_block
+from .blocks import BlockInputs, BlockStack, call_model, capture_block_inputs, find_block_stack, run_block
 from .calibration import ActivationHooks, as_batches, count_samples, count_tokens, eval_mode
 from .masks import MaskRegistry
+from .methods import METHODS as _REGISTRY
+from .methods import Job, Method, get_method
+from .methods.base import COMMON_OPTIONS, NM
 from .report import sparsity_report
-from .selection import SCOPES, drop_lowest, drop_lowest_per_row, exact_count, magnitude_scores, select_masks, validate_selection
+from .selection import validate_selection
 from .targets import Selector, Target, find_targets
-from .validation import Problems, check_choice, check_sparsity, parse_pattern
+from .validation import Problems, check_choice, check_pattern, check_sparsity
 
 log = logging.getLogger(__name__)
 
-METHODS = ("magnitude", "wanda", "sparsegpt")
-_HESSIAN_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-# Method options and their defaults; "reduce" (a callable summing a tensor over data-parallel ranks) and
-# "progress" (show progress bars: True, False, or None = only on a terminal) are accepted by every method.
-DEFAULT_OPTIONS = {
-    "magnitude": {"scope": "layer"},
-    "wanda": {"scope": "row", "adaptive": False, "alpha_tolerance": 0.001},
-    "sparsegpt": {"blocksize": 128, "percdamp": 0.01, "hessian_dtype": "float32"},
-}
-_COMMON_OPTIONS = {"reduce": None, "progress": None}
+METHODS = tuple(_REGISTRY)  # the method names, in registry order
 
 
-# -- the maths ----------------------------------------------------------------------------------------------
-def wanda_scores(weight: torch.Tensor, sum_sq: torch.Tensor) -> torch.Tensor:
-    """Wanda's score of an (out, in) weight: ``|W_ij| * sqrt(sum_sq_j)``, sum_sq = sum of squared inputs."""
-    return weight.detach().abs().to(torch.float32) * sum_sq.sqrt().to(device=weight.device, dtype=torch.float32).unsqueeze(0)
+# -- checking: once, before anything changes ---------------------------------------------------------------
+@dataclass(frozen=True)
+class Plan:
+    """A checked :func:`prune_oneshot` call: the job every method sees, and what the pipeline runs it on."""
 
+    job: Job
+    targets: list[Target]
+    sequential: bool
+    stack: Optional[BlockStack]  # the block stack of sequential mode, else None
+    batches: list  # calibration batches (empty for a method without statistics)
 
-def wanda_adaptive_pruned(scores: torch.Tensor, sparsity: float, tolerance: float = 0.001) -> torch.Tensor:
-    """'pruned' mask of Wanda's adaptive variant for one (out, in) score matrix (scores >= 0).
-
-    Per row, the scores are sorted (stable) and summed cumulatively; a row prunes its lowest scores whose
-    cumulative sum stays within ``alpha`` times the row's total. One ``alpha`` per layer is found by
-    bisection (start 0.4 in [0, 0.8]) until the layer's sparsity is within ``tolerance`` of the target.
-    """
-    ordered, order = scores.sort(dim=1, stable=True)
-    cumulative = ordered.cumsum(dim=1)
-    totals = scores.sum(dim=1, keepdim=True)
-
-    def counts(alpha: float) -> torch.Tensor:
-        return (cumulative <= alpha * totals).sum(dim=1)
-
-    alpha, low, high = 0.4, 0.0, 0.8
-    k = counts(alpha)
-    achieved = float(k.sum()) / scores.numel()
-    while abs(achieved - sparsity) > tolerance and high - low >= tolerance:
-        if achieved > sparsity:
-            alpha, high = (alpha + low) / 2, alpha
-        else:
-            alpha, low = (alpha + high) / 2, alpha
-        k = counts(alpha)
-        achieved = float(k.sum()) / scores.numel()
-    log.debug("adaptive Wanda: alpha %.4f gives sparsity %.4f (target %.4f)", alpha, achieved, sparsity)
-    ranks = torch.arange(scores.shape[1], device=scores.device).unsqueeze(0) < k.unsqueeze(1)
-    return torch.zeros_like(ranks).scatter_(1, order, ranks)
-
-
-def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float, max_tries: int = 6) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + damp I)^-1`` with ``damp = percdamp * mean(diag H)`` (float64).
-
-    If H is not positive definite (too few calibration tokens, float error), the damping grows tenfold
-    per retry, with a warning."""
-    h = hessian.to(torch.float64)
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    mean_diag = float(h.diagonal().mean())
-    damp = percdamp * mean_diag if percdamp > 0 else 0.0
-    for attempt in range(max_tries):
-        try:
-            lower = torch.linalg.cholesky(h + damp * eye)
-            return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
-        except torch.linalg.LinAlgError:
-            new_damp = max(damp * 10, 1e-8 * max(mean_diag, 1.0))
-            log.warning("Hessian not positive definite with damping %.3g; retrying with %.3g", damp, new_damp)
-            damp = new_damp
-    raise RuntimeError(f"Hessian is not positive definite even with damping {damp:.3g}")
-
-
-def sparsegpt_prune(
-    weight: torch.Tensor,
-    hessian: torch.Tensor,
-    sparsity: float,
-    nm: Optional[tuple[int, int]] = None,
-    blocksize: int = 128,
-    percdamp: float = 0.01,
-    pruned_before: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """SparseGPT on one (out, in) weight with its Hessian (in, in). Returns (new float32 weight, pruned mask).
-
-    Dead inputs (``H_jj == 0``) get ``H_jj = 1`` and ``W[:, j] = 0``. Columns are processed in blocks of
-    ``blocksize``. Unstructured: at the start of each block the lowest ``w^2 / diag(H^-1)^2`` are pruned,
-    as many as keep the count up to that block exact (``exact_count(s, out * columns so far)``), so the
-    layer ends at exactly ``exact_count(s, out * in)``. N:M: at the start of each group of M columns the
-    N lowest of every row are pruned. After each column the error is spread over the remaining columns:
-    ``W[:, j:] -= (w - q) / Hinv[i, i] * Hinv[i, j:]``. ``pruned_before`` weights are pruned first.
-    """
-    W = weight.detach().to(torch.float32).clone(memory_format=torch.contiguous_format)
-    rows, columns = W.shape
-    H = hessian.to(torch.float64).clone()
-    dead = H.diagonal() == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    hinv = inverse_hessian_factor(H, percdamp).to(torch.float32)
-    pruned = torch.zeros_like(W, dtype=torch.bool)
-    forced = pruned_before.to(W.device) if pruned_before is not None else None
-
-    def block_scores(w: torch.Tensor, d: torch.Tensor, cols: slice) -> torch.Tensor:
-        scores = (w.square() / d.square().unsqueeze(0)).contiguous()
-        if forced is not None:
-            scores.masked_fill_(forced[:, cols], float("-inf"))
-        return scores
-
-    done = 0
-    for i1 in range(0, columns, blocksize):
-        i2 = min(i1 + blocksize, columns)
-        W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = hinv[i1:i2, i1:i2]
-        d = Hinv1.diagonal()
-        if nm is None:
-            k = exact_count(sparsity, rows * i2) - done
-            mask1 = ~drop_lowest(block_scores(W1, d, slice(i1, i2)), k)
-        else:
-            mask1 = torch.zeros_like(W1, dtype=torch.bool)
-        for i in range(i2 - i1):
-            if nm is not None and i % nm[1] == 0:
-                group = slice(i, i + nm[1])
-                mask1[:, group] = ~drop_lowest_per_row(block_scores(W1[:, group], d[group], slice(i1 + i, i1 + i + nm[1])), nm[0])
-            w = W1[:, i]
-            q = w.masked_fill(mask1[:, i], 0.0)
-            err = (w - q) / d[i]
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
-            Q1[:, i] = q
-            Err1[:, i] = err
-        W[:, i1:i2] = Q1
-        W[:, i2:] -= Err1 @ hinv[i1:i2, i2:]
-        pruned[:, i1:i2] = mask1
-        done += int(mask1.sum())
-    return W, pruned
-
-
-# -- validation ----------------------------------------------------------------------------------------------
-def _options(method: str, given: dict, problems: Problems) -> dict:
-    allowed = {**DEFAULT_OPTIONS.get(method, {}), **_COMMON_OPTIONS}
-    unknown = sorted(set(given) - set(allowed))
-    if unknown:
-        problems.add(f"unknown option(s) {unknown} for method {method!r}; allowed: {sorted(allowed)}")
-    options = {**allowed, **{k: v for k, v in given.items() if k in allowed}}
-    if "scope" in options:
-        check_choice(problems, "scope", options["scope"], SCOPES)
-    if method == "sparsegpt":
-        if isinstance(options["blocksize"], bool) or not isinstance(options["blocksize"], int) or options["blocksize"] < 1:
-            problems.add(f"blocksize must be a positive int, got {options['blocksize']!r}")
-        if not isinstance(options["percdamp"], (int, float)) or isinstance(options["percdamp"], bool) or not (
-            0 <= options["percdamp"] < math.inf
-        ):
-            problems.add(f"percdamp must be a number >= 0, got {options['percdamp']!r}")
-        check_choice(problems, "hessian_dtype", options["hessian_dtype"], list(_HESSIAN_DTYPES))
-    if method == "wanda" and not isinstance(options["adaptive"], bool):
-        problems.add(f"adaptive must be True or False, got {options['adaptive']!r}")
-    if options["reduce"] is not None and not callable(options["reduce"]):
-        problems.add(f"reduce must be a callable (tensor -> summed tensor) or None, got {options['reduce']!r}")
-    return options
-
-
-def _check_pattern(problems: Problems, method: str, sparsity: Any, pattern: Any, options: dict) -> Optional[tuple[int, int]]:
-    try:
-        nm = parse_pattern(pattern)
-    except ValueError as exc:
-        problems.add(str(exc))
-        return None
-    if nm is None or not isinstance(sparsity, (int, float)):
-        return nm
-    n, m = nm
-    if abs(sparsity - n / m) > 1e-9:
-        problems.add(f"sparsity {sparsity!r} does not match pattern {pattern!r}: an N:M pattern prunes exactly N/M = {n / m:g}")
-    if method == "wanda" and options.get("adaptive"):
-        problems.add(f"adaptive=True (Wanda's adaptive variant) works only with pattern='unstructured', got {pattern!r}")
-    if method == "sparsegpt" and isinstance(options.get("blocksize"), int) and options["blocksize"] % m:
-        problems.add(f"blocksize {options['blocksize']} must be a multiple of M={m} for pattern {pattern!r}")
-    return nm
+    @property
+    def calibrated(self) -> bool:
+        return self.job.method.statistics != "none"
 
 
 def check_arguments(method: str, sparsity: float, pattern: str = "unstructured", sequential: bool = True,
@@ -216,33 +56,34 @@ def check_arguments(method: str, sparsity: float, pattern: str = "unstructured",
     """Check the arguments of :func:`prune_oneshot` that do not need the model or data (also used by the
     one-shot callbacks' ``__init__``). Returns (options with defaults, parsed N:M or None); raises
     ValueError/TypeError listing every problem."""
-    return _check_arguments(Problems(), method, sparsity, pattern, sequential, method_options)
+    _, options, nm = _check_arguments(Problems(), method, sparsity, pattern, sequential, method_options)
+    return options, nm
 
 
-def _check_arguments(problems: Problems, method, sparsity, pattern, sequential, method_options):
+def _check_arguments(problems: Problems, method: Any, sparsity: Any, pattern: Any, sequential: Any,
+                     method_options: dict) -> tuple[Method, dict, NM]:
     check_choice(problems, "method", method, METHODS)
     check_sparsity(problems, "sparsity", sparsity)
     if not isinstance(sequential, bool):
         problems.add(f"sequential must be True or False, got {sequential!r}", type_error=True)
     problems.raise_if_any()
-    options = _options(method, dict(method_options), problems)
-    nm = _check_pattern(problems, method, sparsity, pattern, options)
-    if method == "wanda" and options.get("adaptive") and options.get("scope") != "row":
-        problems.add(f"adaptive=True is a per-row rule: use scope='row', got scope={options['scope']!r}")
-    calibrated = method != "magnitude"
-    if calibrated and sequential and options.get("scope") == "global":
+    entry = get_method(method)
+    options = entry.resolve_options(method_options, problems)
+    nm = check_pattern(problems, pattern, "sparsity", sparsity, exact=True)
+    entry.check(problems, options, nm, pattern)
+    if entry.statistics != "none" and sequential and options.get("scope") == "global":
         problems.add("scope='global' compares all layers at once, so it needs sequential=False (one dense pass)")
     problems.raise_if_any()
-    return options, nm
+    return entry, options, nm
 
 
-def _validate(model, method, sparsity, pattern, calibration, sequential, include, exclude, method_options) -> dict:
-    """Check every argument and the model; returns the plan. Nothing is changed."""
+def _plan(model, method, sparsity, pattern, calibration, sequential, include, exclude, method_options) -> Plan:
+    """Check every argument and the model; nothing is changed."""
     problems = Problems()
     if not isinstance(model, nn.Module):
         problems.add(f"model must be a torch.nn.Module, got {type(model).__name__}", type_error=True)
-    options, nm = _check_arguments(problems, method, sparsity, pattern, sequential, method_options)
-    calibrated = method != "magnitude"
+    entry, options, nm = _check_arguments(problems, method, sparsity, pattern, sequential, method_options)
+    calibrated = entry.statistics != "none"
 
     targets = find_targets(model, include, exclude)
     stack = None
@@ -265,97 +106,72 @@ def _validate(model, method, sparsity, pattern, calibration, sequential, include
     validate_selection(targets, sparsity, options.get("scope", "layer"), pattern)
     batches = as_batches(calibration) if calibrated else []
     if not calibrated and calibration is not None:
-        log.info("magnitude pruning needs no calibration data; ignoring it")
-    return {"targets": targets, "stack": stack, "nm": nm, "options": options, "batches": batches}
+        log.info("%s pruning needs no calibration data; ignoring it", entry.name)
+    job = Job(entry, sparsity, pattern, nm, options, MaskRegistry.of(model), options["progress"])
+    return Plan(job, targets, sequential and calibrated, stack, batches)
 
 
-# -- pruning a group of targets ------------------------------------------------------------------------------
-def _prune_targets(method: str, targets: Sequence[Target], sparsity: float, pattern: str, nm, options: dict,
-                   hooks: Optional[ActivationHooks], registry: MaskRegistry, progress: Optional[bool]) -> None:
-    current = registry.current(targets)
-    if method == "magnitude":
-        registry.update(targets, select_masks(targets, sparsity, magnitude_scores, options["scope"], pattern, current))
-    elif method == "wanda":
-        stats = hooks.stats
+# -- running a plan ------------------------------------------------------------------------------------------
+class Timer:
+    """Seconds spent per phase ("calibration", "pruning"), for the report."""
 
-        def score(t: Target) -> torch.Tensor:
-            return t.stored(wanda_scores(t.out_in(t.weight), stats[t.name].l2_sq))
+    def __init__(self) -> None:
+        self.seconds = {"calibration_s": 0.0, "pruning_s": 0.0}
 
-        if options["adaptive"]:
-            masks = {}
-            for t in targets:
-                scores = t.out_in(score(t)).clone()
-                if t.name in current:
-                    scores.masked_fill_(~t.out_in(current[t.name]), 0.0)
-                pruned = wanda_adaptive_pruned(scores, sparsity, options["alpha_tolerance"])
-                masks[t.name] = t.stored(~pruned).contiguous()
-        else:
-            rounding = "floor" if options["scope"] == "row" else "nearest"  # the reference's int(in * s) per row
-            masks = select_masks(targets, sparsity, score, options["scope"], pattern, current, rounding=rounding)
-        registry.update(targets, masks)
-    else:
-        for t in tqdm(targets, desc="sparsegpt layers", leave=False, disable=_disable(progress)):
-            before = ~t.out_in(current[t.name]) if t.name in current else None
-            new_weight, pruned = sparsegpt_prune(
-                t.out_in(t.weight), hooks.hessians[t.name].hessian(), sparsity, nm,
-                options["blocksize"], options["percdamp"], before,
-            )
-            with torch.no_grad():
-                t.weight.copy_(t.stored(new_weight).to(t.weight.dtype))
-            registry.update([t], {t.name: t.stored(~pruned).contiguous()})
-            del hooks.hessians[t.name]  # free the Hessian as soon as it is used
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.seconds[f"{phase}_s"] += time.perf_counter() - start
 
 
-def _hooks_for(method: str, targets: Sequence[Target], options: dict) -> ActivationHooks:
-    sparsegpt = method == "sparsegpt"
-    dtype = _HESSIAN_DTYPES[options["hessian_dtype"]] if sparsegpt else torch.float32
-    return ActivationHooks(list(targets), hessian=sparsegpt, channel=not sparsegpt, hessian_dtype=dtype)
+def _calibrate_and_prune(job: Job, targets: Sequence[Target], feed: Callable[[ActivationHooks], None], timer: Timer) -> None:
+    """Collect the method's statistics of ``targets`` while ``feed(hooks)`` runs forwards, sum them over
+    ranks (option ``reduce``), then prune the targets."""
+    method = job.method
+    with timer("calibration"):
+        with method.hooks(targets, job.options) as hooks:
+            feed(hooks)
+        if job.options["reduce"] is not None:
+            hooks.reduce_(job.options["reduce"])
+    with timer("pruning"):
+        method.run(job, targets, method.statistics_of(hooks))
 
 
-def _disable(progress: Optional[bool]) -> Optional[bool]:
-    return None if progress is None else not progress
+def _block_feed(block: nn.Module, inputs: Sequence[BlockInputs]) -> Callable[[ActivationHooks], None]:
+    def feed(hooks: ActivationHooks) -> None:
+        for inp in inputs:
+            hooks.tokens(inp.tokens)
+            run_block(block, inp)
+
+    return feed
 
 
-def _sequential(model, stack: BlockStack, batches, targets, method, sparsity, pattern, nm, options, registry, times) -> None:
-    device = targets[0].weight.device
-    progress = _disable(options["progress"])
-    start = time.perf_counter()
-    inputs = capture_block_inputs(model, stack, batches, device)
-    times["calibration_s"] += time.perf_counter() - start
+def _sequential(model: nn.Module, plan: Plan, timer: Timer) -> None:
+    """Block by block: each block is calibrated on the outputs of the already-pruned blocks before it."""
+    stack, job = plan.stack, replace(plan.job, progress=False)  # the blocks' bar is the progress shown
+    with timer("calibration"):
+        inputs = capture_block_inputs(model, stack, plan.batches, plan.targets[0].weight.device)
     last = len(stack.blocks) - 1
-    for index, block in enumerate(tqdm(stack.blocks, desc=f"{method} blocks", disable=progress)):
-        block_targets = stack.targets_of(index, targets)
+    for index, block in enumerate(tqdm(stack.blocks, desc=f"{job.method.name} blocks", disable=plan.job.hide_progress)):
+        block_targets = stack.targets_of(index, plan.targets)
         if block_targets:
-            start = time.perf_counter()
-            with _hooks_for(method, block_targets, options) as hooks:
-                for inp in inputs:
-                    hooks.tokens(inp.tokens)
-                    run_block(block, inp)
-            if options["reduce"] is not None:
-                hooks.reduce_(options["reduce"])
-            times["calibration_s"] += time.perf_counter() - start
-            start = time.perf_counter()
-            _prune_targets(method, block_targets, sparsity, pattern, nm, options, hooks, registry, False)
-            times["pruning_s"] += time.perf_counter() - start
+            _calibrate_and_prune(job, block_targets, _block_feed(block, inputs), timer)
         if index < last:  # the next block sees the outputs of this (pruned) block
-            start = time.perf_counter()
-            inputs = [replace(inp, hidden=run_block(block, inp)) for inp in inputs]
-            times["calibration_s"] += time.perf_counter() - start
+            with timer("calibration"):
+                inputs = [replace(inp, hidden=run_block(block, inp)) for inp in inputs]
 
 
-def _whole_model(model, batches, targets, method, sparsity, pattern, nm, options, registry, times) -> None:
-    device = targets[0].weight.device
-    start = time.perf_counter()
-    with _hooks_for(method, targets, options) as hooks:
-        for batch in tqdm(batches, desc="calibration", disable=_disable(options["progress"])):
+def _whole_model(model: nn.Module, plan: Plan, timer: Timer) -> None:
+    """One dense pass over the whole model, then every target is pruned (any architecture)."""
+    device = plan.targets[0].weight.device
+
+    def feed(hooks: ActivationHooks) -> None:
+        for batch in tqdm(plan.batches, desc="calibration", disable=plan.job.hide_progress):
             hooks.tokens(batch["attention_mask"])
             call_model(model, batch, device)
-    if options["reduce"] is not None:
-        hooks.reduce_(options["reduce"])
-    times["calibration_s"] += time.perf_counter() - start
-    start = time.perf_counter()
-    _prune_targets(method, targets, sparsity, pattern, nm, options, hooks, registry, options["progress"])
-    times["pruning_s"] += time.perf_counter() - start
+
+    _calibrate_and_prune(plan.job, plan.targets, feed, timer)
 
 
 def prune_oneshot(
@@ -369,7 +185,8 @@ def prune_oneshot(
     exclude: Selector = None,
     **method_options: Any,
 ) -> dict:
-    """Prune ``model`` in place, once, with ``method`` ("magnitude", "wanda" or "sparsegpt").
+    """Prune ``model`` in place, once, with ``method`` ("magnitude", "wanda" or "sparsegpt": the names in
+    :data:`gradprune.methods.METHODS`).
 
     Args:
         model: any nn.Module (an HF model, or a LightningModule wrapping one: target names are relative
@@ -397,33 +214,29 @@ def prune_oneshot(
     Raises ValueError/TypeError, before anything is changed, for bad arguments, empty calibration data
     or (sequential mode) a model without a block stack.
     """
-    plan = _validate(model, method, sparsity, pattern, calibration, sequential, include, exclude, method_options)
-    targets, options, batches = plan["targets"], plan["options"], plan["batches"]
-    registry = MaskRegistry.of(model)
-    times = {"calibration_s": 0.0, "pruning_s": 0.0}
+    plan = _plan(model, method, sparsity, pattern, calibration, sequential, include, exclude, method_options)
+    job, targets = plan.job, plan.targets
+    timer = Timer()
     total_start = time.perf_counter()
     log.info("one-shot %s pruning of %d layers to %s (%s)", method, len(targets), sparsity, pattern)
-    if method == "magnitude":
-        start = time.perf_counter()
-        _prune_targets(method, targets, sparsity, pattern, plan["nm"], options, None, registry, options["progress"])
-        times["pruning_s"] += time.perf_counter() - start
+    if not plan.calibrated:
+        with timer("pruning"):
+            job.method.run(job, targets, {})
     else:
         with eval_mode(model):
-            if sequential:
-                _sequential(model, plan["stack"], batches, targets, method, sparsity, pattern, plan["nm"], options, registry, times)
-            else:
-                _whole_model(model, batches, targets, method, sparsity, pattern, plan["nm"], options, registry, times)
+            (_sequential if plan.sequential else _whole_model)(model, plan, timer)
+    times = timer.seconds
     times["total_s"] = time.perf_counter() - total_start
     report = sparsity_report(model, targets)
     report.update(
         method=method,
         pattern=pattern,
         target_sparsity=sparsity,
-        sequential=bool(sequential) if method != "magnitude" else None,
-        options={k: v for k, v in options.items() if k not in ("reduce", "progress")},
-        calibration={"samples": count_samples(batches), "tokens": count_tokens(batches)},
+        sequential=bool(sequential) if plan.calibrated else None,
+        options={k: v for k, v in job.options.items() if k not in COMMON_OPTIONS},
+        calibration={"samples": count_samples(plan.batches), "tokens": count_tokens(plan.batches)},
         time=times,
-        masks=registry.current(targets),
+        masks=job.registry.current(targets),
     )
     log.info("one-shot %s: global sparsity %.4f, calibration %.1fs, pruning %.1fs", method,
              report["global"]["sparsity"], times["calibration_s"], times["pruning_s"])

@@ -12,7 +12,8 @@ Each scorer says what it needs, and the callback arranges exactly that (see
   event (the gradient before any masking; pruned weights score 0 anyway), kept in a float32 accumulator
   of 4 bytes per targeted weight.
 
-A scorer is ``score(target, statistic) -> tensor shaped like the stored weight``; ``statistic`` is None,
+The scores themselves come from :mod:`gradprune.methods` (one module per method), the same functions the
+one-shot methods use. A scorer is ``score(target, statistic) -> tensor shaped like the stored weight``; ``statistic`` is None,
 the target's float64 ``sum x^2`` vector, or its accumulated ``|W * G|``. Register more with
 :func:`register_scorer`.
 """
@@ -23,8 +24,9 @@ from typing import Callable, Dict, Literal, Optional
 
 import torch
 
-from .oneshot import wanda_scores
-from .selection import magnitude_scores
+from .methods.magnitude import magnitude_scores
+from .methods.ria import ria_scores
+from .methods.wanda import wanda_scores
 from .targets import Target
 
 Needs = Literal["weights", "activations", "gradients"]
@@ -49,8 +51,6 @@ def _wanda(target: Target, sum_sq: Optional[torch.Tensor]) -> torch.Tensor:
 
 
 def _ria(target: Target, sum_sq: Optional[torch.Tensor]) -> torch.Tensor:
-    from .methods.ria import ria_scores
-
     return target.stored(ria_scores(target.out_in(target.weight), sum_sq))
 
 

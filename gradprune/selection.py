@@ -26,7 +26,7 @@ from typing import Callable, Iterator, Literal, Mapping, Optional, Sequence
 import torch
 
 from .targets import Target
-from .validation import Problems, check_choice, check_sparsity, parse_pattern
+from .validation import Problems, check_choice, check_pattern, check_sparsity
 
 Scope = Literal["layer", "global", "row"]
 SCOPES = ("layer", "global", "row")
@@ -45,28 +45,24 @@ def exact_count(sparsity: float, size: int, rounding: Rounding = "nearest") -> i
     return int(math.floor(sparsity * size + 0.5))
 
 
-def magnitude_scores(target: Target) -> torch.Tensor:
-    """|W|, shaped like the stored weight."""
-    return target.weight.detach().abs()
-
-
 def validate_selection(targets: Sequence[Target], sparsity: float, scope: str, pattern: str,
                        rounding: str = "nearest") -> Optional[tuple[int, int]]:
-    """Check selection arguments against the targets; return the parsed N:M pattern (or None)."""
+    """Check selection arguments against the targets; return the parsed N:M pattern (or None).
+
+    Callers that select many times with the same arguments (block by block) check once here and then
+    call :func:`select_masks_unchecked`."""
     problems = Problems()
     check_sparsity(problems, "sparsity", sparsity)
     check_choice(problems, "scope", scope, SCOPES)
     check_choice(problems, "rounding", rounding, ROUNDINGS)
     problems.raise_if_any()
-    nm = parse_pattern(pattern)
+    nm = check_pattern(problems, pattern, "sparsity", sparsity)
+    problems.raise_if_any()
     if nm is not None:
-        n, m = nm
-        if sparsity > n / m + 1e-9:
-            raise ValueError(f"sparsity {sparsity} is above what pattern {pattern!r} allows ({n}/{m} = {n / m:g})")
         for t in targets:
-            if t.in_features % m:
+            if t.in_features % nm[1]:
                 raise ValueError(
-                    f"pattern {pattern!r}: layer {t.name!r} has in_features={t.in_features}, not divisible by M={m}"
+                    f"pattern {pattern!r}: layer {t.name!r} has in_features={t.in_features}, not divisible by M={nm[1]}"
                 )
     return nm
 
@@ -169,7 +165,7 @@ def _drop_lowest_per_row(scores: torch.Tensor, k: int) -> torch.Tensor:
 def select_masks(
     targets: Sequence[Target],
     sparsity: float,
-    score_fn: ScoreFn = magnitude_scores,
+    score_fn: Optional[ScoreFn] = None,
     scope: Scope = "layer",
     pattern: str = "unstructured",
     masks: Optional[Mapping[str, torch.Tensor]] = None,
@@ -181,6 +177,7 @@ def select_masks(
         targets: from :func:`gradprune.find_targets`.
         sparsity: fraction of each comparison group to prune, in [0, 1).
         score_fn: maps a target to scores shaped like its stored weight; low scores are pruned first.
+            Default: ``|W|`` (:func:`gradprune.methods.magnitude.magnitude_scores`).
         scope: comparison group: "layer", "global" or "row".
         pattern: "unstructured" or "N:M" (e.g. "2:4").
         masks: current keep-masks by target name; the result only ever removes more weights.
@@ -190,6 +187,22 @@ def select_masks(
     Nothing is modified: the caller applies the masks (see :class:`gradprune.MaskRegistry`).
     """
     nm = validate_selection(targets, sparsity, scope, pattern, rounding)
+    if score_fn is None:
+        from .methods.magnitude import magnitude_scores as score_fn  # the methods build on this module
+    return select_masks_unchecked(targets, sparsity, score_fn, scope, nm, masks, rounding)
+
+
+def select_masks_unchecked(
+    targets: Sequence[Target],
+    sparsity: float,
+    score_fn: ScoreFn,
+    scope: Scope,
+    nm: Optional[tuple[int, int]],
+    masks: Optional[Mapping[str, torch.Tensor]] = None,
+    rounding: Rounding = "nearest",
+) -> dict[str, torch.Tensor]:
+    """:func:`select_masks` for arguments already checked by :func:`validate_selection` (``nm`` is what
+    it returned, None for unstructured): the one-shot pipeline checks once and then selects per block."""
     masks = masks or {}
 
     def prepared(t: Target) -> torch.Tensor:

@@ -61,7 +61,8 @@ class Target:
         return self.weight.numel()
 
 
-def _is_prunable(module: nn.Module) -> bool:
+def is_prunable(module: nn.Module) -> bool:
+    """Whether ``module`` is a kind of layer gradprune prunes: ``nn.Linear`` or GPT-2's ``Conv1D``."""
     if isinstance(module, nn.Linear):
         return True
     return Conv1D is not None and isinstance(module, Conv1D)
@@ -129,7 +130,7 @@ def find_targets(model: nn.Module, include: Selector = None, exclude: Selector =
     heads = _head_names(model)
     targets = []
     for name, module in model.named_modules():
-        if not name or not _is_prunable(module):
+        if not name or not is_prunable(module):
             continue
         if include is not None:
             if not _matches(name, include):

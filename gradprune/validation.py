@@ -61,3 +61,28 @@ def parse_pattern(pattern: object) -> tuple[int, int] | None:
                 )
             return n, m
     raise ValueError(f"pattern must be 'unstructured' or 'N:M' such as '2:4' or '4:8', got {pattern!r}")
+
+
+def check_pattern(problems: Problems, pattern: object, sparsity_name: str, sparsity: object,
+                  exact: bool = False) -> tuple[int, int] | None:
+    """Parse ``pattern`` and check the N:M limit on a sparsity: the one home of that rule.
+
+    An N:M pattern prunes at most N of every M consecutive weights, so the sparsity may be at most N/M
+    (a gradual ramp passes below it); with ``exact`` (one-shot pruning to the pattern) it must be N/M.
+    Problems go to ``problems``; returns the parsed (N, M), or None for 'unstructured' or a bad pattern.
+    A sparsity that is not a number is left to :func:`check_sparsity`.
+    """
+    try:
+        nm = parse_pattern(pattern)
+    except ValueError as exc:
+        problems.add(str(exc))
+        return None
+    if nm is None or isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+        return nm
+    n, m = nm
+    if exact and abs(sparsity - n / m) > 1e-9:
+        problems.add(f"{sparsity_name} {sparsity!r} does not match pattern {pattern!r}: an N:M pattern prunes "
+                     f"exactly N/M = {n / m:g}")
+    elif not exact and sparsity > n / m + 1e-9:
+        problems.add(f"{sparsity_name} {sparsity} is above what pattern {pattern!r} allows ({n}/{m} = {n / m:g})")
+    return nm

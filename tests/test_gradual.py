@@ -23,7 +23,7 @@ class EventProbe(Callback):
         for name, mask in registry.masks.items():
             assert (registry.targets[name].weight[~mask] == 0).all(), (trainer.global_step, name)
         if self.gradual.last_event_step == trainer.global_step and trainer.global_step not in self.events:
-            self.events[trainer.global_step] = sparsity_report(pl_module, self.gradual._targets)
+            self.events[trainer.global_step] = sparsity_report(pl_module, self.gradual.targets)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._check(trainer, pl_module)
@@ -163,8 +163,8 @@ def test_any_module_returning_logits_works(tmp_path):
     module = PrunableLM(model=TinyLM(), learning_rate=1e-2, warmup_steps=0)
     gradual = GradualPruningCallback(0.5, end_step=4, every=2, exclude=["head"])
     trainer(tmp_path, max_steps=5, callbacks=[gradual]).fit(module, token_loader())
-    assert [t.name for t in gradual._targets] == ["model.mlp.0", "model.mlp.2"]
-    report = sparsity_report(module, gradual._targets)["global"]
+    assert [t.name for t in gradual.targets] == ["model.mlp.0", "model.mlp.2"]
+    report = sparsity_report(module, gradual.targets)["global"]
     assert report["zeros"] == exact_count(0.5, report["numel"])
 
 

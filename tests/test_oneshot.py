@@ -8,7 +8,9 @@ from torch import nn
 
 from gradprune import MaskRegistry, find_targets, prune_oneshot, select_masks
 from gradprune.blocks import find_block_stack
-from gradprune.oneshot import report_json, sparsegpt_prune, wanda_adaptive_pruned, wanda_scores
+from gradprune.methods.sparsegpt import sparsegpt_prune
+from gradprune.methods.wanda import wanda_adaptive_keep, wanda_scores
+from gradprune.oneshot import report_json
 from gradprune.selection import exact_count
 from tiny_models import tiny_bert, tiny_gpt2, tiny_llama
 from wanda_reference import LayerInputs, compare_with_reference, differing_rows_are_near_ties
@@ -239,10 +241,10 @@ def test_sparsegpt_matches_reference_n_m():
     X = torch.randn(200, 32) @ torch.randn(32, 32)
     W = torch.randn(6, 32)
     H = (2 / 200 * X.t() @ X).double()
-    ours, pruned = sparsegpt_prune(W, H, 0.5, (2, 4), blocksize=8)
+    ours, keep = sparsegpt_prune(W, H, 0.5, (2, 4), blocksize=8)
     expected = reference_sparsegpt(W, H, 0.5, 2, 4, blocksize=8)
     assert torch.allclose(ours, expected, atol=1e-4)
-    assert torch.equal(pruned, expected == 0)
+    assert torch.equal(~keep, expected == 0)
 
 
 def test_sparsegpt_unstructured_exact_count_and_better_than_wanda():
@@ -250,7 +252,8 @@ def test_sparsegpt_unstructured_exact_count_and_better_than_wanda():
     X = torch.randn(400, 24) @ torch.randn(24, 24)  # correlated inputs: OBS compensation pays off
     W = torch.randn(10, 24)
     H = 2 / 400 * X.t().double() @ X.double()
-    new, pruned = sparsegpt_prune(W, H, 0.5, blocksize=8)
+    new, keep = sparsegpt_prune(W, H, 0.5, blocksize=8)
+    pruned = ~keep
     expected = reference_sparsegpt(W, H, 0.5, blocksize=8)
     assert int(pruned.sum()) == exact_count(0.5, W.numel()) and not new[pruned].any()
     assert torch.allclose(new, expected, atol=1e-4)
@@ -264,8 +267,8 @@ def test_sparsegpt_dead_inputs():
     X = torch.randn(50, 8)
     X[:, 3] = 0
     W = torch.randn(4, 8)
-    new, pruned = sparsegpt_prune(W, 2 / 50 * X.t().double() @ X.double(), 0.5)
-    assert torch.isfinite(new).all() and not new[:, 3].any() and pruned[:, 3].all()
+    new, keep = sparsegpt_prune(W, 2 / 50 * X.t().double() @ X.double(), 0.5)
+    assert torch.isfinite(new).all() and not new[:, 3].any() and not keep[:, 3].any()
 
 
 def test_sparsegpt_with_too_few_tokens_stays_finite():
@@ -278,7 +281,7 @@ def test_sparsegpt_with_too_few_tokens_stays_finite():
 def test_wanda_adaptive_reaches_target_with_uneven_rows():
     torch.manual_seed(0)
     scores = torch.rand(16, 64) * torch.linspace(0.1, 3, 16).unsqueeze(1) ** torch.rand(16, 1).mul(4)
-    pruned = wanda_adaptive_pruned(scores, 0.5)
+    pruned = ~wanda_adaptive_keep(scores, 0.5)
     assert abs(pruned.float().mean().item() - 0.5) <= 0.002
     assert len(set(pruned.sum(dim=1).tolist())) > 1
     report = prune_oneshot(tiny_llama(), "wanda", 0.5, calibration=calib(), adaptive=True)

@@ -1,0 +1,126 @@
+"""What a pruning method is to the one-shot pipeline: one :class:`Method` entry, and the core mask rule
+that turns its scores into masks (:func:`prune_by_scores`).
+
+A method module holds its maths as pure functions plus one ``Method`` entry, listed in
+:mod:`gradprune.methods`. A score-based method gives ``score`` and gets the core rule (exact counts per
+layer / global / row, N:M, monotone); a method with a rule of its own, or one that also changes the
+weights (SparseGPT), gives ``prune``. Masks are keep-masks throughout (True = kept, the torch convention).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Mapping, MutableMapping, Optional, Sequence
+
+import torch
+
+from ..calibration import ActivationHooks
+from ..masks import MaskRegistry
+from ..selection import SCOPES, Rounding, select_masks_unchecked
+from ..targets import Target
+from ..validation import Problems, check_choice
+
+Statistics = Literal["none", "channel", "hessian"]
+STATISTICS = ("none", "channel", "hessian")
+NM = Optional[tuple[int, int]]
+# Per-batch X X^T dtypes of the "hessian" statistics (an option of every Hessian method; sums are float64).
+HESSIAN_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+# Options every method accepts: "reduce" (a callable summing a statistics tensor over data-parallel ranks)
+# and "progress" (progress bars: True, False, or None = only on a terminal).
+COMMON_OPTIONS = {"reduce": None, "progress": None}
+
+
+@dataclass(frozen=True)
+class Job:
+    """One checked one-shot pruning call, as a method sees it (options include the defaults)."""
+
+    method: "Method"
+    sparsity: float
+    pattern: str
+    nm: NM
+    options: Mapping[str, Any]
+    registry: MaskRegistry
+    progress: Optional[bool] = None  # progress bars: True, False, or None = only on a terminal
+
+    @property
+    def hide_progress(self) -> Optional[bool]:
+        """tqdm's ``disable`` for this job's progress bars."""
+        return None if self.progress is None else not self.progress
+
+
+# score(target, the target's statistics or None) -> scores shaped like the stored weight; low = pruned first
+ScoreFn = Callable[[Target, Any], torch.Tensor]
+# prune(job, targets, statistics by target name): records keep-masks in job.registry (and may change weights)
+PruneFn = Callable[[Job, Sequence[Target], MutableMapping[str, Any]], None]
+# check(problems, options with defaults, parsed N:M or None, pattern): the method's own argument checks
+CheckFn = Callable[[Problems, Mapping[str, Any], NM, str], None]
+
+
+def no_checks(problems: Problems, options: Mapping[str, Any], nm: NM, pattern: str) -> None:
+    """A method without options of its own to check."""
+
+
+def prune_by_scores(job: Job, targets: Sequence[Target], stats: Mapping[str, Any], rounding: Rounding = "nearest") -> None:
+    """The default ``prune``: keep-masks from ``job.method.score`` by the core rule (option ``scope``,
+    default "layer"), monotone with the targets' current masks, recorded in the registry."""
+    score = job.method.score
+    masks = select_masks_unchecked(
+        targets, job.sparsity, lambda t: score(t, stats.get(t.name)), job.options.get("scope", "layer"), job.nm,
+        job.registry.current(targets), rounding,
+    )
+    job.registry.update(targets, masks)
+
+
+@dataclass(frozen=True)
+class Method:
+    """A pruning method as the one-shot pipeline reads it.
+
+    Attributes:
+        name: what ``prune_oneshot(method=...)`` and the scripts call it.
+        statistics: what it needs from calibration: "none", "channel" (per-input-channel sums,
+            :class:`gradprune.calibration.ChannelStats`) or "hessian" (``X X^T``, :class:`~gradprune.calibration.HessianStats`).
+        options: its own options and their defaults (``reduce`` and ``progress`` are common to all).
+        score: how it scores a target (see ``ScoreFn``); used by the default ``prune``.
+        prune: how it prunes a group of targets (see ``PruneFn``); None = :func:`prune_by_scores`.
+        check: its own argument checks (see ``CheckFn``).
+    """
+
+    name: str
+    statistics: Statistics = "none"
+    options: Mapping[str, Any] = field(default_factory=dict)
+    score: Optional[ScoreFn] = None
+    prune: Optional[PruneFn] = None
+    check: CheckFn = no_checks
+
+    def __post_init__(self) -> None:
+        if self.statistics not in STATISTICS:
+            raise ValueError(f"statistics must be one of {list(STATISTICS)}, got {self.statistics!r}")
+        if self.score is None and self.prune is None:
+            raise ValueError(f"method {self.name!r} needs a score or a prune function")
+
+    def resolve_options(self, given: Mapping[str, Any], problems: Problems) -> dict:
+        """The options with defaults filled in; unknown names, a bad ``scope`` or ``reduce`` go to ``problems``."""
+        allowed = {**self.options, **COMMON_OPTIONS}
+        unknown = sorted(set(given) - set(allowed))
+        if unknown:
+            problems.add(f"unknown option(s) {unknown} for method {self.name!r}; allowed: {sorted(allowed)}")
+        options = {**allowed, **{k: v for k, v in given.items() if k in allowed}}
+        if "scope" in options:
+            check_choice(problems, "scope", options["scope"], SCOPES)
+        if options["reduce"] is not None and not callable(options["reduce"]):
+            problems.add(f"reduce must be a callable (tensor -> summed tensor) or None, got {options['reduce']!r}")
+        return options
+
+    def hooks(self, targets: Sequence[Target], options: Mapping[str, Any]) -> ActivationHooks:
+        """Forward hooks collecting this method's statistics of ``targets`` (a context manager)."""
+        if self.statistics == "hessian":
+            dtype = HESSIAN_DTYPES[options.get("hessian_dtype", "float32")]
+            return ActivationHooks(list(targets), hessian=True, channel=False, hessian_dtype=dtype)
+        return ActivationHooks(list(targets), hessian=False, channel=True)
+
+    def statistics_of(self, hooks: ActivationHooks) -> MutableMapping[str, Any]:
+        """The collected statistics by target name (what ``score`` and ``prune`` receive)."""
+        return hooks.hessians if self.statistics == "hessian" else hooks.stats
+
+    def run(self, job: Job, targets: Sequence[Target], stats: MutableMapping[str, Any]) -> None:
+        """Prune ``targets`` (keep-masks into ``job.registry``)."""
+        (self.prune or prune_by_scores)(job, targets, stats)

@@ -1,0 +1,137 @@
+"""SparseGPT (Frantar & Alistarh 2023): OBS pruning of one weight matrix with its Hessian
+``H = 2/n X X^T`` (damping, dead inputs, Cholesky inverse, column blocks, error compensation). It changes
+the kept weights, so it gives ``prune`` rather than a score."""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Mapping, MutableMapping, Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..calibration import HessianStats
+from ..selection import drop_lowest, drop_lowest_per_row, exact_count
+from ..targets import Target
+from ..validation import Problems, check_choice
+from .base import HESSIAN_DTYPES, NM, Job, Method
+
+log = logging.getLogger(__name__)
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float, max_tries: int = 6) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + damp I)^-1`` with ``damp = percdamp * mean(diag H)`` (float64).
+
+    If H is not positive definite (too few calibration tokens, float error), the damping grows tenfold
+    per retry, with a warning."""
+    h = hessian.to(torch.float64)
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    mean_diag = float(h.diagonal().mean())
+    damp = percdamp * mean_diag if percdamp > 0 else 0.0
+    for attempt in range(max_tries):
+        try:
+            lower = torch.linalg.cholesky(h + damp * eye)
+            return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
+        except torch.linalg.LinAlgError:
+            new_damp = max(damp * 10, 1e-8 * max(mean_diag, 1.0))
+            log.warning("Hessian not positive definite with damping %.3g; retrying with %.3g", damp, new_damp)
+            damp = new_damp
+    raise RuntimeError(f"Hessian is not positive definite even with damping {damp:.3g}")
+
+
+def sparsegpt_prune(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    sparsity: float,
+    nm: Optional[tuple[int, int]] = None,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    keep: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseGPT on one (out, in) weight with its Hessian (in, in). Returns (new float32 weight, keep-mask).
+
+    Dead inputs (``H_jj == 0``) get ``H_jj = 1`` and ``W[:, j] = 0``. Columns are processed in blocks of
+    ``blocksize``. Unstructured: at the start of each block the lowest ``w^2 / diag(H^-1)^2`` are pruned,
+    as many as keep the count up to that block exact (``exact_count(s, out * columns so far)``), so the
+    layer ends at exactly ``exact_count(s, out * in)``. N:M: at the start of each group of M columns the
+    N lowest of every row are pruned. After each column the error is spread over the remaining columns:
+    ``W[:, j:] -= (w - q) / Hinv[i, i] * Hinv[i, j:]``. Weights outside ``keep`` (the current keep-mask,
+    if any) are pruned first.
+    """
+    W = weight.detach().to(torch.float32).clone(memory_format=torch.contiguous_format)
+    rows, columns = W.shape
+    H = hessian.to(torch.float64).clone()
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    hinv = inverse_hessian_factor(H, percdamp).to(torch.float32)
+    kept = torch.ones_like(W, dtype=torch.bool)
+    keep_before = keep.to(W.device) if keep is not None else None
+
+    def block_scores(w: torch.Tensor, d: torch.Tensor, cols: slice) -> torch.Tensor:
+        scores = (w.square() / d.square().unsqueeze(0)).contiguous()
+        if keep_before is not None:
+            scores.masked_fill_(~keep_before[:, cols], float("-inf"))
+        return scores
+
+    done = 0
+    for i1 in range(0, columns, blocksize):
+        i2 = min(i1 + blocksize, columns)
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = hinv[i1:i2, i1:i2]
+        d = Hinv1.diagonal()
+        if nm is None:
+            k = exact_count(sparsity, rows * i2) - done
+            keep1 = drop_lowest(block_scores(W1, d, slice(i1, i2)), k)
+        else:
+            keep1 = torch.ones_like(W1, dtype=torch.bool)
+        for i in range(i2 - i1):
+            if nm is not None and i % nm[1] == 0:
+                group = slice(i, i + nm[1])
+                keep1[:, group] = drop_lowest_per_row(block_scores(W1[:, group], d[group], slice(i1 + i, i1 + i + nm[1])), nm[0])
+            w = W1[:, i]
+            q = torch.where(keep1[:, i], w, 0.0)
+            err = (w - q) / d[i]
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Q1[:, i] = q
+            Err1[:, i] = err
+        W[:, i1:i2] = Q1
+        W[:, i2:] -= Err1 @ hinv[i1:i2, i2:]
+        kept[:, i1:i2] = keep1
+        done += keep1.numel() - int(keep1.count_nonzero())
+    return W, kept
+
+
+def prune_sparsegpt(job: Job, targets: Sequence[Target], stats: MutableMapping[str, HessianStats]) -> None:
+    """:func:`sparsegpt_prune` each target in turn: new weights, keep-masks into the registry; each
+    Hessian is freed as soon as it is used."""
+    current = job.registry.current(targets)
+    for t in tqdm(targets, desc="sparsegpt layers", leave=False, disable=job.hide_progress):
+        new_weight, keep = sparsegpt_prune(
+            t.out_in(t.weight), stats[t.name].hessian(), job.sparsity, job.nm, job.options["blocksize"],
+            job.options["percdamp"], t.out_in(current[t.name]) if t.name in current else None,
+        )
+        with torch.no_grad():
+            t.weight.copy_(t.stored(new_weight).to(t.weight.dtype))
+        job.registry.update([t], {t.name: t.stored(keep).contiguous()})
+        del stats[t.name]
+
+
+def _check(problems: Problems, options: Mapping[str, Any], nm: NM, pattern: str) -> None:
+    blocksize, percdamp = options["blocksize"], options["percdamp"]
+    blocksize_ok = not isinstance(blocksize, bool) and isinstance(blocksize, int) and blocksize >= 1
+    if not blocksize_ok:
+        problems.add(f"blocksize must be a positive int, got {blocksize!r}")
+    if not isinstance(percdamp, (int, float)) or isinstance(percdamp, bool) or not 0 <= percdamp < math.inf:
+        problems.add(f"percdamp must be a number >= 0, got {percdamp!r}")
+    check_choice(problems, "hessian_dtype", options["hessian_dtype"], list(HESSIAN_DTYPES))
+    if nm is not None and isinstance(blocksize, int) and blocksize % nm[1]:
+        problems.add(f"blocksize {blocksize} must be a multiple of M={nm[1]} for pattern {pattern!r}")
+
+
+SPARSEGPT = Method(
+    "sparsegpt", statistics="hessian", options={"blocksize": 128, "percdamp": 0.01, "hessian_dtype": "float32"},
+    prune=prune_sparsegpt, check=_check,
+)
