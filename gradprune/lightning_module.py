@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from torchmetrics.text import Perplexity
 
-from .distill import Distillation, distillation_loss, hidden_loss
+from .distill import Distillation, distillation_loss, hidden_state_loss
 from .losses import IGNORE_INDEX, next_token_loss, shifted_targets
 from .masks import MaskRegistry
 from .models import load_causal_lm, load_tokenizer
@@ -117,12 +117,18 @@ class PrunableLM(pl.LightningModule):
         self.val_perplexity = Perplexity(ignore_index=IGNORE_INDEX)
         self.distill = distill
         self._teacher: Optional[nn.Module] = None  # kept out of the module tree: never in checkpoints
+        self._hidden_indices: list[int] = []  # distill.hidden_layers resolved ("all" -> 1..L)
         if distill is not None:
             num_layers = getattr(getattr(self.model, "config", None), "num_hidden_layers", None)
             if distill.hidden_layers:
                 if num_layers is None:
-                    raise ValueError("distill.hidden_layers needs a Hugging Face model with config.num_hidden_layers")
+                    raise ValueError(
+                        f"distill.hidden_layers={distill.hidden_layers!r} needs a model that returns hidden states "
+                        f"(a Hugging Face model with config.num_hidden_layers and output_hidden_states), got "
+                        f"{type(self.model).__name__}; use hidden_layers=[] for logit distillation only"
+                    )
                 distill.check_hidden_layers(num_layers)
+                self._hidden_indices = distill.layer_indices(num_layers)
             if distill.teacher != "self":  # load now, so a wrong teacher fails before training
                 self._set_teacher(load_causal_lm(distill.teacher, _DTYPES[distill.teacher_dtype]))
 
@@ -163,7 +169,17 @@ class PrunableLM(pl.LightningModule):
             sizes = [getattr(getattr(m, "config", None), "hidden_size", None) for m in (self.model, teacher)]
             if sizes[0] != sizes[1]:
                 raise ValueError(f"hidden-state distillation needs equal hidden sizes, student {sizes[0]}, teacher {sizes[1]}")
-            self.distill.check_hidden_layers(teacher.config.num_hidden_layers)
+            teacher_layers = teacher.config.num_hidden_layers
+            student_layers = self.model.config.num_hidden_layers
+            if self.distill.hidden_layers == "all" and teacher_layers != student_layers:
+                raise ValueError(
+                    f"distill.hidden_layers='all' pairs every block of the student with the teacher's, but the "
+                    f"student has {student_layers} blocks and the teacher {teacher_layers}: list the indices instead"
+                )
+            self.distill.check_hidden_layers(teacher_layers)
+            _check_hidden_states(self.model, "model", self.distill.hidden_layers, self._hidden_indices)
+            if self.distill.teacher != "self":  # "self" is a copy of the model just checked
+                _check_hidden_states(teacher, "teacher", self.distill.hidden_layers, self._hidden_indices)
         object.__setattr__(self, "_teacher", teacher)
 
     def setup(self, stage: str) -> None:
@@ -211,8 +227,9 @@ class PrunableLM(pl.LightningModule):
                                   self.distill.alpha, self.distill.temperature)
         loss = parts["loss"]
         if hidden:
-            parts["hidden"] = hidden_loss(student_out.hidden_states, teacher_out.hidden_states,
-                                          self.distill.hidden_layers, self.distill.normalize_hidden, attention_mask)
+            parts["hidden"] = hidden_state_loss(self.distill.hidden_loss, student_out.hidden_states,
+                                                teacher_out.hidden_states, self._hidden_indices,
+                                                self.distill.normalize_hidden, attention_mask)
             loss = loss + self.distill.hidden_weight * parts["hidden"]
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         self.log_dict({f"train/{k}": v for k, v in parts.items() if k != "loss"}, batch_size=size)
@@ -279,6 +296,35 @@ class PrunableLM(pl.LightningModule):
         (out / "gradprune.json").write_text(json.dumps({"sparsity": report}, indent=1))
         log.info("exported the model to %s (global sparsity %.4f)", out, report["global"]["sparsity"])
         return out
+
+
+def _check_hidden_states(model: nn.Module, role: str, hidden_layers, indices: list[int]) -> None:
+    """One forward of two tokens (eval mode, no_grad, so no dropout draws from the RNG) to make sure the
+    model returns the hidden states that distill.hidden_layers asks for, before any weight changes."""
+    first = next(model.parameters(), None)
+    if first is None or first.device.type == "meta":
+        return
+    ids = torch.zeros(1, 2, dtype=torch.long, device=first.device)
+    modes = [(module, module.training) for module in model.modules()]  # restored one by one below
+    try:
+        model.eval()
+        with torch.no_grad():
+            out = model(input_ids=ids, output_hidden_states=True)
+        states = getattr(out, "hidden_states", None)
+    except TypeError as error:  # forward has no output_hidden_states argument
+        states, cause = None, error
+    else:
+        cause = None
+    finally:
+        for module, training in modes:
+            module.training = training
+    if states is None or len(states) <= max(indices, default=0):
+        got = "none" if states is None else f"{len(states)}"
+        raise ValueError(
+            f"distill.hidden_layers={hidden_layers!r} needs hidden states {indices} from the {role} "
+            f"({type(model).__name__}), but its forward(output_hidden_states=True) returned {got}; use a model "
+            f"that returns hidden states, or hidden_layers=[] for logit distillation only"
+        ) from cause
 
 
 def _logit_size(model: nn.Module) -> Optional[int]:

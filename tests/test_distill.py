@@ -1,3 +1,6 @@
+import math
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -5,7 +8,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 import gradprune as gp
 from gradprune.callbacks import PruningCallback
-from gradprune.distill import Distillation, distillation_loss, hidden_loss, kd_loss
+from gradprune.distill import Distillation, distillation_loss, hidden_loss, hidden_state_loss, kd_loss, squarehead_loss
 from lightning_helpers import TINY_LLAMA, tiny_module, token_loader, trainer
 
 pytestmark = pytest.mark.numerics  # run again under other CPU kernels by .ci/run (make test-numerics)
@@ -56,6 +59,63 @@ def test_hidden_loss_normalised_mse():
     b = [x * 3 + 1 for x in a]  # same after layer normalisation, not before
     assert hidden_loss(a, b, [1], True).item() == pytest.approx(0.0, abs=1e-5)
     assert hidden_loss(a, b, [1], False).item() > 0.1
+
+
+def squarehead_states():
+    """hidden states [B=1, T=3, H=2] for embeddings (0) and two blocks (1, 2); token 2 is padding."""
+    teacher = [
+        torch.tensor([[[0.0, 0.0], [0.0, 0.0], [0.0, 0.0]]]),
+        torch.tensor([[[1.0, 1.0], [1.0, -1.0], [9.0, 9.0]]]),
+        torch.tensor([[[2.0, 0.0], [0.0, 2.0], [5.0, 5.0]]]),
+    ]
+    student = [
+        torch.tensor([[[7.0, 7.0], [7.0, 7.0], [7.0, 7.0]]]),  # embeddings far off: not part of "all"
+        torch.tensor([[[2.0, 1.0], [1.0, -1.0], [0.0, 0.0]]]),
+        torch.tensor([[[2.0, 0.0], [0.0, 0.0], [1.0, 1.0]]]),
+    ]
+    return student, teacher, torch.tensor([[1, 1, 0]])
+
+
+def test_squarehead_by_hand():
+    student, teacher, mask = squarehead_states()
+    layers = Distillation(hidden_loss="squarehead", hidden_layers="all").layer_indices(2)
+    assert layers == [1, 2]
+    # layer 1: error per token (1^2 + 0^2) / 2 = 0.5, 0 -> 0.25; teacher energy (1 + 1) / 2 = 1, 1 -> 1
+    # layer 2: error 0, (0 + 2^2) / 2 = 2 -> 1; teacher energy 2, 2 -> 2; sum 0.25 / 1 + 1 / 2 = 0.75
+    assert squarehead_loss(student, teacher, layers, mask).item() == pytest.approx(0.75, rel=1e-7)
+    assert hidden_state_loss("squarehead", student, teacher, layers, True, mask).item() == pytest.approx(0.75, rel=1e-7)
+    # the padding token counts without the mask: layer 1 (0.5 + 0 + 81) / 3 over (1 + 1 + 81) / 3,
+    # layer 2 (0 + 2 + 16) / 3 over (2 + 2 + 25) / 3
+    expected = 81.5 / 83 + 18 / 29
+    assert squarehead_loss(student, teacher, layers).item() == pytest.approx(expected, rel=1e-6)
+    # one layer alone, and scale invariance: scaling both states leaves every ratio unchanged
+    assert squarehead_loss(student, teacher, [2], mask).item() == pytest.approx(0.5, rel=1e-7)
+    scaled = squarehead_loss([x * 10 for x in student], [x * 10 for x in teacher], layers, mask)
+    assert scaled.item() == pytest.approx(0.75, rel=1e-6)
+    # "mse" keeps today's layer-normalised mean
+    assert hidden_state_loss("mse", student, teacher, [1, 2], True, mask).item() == pytest.approx(
+        hidden_loss(student, teacher, [1, 2], True, mask).item()
+    )
+
+
+def test_squarehead_zero_teacher_is_finite():
+    zeros = [torch.zeros(1, 3, 2)] * 2
+    assert squarehead_loss(zeros, zeros, [1]).item() == 0.0
+    student = [torch.zeros(1, 3, 2), torch.full((1, 3, 2), 1e-3)]
+    value = squarehead_loss(student, zeros, [1])
+    assert torch.isfinite(value) and value.item() == pytest.approx(1e-6 / 1e-8, rel=1e-4)  # MSE / eps
+    # a padding-only batch has no tokens: 0, not NaN
+    assert squarehead_loss(student, zeros, [1], torch.zeros(1, 3)).item() == 0.0
+
+
+def test_squarehead_gradient_reaches_the_student_only():
+    student, teacher, mask = squarehead_states()
+    student = [x.clone().requires_grad_() for x in student]
+    squarehead_loss(student, teacher, [1, 2], mask).backward()
+    assert student[0].grad is None  # the embeddings are not in the loss
+    assert torch.all(student[1].grad[0, 2] == 0) and torch.all(student[2].grad[0, 2] == 0)  # padding
+    # d/ds of (s - t)^2 / (H * n_tokens * energy): layer 1, token 0, feature 0: 2 * 1 / (2 * 2 * 1) = 0.5
+    assert student[1].grad[0, 0, 0].item() == pytest.approx(0.5)
 
 
 class PruneAtFitStart(PruningCallback):
@@ -123,6 +183,76 @@ def test_checkpoint_has_no_teacher_and_resume_rebuilds_it(tmp_path):
 def test_bad_distill_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Distillation(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(hidden_loss="kl"), r"distill.hidden_loss must be one of \['mse', 'squarehead'\], got 'kl'"),
+        (dict(hidden_layers="last"), r"distill.hidden_layers must be 'all' or a list of integers .*got 'last'"),
+        (dict(hidden_layers=[1, "2"]), r"distill.hidden_layers must be 'all' or a list of integers .*got \[1, '2'\]"),
+        (dict(hidden_layers=[-1]), r"distill.hidden_layers must be >= 0 .*got \[-1\]"),
+        (dict(hidden_loss="squarehead"), r"distill.hidden_loss='squarehead' needs hidden_layers: 'all' .*got \[\]"),
+    ],
+)
+def test_bad_hidden_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Distillation(**kwargs)
+
+
+def test_squarehead_trains_a_tiny_llama_and_logs_hidden(tmp_path):
+    module = tiny_module(distill=Distillation(alpha=0.5, hidden_loss="squarehead", hidden_layers="all", hidden_weight=0.5))
+    values = []
+
+    class Record(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            values.append(float(trainer.callback_metrics["train/hidden"]))
+
+    fit = trainer(tmp_path, max_steps=4, log_every_n_steps=1, callbacks=[PruneAtFitStart(), Record()])
+    fit.fit(module, token_loader())
+    assert fit.global_step == 4 and module._hidden_indices == [1, 2]
+    assert {"train/ce", "train/kd", "train/hidden"} <= set(fit.callback_metrics)
+    assert len(values) == 4 and all(math.isfinite(v) and v > 0 for v in values)  # pruned: student != teacher
+    batch = next(iter(token_loader()))[0]
+    with torch.no_grad():  # the logged term is squarehead_loss over blocks 1..2 of the two models
+        s = module.model(input_ids=batch, output_hidden_states=True).hidden_states
+        t = module.teacher(input_ids=batch, output_hidden_states=True).hidden_states
+    assert len(s) == 3 and squarehead_loss(s, t, [1, 2]).item() > 0
+
+
+class NoHiddenStates(torch.nn.Module):
+    """A causal LM with a config that returns logits but no hidden states."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = {k: v for k, v in TINY_LLAMA.items() if k != "model_type"}
+        self.inner = LlamaForCausalLM(LlamaConfig(vocab_size=128, **config))
+        self.config = self.inner.config
+
+    def forward(self, input_ids, attention_mask=None, output_hidden_states=False):
+        return SimpleNamespace(logits=self.inner(input_ids=input_ids, attention_mask=attention_mask).logits, hidden_states=None)
+
+
+def test_all_layers_on_a_model_without_hidden_states(tmp_path):
+    with pytest.raises(ValueError, match=r"distill.hidden_layers='all' needs a model that returns hidden states .*got Linear"):
+        gp.PrunableLM(model=torch.nn.Linear(4, 4), distill=Distillation(hidden_layers="all"))
+    module = gp.PrunableLM(model=NoHiddenStates(), distill=Distillation(hidden_loss="squarehead", hidden_layers="all"))
+    before = {k: v.clone() for k, v in module.model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"distill.hidden_layers='all' needs hidden states \[1, 2\] from the model "
+                                         r"\(NoHiddenStates\), but its forward\(output_hidden_states=True\) returned none"):
+        trainer(tmp_path, max_steps=2, callbacks=[PruneAtFitStart()]).fit(module, token_loader())
+    assert all(torch.equal(v, before[k]) for k, v in module.model.state_dict().items())  # failed before pruning
+
+
+def test_all_layers_need_the_same_depth(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = {k: v for k, v in TINY_LLAMA.items() if k not in ("model_type", "num_hidden_layers")}
+    LlamaForCausalLM(LlamaConfig(vocab_size=128, num_hidden_layers=3, **config)).save_pretrained(tmp_path / "teacher")
+    with pytest.raises(ValueError, match=r"distill.hidden_layers='all' pairs every block .* student has 2 blocks and the teacher 3"):
+        tiny_module(distill=Distillation(teacher=str(tmp_path / "teacher"), hidden_loss="squarehead", hidden_layers="all"))
 
 
 def test_hidden_layers_that_do_not_exist():
