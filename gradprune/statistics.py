@@ -65,6 +65,8 @@ class ActivationWindow:
             stats.sum_sq, stats.count = fn(stats.sum_sq), fn(stats.count)
 
     def reset(self) -> None:
+        """Close the window and forget the sums (after an event)."""
+        self.close()
         self._hooks.stats.clear()
 
     def state_dict(self) -> dict:

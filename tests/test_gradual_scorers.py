@@ -236,12 +236,23 @@ class SaveMasks(Callback):
         torch.save(masks, self.directory / f"rank{trainer.global_rank}.pt")
 
 
-def interleaved_loader(ranks=2, n=16, length=16, batch_size=2):
-    """The micro-batches the ranks of a DistributedSampler (no shuffle) get, one after another."""
-    ids = torch.randint(0, 128, (n, length), generator=torch.Generator().manual_seed(0))
-    order = [i for start in range(0, n // ranks, batch_size) for r in range(ranks)
-             for i in range(r + start * ranks, r + (start + batch_size) * ranks, ranks)]
-    return DataLoader(TensorDataset(ids[order]), batch_size=batch_size, shuffle=False)
+def rank_tokens(n=16, length=16):
+    return torch.randint(0, 128, (n, length), generator=torch.Generator().manual_seed(0))
+
+
+class RankShards(pl.LightningDataModule):
+    """Rank r trains on rows r, r + 2, r + 4, ... in order (Lightning's own sampler would shuffle)."""
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(rank_tokens()[self.trainer.global_rank::2]), batch_size=2)
+
+
+def interleaved_loader(batch_size=2):
+    """One process seeing the two ranks' micro-batches one after another: rank 0's first, rank 1's first, ..."""
+    ids = rank_tokens()
+    shards = [ids[r::2] for r in (0, 1)]
+    order = [shard[i:i + batch_size] for i in range(0, len(shards[0]), batch_size) for shard in shards]
+    return DataLoader(TensorDataset(torch.cat(order)), batch_size=batch_size, shuffle=False)
 
 
 def test_plain_module_with_sgd_prunes_exactly_with_wanda(tmp_path):
@@ -261,19 +272,21 @@ def test_wanda_statistics_are_summed_over_ddp_ranks(tmp_path):
         return GradualPruningCallback(0.5, schedule="constant", start_step=event, end_step=event + 1, every=1,
                                       scope="row", scorer="wanda", stat_batches=window)
 
-    ddp = trainer(tmp_path, max_steps=3, strategy="ddp_spawn", devices=2, callbacks=[gradual(2, 2), SaveMasks(tmp_path)])
-    ddp.fit(PlainLM(lr=0.0), interleaved_loader(ranks=1))
+    ddp = trainer(tmp_path, max_steps=3, strategy="ddp_spawn", devices=2, use_distributed_sampler=False,
+                  callbacks=[gradual(2, 2), SaveMasks(tmp_path)])
+    ddp.fit(PlainLM(lr=0.0), datamodule=RankShards())
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     alone_module = PlainLM(lr=0.0)
-    trainer(tmp_path / "one", max_steps=5, callbacks=[gradual(4, 4)]).fit(alone_module, interleaved_loader(ranks=2))
+    trainer(tmp_path / "one", max_steps=5, callbacks=[gradual(4, 4)]).fit(alone_module, interleaved_loader())
     alone = MaskRegistry.of(alone_module).masks
     assert ranks[0].keys() == ranks[1].keys() == alone.keys()
     for name in alone:
         assert torch.equal(ranks[0][name], ranks[1][name]), name
         assert torch.equal(ranks[0][name], alone[name]), name
-    # and the statistics mattered: one rank's batches alone give other masks
+    # and the statistics mattered: rank 0's batches alone give other masks
     one_rank = PlainLM(lr=0.0)
-    trainer(tmp_path / "rank0", max_steps=3, callbacks=[gradual(2, 2)]).fit(one_rank, interleaved_loader(ranks=1))
+    trainer(tmp_path / "rank0", max_steps=3, callbacks=[gradual(2, 2)]).fit(
+        one_rank, DataLoader(TensorDataset(rank_tokens()[0::2]), batch_size=2))
     assert any(not torch.equal(MaskRegistry.of(one_rank).masks[n], alone[n]) for n in alone)
 
 
