@@ -25,8 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gradprune.calibration import sample_windows  # noqa: E402
-from gradprune.corpus import expand_paths, read_text, split_files, stdlib_files  # noqa: E402
-from gradprune.data import VAL_FRACTION  # noqa: E402  (the held-out files are TextDataModule's)
+from gradprune.corpus import VAL_FRACTION, expand_paths, read_text, split_files, stdlib_files  # noqa: E402
 from gradprune.models import load_causal_lm, load_tokenizer  # noqa: E402
 from gradprune.oneshot import METHODS, prune_oneshot, report_json  # noqa: E402
 

@@ -7,7 +7,9 @@ import random
 import pytest
 import torch
 
-from gradprune.data import ResumableDataLoader, TextDataModule, byte_tokenizer
+from gradprune.data import TextDataModule
+from gradprune.loaders import ResumableDataLoader
+from gradprune.tokenizer import byte_tokenizer
 
 # small caps keep every stdlib test well under a second of tokenising
 CAPS = dict(max_train_tokens=40_000, max_val_tokens=8_000)
