@@ -16,9 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from .losses import next_token_loss
+from .models import DTYPES
 from .validation import Problems
-
-TEACHER_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -55,8 +54,8 @@ class Distillation:
             problems.add(f"distill.hidden_weight must be >= 0, got {self.hidden_weight!r}")
         if not all(isinstance(i, int) and not isinstance(i, bool) for i in self.hidden_layers):
             problems.add(f"distill.hidden_layers must be a list of integers, got {self.hidden_layers!r}")
-        if self.teacher_dtype not in TEACHER_DTYPES:
-            problems.add(f"distill.teacher_dtype must be one of {list(TEACHER_DTYPES)}, got {self.teacher_dtype!r}")
+        if self.teacher_dtype not in DTYPES:
+            problems.add(f"distill.teacher_dtype must be one of {list(DTYPES)}, got {self.teacher_dtype!r}")
         if not isinstance(self.teacher, str) or not self.teacher:
             problems.add(f"distill.teacher must be 'self' or a model source, got {self.teacher!r}")
         problems.raise_if_any()
