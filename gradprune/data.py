@@ -23,13 +23,9 @@ from torch.utils.data import DataLoader, DistributedSampler
 from .corpus import VAL_FRACTION, Plan, documents, is_local, local_missing, plan_documents
 from .loaders import BlockDataset, ResumableDataLoader, TokenStream
 from .tokenizer import BYTES, byte_tokenizer
-from .validation import Problems
+from .validation import Problems, is_int
 
 log = logging.getLogger(__name__)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class TextDataModule(pl.LightningDataModule):
@@ -97,7 +93,7 @@ class TextDataModule(pl.LightningDataModule):
         if not isinstance(tokenizer, str) or not tokenizer:
             problems.add(f"tokenizer must be 'bytes' or a model directory / .gguf file / 'smollm2' / hub id, got {tokenizer!r}", type_error=True)
         for name, value in (("block_size", block_size), ("batch_size", batch_size)):
-            if not _is_int(value):
+            if not is_int(value):
                 problems.add(f"{name} must be a positive integer, got {value!r} ({type(value).__name__})", type_error=True)
             elif value < 1:
                 problems.add(f"{name} must be a positive integer (>= 1), got {value!r}")
@@ -105,7 +101,7 @@ class TextDataModule(pl.LightningDataModule):
             problems.add(f"val_fraction must be a number in (0, 1), got {val_fraction!r}", type_error=True)
         elif not 0.0 < val_fraction < 1.0:
             problems.add(f"val_fraction must be in (0, 1) (the share of files held out), got {val_fraction!r}")
-        if not _is_int(seed):
+        if not is_int(seed):
             problems.add(f"seed must be an integer, got {seed!r} ({type(seed).__name__})", type_error=True)
         elif seed < 0:
             problems.add(f"seed must be a non-negative integer, got {seed!r}")
@@ -116,11 +112,11 @@ class TextDataModule(pl.LightningDataModule):
         for name, value in (("max_train_tokens", max_train_tokens), ("max_val_tokens", max_val_tokens)):
             if value is None:
                 continue
-            if not _is_int(value):
+            if not is_int(value):
                 problems.add(f"{name} must be None or an integer >= block_size, got {value!r} ({type(value).__name__})", type_error=True)
-            elif _is_int(block_size) and value < max(block_size, 1):
+            elif is_int(block_size) and value < max(block_size, 1):
                 problems.add(f"{name} must be None or at least block_size={block_size} (one block), got {value!r}")
-        if not _is_int(num_workers):
+        if not is_int(num_workers):
             problems.add(f"num_workers must be a non-negative integer, got {num_workers!r} ({type(num_workers).__name__})", type_error=True)
         elif num_workers < 0:
             problems.add(f"num_workers must be a non-negative integer (0 = main process), got {num_workers!r}")
@@ -315,11 +311,11 @@ class TextDataModule(pl.LightningDataModule):
         are taken from the packed training stream. ``seed`` defaults to the module's ``seed``."""
         problems = Problems()
         for name, value in (("nsamples", nsamples), ("seqlen", seqlen)):
-            if not _is_int(value):
+            if not is_int(value):
                 problems.add(f"{name} must be a positive integer, got {value!r} ({type(value).__name__})", type_error=True)
             elif value <= 0:
                 problems.add(f"{name} must be a positive integer (>= 1), got {value!r}")
-        if seed is not None and not _is_int(seed):
+        if seed is not None and not is_int(seed):
             problems.add(f"seed must be None or an integer, got {seed!r}", type_error=True)
         problems.raise_if_any()
         self._ensure_streams("train")

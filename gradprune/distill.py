@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .losses import next_token_loss
 from .models import DTYPES
-from .validation import Problems
+from .validation import Problems, is_int
 
 
 @dataclass
@@ -52,7 +52,7 @@ class Distillation:
             problems.add(f"distill.temperature must be > 0, got {self.temperature!r}")
         if not isinstance(self.hidden_weight, (int, float)) or self.hidden_weight < 0:
             problems.add(f"distill.hidden_weight must be >= 0, got {self.hidden_weight!r}")
-        if not all(isinstance(i, int) and not isinstance(i, bool) for i in self.hidden_layers):
+        if not all(is_int(i) for i in self.hidden_layers):
             problems.add(f"distill.hidden_layers must be a list of integers, got {self.hidden_layers!r}")
         if self.teacher_dtype not in DTYPES:
             problems.add(f"distill.teacher_dtype must be one of {list(DTYPES)}, got {self.teacher_dtype!r}")
