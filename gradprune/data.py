@@ -11,7 +11,6 @@ use), stops as soon as ``max_train_tokens`` / ``max_val_tokens`` are reached, an
 from __future__ import annotations
 
 import logging
-import random
 from itertools import islice
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
@@ -20,6 +19,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from .calibration import sample_windows, window_fits
 from .corpus import VAL_FRACTION, Plan, documents, is_local, local_missing, plan_documents
 from .loaders import BlockDataset, ResumableDataLoader, TokenStream
 from .tokenizer import BYTES, byte_tokenizer
@@ -306,9 +306,10 @@ class TextDataModule(pl.LightningDataModule):
 
     def calibration_batches(self, nsamples: int = 128, seqlen: int = 512, seed: Optional[int] = None) -> list[torch.Tensor]:
         """``nsamples`` seeded random windows of ``seqlen`` tokens from the training side, each a
-        LongTensor ``[1, seqlen]`` (the Wanda reference's recipe: a random training document at least
-        ``seqlen`` tokens long, then a random offset in it). If no single document is long enough, windows
-        are taken from the packed training stream. ``seed`` defaults to the module's ``seed``."""
+        LongTensor ``[1, seqlen]``, drawn by :func:`gradprune.calibration.sample_windows` (the Wanda
+        reference's recipe: a random training document of more than ``seqlen`` tokens, then a random offset
+        in it). If no single document is long enough, windows are taken from the packed training stream.
+        ``seed`` defaults to the module's ``seed``."""
         problems = Problems()
         for name, value in (("nsamples", nsamples), ("seqlen", seqlen)):
             if not is_int(value):
@@ -320,21 +321,17 @@ class TextDataModule(pl.LightningDataModule):
         problems.raise_if_any()
         self._ensure_streams("train")
         stream = self._streams["train"]
-        rng = random.Random(self.seed if seed is None else seed)
-        eligible = [(s, e) for s, e in stream.spans if e - s >= seqlen]
-        if not eligible:
-            if len(stream) < seqlen:
+        spans = [(s, e) for s, e in stream.spans if window_fits(e - s, seqlen)]
+        if not spans:
+            if not window_fits(len(stream), seqlen):
                 longest = max((e - s for s, e in stream.spans), default=0)
                 raise ValueError(
                     f"seqlen={seqlen} is longer than every training document (longest {longest} tokens) and than "
-                    f"the whole training stream ({len(stream)} tokens); use a smaller seqlen or more training data "
-                    f"(max_train_tokens={self.max_train_tokens})"
+                    f"the whole training stream ({len(stream)} tokens) can give: a window needs more than seqlen "
+                    f"tokens; use a smaller seqlen or more training data (max_train_tokens={self.max_train_tokens})"
                 )
-            log.info("no training document has %d tokens: calibration windows span document boundaries", seqlen)
-            eligible = [(0, len(stream))]
-        windows = []
-        for _ in range(nsamples):
-            start, end = eligible[rng.randrange(len(eligible))]
-            offset = rng.randint(start, end - seqlen)
-            windows.append(stream.ids[offset : offset + seqlen].long().unsqueeze(0))
-        return windows
+            log.info("no training document has more than %d tokens: calibration windows span document boundaries", seqlen)
+            spans = [(0, len(stream))]
+        windows = sample_windows(lambda i: stream.ids[spans[i][0] : spans[i][1]], len(spans), nsamples, seqlen,
+                                 self.seed if seed is None else seed)
+        return list(windows.split(1))
