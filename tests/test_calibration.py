@@ -14,6 +14,8 @@ from gradprune.calibration import (
 )
 from tiny_models import tiny_llama
 
+pytestmark = pytest.mark.numerics  # run again under other CPU kernels by .ci/run (make test-numerics)
+
 
 def no_hooks_left(model: nn.Module) -> bool:
     return all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())

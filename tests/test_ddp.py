@@ -1,12 +1,15 @@
 """Two real processes (Lightning's ddp_spawn, gloo on CPU): every rank ends with the same exact masks and
 the same weights, pruned ones exactly zero (MaskedAdamW and its clipping by the live weights' norm)."""
 import lightning.pytorch as pl
+import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
 from gradprune import MaskRegistry, exact_count, prune_oneshot, sparsity_report
 from gradprune.callbacks import GradualPruningCallback, WandaPruningCallback
 from lightning_helpers import tiny_module, token_loader, trainer
+
+pytestmark = pytest.mark.numerics  # run again under other CPU kernels by .ci/run (make test-numerics)
 
 
 class SaveMasks(Callback):

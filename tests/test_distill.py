@@ -9,6 +9,8 @@ from gradprune.distill import Distillation, distillation_loss, hidden_loss, kd_l
 from lightning_helpers import tiny_module, token_loader, trainer
 from tiny_models import tiny_llama
 
+pytestmark = pytest.mark.numerics  # run again under other CPU kernels by .ci/run (make test-numerics)
+
 
 def hand_made():
     torch.manual_seed(0)

@@ -5,6 +5,8 @@ import gradprune as gp
 from gradprune import MaskRegistry, pack_mask, sparsity_report, unpack_mask
 from tiny_models import tiny_gpt2, tiny_llama
 
+pytestmark = pytest.mark.numerics  # run again under other CPU kernels by .ci/run (make test-numerics)
+
 
 @pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2])
 @pytest.mark.parametrize("autocast", [False, True])

@@ -7,6 +7,8 @@ from gradprune import MaskRegistry, exact_count, find_targets, sparsity_report
 from gradprune.callbacks import GradualPruningCallback
 from lightning_helpers import tiny_module, token_loader, trainer
 
+pytestmark = pytest.mark.numerics  # run again under other CPU kernels by .ci/run (make test-numerics)
+
 
 class EventProbe(Callback):
     """Runs after the pruning callback: records each event's achieved per-layer counts and checks that

@@ -13,6 +13,8 @@ from gradprune.callbacks import GradualPruningCallback
 from lightning_helpers import token_loader, trainer
 from tiny_models import TINY_LLAMA, tiny_llama
 
+pytestmark = pytest.mark.numerics  # run again under other CPU kernels by .ci/run (make test-numerics)
+
 
 def train_pair(make_optimizer, steps=12, clip=None, norms=None, **optimizer_kwargs):
     """The same pruned model trained by torch's AdamW (gradients masked before each step, then clipped
@@ -132,10 +134,10 @@ class MaskThenClip(PrunedGradientsSeen):
         pl.LightningModule.configure_gradient_clipping(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
 
-def fit_gradual(tmp_path, module_class, clip, **trainer_kwargs):
+def fit_gradual(tmp_path, module_class, clip, schedule="linear", **trainer_kwargs):
     torch.manual_seed(0)
     module = module_class(model=dict(TINY_LLAMA), vocab_size=128, learning_rate=1e-2, warmup_steps=0)
-    callback = GradualPruningCallback(0.5, schedule="linear", end_step=6, every=2)
+    callback = GradualPruningCallback(0.5, schedule=schedule, end_step=6, every=2)
     trainer(tmp_path, max_steps=10, callbacks=[callback], gradient_clip_val=clip, **trainer_kwargs).fit(
         module, token_loader())
     return module
@@ -152,8 +154,11 @@ def test_lightning_runs_no_masking_pass_with_prunable_lm(tmp_path, clip, precisi
 
 
 def test_lightning_clipping_of_live_gradients_trains_like_masking_then_clipping(tmp_path):
-    fused = fit_gradual(tmp_path / "fused", PrunedGradientsSeen, 0.5)
-    passes = fit_gradual(tmp_path / "passes", MaskThenClip, 0.5)
+    # The two ways round to different last bits (the kernel folds the clipping factor into the update), so
+    # masks chosen after some steps could differ by a near-tied magnitude pair on some CPUs: the masks are
+    # chosen once, at step 0, on identical weights ("constant" schedule), and training then compares them.
+    fused = fit_gradual(tmp_path / "fused", PrunedGradientsSeen, 0.5, schedule="constant")
+    passes = fit_gradual(tmp_path / "passes", MaskThenClip, 0.5, schedule="constant")
     assert passes.seen == 0.0  # there, the callback masked the gradients before Lightning's clipping
     for (name, ours), theirs in zip(fused.named_parameters(), passes.parameters()):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5, msg=name)

@@ -11,6 +11,9 @@ from gradprune.blocks import find_block_stack
 from gradprune.oneshot import report_json, sparsegpt_prune, wanda_adaptive_pruned, wanda_scores
 from gradprune.selection import exact_count
 from tiny_models import tiny_bert, tiny_gpt2, tiny_llama
+from wanda_reference import LayerInputs, compare_with_reference, differing_rows_are_near_ties
+
+pytestmark = pytest.mark.numerics  # run again under other CPU kernels by .ci/run (make test-numerics)
 
 
 def calib(n=3, batch=2, length=16, seed=0, vocab=128):
@@ -100,70 +103,15 @@ def test_magnitude_scopes_by_hand():
 
 
 # -- the reference rules ----------------------------------------------------------------------------------
-def reference_wanda_llama(model, samples, sparsity):
-    """Wanda's reference code, transcribed: running-mean scaler_row over samples of batch 1, block by block on
-    the outputs of the pruned blocks, torch.sort stable per row, int(in * s) pruned per row."""
-    layers = model.model.layers
-    with torch.no_grad():
-        inps, cache = [], {}
-
-        class Catcher(nn.Module):
-            def __init__(self, module):
-                super().__init__()
-                self.module = module
-
-            def forward(self, hidden, **kwargs):
-                inps.append(hidden)
-                cache.update(kwargs)
-                raise ValueError
-
-        layers[0] = Catcher(layers[0])
-        for s in samples:
-            try:
-                model(input_ids=s, use_cache=False)
-            except ValueError:
-                pass
-        layers[0] = layers[0].module
-        kwargs = {k: cache[k] for k in ("attention_mask", "position_ids", "position_embeddings")}
-        masks = {}
-        for i, layer in enumerate(layers):
-            subset = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
-            scaler = {n: torch.zeros(m.weight.shape[1]) for n, m in subset.items()}
-            nsamples = {n: 0 for n in subset}
-
-            def hook(name):
-                def fn(module, inp, out):
-                    x = inp[0].reshape(-1, inp[0].shape[-1]).t().float()
-                    scaler[name] *= nsamples[name] / (nsamples[name] + 1)
-                    nsamples[name] += 1
-                    scaler[name] += torch.norm(x, p=2, dim=1) ** 2 / nsamples[name]
-                return fn
-
-            handles = [m.register_forward_hook(hook(n)) for n, m in subset.items()]
-            for x in inps:
-                layer(x, **kwargs)
-            for h in handles:
-                h.remove()
-            for name, m in subset.items():
-                metric = m.weight.abs() * torch.sqrt(scaler[name].reshape(1, -1))
-                idx = torch.sort(metric, dim=-1, stable=True)[1][:, : int(metric.shape[1] * sparsity)]
-                pruned = torch.zeros_like(metric, dtype=torch.bool).scatter_(1, idx, True)
-                m.weight[pruned] = 0
-                masks[f"model.layers.{i}.{name}"] = ~pruned
-            inps = [layer(x, **kwargs) for x in inps]
-    return masks
-
-
 @pytest.mark.parametrize("sparsity", [0.5, 0.3])
-def test_wanda_matches_reference_code(sparsity):
+def test_wanda_follows_the_reference_code(sparsity):
+    """The transcribed reference rule on the inputs each layer saw, and the block-by-block protocol
+    (tests/wanda_reference.py); masks may differ only in near-tied rows, and only in a few of them."""
     model = tiny_llama(layers=3)
-    reference = copy.deepcopy(model)
-    samples = calib(n=4, batch=1, length=24)
-    ours = prune_oneshot(model, "wanda", sparsity, calibration=samples)["masks"]
-    expected = reference_wanda_llama(reference, samples, sparsity)
-    assert sorted(ours) == sorted(expected)
-    for name in expected:
-        assert torch.equal(ours[name], expected[name]), name
+    comparison = compare_with_reference(model, calib(n=4, batch=1, length=24), sparsity)
+    assert len(comparison.ours) == 3 * 7 and sorted(comparison.ours) == sorted(comparison.reference)
+    rows = sum(mask.shape[0] for mask in comparison.ours.values())
+    assert sum(comparison.differing_rows.values()) <= 0.01 * rows, comparison.differing_rows
 
 
 # -- sequential mode on three architectures -----------------------------------------------------------------
@@ -231,10 +179,17 @@ def test_padding_does_not_change_masks():
     padded = {"input_ids": torch.cat([a, torch.cat([b, torch.zeros(1, 5, dtype=torch.long)], 1)]),
               "attention_mask": torch.tensor([[1] * 12, [1] * 7 + [0] * 5])}
     with_pad = prune_oneshot(tiny_llama(), "wanda", 0.5, calibration=[padded])
-    separate = prune_oneshot(tiny_llama(), "wanda", 0.5, calibration=[a, b])
+    model = tiny_llama()
+    with LayerInputs(model, n=2) as seen:
+        separate = prune_oneshot(model, "wanda", 0.5, calibration=[a, b])
     assert with_pad["calibration"] == {"samples": 2, "tokens": 19}
-    for name in with_pad["masks"]:
-        assert torch.equal(with_pad["masks"][name], separate["masks"][name])
+    # a padded batch runs other matrix shapes than two separate ones, so the float sums may round differently
+    # and a near-tied pair may swap; anything else would be padding leaking into the statistics
+    differing = 0
+    for name, keep in with_pad["masks"].items():
+        exact = seen.exact_scores(name)
+        differing += differing_rows_are_near_ties(name, keep, separate["masks"][name], exact, exact.shape[1] // 2)
+    assert differing <= 0.01 * sum(m.shape[0] for m in with_pad["masks"].values())
 
 
 # -- SparseGPT ----------------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ from gradprune import MaskRegistry, find_targets
 from gradprune.callbacks import GradualPruningCallback, MagnitudePruningCallback, SparseGPTPruningCallback, WandaPruningCallback
 from lightning_helpers import tiny_module, token_loader, trainer
 
+pytestmark = pytest.mark.numerics  # run again under other CPU kernels by .ci/run (make test-numerics)
+
 
 @pytest.fixture
 def calls(monkeypatch):

@@ -8,6 +8,8 @@ import gradprune as gp
 from gradprune import SparsitySchedule, exact_count, find_targets, select_masks
 from tiny_models import tiny_gpt2
 
+pytestmark = pytest.mark.numerics  # run again under other CPU kernels by .ci/run (make test-numerics)
+
 
 def random_mixed_model(seed=0):
     """Linear layers of several shapes (in_features divisible by 8) plus GPT-2's Conv1D layers."""
