@@ -16,7 +16,7 @@ from .targets import Target, find_targets
 __version__ = "0.1.0"
 
 # The Lightning pieces are imported on first use, so `import gradprune` stays a pure-torch import.
-_LAZY = {"PrunableLM": ".lightning_module", "TextDataModule": ".data", "byte_tokenizer": ".data"}
+_LAZY = {"PrunableLM": ".lightning_module", "TextDataModule": ".data", "byte_tokenizer": ".tokenizer"}
 
 
 def __getattr__(name):

@@ -267,11 +267,21 @@ def count_samples(batches: Iterable[Batch]) -> int:
     return sum(int(b["input_ids"].shape[0]) for b in batches)
 
 
+def window_fits(length: int, seqlen: int) -> bool:
+    """The rule for calibration windows: a document (or stream) of ``length`` tokens gives windows of
+    ``seqlen`` tokens only if it is *longer* than ``seqlen``. It is the Wanda/SparseGPT reference loaders'
+    rule (``> seqlen``, then a start in ``[0, length - seqlen)``), kept so that the same documents and seed
+    draw the windows the reference code draws."""
+    return length > seqlen
+
+
 def sample_windows(token_streams: Callable[[int], Sequence[int]], n_streams: int, nsamples: int, seqlen: int, seed: int = 0,
                    max_tries: Optional[int] = None) -> torch.Tensor:
     """``nsamples`` random windows of ``seqlen`` tokens, as in the Wanda/SparseGPT reference loaders: pick a
-    random document (``token_streams(i)`` gives the token ids of document ``i``), skip it if it has no more
-    than ``seqlen`` tokens, else take a random window. Seeded, so the same seed gives the same windows.
+    random document (``token_streams(i)`` gives the token ids of document ``i``, a sequence or a 1-D tensor),
+    skip it unless :func:`window_fits` (more than ``seqlen`` tokens), else take a window at a random start in
+    ``[0, len - seqlen)``. Seeded, so the same seed gives the same windows. The one window sampler: the
+    data module's ``calibration_batches`` and the scripts draw from it.
 
     Returns a (nsamples, seqlen) LongTensor. Raises ValueError if no document is long enough.
     """
@@ -280,7 +290,7 @@ def sample_windows(token_streams: Callable[[int], Sequence[int]], n_streams: int
     if n_streams < 1:
         raise ValueError("no calibration documents given")
     rng = random.Random(seed)
-    windows: list[list[int]] = []
+    windows: list[torch.Tensor] = []
     tries, max_tries = 0, max_tries or max(100, 20 * nsamples)
     cache: dict[int, Sequence[int]] = {}
     while len(windows) < nsamples:
@@ -294,11 +304,11 @@ def sample_windows(token_streams: Callable[[int], Sequence[int]], n_streams: int
         if i not in cache:
             cache[i] = token_streams(i)
         ids = cache[i]
-        if len(ids) <= seqlen:
+        if not window_fits(len(ids), seqlen):
             continue
         start = rng.randrange(len(ids) - seqlen)
-        windows.append(list(ids[start:start + seqlen]))
-    return torch.tensor(windows, dtype=torch.long)
+        windows.append(torch.as_tensor(ids[start:start + seqlen], dtype=torch.long))
+    return torch.stack(windows)
 
 
 @contextlib.contextmanager

@@ -1,312 +1,31 @@
-"""Text data for causal language models: corpora, a download-free byte tokenizer, packing, calibration.
+"""TextDataModule: a text corpus as packed blocks of token ids for Lightning, and calibration windows.
 
-:class:`TextDataModule` turns a corpus into fixed-length blocks of token ids for Lightning and draws
-seeded calibration windows for one-shot pruning. Corpora (``sources``):
+The pieces it puts together live in their own modules: which documents the ``sources`` name and the
+train/validation split (:mod:`gradprune.corpus`), the byte tokenizer (:mod:`gradprune.tokenizer`), and the
+torch-only token streams, block dataset and resumable loader (:mod:`gradprune.loaders`).
 
-* ``"stdlib"``: the Python standard library's own source code (several MB on every machine, no network),
-* local text files, directories and glob patterns,
-* JSON Lines / JSON files (read through the ``datasets`` library's ``"json"`` loader, text taken from
-  ``text_field``),
-* Hugging Face hub datasets by name (``"wikitext"`` with ``dataset_config="wikitext-2-raw-v1"``, ``"c4"``),
-  which need network access.
-
-Splits are deterministic and never leak: files are assigned to train or validation by file (a hash of the
-path, :func:`gradprune.corpus.split_files`), JSON records by record (a seeded permutation), hub datasets
-use their own validation split. Documents are tokenised, each followed by the EOS token, concatenated in a
-seeded order and cut into blocks of ``block_size`` tokens (labels = input_ids; the model shifts them).
-Tokenising is lazy (first use), stops as soon as ``max_train_tokens`` / ``max_val_tokens`` are reached,
-and is cached in memory.
+Documents are tokenised, each followed by the EOS token, concatenated in a seeded order and cut into
+blocks of ``block_size`` tokens (labels = input_ids; the model shifts them). Tokenising is lazy (first
+use), stops as soon as ``max_train_tokens`` / ``max_val_tokens`` are reached, and is cached in memory.
 """
 from __future__ import annotations
 
-import glob
-import hashlib
 import logging
-import os
-import random
-from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Iterable, Optional, Union
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
-from .corpus import STDLIB, expand_paths, read_text, split_files, stdlib_files
-from .validation import Problems
+from .calibration import sample_windows, window_fits
+from .corpus import VAL_FRACTION, Plan, documents, is_local, local_missing, plan_documents
+from .loaders import BlockDataset, ResumableDataLoader, TokenStream
+from .tokenizer import BYTES, byte_tokenizer
+from .validation import Problems, is_int
 
 log = logging.getLogger(__name__)
-
-BYTES = "bytes"
-VAL_FRACTION = 0.05  # default share of files held out for validation; scripts/prune_oneshot.py uses it too
-EOS_TOKEN = "<|endoftext|>"
-PAD_TOKEN = "<pad>"
-JSON_SUFFIXES = (".jsonl", ".json")
-TEXT_SUFFIXES = (".py", ".txt", ".md")
-_GLOB_CHARS = "*?["
-# hub names that need a config to be useful; used when dataset_config is not given
-_HUB_DEFAULTS = {"c4": ("allenai/c4", "en"), "wikitext": ("wikitext", "wikitext-2-raw-v1")}
-_VALIDATION_SPLITS = ("validation", "valid", "dev")
-
-
-# --------------------------------------------------------------------------------------------------
-# byte-level tokenizer
-# --------------------------------------------------------------------------------------------------
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible map from the 256 byte values to printable characters (ByteLevel's alphabet)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return {b: chr(c) for b, c in zip(printable, chars)}
-
-
-def byte_tokenizer():
-    """A byte-level tokenizer that needs no download: token id ``b`` is the byte ``b`` (0-255).
-
-    Special tokens: ``<|endoftext|>`` (id 256; EOS and BOS) and ``<pad>`` (id 257), so ``len()`` is 258.
-    Built with the ``tokenizers`` library (a merge-free BPE over the ByteLevel alphabet) and wrapped in
-    transformers' ``PreTrainedTokenizerFast``, so ``save_pretrained`` / ``AutoTokenizer.from_pretrained``
-    work and ``decode(encode(text)) == text`` for any UTF-8 text (no prefix space, no clean-up).
-    """
-    from tokenizers import Tokenizer, decoders, models
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import PreTrainedTokenizerFast
-
-    mapping = _bytes_to_unicode()
-    backend = Tokenizer(models.BPE(vocab={mapping[b]: b for b in range(256)}, merges=[]))
-    backend.pre_tokenizer = ByteLevel(add_prefix_space=False, use_regex=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens([EOS_TOKEN, PAD_TOKEN])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        eos_token=EOS_TOKEN,
-        bos_token=EOS_TOKEN,
-        pad_token=PAD_TOKEN,
-        clean_up_tokenization_spaces=False,
-    )
-
-
-# --------------------------------------------------------------------------------------------------
-# sources
-# --------------------------------------------------------------------------------------------------
-def _is_local(entry: str) -> bool:
-    """Whether a ``sources`` entry names local files (else it is taken for a hub dataset name)."""
-    if entry == STDLIB:
-        return False
-    expanded = os.path.expanduser(entry)
-    return (
-        os.path.exists(expanded)
-        or any(c in entry for c in _GLOB_CHARS)
-        or entry.startswith(("/", ".", "~"))
-        or Path(entry).suffix in TEXT_SUFFIXES + JSON_SUFFIXES
-    )
-
-
-def _local_missing(entry: str) -> bool:
-    expanded = os.path.expanduser(entry)
-    if any(c in entry for c in _GLOB_CHARS):
-        return not glob.glob(expanded, recursive=True)
-    return not os.path.exists(expanded)
-
-
-def _record_hash(seed: int, index: int) -> float:
-    digest = hashlib.sha256(f"{seed}:record:{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
-
-
-def _split_records(texts: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Deterministic record-level split: a seeded permutation, the first ``round(n * val_fraction)``
-    records (at least one when there are two or more) go to validation."""
-    order = list(range(len(texts)))
-    random.Random(seed).shuffle(order)
-    n_val = 0
-    if len(texts) > 1:
-        n_val = min(len(texts) - 1, max(1, round(len(texts) * val_fraction)))
-    return [texts[i] for i in order[n_val:]], [texts[i] for i in order[:n_val]]
-
-
-def _json_texts(files: Sequence[Path], text_field: str) -> list[str]:
-    """The ``text_field`` of every record of JSON Lines / JSON files, read with ``datasets``' json loader."""
-    import datasets
-
-    dataset = datasets.load_dataset("json", data_files=[str(f) for f in files], split="train")
-    if text_field not in dataset.column_names:
-        raise ValueError(
-            f"text_field={text_field!r} is not a field of {[str(f) for f in files]}; "
-            f"the records have the fields {sorted(dataset.column_names)}"
-        )
-    texts = []
-    for i, value in enumerate(dataset[text_field]):
-        if value is None:
-            continue
-        if not isinstance(value, str):
-            raise TypeError(f"text_field={text_field!r} must hold strings, record {i} holds a {type(value).__name__}")
-        texts.append(value)
-    return texts
-
-
-class _HubSide:
-    """One side (train or validation) of a hub dataset, streamed lazily record by record."""
-
-    def __init__(self, name: str, config: str | None, text_field: str, split: str, keep: Any = None) -> None:
-        self.name, self.config, self.text_field, self.split, self.keep = name, config, text_field, split, keep
-
-    def __iter__(self) -> Iterator[str]:
-        dataset = _load_hub(self.name, self.config)[self.split]
-        for i, record in enumerate(dataset):
-            if self.keep is not None and not self.keep(i):
-                continue
-            if self.text_field not in record:
-                raise ValueError(
-                    f"text_field={self.text_field!r} is not a field of the hub dataset {self.name!r}; "
-                    f"its records have the fields {sorted(record)}"
-                )
-            text = record[self.text_field]
-            if text:
-                yield text
-
-
-def _load_hub(name: str, config: str | None):
-    """``datasets.load_dataset(name, config, streaming=True)`` with an error that says what to do offline."""
-    import datasets
-
-    try:
-        return datasets.load_dataset(name, config, streaming=True)
-    except Exception as exc:  # datasets raises many types (ConnectionError, FileNotFoundError, ValueError...)
-        raise RuntimeError(
-            f"could not load {name!r} (dataset_config={config!r}) as a Hugging Face dataset: {exc}. "
-            "It is not a local file, directory or glob either. Hub datasets need network access; offline, "
-            "use sources='stdlib', local text files/directories/globs, or a .jsonl file with text_field."
-        ) from exc
-
-
-def _hub_sides(entry: str, config: str | None, text_field: str, val_fraction: float, seed: int) -> tuple[_HubSide, _HubSide]:
-    name = entry
-    if config is None and entry in _HUB_DEFAULTS:
-        name, config = _HUB_DEFAULTS[entry]
-    splits = list(_load_hub(name, config))
-    if "train" not in splits:
-        raise ValueError(f"the hub dataset {name!r} (dataset_config={config!r}) has no 'train' split; it has {splits}")
-    for val_split in _VALIDATION_SPLITS:
-        if val_split in splits:
-            return _HubSide(name, config, text_field, "train"), _HubSide(name, config, text_field, val_split)
-    log.info("hub dataset %s has no validation split; holding out %.1f%% of its train records", name, 100 * val_fraction)
-
-    def is_val(i: int) -> bool:
-        return _record_hash(seed, i) < val_fraction
-
-    return (
-        _HubSide(name, config, text_field, "train", keep=lambda i: not is_val(i)),
-        _HubSide(name, config, text_field, "train", keep=is_val),
-    )
-
-
-@dataclass
-class _Plan:
-    """Which documents go to each side, before any tokenisation. Items: Path (read lazily), str, or
-    an iterable of str (a hub stream)."""
-
-    train: list[Any] = field(default_factory=list)
-    val: list[Any] = field(default_factory=list)
-    position_split: bool = False  # a single document: hold out the end of its token stream
-
-
-def _documents(items: Iterable[Any]) -> Iterator[str]:
-    for item in items:
-        if isinstance(item, Path):
-            yield read_text(item)
-        elif isinstance(item, str):
-            yield item
-        else:
-            yield from item
-
-
-# --------------------------------------------------------------------------------------------------
-# token streams and datasets
-# --------------------------------------------------------------------------------------------------
-@dataclass
-class TokenStream:
-    """The documents of one side as one 1-D tensor of token ids (each document followed by EOS) and
-    the ``(start, end)`` span of every document's own tokens inside it."""
-
-    ids: torch.Tensor
-    spans: list[tuple[int, int]]
-
-    def __len__(self) -> int:
-        return int(self.ids.numel())
-
-
-class BlockDataset(Dataset):
-    """Consecutive, non-overlapping blocks of ``block_size`` tokens of a stream (a shorter tail is dropped)."""
-
-    def __init__(self, ids: torch.Tensor, block_size: int) -> None:
-        self.ids = ids
-        self.block_size = block_size
-
-    def __len__(self) -> int:
-        return self.ids.numel() // self.block_size
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        if not 0 <= index < len(self):
-            raise IndexError(f"block {index} out of range for {len(self)} blocks")
-        start = index * self.block_size
-        block = self.ids[start : start + self.block_size].long()
-        return {"input_ids": block, "attention_mask": torch.ones_like(block)}
-
-
-class ResumableDataLoader(DataLoader):
-    """A DataLoader whose position inside an epoch survives a checkpoint.
-
-    Lightning saves ``state_dict()`` with the fit loop and calls ``load_state_dict()`` on resume; the
-    batches already consumed in the interrupted epoch are then skipped, so a resumed run sees the same
-    batches in the same order as an uninterrupted one. The epoch's order comes from a
-    :class:`~torch.utils.data.DistributedSampler` (seeded, ``set_epoch`` called by Lightning)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._consumed = 0
-        self._epoch = self._sampler_epoch()
-        self._restored: Optional[tuple[int, int]] = None
-
-    def _sampler_epoch(self) -> int:
-        return int(getattr(self.sampler, "epoch", 0))
-
-    def __iter__(self) -> Iterator[Any]:
-        return self._batches()
-
-    def _batches(self) -> Iterator[Any]:
-        epoch = self._sampler_epoch()
-        skip = 0
-        if self._restored is not None:
-            restored_epoch, consumed = self._restored
-            self._restored = None
-            if restored_epoch == epoch and consumed < len(self):
-                skip = consumed
-        self._epoch, self._consumed = epoch, 0
-        for batch in super().__iter__():
-            self._consumed += 1
-            if self._consumed <= skip:
-                continue
-            yield batch
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self._epoch, "consumed": self._consumed}
-
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        self._restored = (int(state_dict.get("epoch", 0)), int(state_dict.get("consumed", 0)))
-
-
-# --------------------------------------------------------------------------------------------------
-# the data module
-# --------------------------------------------------------------------------------------------------
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class TextDataModule(pl.LightningDataModule):
@@ -366,7 +85,7 @@ class TextDataModule(pl.LightningDataModule):
         for entry in entries:
             if not isinstance(entry, str) or not entry:
                 problems.add(f"sources entries must be non-empty strings, got {entry!r} in sources={sources!r}", type_error=True)
-            elif _is_local(entry) and _local_missing(entry):
+            elif is_local(entry) and local_missing(entry):
                 problems.add(
                     f"sources entry {entry!r} looks like a local path but no file or directory matches it "
                     "(allowed: 'stdlib', existing files/directories/globs, .jsonl files, hub dataset names)"
@@ -374,7 +93,7 @@ class TextDataModule(pl.LightningDataModule):
         if not isinstance(tokenizer, str) or not tokenizer:
             problems.add(f"tokenizer must be 'bytes' or a model directory / .gguf file / 'smollm2' / hub id, got {tokenizer!r}", type_error=True)
         for name, value in (("block_size", block_size), ("batch_size", batch_size)):
-            if not _is_int(value):
+            if not is_int(value):
                 problems.add(f"{name} must be a positive integer, got {value!r} ({type(value).__name__})", type_error=True)
             elif value < 1:
                 problems.add(f"{name} must be a positive integer (>= 1), got {value!r}")
@@ -382,7 +101,7 @@ class TextDataModule(pl.LightningDataModule):
             problems.add(f"val_fraction must be a number in (0, 1), got {val_fraction!r}", type_error=True)
         elif not 0.0 < val_fraction < 1.0:
             problems.add(f"val_fraction must be in (0, 1) (the share of files held out), got {val_fraction!r}")
-        if not _is_int(seed):
+        if not is_int(seed):
             problems.add(f"seed must be an integer, got {seed!r} ({type(seed).__name__})", type_error=True)
         elif seed < 0:
             problems.add(f"seed must be a non-negative integer, got {seed!r}")
@@ -393,11 +112,11 @@ class TextDataModule(pl.LightningDataModule):
         for name, value in (("max_train_tokens", max_train_tokens), ("max_val_tokens", max_val_tokens)):
             if value is None:
                 continue
-            if not _is_int(value):
+            if not is_int(value):
                 problems.add(f"{name} must be None or an integer >= block_size, got {value!r} ({type(value).__name__})", type_error=True)
-            elif _is_int(block_size) and value < max(block_size, 1):
+            elif is_int(block_size) and value < max(block_size, 1):
                 problems.add(f"{name} must be None or at least block_size={block_size} (one block), got {value!r}")
-        if not _is_int(num_workers):
+        if not is_int(num_workers):
             problems.add(f"num_workers must be a non-negative integer, got {num_workers!r} ({type(num_workers).__name__})", type_error=True)
         elif num_workers < 0:
             problems.add(f"num_workers must be a non-negative integer (0 = main process), got {num_workers!r}")
@@ -422,7 +141,7 @@ class TextDataModule(pl.LightningDataModule):
             if self._eos_id is None:
                 log.warning("tokenizer %r has no EOS or SEP token: documents are joined without a separator", tokenizer)
         self._dtype = torch.int16 if len(self.tokenizer) <= 2**15 else torch.int32
-        self._plan: Optional[_Plan] = None
+        self._plan: Optional[Plan] = None
         self._streams: dict[str, TokenStream] = {}
 
     # ---- tokenizer -------------------------------------------------------------------------------
@@ -454,44 +173,8 @@ class TextDataModule(pl.LightningDataModule):
         return [torch.tensor(ids, dtype=self._dtype) for ids in encoded]
 
     # ---- planning and tokenising -----------------------------------------------------------------
-    def _make_plan(self) -> _Plan:
-        plan = _Plan()
-        local: list[str] = []
-        for entry in self.sources:
-            if entry == STDLIB:
-                train, val = split_files(stdlib_files(), self.val_fraction, self.seed)
-                plan.train.extend(train)
-                plan.val.extend(val)
-            elif _is_local(entry):
-                local.append(os.path.expanduser(entry))
-            else:
-                train_side, val_side = _hub_sides(entry, self.dataset_config, self.text_field, self.val_fraction, self.seed)
-                plan.train.append(train_side)
-                plan.val.append(val_side)
-        if local:
-            files = expand_paths(local, suffixes=TEXT_SUFFIXES + JSON_SUFFIXES)
-            json_files = [f for f in files if f.suffix in JSON_SUFFIXES]
-            text_files = [f for f in files if f.suffix not in JSON_SUFFIXES]
-            train, val = split_files(text_files, self.val_fraction, self.seed)
-            plan.train.extend(train)
-            plan.val.extend(val)
-            if json_files:
-                train_texts, val_texts = _split_records(_json_texts(json_files, self.text_field), self.val_fraction, self.seed)
-                plan.train.extend(train_texts)
-                plan.val.extend(val_texts)
-        # a seeded document order, so that a token cap takes a representative sample rather than the
-        # alphabetically first files (hub streams keep their order)
-        rng = random.Random(self.seed)
-        rng.shuffle(plan.train)
-        rng.shuffle(plan.val)
-        if not plan.val:
-            if not plan.train:
-                raise ValueError(f"sources={self.sources!r} contain no documents")
-            plan.position_split = True
-            log.info("a single document: holding out the last %.1f%% of its tokens for validation", 100 * self.val_fraction)
-        if not plan.train:
-            raise ValueError(f"sources={self.sources!r} leave no document for training")
-        return plan
+    def _make_plan(self) -> Plan:
+        return plan_documents(self.sources, self.val_fraction, self.seed, self.text_field, self.dataset_config)
 
     def _tokenize(self, items: Iterable[Any], cap: Optional[int]) -> TokenStream:
         pieces: list[torch.Tensor] = []
@@ -499,10 +182,10 @@ class TextDataModule(pl.LightningDataModule):
         total = 0
         eos = None if self._eos_id is None else torch.tensor([self._eos_id], dtype=self._dtype)
         chunk_size = 1 if self.tokenizer_name == BYTES else 32
-        documents = (text for text in _documents(items) if text)
+        texts = (text for text in documents(items) if text)
         done = False
         while not done:
-            chunk = list(islice(documents, chunk_size))
+            chunk = list(islice(texts, chunk_size))
             if not chunk:
                 break
             for ids in self._encode(chunk):
@@ -623,35 +306,32 @@ class TextDataModule(pl.LightningDataModule):
 
     def calibration_batches(self, nsamples: int = 128, seqlen: int = 512, seed: Optional[int] = None) -> list[torch.Tensor]:
         """``nsamples`` seeded random windows of ``seqlen`` tokens from the training side, each a
-        LongTensor ``[1, seqlen]`` (the Wanda reference's recipe: a random training document at least
-        ``seqlen`` tokens long, then a random offset in it). If no single document is long enough, windows
-        are taken from the packed training stream. ``seed`` defaults to the module's ``seed``."""
+        LongTensor ``[1, seqlen]``, drawn by :func:`gradprune.calibration.sample_windows` (the Wanda
+        reference's recipe: a random training document of more than ``seqlen`` tokens, then a random offset
+        in it). If no single document is long enough, windows are taken from the packed training stream.
+        ``seed`` defaults to the module's ``seed``."""
         problems = Problems()
         for name, value in (("nsamples", nsamples), ("seqlen", seqlen)):
-            if not _is_int(value):
+            if not is_int(value):
                 problems.add(f"{name} must be a positive integer, got {value!r} ({type(value).__name__})", type_error=True)
             elif value <= 0:
                 problems.add(f"{name} must be a positive integer (>= 1), got {value!r}")
-        if seed is not None and not _is_int(seed):
+        if seed is not None and not is_int(seed):
             problems.add(f"seed must be None or an integer, got {seed!r}", type_error=True)
         problems.raise_if_any()
         self._ensure_streams("train")
         stream = self._streams["train"]
-        rng = random.Random(self.seed if seed is None else seed)
-        eligible = [(s, e) for s, e in stream.spans if e - s >= seqlen]
-        if not eligible:
-            if len(stream) < seqlen:
+        spans = [(s, e) for s, e in stream.spans if window_fits(e - s, seqlen)]
+        if not spans:
+            if not window_fits(len(stream), seqlen):
                 longest = max((e - s for s, e in stream.spans), default=0)
                 raise ValueError(
                     f"seqlen={seqlen} is longer than every training document (longest {longest} tokens) and than "
-                    f"the whole training stream ({len(stream)} tokens); use a smaller seqlen or more training data "
-                    f"(max_train_tokens={self.max_train_tokens})"
+                    f"the whole training stream ({len(stream)} tokens) can give: a window needs more than seqlen "
+                    f"tokens; use a smaller seqlen or more training data (max_train_tokens={self.max_train_tokens})"
                 )
-            log.info("no training document has %d tokens: calibration windows span document boundaries", seqlen)
-            eligible = [(0, len(stream))]
-        windows = []
-        for _ in range(nsamples):
-            start, end = eligible[rng.randrange(len(eligible))]
-            offset = rng.randint(start, end - seqlen)
-            windows.append(stream.ids[offset : offset + seqlen].long().unsqueeze(0))
-        return windows
+            log.info("no training document has more than %d tokens: calibration windows span document boundaries", seqlen)
+            spans = [(0, len(stream))]
+        windows = sample_windows(lambda i: stream.ids[spans[i][0] : spans[i][1]], len(spans), nsamples, seqlen,
+                                 self.seed if seed is None else seed)
+        return list(windows.split(1))

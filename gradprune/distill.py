@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from .losses import next_token_loss
-from .validation import Problems
+from .models import DTYPES
+from .validation import Problems, is_int
 
-TEACHER_DTYPES = ("float32", "bfloat16", "float16")
 HIDDEN_LOSSES = ("mse", "squarehead")
 #: Guard of SquareHead's denominator: a teacher layer whose mean square is below this counts as this.
 SQUAREHEAD_EPS = 1e-8
@@ -72,7 +72,7 @@ class Distillation:
             problems.add(f"distill.hidden_weight must be >= 0, got {self.hidden_weight!r}")
         layers = self.hidden_layers
         if isinstance(layers, str) or not isinstance(layers, (list, tuple)) or not all(
-            isinstance(i, int) and not isinstance(i, bool) for i in layers
+            is_int(i) for i in layers
         ):
             if layers != "all":
                 problems.add(f"distill.hidden_layers must be 'all' or a list of integers (indices of hidden states, "
@@ -84,8 +84,8 @@ class Distillation:
         elif self.hidden_loss == "squarehead" and isinstance(layers, (list, tuple)) and not layers:
             problems.add("distill.hidden_loss='squarehead' needs hidden_layers: 'all' (every decoder block, as in "
                          "the paper) or a list of block indices, got []")
-        if self.teacher_dtype not in TEACHER_DTYPES:
-            problems.add(f"distill.teacher_dtype must be one of {list(TEACHER_DTYPES)}, got {self.teacher_dtype!r}")
+        if self.teacher_dtype not in DTYPES:
+            problems.add(f"distill.teacher_dtype must be one of {list(DTYPES)}, got {self.teacher_dtype!r}")
         if not isinstance(self.teacher, str) or not self.teacher:
             problems.add(f"distill.teacher must be 'self' or a model source, got {self.teacher!r}")
         problems.raise_if_any()

@@ -24,15 +24,13 @@ from torchmetrics.text import Perplexity
 from .distill import Distillation, distillation_loss, hidden_state_loss
 from .losses import IGNORE_INDEX, next_token_loss, shifted_targets
 from .masks import MaskRegistry
-from .models import load_causal_lm, load_tokenizer
+from .models import DTYPES, load_causal_lm, load_tokenizer
 from .optim import MaskedAdamW
 from .report import sparsity_report
 from .targets import find_targets
 from .validation import Problems
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class PrunableLM(pl.LightningModule):
@@ -89,8 +87,8 @@ class PrunableLM(pl.LightningModule):
             problems.add(f"warmup_steps must be an int >= 0 or a fraction in [0, 1), got {warmup_steps!r}")
         if not (isinstance(min_lr_ratio, (int, float)) and 0 <= min_lr_ratio <= 1):
             problems.add(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio!r}")
-        if dtype not in _DTYPES:
-            problems.add(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}")
+        if dtype not in DTYPES:
+            problems.add(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
         if vocab_size is not None and (not isinstance(vocab_size, int) or vocab_size <= 0):
             problems.add(f"vocab_size must be a positive integer, got {vocab_size!r}")
         if distill is not None and not isinstance(distill, Distillation):
@@ -100,7 +98,7 @@ class PrunableLM(pl.LightningModule):
         if distill is not None:  # plain values in checkpoints: how to rebuild the teacher
             self.hparams["distill"] = asdict(distill)
 
-        self.model = self._build(model, vocab_size, _DTYPES[dtype])
+        self.model = self._build(model, vocab_size, DTYPES[dtype])
         if export_dir and not hasattr(self.model, "save_pretrained"):  # fail now, not after training
             raise ValueError(
                 f"export_dir={export_dir!r} needs a model with save_pretrained (a Hugging Face model); "
@@ -130,7 +128,7 @@ class PrunableLM(pl.LightningModule):
                 distill.check_hidden_layers(num_layers)
                 self._hidden_indices = distill.layer_indices(num_layers)
             if distill.teacher != "self":  # load now, so a wrong teacher fails before training
-                self._set_teacher(load_causal_lm(distill.teacher, _DTYPES[distill.teacher_dtype]))
+                self._set_teacher(load_causal_lm(distill.teacher, DTYPES[distill.teacher_dtype]))
 
     @staticmethod
     def _build(source, vocab_size: Optional[int], dtype: torch.dtype) -> nn.Module:
@@ -186,7 +184,7 @@ class PrunableLM(pl.LightningModule):
         # Runs before on_fit_start, where one-shot callbacks prune, and before a checkpoint is restored:
         # the "self" teacher is therefore always the dense model as built from its source.
         if self.distill is not None and self.distill.teacher == "self" and self._teacher is None:
-            self._set_teacher(copy.deepcopy(self.model).to(_DTYPES[self.distill.teacher_dtype]))
+            self._set_teacher(copy.deepcopy(self.model).to(DTYPES[self.distill.teacher_dtype]))
 
     def _teacher_outputs(self, input_ids, attention_mask):
         teacher = self._teacher

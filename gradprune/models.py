@@ -17,6 +17,8 @@ import torch
 log = logging.getLogger(__name__)
 
 SMOLLM2 = "smollm2"
+# the parameter dtypes a model can be loaded in, by the names configs use (PrunableLM's dtype, the teacher's)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ModelSource = Union[str, Mapping[str, Any]]
 
 

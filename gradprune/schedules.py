@@ -18,14 +18,10 @@ import math
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from .validation import Problems, check_choice, check_sparsity
+from .validation import Problems, check_choice, check_sparsity, is_int
 
 ScheduleKind = Literal["cubic", "linear", "exponential", "constant"]
 SCHEDULE_KINDS = ("cubic", "linear", "exponential", "constant")
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -60,16 +56,16 @@ class SparsitySchedule:
                 f"initial_sparsity ({self.initial_sparsity}) must not exceed final_sparsity ({self.final_sparsity}): "
                 "sparsity never decreases"
             )
-        if not _is_int(self.start_step) or self.start_step < 0:
+        if not is_int(self.start_step) or self.start_step < 0:
             problems.add(f"start_step must be an integer >= 0, got {self.start_step!r}")
         if self.end_step is None:
             if self.kind != "constant":
                 problems.add(f"end_step is required for kind={self.kind!r}")
-        elif not _is_int(self.end_step):
+        elif not is_int(self.end_step):
             problems.add(f"end_step must be an integer number of optimizer steps, got {self.end_step!r}")
-        elif _is_int(self.start_step) and self.end_step <= self.start_step:
+        elif is_int(self.start_step) and self.end_step <= self.start_step:
             problems.add(f"end_step ({self.end_step}) must be greater than start_step ({self.start_step})")
-        if not _is_int(self.every) or self.every <= 0:
+        if not is_int(self.every) or self.every <= 0:
             problems.add(f"every must be an integer > 0, got {self.every!r}")
         if isinstance(self.exponent, bool) or not isinstance(self.exponent, (int, float)) or not self.exponent > 0:
             problems.add(f"exponent must be a number > 0, got {self.exponent!r}")

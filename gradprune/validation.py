@@ -29,6 +29,11 @@ class Problems:
         raise ValueError(text)
 
 
+def is_int(value: object) -> bool:
+    """An integer and not a bool (``True`` is an ``int`` to Python, never a count or a step to us)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def check_sparsity(problems: Problems, name: str, value: object) -> None:
     """A sparsity is a real number in [0, 1): 1.0 would remove every weight."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):

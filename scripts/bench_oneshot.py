@@ -5,7 +5,9 @@ calibration samples. Prints a markdown table (rows are also appended to --out as
 
     python scripts/bench_oneshot.py --nsamples 32 --seqlen 512 --eval-windows 16 --more-samples 128
 
-The model is loaded once; before each configuration the dense weights are restored and the mask
+Data as in prune_oneshot.py, all from TextDataModule (stdlib, seed 0): calibration windows from
+calibration_batches over the first --calib-tokens training tokens, perplexity (gradprune.evaluate) on
+heldout_ids. The model is loaded once; before each configuration the dense weights are restored and the mask
 registry cleared. Peak memory: the process's resident set size sampled every 20 ms during pruning,
 reported as the peak and as the increase over the resident size before pruning.
 """
@@ -23,10 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchtools import PeakRSS, rss_mb  # noqa: E402
-from prune_oneshot import batched, calibration_windows, documents, heldout_tokens, perplexity  # noqa: E402
 
+from gradprune.data import TextDataModule  # noqa: E402
+from gradprune.evaluate import perplexity  # noqa: E402
 from gradprune.masks import MaskRegistry  # noqa: E402
-from gradprune.models import load_causal_lm, load_tokenizer  # noqa: E402
+from gradprune.models import load_causal_lm  # noqa: E402
 from gradprune.oneshot import prune_oneshot  # noqa: E402
 
 
@@ -38,6 +41,7 @@ def main(argv=None) -> None:
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--calib-tokens", type=int, default=2_000_000, help="calibration windows come from the first N training tokens")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--patterns", nargs="*", default=["unstructured", "2:4", "4:8"])
     p.add_argument("--methods", nargs="*", default=["magnitude", "wanda", "sparsegpt"])
@@ -46,11 +50,11 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.WARNING)
 
     model = load_causal_lm(args.model)
-    tokenizer = load_tokenizer(args.model)
     dense = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    texts, val_files = documents(None, args.seed)
-    heldout = heldout_tokens(tokenizer, val_files, args.eval_windows * args.seqlen)
-    windows = calibration_windows(tokenizer, texts, max(args.nsamples, args.more_samples), args.seqlen, args.seed, True)
+    data = TextDataModule(sources="stdlib", tokenizer=args.model, block_size=args.seqlen, seed=0,
+                          max_train_tokens=max(args.calib_tokens, args.seqlen), max_val_tokens=args.eval_windows * args.seqlen)
+    heldout = data.heldout_ids()
+    windows = torch.cat(data.calibration_batches(max(args.nsamples, args.more_samples), args.seqlen, seed=args.seed))
     print(f"torch threads: {torch.get_num_threads()}, held-out tokens: {heldout.numel()}, model RSS {rss_mb():.0f} MB", flush=True)
 
     configs = [("dense", "-", 0)]
@@ -64,7 +68,7 @@ def main(argv=None) -> None:
         MaskRegistry.of(model).clear()
         row = {"method": method, "pattern": pattern, "nsamples": nsamples}
         if method != "dense":
-            calibration = batched(windows[:nsamples], args.batch_size) if method != "magnitude" else None
+            calibration = list(windows[:nsamples].split(args.batch_size)) if method != "magnitude" else None
             with PeakRSS() as mem:
                 report = prune_oneshot(model, method, 0.5, pattern, calibration, progress=False)
             row.update(sparsity=report["global"]["sparsity"], calibration_s=report["time"]["calibration_s"],

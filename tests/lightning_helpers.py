@@ -4,17 +4,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from gradprune import PrunableLM
-
-TINY_LLAMA = {
-    "model_type": "llama",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 64,
-    "tie_word_embeddings": True,
-}
+from tiny_models import TINY_LLAMA
 
 
 def tiny_module(seed=0, **kwargs):

@@ -145,3 +145,15 @@ def test_sample_windows_seeded_and_too_short():
     assert all(int(row[0]) not in range(1000, 1005) for row in a)  # the 5-token document is never used
     with pytest.raises(ValueError, match="too short"):
         sample_windows(lambda i: docs[i], 3, nsamples=2, seqlen=400, seed=0)
+
+
+def test_sample_windows_needs_more_than_seqlen_tokens_and_takes_tensors():
+    """The one window rule (the reference loaders'): a document of exactly seqlen tokens gives no window, and
+    a window starts in [0, len - seqlen): seqlen + 2 tokens give two windows. Ids: a list or a 1-D tensor."""
+    with pytest.raises(ValueError, match="too short"):
+        sample_windows(lambda i: list(range(16)), 1, nsamples=1, seqlen=16, seed=0)
+    windows = sample_windows(lambda i: torch.arange(18, dtype=torch.int16), 1, nsamples=40, seqlen=16, seed=0)
+    assert windows.dtype == torch.long and windows.shape == (40, 16)
+    assert {int(row[0]) for row in windows} == {0, 1}
+    as_list = sample_windows(lambda i: list(range(18)), 1, nsamples=40, seqlen=16, seed=0)
+    assert torch.equal(windows, as_list)

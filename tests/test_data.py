@@ -7,7 +7,10 @@ import random
 import pytest
 import torch
 
-from gradprune.data import ResumableDataLoader, TextDataModule, byte_tokenizer
+from gradprune.calibration import sample_windows
+from gradprune.data import TextDataModule
+from gradprune.loaders import ResumableDataLoader
+from gradprune.tokenizer import byte_tokenizer
 
 # small caps keep every stdlib test well under a second of tokenising
 CAPS = dict(max_train_tokens=40_000, max_val_tokens=8_000)
@@ -281,6 +284,15 @@ def test_calibration_falls_back_to_the_stream_and_rejects_impossible_requests(tm
         dm.calibration_batches(nsamples=2, seqlen=100_000)
     with pytest.raises(ValueError, match=r"nsamples must be a positive integer \(>= 1\), got 0"):
         dm.calibration_batches(nsamples=0)
+
+
+def test_calibration_batches_draw_with_the_one_window_sampler(tmp_path):
+    """calibration_batches is calibration.sample_windows over the training documents: same windows."""
+    root = _write_corpus(tmp_path / "corpus")
+    dm = TextDataModule(sources=str(root), block_size=16, val_fraction=0.3, seed=3)
+    stream_ids, spans = dm.train_ids(), dm._streams["train"].spans
+    expected = sample_windows(lambda i: stream_ids[spans[i][0] : spans[i][1]], len(spans), 5, 64, seed=3)
+    assert torch.equal(torch.cat(dm.calibration_batches(nsamples=5, seqlen=64)), expected)
 
 
 # ------------------------------------------------------------------------------------------ bad input

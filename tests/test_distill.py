@@ -9,7 +9,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 import gradprune as gp
 from gradprune.callbacks import PruningCallback
 from gradprune.distill import Distillation, distillation_loss, hidden_loss, hidden_state_loss, kd_loss, squarehead_loss
-from lightning_helpers import TINY_LLAMA, tiny_module, token_loader, trainer
+from lightning_helpers import tiny_module, token_loader, trainer
+from tiny_models import TINY_LLAMA, tiny_llama
 
 pytestmark = pytest.mark.numerics  # run again under other CPU kernels by .ci/run (make test-numerics)
 
@@ -261,10 +262,7 @@ def test_hidden_layers_that_do_not_exist():
 
 
 def test_teacher_with_other_vocabulary_rejected(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = {k: v for k, v in TINY_LLAMA.items() if k != "model_type"}
-    LlamaForCausalLM(LlamaConfig(vocab_size=100, **config)).save_pretrained(tmp_path / "teacher")
+    tiny_llama(vocab=100).save_pretrained(tmp_path / "teacher")
     with pytest.raises(ValueError, match=r"vocabulary of 100 tokens, the student 128"):
         tiny_module(distill=Distillation(teacher=str(tmp_path / "teacher")))
 

@@ -10,8 +10,8 @@ import gradprune as gp
 import gradprune.optim
 from gradprune import MaskedAdamW, MaskRegistry, PrunableLM
 from gradprune.callbacks import GradualPruningCallback
-from lightning_helpers import TINY_LLAMA, token_loader, trainer
-from tiny_models import tiny_llama
+from lightning_helpers import token_loader, trainer
+from tiny_models import TINY_LLAMA, tiny_llama
 
 pytestmark = pytest.mark.numerics  # run again under other CPU kernels by .ci/run (make test-numerics)
 
