@@ -1,0 +1,162 @@
+"""Benchmark: which way of making SmolLM2-135M-Instruct sparse keeps it best, at equal training steps and tokens.
+
+Run all rows, or some (each row appends one JSON line to --results, so a long benchmark can run across
+sessions; the table is printed from every row recorded there):
+
+    python scripts/bench_recovery.py --rows all --steps 100
+    python scripts/bench_recovery.py --rows gradual-wanda-kd oneshot-wanda-kd --steps 100
+    python scripts/bench_recovery.py --table            # only print the table of what is recorded
+
+Every row uses the same data: stdlib code through TextDataModule with the SmolLM2 tokenizer (seed 0), the
+same training batches in the same order, the same number of optimizer steps and tokens, AdamW (PrunableLM,
+lr --lr, 4 warm-up steps, cosine), gradient clipping 1.0, and, for "+ KD", the dense model as teacher
+(alpha 0.5, T 2). Held-out perplexity is PrunableLM's validation perplexity on TextDataModule's validation
+files (never trained on or used for calibration). One-shot rows prune at fit start with the method's callback
+(--nsamples windows of --block-size tokens from the training side), then fine-tune all --steps steps. Gradual
+rows ramp 0 -> sparsity with a cubic schedule from step 0 to --end-fraction of the run, an event every
+--every steps, activation statistics over the --stat-batches micro-batches before each event, then train on.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+from gradprune import PrunableLM, TextDataModule, sparsity_report
+from gradprune.callbacks import GradualPruningCallback, SparseGPTPruningCallback, WandaPruningCallback
+from gradprune.distill import Distillation
+from gradprune.models import load_causal_lm
+
+from benchtools import PeakRSS, StepTimer
+
+KD = dict(alpha=0.5, temperature=2.0)
+SQUAREHEAD = dict(KD, hidden_layers="all", hidden_loss="squarehead", hidden_weight=1.0)
+
+
+def rows(args) -> dict:
+    """Row name -> (description, pruning callback factory or None, distillation options or None)."""
+    s, pattern = args.sparsity, args.pattern
+
+    def oneshot(cls, **kw):
+        return lambda: cls(sparsity=s, pattern=pattern, nsamples=args.nsamples, seqlen=args.block_size, **kw)
+
+    def gradual(scorer, scope="row"):
+        return lambda: GradualPruningCallback(s, schedule="cubic", start_step=0, end_step=args.end_fraction,
+                                              every=args.every, scope=scope, pattern=pattern, scorer=scorer,
+                                              stat_batches=args.stat_batches)
+
+    return {
+        "dense": ("dense", None, None),
+        "oneshot-wanda-kd": ("one-shot Wanda + KD", oneshot(WandaPruningCallback), KD),
+        "oneshot-sparsegpt-kd": ("one-shot SparseGPT + KD", oneshot(SparseGPTPruningCallback), KD),
+        "gradual-magnitude-kd": ("gradual magnitude + KD", gradual("magnitude", scope="layer"), KD),
+        "gradual-wanda-kd": ("gradual wanda + KD", gradual("wanda"), KD),
+        "gradual-ria-kd": ("gradual ria + KD", gradual("ria"), KD),
+        "gradual-taylor-kd": ("gradual taylor + KD", gradual("taylor", scope="layer"), KD),
+        "gradual-wanda-squarehead": ("gradual wanda + KD + SquareHead", gradual("wanda"), SQUAREHEAD),
+    }
+
+
+def validate(module: PrunableLM, dm: TextDataModule) -> float:
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    return float(trainer.validate(module, datamodule=dm, verbose=False)[0]["val/ppl"])
+
+
+def run_row(name: str, args, dense, dm) -> dict:
+    label, pruner, distill = rows(args)[name]
+    pl.seed_everything(0, verbose=False)
+    module = PrunableLM(model=copy.deepcopy(dense), learning_rate=args.lr, weight_decay=0.0, warmup_steps=4,
+                        distill=Distillation(**distill) if distill else None)
+    start = time.perf_counter()
+    timer = StepTimer()
+    with PeakRSS() as memory:
+        if pruner is not None:
+            trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=args.steps, logger=False,
+                                 enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                                 num_sanity_val_steps=0, limit_val_batches=0, gradient_clip_val=1.0,
+                                 callbacks=[pruner(), timer])
+            trainer.fit(module, datamodule=dm)
+    ppl = validate(module, dm)
+    wall = time.perf_counter() - start
+    steps = args.steps if pruner is not None else 0
+    return {
+        "row": name, "label": label, "sparsity_target": args.sparsity, "pattern": args.pattern,
+        "sparsity": sparsity_report(module.model)["global"]["sparsity"] if pruner is not None else 0.0,
+        "ppl": ppl, "steps": steps, "tokens": steps * args.batch_size * args.block_size, "wall_s": wall,
+        "s_per_step": statistics.median(timer.times[2:]) if len(timer.times) > 2 else None,
+        "peak_extra_rss_mb": memory.extra_mb, "lr": args.lr, "every": args.every, "end_fraction": args.end_fraction,
+        "stat_batches": args.stat_batches, "nsamples": args.nsamples, "block_size": args.block_size,
+        "batch_size": args.batch_size, "val_tokens": args.val_tokens,
+    }
+
+
+def print_table(results: Path) -> None:
+    if not results.exists():
+        print("no rows recorded yet")
+        return
+    records = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    dense = [r for r in records if r["row"] == "dense"]
+    print("| run | target | held-out ppl | x dense | sparsity | steps | tokens | wall (s) | s / step | peak extra RSS (MB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in records:
+        ratio = f"{r['ppl'] / dense[-1]['ppl']:.2f}" if dense else ""
+        step = "" if r["s_per_step"] is None else f"{r['s_per_step']:.2f}"
+        target = "-" if r["row"] == "dense" else f"{r['sparsity_target']:.0%} {r['pattern']}"
+        print(f"| {r['label']} | {target} | {r['ppl']:.3f} | {ratio} | {r['sparsity']:.3f} | {r['steps']} | "
+              f"{r['tokens']} | {r['wall_s']:.0f} | {step} | {r['peak_extra_rss_mb']:.0f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", nargs="*", default=[], help="row names, or 'all'")
+    parser.add_argument("--table", action="store_true", help="only print the table of recorded rows")
+    parser.add_argument("--results", type=Path, default=Path("runs/bench_recovery.jsonl"))
+    parser.add_argument("--sparsity", type=float, default=0.5)
+    parser.add_argument("--pattern", default="unstructured")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument("--val-tokens", type=int, default=16384)
+    parser.add_argument("--nsamples", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--every", type=int, default=5)
+    parser.add_argument("--end-fraction", type=float, default=0.6)
+    parser.add_argument("--stat-batches", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    known = rows(args)
+    names = list(known) if args.rows == ["all"] else args.rows
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        parser.error(f"unknown rows {unknown}; choose from {list(known)} or 'all'")
+    if not names:
+        print_table(args.results)
+        return
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    for logger in ("lightning", "lightning.pytorch", "transformers"):
+        logging.getLogger(logger).setLevel(logging.ERROR)
+    dense = load_causal_lm("smollm2")
+    dm = TextDataModule(sources="stdlib", tokenizer="smollm2", block_size=args.block_size, batch_size=args.batch_size,
+                        max_train_tokens=args.steps * args.batch_size * args.block_size * 2,
+                        max_val_tokens=args.val_tokens, seed=0)
+    dm.setup("fit")
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        record = run_row(name, args, dense, dm)
+        print(json.dumps(record), flush=True)
+        with args.results.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+    print_table(args.results)
+
+
+if __name__ == "__main__":
+    main()
