@@ -5,12 +5,13 @@ Callbacks decide *when* to prune; the core in :mod:`gradprune` decides *what*.
 from .base import PruningCallback
 from .gradual import GradualPruningCallback
 from .monitor import SparsityMonitor
-from .oneshot import MagnitudePruningCallback, SparseGPTPruningCallback, WandaPruningCallback
+from .oneshot import MagnitudePruningCallback, RIAPruningCallback, SparseGPTPruningCallback, WandaPruningCallback
 
 __all__ = [
     "GradualPruningCallback",
     "MagnitudePruningCallback",
     "PruningCallback",
+    "RIAPruningCallback",
     "SparseGPTPruningCallback",
     "SparsityMonitor",
     "WandaPruningCallback",

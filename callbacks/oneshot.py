@@ -173,6 +173,21 @@ class WandaPruningCallback(OneShotPruningCallback):
         super().__init__(*args, scope=scope, adaptive=adaptive, **kwargs)
 
 
+class RIAPruningCallback(OneShotPruningCallback):
+    """Prune once at fit start with RIA: (|W_ij| / sum_i |W_ij| + |W_ij| / sum_j |W_ij|) * ||X_j||_2 ** a.
+
+    Args:
+        scope: comparison group: "row" (default), "layer", or "global" (needs sequential=False).
+        a: exponent of the activation norm (0.5, the paper's).
+    """
+
+    method = "ria"
+
+    def __init__(self, *args: Any, scope: Literal["row", "layer", "global"] = "row", a: float = 0.5,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, scope=scope, a=a, **kwargs)
+
+
 class SparseGPTPruningCallback(OneShotPruningCallback):
     """Prune once at fit start with SparseGPT (OBS weight updates from the layer Hessians 2/n X X^T).
 
@@ -189,4 +204,5 @@ class SparseGPTPruningCallback(OneShotPruningCallback):
         super().__init__(*args, blocksize=blocksize, percdamp=percdamp, hessian_dtype=hessian_dtype, **kwargs)
 
 
-__all__ = ["MagnitudePruningCallback", "OneShotPruningCallback", "SparseGPTPruningCallback", "WandaPruningCallback"]
+__all__ = ["MagnitudePruningCallback", "OneShotPruningCallback", "RIAPruningCallback", "SparseGPTPruningCallback",
+           "WandaPruningCallback"]

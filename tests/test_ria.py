@@ -58,3 +58,43 @@ def test_dtype_kept_out_of_the_weight_and_float64_statistics():
 def test_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ria_scores(**kwargs)
+
+
+# -- the one-shot method ------------------------------------------------------------------------------------
+def test_prune_oneshot_ria_by_hand():
+    """One Linear fed by embedding rows: per row the lowest RIA scores go, exactly half of each row."""
+    from torch import nn
+
+    from gradprune import prune_oneshot
+
+    class OneLinear(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding.from_pretrained(torch.tensor([[2.0, 4.0, 1.0, 1.0]]))
+            self.proj = nn.Linear(4, 2, bias=False)
+            with torch.no_grad():
+                self.proj.weight.copy_(torch.tensor([[1.0, -2.0, 1.0, 4.0], [3.0, 0.5, 1.0, 1.0]]))
+
+        def forward(self, input_ids, attention_mask=None):
+            return self.proj(self.embed(input_ids))
+
+    model = OneLinear()
+    weight = model.proj.weight.detach().clone()
+    report = prune_oneshot(model, "ria", 0.5, calibration=[torch.tensor([0])], sequential=False)
+    expected_scores = ria_scores(weight, torch.tensor([4.0, 16.0, 1.0, 1.0], dtype=torch.float64))
+    keep = report["masks"]["proj"]
+    assert (~keep).sum(dim=1).tolist() == [2, 2] and report["options"] == {"scope": "row", "a": 0.5}
+    for row in range(2):
+        assert expected_scores[row][~keep[row]].max() <= expected_scores[row][keep[row]].min()
+    assert torch.equal(model.proj.weight, weight * keep)
+
+
+def test_prune_oneshot_ria_rejects_a_bad_exponent_before_changing_anything():
+    from gradprune import prune_oneshot
+    from tiny_models import tiny_llama
+
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"a \(RIA's activation exponent\) must be a finite number >= 0, got -1"):
+        prune_oneshot(model, "ria", 0.5, calibration=[torch.tensor([[1, 2, 3]])], a=-1)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -21,7 +21,13 @@ import math
 
 import torch
 
+from typing import Any, Mapping, Sequence
+
+from ..calibration import ChannelStats
+from ..selection import select_masks_unchecked
+from ..targets import Target
 from ..validation import Problems
+from .base import NM, Job, Method
 
 #: What RIA needs besides the weights: the per-input-channel sum of squared activations (as Wanda).
 STATISTICS = ("sum_sq",)
@@ -59,3 +65,24 @@ def ria_scores(weight: torch.Tensor, sum_sq: torch.Tensor, a: float = DEFAULT_A)
     stats = stats if stats.dtype == torch.float64 else stats.to(torch.float32)
     activation = stats.sqrt().pow(a).to(torch.float32)
     return relative * activation.unsqueeze(0)
+
+
+# -- the one-shot method ---------------------------------------------------------------------------------
+def prune_ria(job: Job, targets: Sequence[Target], stats: Mapping[str, ChannelStats]) -> None:
+    """The core rule (option ``scope``, default "row") on :func:`ria_scores` with exponent option ``a``,
+    monotone with the targets' current masks."""
+    a = job.options["a"]
+    masks = select_masks_unchecked(
+        targets, job.sparsity, lambda t: t.stored(ria_scores(t.out_in(t.weight), stats[t.name].l2_sq, a)),
+        job.options["scope"], job.nm, job.registry.current(targets),
+    )
+    job.registry.update(targets, masks)
+
+
+def _check(problems: Problems, options: Mapping[str, Any], nm: NM, pattern: str) -> None:
+    a = options["a"]
+    if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 <= a < math.inf:
+        problems.add(f"a (RIA's activation exponent) must be a finite number >= 0, got {a!r}")
+
+
+RIA = Method("ria", statistics="channel", options={"scope": "row", "a": DEFAULT_A}, prune=prune_ria, check=_check)
