@@ -45,6 +45,10 @@ class OneShotPruningCallback(PruningCallback):
         include: target modules (regex, or list of names / name suffixes); default every Linear but the
             head, and for calibrated methods in sequential mode the Linears inside the block stack.
         exclude: modules to leave dense.
+        allocation: "uniform" (every layer at ``sparsity``) or "owl": OWL's outlier-weighted layer budgets
+            (per decoder block within [sparsity - owl_lambda, sparsity + owl_lambda], exact total; calibrated
+            methods, unstructured only).
+        owl_lambda: half-width of OWL's budget range, in [0, min(sparsity, 1 - sparsity)].
     """
 
     method: str = ""
@@ -58,6 +62,8 @@ class OneShotPruningCallback(PruningCallback):
         sequential: bool = True,
         include: Union[str, list[str], None] = None,
         exclude: Union[str, list[str], None] = None,
+        allocation: Literal["uniform", "owl"] = "uniform",
+        owl_lambda: float = 0.08,
         **method_options: Any,
     ) -> None:
         super().__init__()
@@ -66,6 +72,7 @@ class OneShotPruningCallback(PruningCallback):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 problems.add(f"{name} must be a positive integer, got {value!r}")
         problems.raise_if_any()
+        method_options = {**method_options, "allocation": allocation, "owl_lambda": owl_lambda}
         check_arguments(self.method, sparsity, pattern, sequential, **method_options)
         self.sparsity = sparsity
         self.pattern = pattern

@@ -151,3 +151,14 @@ def run_block(block: nn.Module, inp: BlockInputs) -> torch.Tensor:
     elif not isinstance(out, torch.Tensor) and hasattr(out, "__getitem__"):
         out = out[0]
     return out
+
+
+def group_by_block(model: nn.Module, targets: Sequence[Target]) -> list[list[Target]]:
+    """The targets grouped by decoder block (in block order); a target outside the block stack, or every
+    target of a model without one, is a group of its own. OWL's layer budgets are per group."""
+    stack = find_block_stack(model)
+    if stack is None:
+        return [[t] for t in targets]
+    groups = [stack.targets_of(i, targets) for i in range(len(stack.blocks))]
+    inside = {t.name for group in groups for t in group}
+    return [g for g in groups if g] + [[t] for t in targets if t.name not in inside]

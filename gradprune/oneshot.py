@@ -19,12 +19,13 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 from torch import nn
 from tqdm.auto import tqdm
 
-from .blocks import BlockInputs, BlockStack, call_model, capture_block_inputs, find_block_stack, run_block
+from .blocks import BlockInputs, BlockStack, call_model, capture_block_inputs, find_block_stack, group_by_block, run_block
 from .calibration import ActivationHooks, as_batches, count_samples, count_tokens, eval_mode
 from .masks import MaskRegistry
 from .methods import METHODS as _REGISTRY
 from .methods import Job, Method, get_method
 from .methods.base import COMMON_OPTIONS, NM
+from .methods.owl import check_lambda, owl_target_counts
 from .report import sparsity_report
 from .selection import validate_selection
 from .targets import Selector, Target, find_targets
@@ -71,6 +72,11 @@ def _check_arguments(problems: Problems, method: Any, sparsity: Any, pattern: An
     options = entry.resolve_options(method_options, problems)
     nm = check_pattern(problems, pattern, "sparsity", sparsity, exact=True)
     entry.check(problems, options, nm, pattern)
+    if options.get("allocation") == "owl":
+        check_lambda(problems, options["owl_lambda"], sparsity)
+        if nm is not None:
+            problems.add(f"allocation='owl' gives layers different sparsities, which an N:M pattern ({pattern!r}) fixes; "
+                         "use pattern='unstructured'")
     if entry.statistics != "none" and sequential and options.get("scope") == "global":
         problems.add("scope='global' compares all layers at once, so it needs sequential=False (one dense pass)")
     problems.raise_if_any()
@@ -162,6 +168,22 @@ def _sequential(model: nn.Module, plan: Plan, timer: Timer) -> None:
                 inputs = [replace(inp, hidden=run_block(block, inp)) for inp in inputs]
 
 
+def _owl_counts(model: nn.Module, plan: Plan, timer: Timer) -> tuple[dict, list]:
+    """OWL's per-target prune counts, from Wanda scores over one dense pass of the calibration data."""
+    device = plan.targets[0].weight.device
+    with timer("calibration"):
+        with ActivationHooks(plan.targets, l2_only=True) as hooks:
+            for batch in tqdm(plan.batches, desc="OWL outlier ratios", disable=plan.job.hide_progress):
+                hooks.tokens(batch["attention_mask"])
+                call_model(model, batch, device)
+        if plan.job.options["reduce"] is not None:
+            hooks.reduce_(plan.job.options["reduce"])
+    options = plan.job.options
+    sum_sq = {name: stats.l2_sq for name, stats in hooks.stats.items()}
+    return owl_target_counts(group_by_block(model, plan.targets), sum_sq, plan.job.sparsity, options["owl_lambda"],
+                             options["owl_m"])
+
+
 def _whole_model(model: nn.Module, plan: Plan, timer: Timer) -> None:
     """One dense pass over the whole model, then every target is pruned (any architecture)."""
     device = plan.targets[0].weight.device
@@ -185,7 +207,7 @@ def prune_oneshot(
     exclude: Selector = None,
     **method_options: Any,
 ) -> dict:
-    """Prune ``model`` in place, once, with ``method`` ("magnitude", "wanda" or "sparsegpt": the names in
+    """Prune ``model`` in place, once, with ``method`` ("magnitude", "wanda", "sparsegpt" or "ria": the names in
     :data:`gradprune.methods.METHODS`).
 
     Args:
@@ -202,8 +224,11 @@ def prune_oneshot(
             default targets are the layers inside the block stack.
         method_options: magnitude: ``scope`` ("layer"); wanda: ``scope`` ("row"), ``adaptive`` (False),
             ``alpha_tolerance`` (0.001); sparsegpt: ``blocksize`` (128), ``percdamp`` (0.01),
-            ``hessian_dtype`` ("float32" or "float64" per-batch products; sums are float64). All methods:
-            ``reduce`` (callable summing a statistics tensor over data-parallel ranks) and ``progress``.
+            ``hessian_dtype`` ("float32" or "float64" per-batch products; sums are float64); ria: ``scope``
+            ("row"), ``a`` (0.5). All methods: ``reduce`` (callable summing a statistics tensor over
+            data-parallel ranks) and ``progress``. Calibrated methods: ``allocation`` ("uniform", or
+            "owl": per-block budgets from OWL's outlier ratios, within [s - owl_lambda, s + owl_lambda],
+            exact total, one extra dense calibration pass), ``owl_lambda`` (0.08), ``owl_m`` (5).
 
     Returns:
         a report: :func:`gradprune.sparsity_report` entries (``global``, ``layers``, ``by_type``) plus
@@ -224,6 +249,9 @@ def prune_oneshot(
             job.method.run(job, targets, {})
     else:
         with eval_mode(model):
+            if job.options["allocation"] == "owl":
+                counts, budgets = _owl_counts(model, plan, timer)
+                plan = replace(plan, job=replace(job, counts=counts))
             (_sequential if plan.sequential else _whole_model)(model, plan, timer)
     times = timer.seconds
     times["total_s"] = time.perf_counter() - total_start
@@ -238,6 +266,9 @@ def prune_oneshot(
         time=times,
         masks=job.registry.current(targets),
     )
+    report["allocation"] = job.options["allocation"]
+    if job.options["allocation"] == "owl":
+        report["owl_budgets"] = budgets  # per block (group_by_block order)
     log.info("one-shot %s: global sparsity %.4f, calibration %.1fs, pruning %.1fs", method,
              report["global"]["sparsity"], times["calibration_s"], times["pruning_s"])
     return report

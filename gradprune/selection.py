@@ -162,6 +162,17 @@ def _drop_lowest_per_row(scores: torch.Tensor, k: int) -> torch.Tensor:
     return pruned.logical_not_()
 
 
+def _drop_count(scores: torch.Tensor, k: int, scope: Scope) -> torch.Tensor:
+    """Keep-mask of one (out, in) score matrix dropping exactly ``k``: the lowest of the layer, or spread
+    over the rows (``k // out`` each, one more in the first ``k % out`` rows)."""
+    if scope != "row":
+        return _drop_lowest(lambda: iter([scores]), k)[0]
+    per_row, extra = divmod(k, scores.shape[0])
+    if extra == 0:
+        return _drop_lowest_per_row(scores, per_row)
+    return torch.cat([_drop_lowest_per_row(scores[:extra], per_row + 1), _drop_lowest_per_row(scores[extra:], per_row)])
+
+
 def select_masks(
     targets: Sequence[Target],
     sparsity: float,
@@ -170,6 +181,7 @@ def select_masks(
     pattern: str = "unstructured",
     masks: Optional[Mapping[str, torch.Tensor]] = None,
     rounding: Rounding = "nearest",
+    counts: Optional[Mapping[str, int]] = None,
 ) -> dict[str, torch.Tensor]:
     """Keep-masks (bool, True = kept, shaped like each stored weight) at exactly ``sparsity``.
 
@@ -183,13 +195,15 @@ def select_masks(
         masks: current keep-masks by target name; the result only ever removes more weights.
         rounding: how a group's count is rounded: "nearest" (half up, the default) or "floor"
             (``int(sparsity * size)``, as the Wanda reference does per row).
+        counts: per-target numbers of weights to prune (layer budgets such as OWL's), instead of
+            ``sparsity``; scope "layer" or "row", unstructured only.
 
     Nothing is modified: the caller applies the masks (see :class:`gradprune.MaskRegistry`).
     """
     nm = validate_selection(targets, sparsity, scope, pattern, rounding)
     if score_fn is None:
         from .methods.magnitude import magnitude_scores as score_fn  # the methods build on this module
-    return select_masks_unchecked(targets, sparsity, score_fn, scope, nm, masks, rounding)
+    return select_masks_unchecked(targets, sparsity, score_fn, scope, nm, masks, rounding, counts)
 
 
 def select_masks_unchecked(
@@ -200,10 +214,18 @@ def select_masks_unchecked(
     nm: Optional[tuple[int, int]],
     masks: Optional[Mapping[str, torch.Tensor]] = None,
     rounding: Rounding = "nearest",
+    counts: Optional[Mapping[str, int]] = None,
 ) -> dict[str, torch.Tensor]:
     """:func:`select_masks` for arguments already checked by :func:`validate_selection` (``nm`` is what
-    it returned, None for unstructured): the one-shot pipeline checks once and then selects per block."""
+    it returned, None for unstructured): the one-shot pipeline checks once and then selects per block.
+
+    ``counts`` (per-target budgets such as OWL's) replaces ``sparsity``: target ``t`` prunes exactly
+    ``counts[t.name]`` weights (already-pruned ones included): its lowest scores with scope "layer", or with
+    scope "row" ``k // out`` per row and one more in the first ``k % out`` rows. Not with "global" or N:M."""
     masks = masks or {}
+    if counts is not None and (scope == "global" or nm is not None):
+        raise ValueError(f"per-target counts (layer budgets) work with scope 'layer' or 'row' and unstructured "
+                         f"patterns, got scope={scope!r}, pattern N:M={nm}")
 
     def prepared(t: Target) -> torch.Tensor:
         return _prepared_scores(t, score_fn, masks.get(t.name), nm)
@@ -217,7 +239,9 @@ def select_masks_unchecked(
     else:
         for t in targets:
             scores = prepared(t)
-            if scope == "row":
+            if counts is not None:
+                keep_by_name[t.name] = _drop_count(scores, counts[t.name], scope)
+            elif scope == "row":
                 keep_by_name[t.name] = _drop_lowest_per_row(scores, exact_count(sparsity, t.in_features, rounding))
             else:
                 keep_by_name[t.name] = _drop_lowest(lambda: iter([scores]), exact_count(sparsity, t.numel, rounding))[0]

@@ -321,7 +321,7 @@ class NoStack(nn.Module):
         (tiny_llama, ("wanda", 0.5), {}, ValueError, "calibration data is required"),
         (tiny_llama, ("sparsegpt", 0.5), {"calibration": [torch.zeros(1, 0, dtype=torch.long)]}, ValueError, "no tokens"),
         (NoStack, ("wanda", 0.5), {"calibration": calib()}, ValueError, r"no stack of repeated blocks|has none; use sequential=False"),
-        (tiny_llama, ("pruneit", 0.5), {}, ValueError, r"method must be one of \['magnitude', 'wanda', 'sparsegpt'\]"),
+        (tiny_llama, ("pruneit", 0.5), {}, ValueError, r"method must be one of \['magnitude', 'wanda', 'sparsegpt', 'ria'\]"),
         (tiny_llama, ("wanda", 1.0), {"calibration": calib()}, ValueError, r"sparsity must be in \[0, 1\)"),
         (tiny_llama, ("wanda", 0.5), {"calibration": calib(), "blocksize": 64}, ValueError, r"unknown option\(s\) \['blocksize'\]"),
         (tiny_llama, ("wanda", 0.5), {"calibration": calib(), "scope": "global"}, ValueError, "needs sequential=False"),

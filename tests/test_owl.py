@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from gradprune.methods.owl import exact_counts, outlier_ratio, owl_budgets
+from gradprune import find_targets
 from gradprune.selection import exact_count
 
 
@@ -100,3 +101,66 @@ def test_counts_take_away_when_the_rounding_overshoots():
 def test_bad_input(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# -- OWL in prune_oneshot and the callbacks ---------------------------------------------------------------
+def _calibration():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(0, 128, (2, 16), generator=g) for _ in range(3)]
+
+
+@pytest.mark.parametrize("method, scope", [("wanda", "row"), ("wanda", "layer"), ("ria", "row"), ("sparsegpt", None)])
+def test_oneshot_owl_budgets_are_exact_in_total_and_follow_the_blocks(method, scope):
+    from gradprune import prune_oneshot
+    from gradprune.blocks import group_by_block
+    from tiny_models import tiny_llama
+
+    model = tiny_llama(layers=3)
+    options = {} if scope is None else {"scope": scope}
+    report = prune_oneshot(model, method, 0.6, calibration=_calibration(), allocation="owl", owl_lambda=0.1,
+                           progress=False, **options)
+    total = report["global"]
+    assert total["zeros"] == exact_count(0.6, total["numel"]) and report["allocation"] == "owl"
+    budgets = report["owl_budgets"]
+    assert len(budgets) == 3 and all(0.5 - 1e-12 <= b <= 0.7 + 1e-12 for b in budgets)
+    assert max(budgets) - min(budgets) > 0.05  # the blocks really got different budgets
+    for block, budget in zip(group_by_block(model, find_targets(model)), budgets):
+        for t in block:  # each layer within one weight of its block's budget (largest remainder)
+            assert abs(report["layers"][t.name]["zeros"] - budget * t.numel) <= 1, t.name
+
+
+def test_row_scope_with_counts_spreads_a_layer_budget_exactly_over_rows():
+    from gradprune.selection import select_masks
+
+    layer = torch.nn.Linear(5, 3, bias=False)
+    (target,) = find_targets(torch.nn.Sequential(layer))
+    keep = select_masks([target], 0.5, scope="row", counts={target.name: 7})[target.name]
+    assert (~keep).sum(dim=1).tolist() == [3, 2, 2] and int((~keep).sum()) == 7
+
+
+@pytest.mark.parametrize("args, kwargs, match", [
+    (("magnitude", 0.6), dict(allocation="owl"), r"allocation='owl' ranks blocks by Wanda scores .* 'magnitude'"),
+    (("wanda", 0.6), dict(allocation="owl", owl_lambda=0.5), r"owl_lambda must be in \[0, 0.4\]"),
+    (("wanda", 0.5, "2:4"), dict(allocation="owl"), r"allocation='owl' .* N:M pattern \('2:4'\)"),
+    (("wanda", 0.6), dict(allocation="owl", scope="global", sequential=False), r"use scope 'layer' or 'row', not 'global'"),
+    (("wanda", 0.6), dict(allocation="OWL"), r"allocation must be one of \['uniform', 'owl'\], got 'OWL'"),
+    (("wanda", 0.6), dict(allocation="owl", adaptive=True), r"adaptive=True .* does not combine with allocation='owl'"),
+])
+def test_oneshot_owl_bad_input_changes_nothing(args, kwargs, match):
+    from gradprune import MaskRegistry, prune_oneshot
+    from tiny_models import tiny_llama
+
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        prune_oneshot(model, *args, calibration=_calibration(), **kwargs)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not MaskRegistry.of(model).masks
+
+
+def test_monotone_counts_never_unprune_and_keep_the_total():
+    from gradprune.methods.owl import monotone_counts
+
+    counts = monotone_counts({"a": 10, "b": 30, "c": 20}, {"a": 15, "b": 5, "c": 5})
+    assert counts["a"] == 15 and counts["b"] >= 5 and counts["c"] >= 5 and sum(counts.values()) == 60
+    assert monotone_counts({"a": 10, "b": 30}, {"a": 0, "b": 0}) == {"a": 10, "b": 30}

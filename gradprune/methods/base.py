@@ -24,9 +24,12 @@ STATISTICS = ("none", "channel", "hessian")
 NM = Optional[tuple[int, int]]
 # Per-batch X X^T dtypes of the "hessian" statistics (an option of every Hessian method; sums are float64).
 HESSIAN_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-# Options every method accepts: "reduce" (a callable summing a statistics tensor over data-parallel ranks)
-# and "progress" (progress bars: True, False, or None = only on a terminal).
-COMMON_OPTIONS = {"reduce": None, "progress": None}
+# Options every method accepts: "reduce" (a callable summing a statistics tensor over data-parallel ranks),
+# "progress" (progress bars: True, False, or None = only on a terminal), and the layer budgets: "allocation"
+# ("uniform", or "owl": OWL's outlier-weighted budgets, methods with calibration only) with OWL's
+# "owl_lambda" (half-width of the budget range) and "owl_m" (outlier threshold, times the mean score).
+COMMON_OPTIONS = {"reduce": None, "progress": None, "allocation": "uniform", "owl_lambda": 0.08, "owl_m": 5.0}
+ALLOCATIONS = ("uniform", "owl")
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,7 @@ class Job:
     options: Mapping[str, Any]
     registry: MaskRegistry
     progress: Optional[bool] = None  # progress bars: True, False, or None = only on a terminal
+    counts: Optional[Mapping[str, int]] = None  # per-target prune counts (layer budgets) instead of sparsity
 
     @property
     def hide_progress(self) -> Optional[bool]:
@@ -65,7 +69,7 @@ def prune_by_scores(job: Job, targets: Sequence[Target], stats: Mapping[str, Any
     score = job.method.score
     masks = select_masks_unchecked(
         targets, job.sparsity, lambda t: score(t, stats.get(t.name)), job.options.get("scope", "layer"), job.nm,
-        job.registry.current(targets), rounding,
+        job.registry.current(targets), rounding, job.counts,
     )
     job.registry.update(targets, masks)
 
@@ -108,6 +112,16 @@ class Method:
             check_choice(problems, "scope", options["scope"], SCOPES)
         if options["reduce"] is not None and not callable(options["reduce"]):
             problems.add(f"reduce must be a callable (tensor -> summed tensor) or None, got {options['reduce']!r}")
+        check_choice(problems, "allocation", options["allocation"], ALLOCATIONS)
+        if options["allocation"] == "owl":
+            if self.statistics == "none":
+                problems.add(f"allocation='owl' ranks blocks by Wanda scores of calibration data, which method "
+                             f"{self.name!r} does not collect; use wanda, ria or sparsegpt")
+            if options.get("scope") == "global":
+                problems.add("allocation='owl' gives each layer its own budget: use scope 'layer' or 'row', not 'global'")
+            m = options["owl_m"]
+            if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 < m < float("inf"):
+                problems.add(f"owl_m must be a finite number > 0, got {m!r}")
         return options
 
     def hooks(self, targets: Sequence[Target], options: Mapping[str, Any]) -> ActivationHooks:

@@ -24,12 +24,14 @@ Published: LLaMA-1-7B at 70% unstructured, WikiText-2 perplexity: Wanda 85.8 -> 
 from __future__ import annotations
 
 import math
-from typing import List, Sequence
+from typing import Dict, List, Mapping, Sequence
 
 import torch
 
 from ..selection import exact_count
+from ..targets import Target
 from ..validation import Problems, check_sparsity
+from .wanda import wanda_scores
 
 #: What OWL needs to rank blocks: the Wanda scores of every target (so Wanda's sum of squared inputs).
 STATISTICS = ("sum_sq",)
@@ -82,13 +84,7 @@ def owl_budgets(
     bad_sizes = [n for n in sizes if isinstance(n, bool) or not isinstance(n, int) or n <= 0]
     if bad_sizes:
         problems.add(f"sizes must be positive integers (targeted weights per block), got {bad_sizes!r}")
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or math.isnan(lam):
-        problems.add(f"lam must be a number in [0, min(sparsity, 1 - sparsity)], got {lam!r}")
-    elif isinstance(sparsity, (int, float)) and not isinstance(sparsity, bool) and 0 <= sparsity < 1:
-        limit = min(sparsity, 1 - sparsity)
-        if not 0 <= lam <= limit + 1e-12:  # 1 - 0.9 is 0.09999999999999998 in floats; lam = 0.1 is meant
-            problems.add(f"lam must be in [0, {limit:g}] = [0, min(sparsity, 1 - sparsity)] at sparsity {sparsity!r} "
-                         f"(so every budget stays in [0, 1]), got {lam!r}")
+    check_lambda(problems, lam, sparsity, "lam")
     problems.raise_if_any()
 
     total = sum(sizes)
@@ -165,3 +161,48 @@ def exact_counts(
         if not changed:  # cannot happen: 0 <= goal <= total_weights
             raise RuntimeError("exact_counts could not place the prune counts")
     return counts
+
+
+def check_lambda(problems: Problems, lam: object, sparsity: object, name: str = "owl_lambda") -> None:
+    """``lam`` must lie in [0, min(s, 1 - s)] so that every budget stays in [0, 1]."""
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or math.isnan(lam):
+        problems.add(f"{name} must be a number in [0, min(sparsity, 1 - sparsity)], got {lam!r}")
+    elif isinstance(sparsity, (int, float)) and not isinstance(sparsity, bool) and 0 <= sparsity < 1:
+        limit = min(sparsity, 1 - sparsity)
+        if not 0 <= lam <= limit + 1e-12:  # 1 - 0.9 is 0.09999999999999998 in floats; lam = 0.1 is meant
+            problems.add(f"{name} must be in [0, {limit:g}] = [0, min(sparsity, 1 - sparsity)] at sparsity "
+                         f"{sparsity!r}, got {lam!r}")
+
+
+def owl_target_counts(blocks: Sequence[Sequence[Target]], sum_sq: Mapping[str, torch.Tensor], sparsity: float,
+                      lam: float = DEFAULT_LAMBDA, m: float = DEFAULT_M) -> tuple[Dict[str, int], List[float]]:
+    """OWL end to end: each block's outlier ratio of its Wanda scores (``sum_sq``: Wanda's statistic per
+    target), the budgets, and exact per-target prune counts. Returns (counts by target name, block budgets)."""
+    ratios = [outlier_ratio([wanda_scores(t.out_in(t.weight), sum_sq[t.name]) for t in block], m) for block in blocks]
+    sizes = [sum(t.numel for t in block) for block in blocks]
+    budgets = owl_budgets(ratios, sizes, sparsity, lam)
+    counts = exact_counts(budgets, [[t.numel for t in block] for block in blocks], sparsity)
+    return {t.name: k for block, ks in zip(blocks, counts) for t, k in zip(block, ks)}, budgets
+
+
+def monotone_counts(desired: Mapping[str, int], current: Mapping[str, int]) -> Dict[str, int]:
+    """Counts that never go below what a target has already pruned (masks only grow), with the same total
+    as ``desired`` where that is possible: targets raised to their current count are paid for by the others,
+    in proportion to how far each is above its own current count (largest remainder, ties to the earlier)."""
+    counts = {name: max(k, current.get(name, 0)) for name, k in desired.items()}
+    excess = sum(counts.values()) - sum(desired.values())
+    room = {name: counts[name] - current.get(name, 0) for name in counts}
+    total_room = sum(room.values())
+    if excess <= 0 or total_room == 0:
+        return counts
+    excess = min(excess, total_room)
+    shares = {name: excess * r / total_room for name, r in room.items()}
+    taken = {name: min(room[name], math.floor(share)) for name, share in shares.items()}
+    left = excess - sum(taken.values())
+    for name in sorted(counts, key=lambda n: -(shares[n] - taken[n])):  # stable: ties keep the earlier target
+        if left == 0:
+            break
+        if taken[name] < room[name]:
+            taken[name] += 1
+            left -= 1
+    return {name: counts[name] - taken[name] for name in counts}

@@ -74,7 +74,7 @@ def prune_ria(job: Job, targets: Sequence[Target], stats: Mapping[str, ChannelSt
     a = job.options["a"]
     masks = select_masks_unchecked(
         targets, job.sparsity, lambda t: t.stored(ria_scores(t.out_in(t.weight), stats[t.name].l2_sq, a)),
-        job.options["scope"], job.nm, job.registry.current(targets),
+        job.options["scope"], job.nm, job.registry.current(targets), counts=job.counts,
     )
     job.registry.update(targets, masks)
 

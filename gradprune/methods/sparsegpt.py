@@ -109,8 +109,10 @@ def prune_sparsegpt(job: Job, targets: Sequence[Target], stats: MutableMapping[s
     Hessian is freed as soon as it is used."""
     current = job.registry.current(targets)
     for t in tqdm(targets, desc="sparsegpt layers", leave=False, disable=job.hide_progress):
+        # a layer budget k gives sparsity k / numel, which exact_count turns back into exactly k
+        sparsity = job.sparsity if job.counts is None else job.counts[t.name] / t.numel
         new_weight, keep = sparsegpt_prune(
-            t.out_in(t.weight), stats[t.name].hessian(), job.sparsity, job.nm, job.options["blocksize"],
+            t.out_in(t.weight), stats[t.name].hessian(), sparsity, job.nm, job.options["blocksize"],
             job.options["percdamp"], t.out_in(current[t.name]) if t.name in current else None,
         )
         with torch.no_grad():

@@ -81,6 +81,8 @@ def _check(problems: Problems, options: Mapping[str, Any], nm: NM, pattern: str)
         problems.add(f"adaptive must be True or False, got {options['adaptive']!r}")
     if options["adaptive"] and nm is not None:
         problems.add(f"adaptive=True (Wanda's adaptive variant) works only with pattern='unstructured', got {pattern!r}")
+    if options["adaptive"] and options["allocation"] == "owl":
+        problems.add("adaptive=True finds its own per-row counts: it does not combine with allocation='owl'")
     if options["adaptive"] and options["scope"] != "row":
         problems.add(f"adaptive=True is a per-row rule: use scope='row', got scope={options['scope']!r}")
 
