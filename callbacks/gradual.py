@@ -27,6 +27,8 @@ import lightning.pytorch as pl
 from gradprune.schedules import SCHEDULE_KINDS, SparsitySchedule
 from gradprune.scorers import get_scorer, scorer_names
 from gradprune.selection import select_masks, validate_selection
+from gradprune.blocks import group_by_block
+from gradprune.methods.owl import check_lambda, monotone_counts, owl_target_counts
 from gradprune.statistics import ActivationWindow, SaliencyAccumulator
 from gradprune.targets import Target, find_targets
 from gradprune.validation import Problems, check_choice, check_pattern, check_sparsity
@@ -60,6 +62,11 @@ class GradualPruningCallback(PruningCallback):
         exponent: power of the cubic schedule, rate of the exponential one.
         stat_batches: for activation scorers, how many training micro-batches before each event the
             input statistics are collected over.
+        allocation: "uniform" (every layer, row or the whole model at the schedule's sparsity), or "owl":
+            at every event OWL's outlier-weighted budgets per decoder block, within
+            [s - owl_lambda, s + owl_lambda] of the event's target s (lambda shrinks to min(s, 1 - s) early
+            in the ramp), exact in total, never un-pruning; needs an activation scorer and scope layer/row.
+        owl_lambda: half-width of OWL's budget range at the final sparsity, in [0, min(s, 1 - s)].
     """
 
     def __init__(
@@ -77,6 +84,8 @@ class GradualPruningCallback(PruningCallback):
         scorer: str = "magnitude",
         exponent: float = 3.0,
         stat_batches: int = 8,
+        allocation: Literal["uniform", "owl"] = "uniform",
+        owl_lambda: float = 0.08,
     ) -> None:
         super().__init__()
         problems = Problems()
@@ -90,6 +99,15 @@ class GradualPruningCallback(PruningCallback):
         if isinstance(end_step, float) and not 0.0 < end_step <= 1.0:
             problems.add(f"end_step as a float is a fraction of the run and must be in (0, 1], got {end_step!r}")
         check_pattern(problems, pattern, "final_sparsity", final_sparsity)
+        check_choice(problems, "allocation", allocation, ("uniform", "owl"))
+        if allocation == "owl":
+            check_lambda(problems, owl_lambda, final_sparsity)
+            if scorer in scorer_names() and get_scorer(scorer).needs != "activations":
+                problems.add(f"allocation='owl' ranks blocks by the Wanda scores of the activation window: use an "
+                             f"activation scorer ('ria', 'wanda'), got scorer={scorer!r}")
+            if scope == "global" or pattern != "unstructured":
+                problems.add(f"allocation='owl' gives each layer its own budget: use scope 'layer' or 'row' and "
+                             f"pattern 'unstructured', got scope={scope!r}, pattern={pattern!r}")
         problems.raise_if_any()
         # Check the remaining schedule arguments now (end_step may still be a fraction of the run).
         SparsitySchedule(
@@ -109,6 +127,8 @@ class GradualPruningCallback(PruningCallback):
         self.scorer = scorer
         self.exponent = exponent
         self.stat_batches = stat_batches
+        self.allocation = allocation
+        self.owl_lambda = owl_lambda
         # resumable state
         self.resolved_end_step: Optional[int] = None
         self.base_sparsity: Optional[float] = None  # the schedule's effective initial sparsity
@@ -253,7 +273,9 @@ class GradualPruningCallback(PruningCallback):
         if step == self.start_step and target <= self.base_sparsity:
             new = None  # the ramp starts where the model already is: nothing to prune or to score
         else:
-            new = select_masks(self._targets, target, self._score_fn(trainer), self.scope, self.pattern, masks)
+            score = self._score_fn(trainer)
+            counts = self._owl_counts(pl_module, target, masks) if self.allocation == "owl" else None
+            new = select_masks(self._targets, target, score, self.scope, self.pattern, masks, counts=counts)
         if self._statistics is not None:
             self._statistics.reset()
         if new is not None:
@@ -263,6 +285,17 @@ class GradualPruningCallback(PruningCallback):
         log.info("step %d: pruned to %.4f sparsity (target %.4f)", step, achieved, target)
         pl_module.log("sparsity/target", target, on_step=True, on_epoch=False, sync_dist=False)
         pl_module.log("sparsity/achieved", achieved, on_step=True, on_epoch=False, sync_dist=False)
+
+    def _owl_counts(self, pl_module: pl.LightningModule, target: float, masks: dict) -> dict:
+        """Per-target prune counts from OWL's budgets at this event's target (statistics of the window),
+        raised where a layer has already pruned more (masks only grow), exact in total."""
+        window = self._statistics
+        sum_sq = {t.name: window.sum_sq(t.name) for t in self._targets}
+        lam = min(self.owl_lambda, target, 1.0 - target)
+        desired, budgets = owl_target_counts(group_by_block(pl_module, self._targets), sum_sq, target, lam)
+        log.info("OWL budgets at sparsity %.4f: %s", target, [round(b, 4) for b in budgets])
+        current = {name: int(mask.numel() - mask.sum()) for name, mask in masks.items()}
+        return monotone_counts(desired, current)
 
     def _score_fn(self, trainer: pl.Trainer):
         """``score(target)`` for select_masks, from the scorer and the statistics it asked for."""

@@ -322,3 +322,45 @@ def test_activation_scorer_names_a_target_that_never_runs(tmp_path):
     with pytest.raises(RuntimeError, match=r"saw no input in forward .*'idle'"):
         trainer(tmp_path, max_steps=4, callbacks=[gradual]).fit(module, token_loader())
     assert no_hooks_left(module)
+
+
+# -- OWL budgets at every event ------------------------------------------------------------------------------
+class MasksAtEvents(Callback):
+    def __init__(self, gradual):
+        self.gradual, self.masks = gradual, {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.gradual.last_event_step == trainer.global_step and trainer.global_step not in self.masks:
+            self.masks[trainer.global_step] = {k: v.clone() for k, v in MaskRegistry.of(pl_module).masks.items()}
+
+
+@pytest.mark.parametrize("scope", ["row", "layer"])
+def test_gradual_owl_is_exact_at_every_event_and_monotone(tmp_path, scope):
+    module = tiny_module()
+    gradual = GradualPruningCallback(0.6, start_step=2, end_step=10, every=4, scope=scope, scorer="wanda",
+                                     stat_batches=2, allocation="owl", owl_lambda=0.1)
+    counts, at_events = EventCounts(gradual), MasksAtEvents(gradual)
+    trainer(tmp_path, max_steps=12, callbacks=[gradual, counts, at_events]).fit(module, token_loader())
+    for step, report in counts.events.items():
+        assert report["global"]["zeros"] == exact_count(gradual.schedule.sparsity_at(step), report["global"]["numel"])
+    final = counts.events[10]["layers"]
+    blocks = [[n for n in final if f".layers.{i}." in n] for i in (0, 1)]
+    block_sparsity = [sum(final[n]["zeros"] for n in b) / sum(final[n]["numel"] for n in b) for b in blocks]
+    assert abs(block_sparsity[0] - block_sparsity[1]) > 0.01  # OWL gave the blocks different budgets
+    assert all(0.5 - 1e-3 <= s <= 0.7 + 1e-3 for s in block_sparsity)
+    steps = sorted(at_events.masks)
+    for before, after in zip(steps, steps[1:]):  # pruned weights stay pruned from one event to the next
+        earlier = at_events.masks[before]  # targets without a mask yet had nothing pruned
+        assert all(not (mask & ~earlier[n]).any() for n, mask in at_events.masks[after].items() if n in earlier)
+    assert no_hooks_left(module)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(allocation="owl"), r"allocation='owl' .* activation scorer .* got scorer='magnitude'"),
+    (dict(allocation="owl", scorer="wanda", owl_lambda=0.6), r"owl_lambda must be in \[0, 0.5\]"),
+    (dict(allocation="owl", scorer="wanda", scope="global"), r"use scope 'layer' or 'row' .* got scope='global'"),
+    (dict(allocation="best"), r"allocation must be one of \['uniform', 'owl'\], got 'best'"),
+])
+def test_gradual_owl_bad_input(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GradualPruningCallback(0.5, **kwargs)
