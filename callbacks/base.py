@@ -13,6 +13,11 @@ real optimizer steps fire it under gradient accumulation).
 Several pruning callbacks may be used together: they share the registry of the LightningModule
 (:meth:`gradprune.MaskRegistry.of`), each saves the registry's masks under its own state key, and loading
 any of them restores the same masks.
+
+Strategies: every rank must hold the whole model (a single device, or DDP and its spawn / fork variants).
+Strategies that shard the weights or the optimizer (FSDP, DeepSpeed, Lightning's ModelParallelStrategy)
+are refused when fit sets up, before anything is pruned: a mask chosen from one rank's shard is not the
+model's mask (see :func:`check_strategy`).
 """
 from __future__ import annotations
 
@@ -21,10 +26,39 @@ from typing import Any, Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import (DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy,
+                                          SingleDeviceStrategy, Strategy)
 
 from gradprune.masks import MaskRegistry, clips_live_gradients
 
 log = logging.getLogger(__name__)
+
+
+_SHARDING = (
+    (DeepSpeedStrategy, "DeepSpeed partitions the optimizer state (ZeRO 1/2) or the weights (ZeRO 3) and runs its own optimizer step"),
+    (FSDPStrategy, "FSDP shards every weight across ranks"),
+    (ModelParallelStrategy, "it shards weights across ranks (FSDP2 / tensor parallelism)"),
+)
+
+
+def check_strategy(strategy: Strategy, owner: str = "pruning") -> None:
+    """Raise ValueError unless every rank of ``strategy`` holds the whole model: a single device or
+    :class:`DDPStrategy` (``ddp``, ``ddp_spawn``, ``ddp_fork``, ...). A sharded strategy would have each
+    rank score and mask only its shard, so it is refused rather than pruned wrongly."""
+    name = type(strategy).__name__
+    for kind, why in _SHARDING:
+        if isinstance(strategy, kind):
+            break
+    else:
+        if isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+            return
+        why = "it is not one the pruning callbacks are tested with"
+    raise ValueError(
+        f"{owner} does not support strategy {name}: {why}, so masks chosen on one rank would not be the "
+        f"model's. Use strategy='ddp' (or 'ddp_spawn'; every rank holds the whole model, statistics are "
+        f"all-reduced and every rank gets the same masks) or a single device; FSDP2 support is planned "
+        f"(README, design notes)"
+    )
 
 
 class PruningCallback(Callback):
@@ -42,6 +76,10 @@ class PruningCallback(Callback):
     def registry(self, pl_module: pl.LightningModule) -> MaskRegistry:
         self._registry = MaskRegistry.of(pl_module)
         return self._registry
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":  # before any callback's on_fit_start (where one-shot pruning and resumed masks happen)
+            check_strategy(trainer.strategy, type(self).__name__)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         registry = self.registry(pl_module)

@@ -23,6 +23,7 @@ import logging
 from typing import List, Literal, Optional, Union
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_warn
 
 from gradprune.schedules import SCHEDULE_KINDS, SparsitySchedule
 from gradprune.scorers import get_scorer, scorer_names
@@ -169,9 +170,7 @@ class GradualPruningCallback(PruningCallback):
                 f"scorer {self.scorer!r} ranks by {needs} seen in training, but initial_sparsity "
                 f"{self.initial_sparsity} is due at step 0, before any batch: set start_step >= 1"
             )
-        end_step = self.resolved_end_step  # a resumed run keeps the end step it started with
-        if end_step is None:
-            end_step = self._resolve_end_step(trainer)
+        end_step = self._resolve_end_step(trainer)  # a resumed run keeps the end step it started with
         # all checks passed: only now does the callback's state change
         self._targets, self.resolved_end_step = targets, end_step
         self._statistics = {"activations": ActivationWindow, "gradients": SaliencyAccumulator}.get(needs, lambda t: None)(targets)
@@ -181,17 +180,30 @@ class GradualPruningCallback(PruningCallback):
         super().on_fit_start(trainer, pl_module)
 
     def _resolve_end_step(self, trainer: pl.Trainer) -> int:
+        """The schedule's last step: from the checkpoint when resuming, else resolved against this run.
+
+        A run shorter than the schedule is allowed with a warning: a staged run (stop after some epochs,
+        resume from the last checkpoint with a larger max_epochs / max_steps) continues the schedule where
+        it stopped, and the warning comes again while the budget still ends before end_step."""
         total = trainer.estimated_stepping_batches
-        if isinstance(self.end_step, float):
+        if self.resolved_end_step is not None:
+            end = self.resolved_end_step
+        elif isinstance(self.end_step, float):
             if total == float("inf"):
                 raise ValueError("end_step given as a fraction needs a finite run: set max_steps or max_epochs")
             end = max(self.start_step + 1, round(self.end_step * total))
         else:
             end = self.end_step
         if total != float("inf") and end > total:
-            raise ValueError(
-                f"end_step ({end}) is beyond the run's total optimizer steps ({int(total)}): the schedule would "
-                "never reach final_sparsity; lower end_step or train longer"
+            total = int(total)
+            reached = "no pruning event" if total < self.start_step else (
+                f"the event at step {self.start_step + (total - self.start_step) // self.every * self.every} as the "
+                f"last one, short of final_sparsity {self.final_sparsity}")
+            rank_zero_warn(
+                f"end_step ({end}) is beyond this run's total optimizer steps ({total}): this run will apply "
+                f"{reached}. To run in stages, resume from this run's last checkpoint with a larger max_epochs / "
+                "max_steps and the schedule continues where it stopped; otherwise lower end_step or train longer",
+                category=UserWarning,
             )
         if end <= self.start_step:
             raise ValueError(f"end_step ({end}) must be greater than start_step ({self.start_step})")

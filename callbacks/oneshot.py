@@ -11,15 +11,26 @@ Calibration: ``trainer.datamodule.calibration_batches(nsamples, seqlen)`` when t
 otherwise the first training batches (``nsamples`` sequences, cut to ``seqlen`` tokens). Under DDP each
 rank calibrates on its share (every world_size-th window of the datamodule's; the first batches of its
 own part of the training data) and the statistics are summed over ranks before any mask is chosen, so
-every rank gets the same masks, those of all the calibration data together.
+every rank gets the same masks, those of all the calibration data together. The windows need not divide
+evenly (a rank may get one more). A rank left with none (fewer windows than ranks, or a data loader that
+gave this rank nothing) does not stall the others: the ranks first exchange how many batches each holds;
+if any has none, the batches are pooled and dealt out again, and with fewer batches than ranks every rank
+runs them all and takes rank 0's statistics. No batch on any rank is an error on every rank.
+
+Modules without ``forward(input_ids)`` (a LightningModule holding ``self.model`` and calling it in
+``training_step``): calibration batches run through the causal LM found inside
+(:func:`gradprune.blocks.find_causal_lm`), or the one named by ``lm``.
 """
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
 
+from gradprune.blocks import find_causal_lm
 from gradprune.calibration import as_batches
 from gradprune.oneshot import check_arguments, prune_oneshot, report_json
 from gradprune.validation import Problems
@@ -49,6 +60,9 @@ class OneShotPruningCallback(PruningCallback):
             (per decoder block within [sparsity - owl_lambda, sparsity + owl_lambda], exact total; calibrated
             methods, unstructured only).
         owl_lambda: half-width of OWL's budget range, in [0, min(sparsity, 1 - sparsity)].
+        lm: dotted name of the causal LM inside the LightningModule that calibration batches are run
+            through (e.g. "model"); default: the module itself if its forward takes input_ids, else the
+            submodule that owns the decoder blocks (or the one child whose forward takes input_ids).
     """
 
     method: str = ""
@@ -64,6 +78,7 @@ class OneShotPruningCallback(PruningCallback):
         exclude: Union[str, list[str], None] = None,
         allocation: Literal["uniform", "owl"] = "uniform",
         owl_lambda: float = 0.08,
+        lm: Optional[str] = None,
         **method_options: Any,
     ) -> None:
         super().__init__()
@@ -71,6 +86,8 @@ class OneShotPruningCallback(PruningCallback):
         for name, value in (("nsamples", nsamples), ("seqlen", seqlen)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 problems.add(f"{name} must be a positive integer, got {value!r}")
+        if lm is not None and (not isinstance(lm, str) or not lm):
+            problems.add(f"lm must be the dotted name of the causal LM inside the LightningModule (e.g. 'model') or None, got {lm!r}")
         problems.raise_if_any()
         method_options = {**method_options, "allocation": allocation, "owl_lambda": owl_lambda}
         check_arguments(self.method, sparsity, pattern, sequential, **method_options)
@@ -81,9 +98,11 @@ class OneShotPruningCallback(PruningCallback):
         self.sequential = sequential
         self.include = include
         self.exclude = exclude
+        self.lm = lm
         self.method_options = method_options
         self.done = False
         self.report: Optional[dict] = None
+        self._combine: Optional[Callable[[torch.Tensor], torch.Tensor]] = None  # set by calibration()
 
     @property
     def state_key(self) -> str:
@@ -99,16 +118,15 @@ class OneShotPruningCallback(PruningCallback):
 
     # -- calibration ----------------------------------------------------------------------------------
     def calibration(self, trainer: pl.Trainer) -> list:
-        """Calibration batches: the datamodule's ``calibration_batches`` or the first training batches."""
+        """This rank's calibration batches: its share of the datamodule's ``calibration_batches`` or of the
+        first training batches (see the module notes for DDP). Sets how statistics are combined over ranks."""
         datamodule = getattr(trainer, "datamodule", None)
         if datamodule is not None and callable(getattr(datamodule, "calibration_batches", None)):
-            windows = list(datamodule.calibration_batches(self.nsamples, self.seqlen))
-            if trainer.world_size > 1 and len(windows) >= trainer.world_size:
-                # every rank draws the same seeded windows: each calibrates on its share, and the summed
-                # statistics are those of all the windows
-                windows = windows[trainer.global_rank :: trainer.world_size]
-            return windows
-        return self._first_train_batches(trainer)  # under DDP each rank reads its own part of the data
+            windows, same_on_every_rank = list(datamodule.calibration_batches(self.nsamples, self.seqlen)), True
+        else:
+            windows, same_on_every_rank = self._first_train_batches(trainer), False  # each rank its own data
+        batches, self._combine = spread_over_ranks(trainer, windows, same_on_every_rank, type(self).__name__)
+        return batches
 
     def _first_train_batches(self, trainer: pl.Trainer) -> list:
         trainer.fit_loop.setup_data()  # Lightning sets the train dataloader up after fit start; now it is ready
@@ -138,18 +156,76 @@ class OneShotPruningCallback(PruningCallback):
         if self.done:
             log.info("%s: already pruned (restored from the checkpoint); not pruning again", type(self).__name__)
             return
-        calibration = self.calibration(trainer) if self.method != "magnitude" else None
+        calibrated = self.method != "magnitude"
+        if calibrated:  # a module with nothing to run the batches through fails here, before any data is read
+            find_causal_lm(pl_module, self.lm)
+        self._combine = None
+        calibration = self.calibration(trainer) if calibrated else None
         options = dict(self.method_options)
-        if trainer.world_size > 1 and self.method != "magnitude":
-            options["reduce"] = lambda t: trainer.strategy.reduce(t, reduce_op="sum")
+        if calibrated and self._combine is not None:
+            options["reduce"] = self._combine
         options.setdefault("progress", None if trainer.is_global_zero else False)
         report = prune_oneshot(pl_module, self.method, self.sparsity, self.pattern, calibration,
-                               sequential=self.sequential, include=self.include, exclude=self.exclude, **options)
+                               sequential=self.sequential, include=self.include, exclude=self.exclude,
+                               lm=self.lm if calibrated else None, **options)
         self.done = True
         self.report = report_json(report)
         if trainer.is_global_zero:
             log.info("%s: pruned %d layers to global sparsity %.4f (calibration %.1fs, pruning %.1fs)", type(self).__name__,
                      len(report["layers"]), report["global"]["sparsity"], report["time"]["calibration_s"], report["time"]["pruning_s"])
+
+
+def spread_over_ranks(trainer: pl.Trainer, batches: list, same_on_every_rank: bool,
+                      owner: str = "calibration") -> tuple[list, Optional[Callable[[torch.Tensor], torch.Tensor]]]:
+    """This rank's share of the calibration ``batches`` and how to combine statistics over ranks.
+
+    ``same_on_every_rank``: every rank holds the same list (seeded windows), so rank r takes every
+    world_size-th from r; otherwise each rank holds its own part. Returns (batches, combine): combine is
+    None on one process, a sum over ranks when every rank calibrates on its own batches, or rank 0's
+    statistics broadcast when every rank runs the same batches (fewer batches than ranks). Every rank
+    makes the same decision (the batch counts are exchanged first), so none waits on a collective the
+    others skip; no batch anywhere raises ValueError on every rank.
+    """
+    world, rank = trainer.world_size, trainer.global_rank
+    if world == 1:
+        return batches, None
+    strategy = trainer.strategy
+    counts = [int(c) for c in strategy.all_gather(torch.tensor([len(batches)], device=strategy.root_device)).reshape(-1).tolist()]
+    if same_on_every_rank and len(set(counts)) == 1:
+        pooled = batches
+    elif min(counts) > 0:
+        return batches, _sum_over_ranks(strategy)  # every rank has its own part: sum the statistics
+    else:  # some rank got nothing: pool all the batches and deal them out again
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, _on_cpu(batches))
+        pooled = [b for part in gathered for b in part]
+        log.info("%s: rank batch counts %s; pooled %d batches and dealt them out again", owner, counts, len(pooled))
+    if not pooled:
+        raise ValueError(f"{owner}: no rank got a calibration batch (counts per rank {counts}); give the datamodule "
+                         f"a calibration_batches(nsamples, seqlen) method that returns windows, or a non-empty train dataloader")
+    if len(pooled) >= world:
+        return pooled[rank::world], _sum_over_ranks(strategy)
+    # fewer batches than ranks: every rank runs all of them and uses rank 0's statistics (exactly one pass's)
+    return pooled, _from_rank_zero
+
+
+def _on_cpu(item: Any) -> Any:
+    if isinstance(item, torch.Tensor):
+        return item.cpu()
+    if isinstance(item, dict):
+        return {k: _on_cpu(v) for k, v in item.items()}
+    if isinstance(item, (list, tuple)):
+        return type(item)(_on_cpu(v) for v in item)
+    return item
+
+
+def _sum_over_ranks(strategy) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda t: strategy.reduce(t, reduce_op="sum")
+
+
+def _from_rank_zero(tensor: torch.Tensor) -> torch.Tensor:
+    dist.broadcast(tensor, src=0)
+    return tensor
 
 
 class MagnitudePruningCallback(OneShotPruningCallback):

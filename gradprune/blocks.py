@@ -11,13 +11,18 @@ form the model built, ``position_ids``, rotary ``position_embeddings`` in curren
 The KV cache is switched off: ``use_cache=False`` and no ``past_key_values`` (a cache shared by repeated
 block calls would corrupt the outputs). :func:`run_block` then calls any block with those arguments and
 the hidden states of the previous block.
+
+:func:`find_causal_lm` says what calibration batches are run through: the model itself when its forward
+takes ``input_ids``, otherwise (a LightningModule that only holds the LM, with ``training_step`` calling
+``self.model(...)``) the outermost submodule on the path to the block stack whose forward takes
+``input_ids``, or the one child that has such a forward.
 """
 from __future__ import annotations
 
 import inspect
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -28,6 +33,7 @@ log = logging.getLogger(__name__)
 
 _CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
 _HIDDEN = "hidden_states"
+_FRAMEWORKS = ("lightning", "pytorch_lightning")  # whose base-class forward is a stub
 
 
 @dataclass
@@ -77,6 +83,71 @@ def _accepts(fn: Any, name: str) -> bool:
     except (TypeError, ValueError):
         return False
     return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def takes_input_ids(module: nn.Module) -> bool:
+    """Whether ``module(input_ids=...)`` can be called: its forward names ``input_ids`` or takes ``**kwargs``
+    (``nn.Module``'s unimplemented forward does neither; a LightningModule's inherited ``forward(*args,
+    **kwargs)`` only raises, so it does not count)."""
+    if "forward" not in module.__dict__:  # an instance attribute counts as the module's own forward
+        owner = next((c for c in type(module).__mro__ if "forward" in c.__dict__), nn.Module)
+        if owner is nn.Module or owner.__module__.split(".")[0] in _FRAMEWORKS:
+            return False
+    return _accepts(module.forward, "input_ids")
+
+
+def find_causal_lm(model: nn.Module, lm: Union[str, nn.Module, None] = None) -> nn.Module:
+    """The module to run calibration batches through (``module(input_ids=..., attention_mask=...)``).
+
+    Args:
+        model: the model being pruned, e.g. a LightningModule holding a Hugging Face causal LM.
+        lm: None to find it; or the LM's dotted attribute name inside ``model`` (``"model"``), or the
+            submodule itself.
+
+    Found as: ``model`` itself when its forward takes ``input_ids``; else the outermost module on the path
+    to the decoder-block stack (:func:`find_block_stack`) whose forward takes ``input_ids`` (the causal LM
+    that owns the blocks); else the only child of ``model`` with such a forward. Raises ValueError saying
+    what to define when nothing fits, or when ``lm`` names no suitable submodule.
+    """
+    owner = type(model).__name__
+    if lm is not None:
+        if isinstance(lm, nn.Module):
+            if not any(m is lm for m in model.modules()):
+                raise ValueError(f"lm must be a submodule of the {owner} being pruned, got a {type(lm).__name__} outside it")
+            found, label = lm, type(lm).__name__
+        elif isinstance(lm, str) and lm:
+            try:
+                found = model.get_submodule(lm)
+            except AttributeError:
+                children = [name for name, _ in model.named_children()]
+                raise ValueError(f"lm={lm!r}: {owner} has no submodule of that name; its children are {children}") from None
+            label = f"{lm!r}"
+        else:
+            raise TypeError(f"lm must be the dotted name of a submodule (e.g. 'model') or an nn.Module, got {lm!r}")
+        if not takes_input_ids(found):
+            raise ValueError(f"lm={label}: its forward does not take input_ids; name the causal LM itself "
+                             f"(the module whose forward(input_ids, attention_mask) returns logits)")
+        return found
+    if takes_input_ids(model):
+        return model
+    stack = find_block_stack(model)
+    if stack is not None and stack.name:
+        parts = stack.name.split(".")
+        for depth in range(1, len(parts)):
+            candidate = model.get_submodule(".".join(parts[:depth]))
+            if takes_input_ids(candidate):
+                return candidate
+    children = [child for _, child in model.named_children() if takes_input_ids(child)]
+    if len(children) == 1:
+        return children[0]
+    found = [name for name, child in model.named_children() if takes_input_ids(child)]
+    raise ValueError(
+        f"cannot find the causal LM inside {owner}: it has no forward(input_ids, attention_mask=None), "
+        + (f"and several children could be it: {found}; " if found else "no submodule that owns a stack of decoder "
+           "blocks and takes input_ids, and no child whose forward takes input_ids; ")
+        + "define forward(self, input_ids, attention_mask=None) returning the logits, or name the model with lm='model' "
+        "(the attribute that holds it)"
+    )
 
 
 def call_model(model: nn.Module, batch: dict, device: torch.device) -> Any:

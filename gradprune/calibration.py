@@ -331,14 +331,15 @@ def collect_activation_stats(model: nn.Module, calibration: Any, targets: Option
     The metrics people ask for when choosing what to remove: per input channel ``l2_sq``, ``mean``,
     ``variance`` and ``near_zero_fraction`` of each target's inputs, padding excluded.
     """
-    from .blocks import call_model
+    from .blocks import call_model, find_causal_lm
     from .targets import find_targets
 
     targets = list(targets) if targets is not None else find_targets(model)
     batches = as_batches(calibration)
+    runner = find_causal_lm(model)
     with eval_mode(model), ActivationHooks(targets, near_zero_eps=near_zero_eps) as hooks:
         device = targets[0].weight.device
         for batch in batches:
             hooks.tokens(batch["attention_mask"])
-            call_model(model, batch, device)
+            call_model(runner, batch, device)
     return hooks.stats

@@ -14,12 +14,14 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 from torch import nn
 from tqdm.auto import tqdm
 
-from .blocks import BlockInputs, BlockStack, call_model, capture_block_inputs, find_block_stack, group_by_block, run_block
+from .blocks import (
+    BlockInputs, BlockStack, call_model, capture_block_inputs, find_block_stack, find_causal_lm, group_by_block, run_block,
+)
 from .calibration import ActivationHooks, as_batches, count_samples, count_tokens, eval_mode
 from .masks import MaskRegistry
 from .methods import METHODS as _REGISTRY
@@ -46,6 +48,7 @@ class Plan:
     sequential: bool
     stack: Optional[BlockStack]  # the block stack of sequential mode, else None
     batches: list  # calibration batches (empty for a method without statistics)
+    runner: Optional[nn.Module] = None  # what calibration batches are run through (find_causal_lm)
 
     @property
     def calibrated(self) -> bool:
@@ -83,7 +86,7 @@ def _check_arguments(problems: Problems, method: Any, sparsity: Any, pattern: An
     return entry, options, nm
 
 
-def _plan(model, method, sparsity, pattern, calibration, sequential, include, exclude, method_options) -> Plan:
+def _plan(model, method, sparsity, pattern, calibration, sequential, include, exclude, method_options, lm=None) -> Plan:
     """Check every argument and the model; nothing is changed."""
     problems = Problems()
     if not isinstance(model, nn.Module):
@@ -92,6 +95,7 @@ def _plan(model, method, sparsity, pattern, calibration, sequential, include, ex
     calibrated = entry.statistics != "none"
 
     targets = find_targets(model, include, exclude)
+    runner = find_causal_lm(model, lm) if calibrated else None
     stack = None
     if calibrated and sequential:
         stack = find_block_stack(model)
@@ -114,7 +118,7 @@ def _plan(model, method, sparsity, pattern, calibration, sequential, include, ex
     if not calibrated and calibration is not None:
         log.info("%s pruning needs no calibration data; ignoring it", entry.name)
     job = Job(entry, sparsity, pattern, nm, options, MaskRegistry.of(model), options["progress"])
-    return Plan(job, targets, sequential and calibrated, stack, batches)
+    return Plan(job, targets, sequential and calibrated, stack, batches, runner)
 
 
 # -- running a plan ------------------------------------------------------------------------------------------
@@ -157,7 +161,7 @@ def _sequential(model: nn.Module, plan: Plan, timer: Timer) -> None:
     """Block by block: each block is calibrated on the outputs of the already-pruned blocks before it."""
     stack, job = plan.stack, replace(plan.job, progress=False)  # the blocks' bar is the progress shown
     with timer("calibration"):
-        inputs = capture_block_inputs(model, stack, plan.batches, plan.targets[0].weight.device)
+        inputs = capture_block_inputs(plan.runner, stack, plan.batches, plan.targets[0].weight.device)
     last = len(stack.blocks) - 1
     for index, block in enumerate(tqdm(stack.blocks, desc=f"{job.method.name} blocks", disable=plan.job.hide_progress)):
         block_targets = stack.targets_of(index, plan.targets)
@@ -175,7 +179,7 @@ def _owl_counts(model: nn.Module, plan: Plan, timer: Timer) -> tuple[dict, list]
         with ActivationHooks(plan.targets, l2_only=True) as hooks:
             for batch in tqdm(plan.batches, desc="OWL outlier ratios", disable=plan.job.hide_progress):
                 hooks.tokens(batch["attention_mask"])
-                call_model(model, batch, device)
+                call_model(plan.runner, batch, device)
         if plan.job.options["reduce"] is not None:
             hooks.reduce_(plan.job.options["reduce"])
     options = plan.job.options
@@ -191,7 +195,7 @@ def _whole_model(model: nn.Module, plan: Plan, timer: Timer) -> None:
     def feed(hooks: ActivationHooks) -> None:
         for batch in tqdm(plan.batches, desc="calibration", disable=plan.job.hide_progress):
             hooks.tokens(batch["attention_mask"])
-            call_model(model, batch, device)
+            call_model(plan.runner, batch, device)
 
     _calibrate_and_prune(plan.job, plan.targets, feed, timer)
 
@@ -205,6 +209,7 @@ def prune_oneshot(
     sequential: bool = True,
     include: Selector = None,
     exclude: Selector = None,
+    lm: Union[str, nn.Module, None] = None,
     **method_options: Any,
 ) -> dict:
     """Prune ``model`` in place, once, with ``method`` ("magnitude", "wanda", "sparsegpt" or "ria": the names in
@@ -222,6 +227,10 @@ def prune_oneshot(
             whole model, then prune everything (any architecture).
         include, exclude: target selection, as in :func:`gradprune.find_targets`. In sequential mode the
             default targets are the layers inside the block stack.
+        lm: what calibration batches are run through: None = ``model`` when its forward takes
+            ``input_ids``, else the causal LM found inside it (:func:`gradprune.blocks.find_causal_lm`: the
+            module owning the decoder blocks, or the one child with such a forward); or its dotted name
+            inside ``model`` (``"model"``). Target names and masks stay relative to ``model``.
         method_options: magnitude: ``scope`` ("layer"); wanda: ``scope`` ("row"), ``adaptive`` (False),
             ``alpha_tolerance`` (0.001); sparsegpt: ``blocksize`` (128), ``percdamp`` (0.01),
             ``hessian_dtype`` ("float32" or "float64" per-batch products; sums are float64); ria: ``scope``
@@ -237,9 +246,10 @@ def prune_oneshot(
         (keep-masks by target name; drop them with :func:`report_json` before serialising).
 
     Raises ValueError/TypeError, before anything is changed, for bad arguments, empty calibration data
-    or (sequential mode) a model without a block stack.
+    or (sequential mode) a model without a block stack, or (calibrated methods) a model without a
+    forward(input_ids) and no causal LM found inside it.
     """
-    plan = _plan(model, method, sparsity, pattern, calibration, sequential, include, exclude, method_options)
+    plan = _plan(model, method, sparsity, pattern, calibration, sequential, include, exclude, method_options, lm)
     job, targets = plan.job, plan.targets
     timer = Timer()
     total_start = time.perf_counter()

@@ -109,13 +109,45 @@ def test_ramps_from_one_shot_sparsity(tmp_path):
     assert probe.events[10]["global"]["sparsity"] == pytest.approx(0.7, abs=1e-3)
 
 
-def test_end_step_beyond_run_fails_before_training(tmp_path):
+def test_end_step_beyond_run_warns_with_the_staged_run_hint(tmp_path):
     module = tiny_module()
-    before = {k: v.clone() for k, v in module.state_dict().items()}
-    gradual = GradualPruningCallback(0.5, end_step=100, every=10)
-    with pytest.raises(ValueError, match=r"end_step \(100\) is beyond the run's total optimizer steps \(8\)"):
+    gradual = GradualPruningCallback(0.5, end_step=100, every=3)
+    with pytest.warns(UserWarning, match=r"end_step \(100\) is beyond this run's total optimizer steps \(8\): this run "
+                      r"will apply the event at step 6 as the last one, short of final_sparsity 0.5. To run in stages, "
+                      r"resume from this run's last checkpoint with a larger max_epochs"):
         trainer(tmp_path, max_steps=8, callbacks=[gradual]).fit(module, token_loader())
-    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+    assert gradual.last_event_step == 6 and gradual.resolved_end_step == 100
+
+
+def test_staged_run_resumed_with_a_larger_budget_finishes_the_schedule_bit_identically(tmp_path, recwarn):
+    """A schedule planned over 4 epochs (end_step 36 of 40 steps), run as 2 epochs then resumed from the
+    last checkpoint with max_epochs=4, ends as the uninterrupted 4-epoch run (constant-LR AdamW, so the
+    budget does not change the optimizer's schedule)."""
+    from test_plain_module import UserLM
+
+    def run(root, max_epochs, ckpt_path=None):
+        module = UserLM(seed=1)
+        gradual = GradualPruningCallback(0.6, start_step=2, end_step=36, every=4, scope="global")
+        checkpoint = ModelCheckpoint(dirpath=root / "ckpt", save_last=True)
+        fit = trainer(root, max_epochs=max_epochs, callbacks=[gradual, checkpoint], enable_checkpointing=True)
+        fit.fit(module, token_loader(), ckpt_path=ckpt_path)
+        return module, gradual
+
+    full, full_cb = run(tmp_path / "full", 4)
+    assert not [w for w in recwarn if "end_step" in str(w.message)]
+    with pytest.warns(UserWarning, match=r"end_step \(36\) is beyond this run's total optimizer steps \(20\)"):
+        first, first_cb = run(tmp_path / "staged", 2)
+    assert first_cb.last_event_step == 18
+    recwarn.clear()
+    resumed, resumed_cb = run(tmp_path / "staged", 4, ckpt_path=str(tmp_path / "staged" / "ckpt" / "last.ckpt"))
+    assert not [w for w in recwarn if "end_step" in str(w.message)]  # the budget now covers the schedule
+    assert resumed_cb.last_event_step == full_cb.last_event_step == 36
+    report = sparsity_report(resumed, resumed_cb.targets)["global"]
+    assert report["zeros"] == exact_count(0.6, report["numel"])
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    masks_a, masks_b = MaskRegistry.of(full).masks, MaskRegistry.of(resumed).masks
+    assert masks_a.keys() == masks_b.keys() and all(torch.equal(masks_a[k], masks_b[k]) for k in masks_a)
 
 
 @pytest.mark.parametrize(
