@@ -25,6 +25,14 @@ Run:  python scripts/bench_overhead.py [--reps 8] [--steps 30] [--event-layers 3
    scales): seconds per million targeted parameters, and the extra resident memory during the event
    (sampled from /proc/self/statm every millisecond, with glibc told to return freed tensors to the
    system at once) next to the size of the masks and of the largest weight.
+
+With --statistics it measures instead what the gradual scorers' statistics cost over a whole run: the
+small LLaMA trains --stat-steps batches of 1 x 32 tokens with GradualPruningCallback ramping to 50% (row
+scope, cubic, an event every --stat-every steps) under each scorer, interleaved for --reps repetitions;
+the table gives the mean time per batch over the whole run (events and statistics windows included) as a
+ratio to the same run with magnitude scores, and the scorer's extra bytes per targeted weight:
+
+    python scripts/bench_overhead.py --statistics --reps 8
 """
 from __future__ import annotations
 
@@ -77,6 +85,43 @@ def run(variant: str, steps: int, fused_adamw: bool = True, clip: float | None =
                          callbacks=callbacks, gradient_clip_val=clip)
     trainer.fit(module, train_dataloaders=loader)
     return statistics.median(timer.times), module
+
+
+def whole_run(scorer: str, steps: int, every: int, stat_batches: int) -> float:
+    """Mean seconds per batch over a whole gradual run (events and statistics windows included)."""
+    pl.seed_everything(0, verbose=False)
+    module = PrunableLM(model=dict(SMALL_LLAMA), learning_rate=1e-3, warmup_steps=0)
+    loader = DataLoader(TensorDataset(torch.randint(0, 512, (steps, 32))), batch_size=1)
+    gradual = GradualPruningCallback(0.5, schedule="cubic", start_step=every, end_step=steps - every, every=every,
+                                     scope="row", scorer=scorer, stat_batches=stat_batches)
+    timer = StepTimer()  # after the pruning callback, so each batch's time includes its event
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         callbacks=[gradual, timer])
+    trainer.fit(module, train_dataloaders=loader)
+    return sum(timer.times) / len(timer.times)
+
+
+STATISTICS_BYTES = {"magnitude": 0, "wanda": 0, "ria": 0, "taylor": 4}  # per targeted weight (float32 |W * G| sums)
+
+
+def statistics_overhead(args) -> None:
+    scorers = ["magnitude", "wanda", "ria", "taylor"]
+    times = {s: [] for s in scorers}
+    for rep in range(args.reps):
+        order = scorers if rep % 2 == 0 else scorers[::-1]
+        for scorer in order:
+            times[scorer].append(whole_run(scorer, args.stat_steps, args.stat_every, args.stat_batches))
+        print(f"rep {rep + 1}/{args.reps}: " + ", ".join(f"{s} {times[s][-1] * 1e3:.2f} ms" for s in scorers), flush=True)
+    print(f"\nWhole gradual runs of the small LLaMA: {args.stat_steps} batches of 1 x 32 tokens, an event every "
+          f"{args.stat_every} steps, statistics windows of {args.stat_batches} batches, {args.reps} interleaved "
+          f"repetitions, {args.threads} threads")
+    print("| scorer | mean batch time over the run (ms) | ratio to magnitude: median | range | extra bytes / targeted weight |")
+    print("|---|---|---|---|---|")
+    for scorer in scorers:
+        ratios = [t / m for t, m in zip(times[scorer], times["magnitude"])]
+        print(f"| {scorer} | {statistics.median(times[scorer]) * 1e3:.2f} | {statistics.median(ratios):.3f} | "
+              f"{min(ratios):.3f}-{max(ratios):.3f} | {STATISTICS_BYTES[scorer]} |")
 
 
 def memory_per_parameter(variant: str, module: PrunableLM) -> float:
@@ -189,11 +234,18 @@ def main() -> None:
                         help="decoder blocks of the SmolLM2-shaped models for the pruning-event measurement")
     parser.add_argument("--clip", type=float, default=None, help="gradient_clip_val (norm) in every variant")
     parser.add_argument("--unfused", action="store_true", help="torch's default (non-fused) AdamW in every variant")
+    parser.add_argument("--statistics", action="store_true", help="only the whole-run cost of the scorers' statistics")
+    parser.add_argument("--stat-steps", type=int, default=200)
+    parser.add_argument("--stat-every", type=int, default=20)
+    parser.add_argument("--stat-batches", type=int, default=8)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    if args.statistics:
+        statistics_overhead(args)
+        return
 
     # In a fresh process: freed memory of the other phases would hide its allocations, and the malloc
     # setting it needs (every large tensor its own mmap) would slow the other phases down.
