@@ -321,14 +321,14 @@ class NoStack(nn.Module):
         (tiny_llama, ("wanda", 0.5), {}, ValueError, "calibration data is required"),
         (tiny_llama, ("sparsegpt", 0.5), {"calibration": [torch.zeros(1, 0, dtype=torch.long)]}, ValueError, "no tokens"),
         (NoStack, ("wanda", 0.5), {"calibration": calib()}, ValueError, r"no stack of repeated blocks|has none; use sequential=False"),
-        (tiny_llama, ("pruneit", 0.5), {}, ValueError, r"method must be one of \['magnitude', 'wanda', 'sparsegpt'\]"),
+        (tiny_llama, ("pruneit", 0.5), {}, ValueError, r"method must be one of \['magnitude', 'wanda', 'sparsegpt', 'ria'\]"),
         (tiny_llama, ("wanda", 1.0), {"calibration": calib()}, ValueError, r"sparsity must be in \[0, 1\)"),
         (tiny_llama, ("wanda", 0.5), {"calibration": calib(), "blocksize": 64}, ValueError, r"unknown option\(s\) \['blocksize'\]"),
         (tiny_llama, ("wanda", 0.5), {"calibration": calib(), "scope": "global"}, ValueError, "needs sequential=False"),
         (tiny_llama, ("wanda", 0.5, "2:4"), {"calibration": calib(), "adaptive": True}, ValueError, "only with pattern='unstructured'"),
         (tiny_llama, ("sparsegpt", 0.5, "4:8"), {"calibration": calib(), "blocksize": 12}, ValueError, "multiple of M=8"),
         (tiny_llama, ("wanda", 0.5), {"calibration": calib(), "include": "nothing.*"}, ValueError, "matches no module"),
-        (tiny_llama, ("wanda", 0.5), {"calibration": calib(), "include": ["lm_head"]}, ValueError, "outside them"),
+        (tiny_llama, ("wanda", 0.5), {"calibration": calib(), "include": ["lm_head"]}, ValueError, r"tied embeddings"),
     ],
 )
 def test_bad_input_leaves_model_untouched(build, args, kwargs, error, match):

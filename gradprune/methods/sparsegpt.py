@@ -113,6 +113,11 @@ def prune_sparsegpt(job: Job, targets: Sequence[Target], stats: MutableMapping[s
             t.out_in(t.weight), stats[t.name].hessian(), job.sparsity, job.nm, job.options["blocksize"],
             job.options["percdamp"], t.out_in(current[t.name]) if t.name in current else None,
         )
+        if not bool(torch.isfinite(new_weight).all()):  # checked before this layer changes (issue 14)
+            raise ValueError(
+                f"SparseGPT produced non-finite weights for {t.name!r} (from non-finite calibration activations or "
+                f"Hessian); this layer was left unchanged. Check the model's weights and the calibration data"
+            )
         with torch.no_grad():
             t.weight.copy_(t.stored(new_weight).to(t.weight.dtype))
         job.registry.update([t], {t.name: t.stored(keep).contiguous()})
