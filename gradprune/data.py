@@ -23,7 +23,7 @@ from .calibration import sample_windows, window_fits
 from .corpus import VAL_FRACTION, Plan, documents, is_local, local_missing, plan_documents
 from .loaders import BlockDataset, ResumableDataLoader, TokenStream
 from .tokenizer import BYTES, byte_tokenizer
-from .validation import Problems, is_int
+from .validation import TOKENIZER_SOURCE_FORMS, Problems, check_model_source, is_int
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,8 @@ class TextDataModule(pl.LightningDataModule):
                 )
         if not isinstance(tokenizer, str) or not tokenizer:
             problems.add(f"tokenizer must be 'bytes' or a model directory / .gguf file / 'smollm2' / hub id, got {tokenizer!r}", type_error=True)
+        else:  # a missing local path fails now, not after hub retries
+            check_model_source(problems, "tokenizer", tokenizer, special=(BYTES, "smollm2"), allowed=TOKENIZER_SOURCE_FORMS)
         for name, value in (("block_size", block_size), ("batch_size", batch_size)):
             if not is_int(value):
                 problems.add(f"{name} must be a positive integer, got {value!r} ({type(value).__name__})", type_error=True)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .losses import next_token_loss
 from .models import DTYPES
-from .validation import Problems, is_int
+from .validation import Problems, check_model_source, is_int
 
 HIDDEN_LOSSES = ("mse", "squarehead")
 #: Guard of SquareHead's denominator: a teacher layer whose mean square is below this counts as this.
@@ -88,6 +88,8 @@ class Distillation:
             problems.add(f"distill.teacher_dtype must be one of {list(DTYPES)}, got {self.teacher_dtype!r}")
         if not isinstance(self.teacher, str) or not self.teacher:
             problems.add(f"distill.teacher must be 'self' or a model source, got {self.teacher!r}")
+        else:  # a missing local path fails now, not after hub retries
+            check_model_source(problems, "distill.teacher", self.teacher, special=("self", "smollm2"))
         problems.raise_if_any()
 
     def layer_indices(self, num_layers: int) -> List[int]:

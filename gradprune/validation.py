@@ -179,24 +179,28 @@ def looks_like_path(source: str) -> bool:
     return source.count("/") > 1
 
 
-def check_model_source(problems: Problems, name: str, source: object, special: Sequence[str] = ("smollm2",)) -> None:
+TOKENIZER_SOURCE_FORMS = ("'bytes' (built in)",) + MODEL_SOURCE_FORMS[:4]
+
+
+def check_model_source(problems: Problems, name: str, source: object, special: Sequence[str] = ("smollm2",),
+                       allowed: Sequence[str] = MODEL_SOURCE_FORMS) -> None:
     """A model or tokenizer source string must be a special name, an existing local path, or (when online
     and not looking like a path) a hub id. A missing local path is reported at once instead of going to
     the hub (which would fail after retries, or with a confusing "Repo id" message)."""
     if not isinstance(source, str) or source in special:
         return
     if not source:
-        problems.add(f"{name} must not be empty; allowed: {', '.join(MODEL_SOURCE_FORMS)}")
+        problems.add(f"{name} must not be empty; allowed: {', '.join(allowed)}")
         return
     if os.path.exists(os.path.expanduser(source)):
         if source.endswith(".gguf") and not os.path.isfile(os.path.expanduser(source)):
             problems.add(f"{name}={source!r} is not a file")
         return
     if looks_like_path(source):
-        problems.add(f"{name}={source!r}: no such local directory or file; allowed: {', '.join(MODEL_SOURCE_FORMS)}")
+        problems.add(f"{name}={source!r}: no such local directory or file; allowed: {', '.join(allowed)}")
     elif offline():
         problems.add(f"{name}={source!r}: no such local directory or file, and the hub is offline (HF_HUB_OFFLINE); "
-                     f"allowed: {', '.join(MODEL_SOURCE_FORMS)}")
+                     f"allowed: {', '.join(allowed)}")
 
 
 def check_weights_usable(problems: Problems, model: Any, what: str = "model") -> None:
