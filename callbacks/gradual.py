@@ -29,7 +29,8 @@ from gradprune.scorers import get_scorer, scorer_names
 from gradprune.selection import select_masks, validate_selection
 from gradprune.statistics import ActivationWindow, SaliencyAccumulator
 from gradprune.targets import Target, find_targets
-from gradprune.validation import Problems, check_choice, check_pattern, check_sparsity
+from gradprune.validation import (Problems, check_choice, check_pattern, check_selector, check_sparsity, is_int,
+                                  is_number)
 
 from .base import PruningCallback
 
@@ -87,20 +88,25 @@ class GradualPruningCallback(PruningCallback):
         check_choice(problems, "scorer", scorer, scorer_names())
         if isinstance(stat_batches, bool) or not isinstance(stat_batches, int) or stat_batches < 1:
             problems.add(f"stat_batches must be an int >= 1 (training micro-batches per statistics window), got {stat_batches!r}")
-        if isinstance(end_step, float) and not 0.0 < end_step <= 1.0:
+        if not is_number(end_step):
+            problems.add(f"end_step must be an int (optimizer step) or a float in (0, 1] (fraction of the run), got "
+                         f"{end_step!r} ({type(end_step).__name__})", type_error=True)
+        elif not is_int(end_step) and not 0.0 < end_step <= 1.0:
             problems.add(f"end_step as a float is a fraction of the run and must be in (0, 1], got {end_step!r}")
+        check_selector(problems, "include", include)
+        check_selector(problems, "exclude", exclude)
         check_pattern(problems, pattern, "final_sparsity", final_sparsity)
         problems.raise_if_any()
         # Check the remaining schedule arguments now (end_step may still be a fraction of the run).
         SparsitySchedule(
             schedule, final_sparsity, initial_sparsity, start_step,
-            end_step if isinstance(end_step, int) else start_step + 1, every, exponent,
+            int(end_step) if is_int(end_step) else (start_step + 1 if is_int(start_step) else 1), every, exponent,
         )
         self.final_sparsity = final_sparsity
         self.schedule_kind = schedule
         self.initial_sparsity = initial_sparsity
         self.start_step = start_step
-        self.end_step = end_step
+        self.end_step = int(end_step) if is_int(end_step) else float(end_step)
         self.every = every
         self.scope = scope
         self.pattern = pattern
@@ -152,6 +158,8 @@ class GradualPruningCallback(PruningCallback):
         end_step = self.resolved_end_step  # a resumed run keeps the end step it started with
         if end_step is None:
             end_step = self._resolve_end_step(trainer)
+        else:  # ... and must still be able to reach it, as a fresh run must
+            self._check_reachable(end_step, trainer.estimated_stepping_batches, resumed=True)
         # all checks passed: only now does the callback's state change
         self._targets, self.resolved_end_step = targets, end_step
         self._statistics = {"activations": ActivationWindow, "gradients": SaliencyAccumulator}.get(needs, lambda t: None)(targets)
@@ -168,14 +176,27 @@ class GradualPruningCallback(PruningCallback):
             end = max(self.start_step + 1, round(self.end_step * total))
         else:
             end = self.end_step
-        if total != float("inf") and end > total:
-            raise ValueError(
-                f"end_step ({end}) is beyond the run's total optimizer steps ({int(total)}): the schedule would "
-                "never reach final_sparsity; lower end_step or train longer"
-            )
+        self._check_reachable(end, total)
         if end <= self.start_step:
             raise ValueError(f"end_step ({end}) must be greater than start_step ({self.start_step})")
+        if not isinstance(self.end_step, float) and total != float("inf") and (end - self.start_step) * 100 < total:
+            log.warning(
+                "end_step=%d is an optimizer step (an int), and the ramp from start_step=%d is under 1%% of this run's "
+                "%d steps: the model jumps to final_sparsity almost at once. For a fraction of the run give a float "
+                "(end_step=%.1f means %d%%)", end, self.start_step, int(total), min(1.0, float(end)), 100 * min(1.0, float(end)),
+            )
         return end
+
+    @staticmethod
+    def _check_reachable(end: int, total: float, resumed: bool = False) -> None:
+        if total != float("inf") and end > total:
+            where = "the checkpoint's end step" if resumed else "end_step"
+            raise ValueError(
+                f"{where} ({end}) is beyond the run's total optimizer steps ({int(total)}): the schedule would "
+                "never reach final_sparsity; lower end_step or train longer"
+                + ("; a resumed run keeps the end step it started with, so set max_steps / max_epochs to at "
+                   "least that" if resumed else "")
+            )
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._maybe_prune(trainer, pl_module)
