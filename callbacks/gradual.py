@@ -86,7 +86,7 @@ class GradualPruningCallback(PruningCallback):
         check_choice(problems, "schedule", schedule, SCHEDULE_KINDS)
         check_choice(problems, "scope", scope, ("layer", "global", "row"))
         check_choice(problems, "scorer", scorer, scorer_names())
-        if isinstance(stat_batches, bool) or not isinstance(stat_batches, int) or stat_batches < 1:
+        if not is_int(stat_batches) or stat_batches < 1:
             problems.add(f"stat_batches must be an int >= 1 (training micro-batches per statistics window), got {stat_batches!r}")
         if not is_number(end_step):
             problems.add(f"end_step must be an int (optimizer step) or a float in (0, 1] (fraction of the run), got "

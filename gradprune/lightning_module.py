@@ -310,7 +310,7 @@ class PrunableLM(pl.LightningModule):
                 "give an unbounded one: set max_steps or max_epochs"
             )
         total = max(1, int(estimated))
-        warmup = self.warmup_steps if isinstance(self.warmup_steps, int) else int(self.warmup_steps * total)
+        warmup = int(self.warmup_steps) if is_int(self.warmup_steps) else int(self.warmup_steps * total)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, total, self.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
