@@ -129,3 +129,128 @@ def test_a_model_on_the_meta_device_is_refused_by_name():
         model = tiny_llama()
     with pytest.raises(ValueError, match="weights on the meta device"):
         prune_oneshot(model, "magnitude", 0.5)
+
+
+# -- the table: every public entry, bad input -> named error, nothing changed --------------------------------------
+import logging  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from gradprune import PrunableLM, SparsitySchedule, TextDataModule, find_targets, select_masks  # noqa: E402
+from gradprune.callbacks import (GradualPruningCallback, MagnitudePruningCallback, SparseGPTPruningCallback,  # noqa: E402
+                                 SparsityMonitor, WandaPruningCallback)
+from gradprune.distill import Distillation  # noqa: E402
+from gradprune.masks import pack_mask  # noqa: E402
+from gradprune.models import load_causal_lm  # noqa: E402
+from gradprune.validation import check_pattern, Problems  # noqa: E402
+from tiny_models import TINY_LLAMA  # noqa: E402
+
+MISSING = "/no/such/dir/model"
+
+
+def _magnitude(t):
+    return t.weight.detach().abs()
+
+
+def _load_masks(model, state):
+    MaskRegistry.of(model).load_state_dict(state)
+
+
+def _corrupt_masks(model):
+    (t, *_) = find_targets(model)
+    return {t.name: {"shape": list(t.weight.shape), "bits": pack_mask(torch.ones_like(t.weight, dtype=torch.bool))[:-3]}}
+
+
+def _pattern(value):
+    problems = Problems()
+    check_pattern(problems, value, "sparsity", 0.5)
+    problems.raise_if_any()
+
+
+# (id, call(model), exception, match). ``model`` is a tiny LLaMA (tied embeddings) with one earlier
+# magnitude pruning at 0.5, so the "nothing changed" check covers existing masks too.
+CASES = [
+    # prune_oneshot
+    ("oneshot-sparsity-inf", lambda m: prune_oneshot(m, "magnitude", float("inf")), ValueError, r"sparsity must be in \[0, 1\), got inf"),
+    ("oneshot-sparsity-nan", lambda m: prune_oneshot(m, "magnitude", float("nan")), ValueError, r"sparsity must be in \[0, 1\), got nan"),
+    ("oneshot-sparsity-str", lambda m: prune_oneshot(m, "magnitude", "0.5"), TypeError, r"sparsity must be a number in \[0, 1\), got '0.5' \(str\)"),
+    ("oneshot-sparsity-bool", lambda m: prune_oneshot(m, "magnitude", True), TypeError, r"sparsity must be a number.*got True \(bool\)"),
+    ("oneshot-method", lambda m: prune_oneshot(m, "Wanda", 0.6), ValueError, r"method must be one of \[.*'wanda'.*\], got 'Wanda'"),
+    ("oneshot-scope", lambda m: prune_oneshot(m, "magnitude", 0.6, scope="Row"), ValueError, r"scope must be one of \['layer', 'global', 'row'\], got 'Row'"),
+    ("oneshot-pattern-yaml-int", lambda m: prune_oneshot(m, "magnitude", 0.5, pattern=124), ValueError, r"pattern=124 is a number: YAML 1.1 reads an unquoted N:M such as 2:4.*quote it"),
+    ("oneshot-include-int", lambda m: prune_oneshot(m, "magnitude", 0.6, include=5), TypeError, r"include must be None, a regex string or a list of module names, got 5"),
+    ("oneshot-sequential", lambda m: prune_oneshot(m, "wanda", 0.6, calibration=calib(), sequential="yes"), TypeError, r"sequential must be True or False, got 'yes'"),
+    ("oneshot-lower-than-masks", lambda m: prune_oneshot(m, "magnitude", 0.3), ValueError, r"sparsity=0.3 \(scope='layer'\) is below what earlier pruning already removed"),
+    ("oneshot-nm-over-masks", lambda m: prune_oneshot(m, "magnitude", 0.5, "2:4"), ValueError, r"pattern='2:4': earlier pruning left groups of 4"),
+    ("oneshot-calib-ids", lambda m: prune_oneshot(m, "wanda", 0.6, calibration=[torch.tensor([[1, 128]])], scope="layer", sequential=False), ValueError, r"calibration item 0 has token id 128, but the model's vocabulary has 128 ids"),
+    ("oneshot-calib-negative", lambda m: prune_oneshot(m, "wanda", 0.6, calibration=[torch.tensor([[-1, 3]])], scope="layer", sequential=False), ValueError, r"calibration item 0 has token id -1"),
+    ("oneshot-alpha-tolerance", lambda m: prune_oneshot(m, "wanda", 0.6, calibration=calib(), adaptive=True, alpha_tolerance=0), ValueError, r"alpha_tolerance must be a number in \(0, 1\), got 0"),
+    ("oneshot-percdamp-inf", lambda m: prune_oneshot(m, "sparsegpt", 0.6, calibration=calib(), percdamp=float("inf")), ValueError, r"percdamp must be a number >= 0, got inf"),
+    ("oneshot-tied-head", lambda m: prune_oneshot(m, "magnitude", 0.6, include=["lm_head"]), ValueError, r"tied embeddings"),
+    # prune, find_targets, select_masks, masks from a file
+    ("prune-tied-head", lambda m: prune(m, 0.6, include=["lm_head"]), ValueError, r"include=\['lm_head'\] selects only \['lm_head'\]"),
+    ("prune-scope", lambda m: prune(m, 0.6, scope="rows"), ValueError, r"scope must be one of"),
+    ("find-targets-nomatch", lambda m: find_targets(m, include=["qproj"]), ValueError, r"include=\['qproj'\] matches no module"),
+    ("find-targets-bad-regex", lambda m: find_targets(m, include="(("), ValueError, r"include='\(\(' is not a valid regular expression"),
+    ("select-masks-pattern", lambda m: select_masks(find_targets(m), 0.75, _magnitude, "layer", "2:4"), ValueError, r"final|sparsity 0.75 is above what pattern '2:4' allows"),
+    ("masks-corrupted", lambda m: _load_masks(m, _corrupt_masks(m)), ValueError, r"checkpoint mask for 'model.layers.0.self_attn.q_proj' is corrupted: expected \d+ uint8 bytes"),
+    ("pattern-check-int", lambda m: _pattern(124), ValueError, r"quote it \(pattern: '2:4'\)"),
+    # schedules and callbacks: checked at construction
+    ("schedule-exponent-inf", lambda m: SparsitySchedule("cubic", 0.5, end_step=10, exponent=float("inf")), ValueError, r"exponent must be a finite number > 0, got inf"),
+    ("schedule-every-float", lambda m: SparsitySchedule("cubic", 0.5, end_step=10, every=2.5), ValueError, r"every must be an integer > 0, got 2.5"),
+    ("gradual-end-step-str", lambda m: GradualPruningCallback(0.5, end_step="0.8"), TypeError, r"end_step must be an int \(optimizer step\) or a float in \(0, 1\].*got '0.8' \(str\)"),
+    ("gradual-end-step-float", lambda m: GradualPruningCallback(0.5, end_step=1.5), ValueError, r"end_step as a float is a fraction of the run and must be in \(0, 1\], got 1.5"),
+    ("gradual-include-int", lambda m: GradualPruningCallback(0.5, include=5), TypeError, r"include must be None, a regex string or a list of module names, got 5"),
+    ("gradual-exclude-empty", lambda m: GradualPruningCallback(0.5, exclude=[]), ValueError, r"exclude must not be an empty list"),
+    ("gradual-stat-batches", lambda m: GradualPruningCallback(0.5, stat_batches=0), ValueError, r"stat_batches must be an int >= 1"),
+    ("gradual-final-sparsity", lambda m: GradualPruningCallback(1.0), ValueError, r"final_sparsity must be in \[0, 1\), got 1.0"),
+    ("gradual-pattern-yaml-int", lambda m: GradualPruningCallback(0.5, pattern=124), ValueError, r"pattern=124 is a number"),
+    ("monitor-include-int", lambda m: SparsityMonitor(include=5), TypeError, r"include must be None, a regex string or a list of module names, got 5"),
+    ("monitor-per-layer", lambda m: SparsityMonitor(per_layer="no"), TypeError, r"per_layer must be True or False, got 'no'"),
+    ("wanda-cb-seqlen", lambda m: WandaPruningCallback(0.5, seqlen=0), ValueError, r"seqlen must be a positive integer, got 0"),
+    ("magnitude-cb-include", lambda m: MagnitudePruningCallback(0.5, include=3.0), TypeError, r"include must be None"),
+    ("sparsegpt-cb-blocksize", lambda m: SparseGPTPruningCallback(0.5, blocksize=0), ValueError, r"blocksize must be a positive int, got 0"),
+    # PrunableLM, Distillation, TextDataModule, loading
+    ("lm-learning-rate-bool", lambda m: PrunableLM(model=dict(TINY_LLAMA), vocab_size=128, learning_rate=True), TypeError, r"learning_rate must be a finite number > 0, got True \(bool\)"),
+    ("lm-learning-rate-inf", lambda m: PrunableLM(model=dict(TINY_LLAMA), vocab_size=128, learning_rate=float("inf")), ValueError, r"learning_rate must be a finite number > 0, got inf"),
+    ("lm-weight-decay-inf", lambda m: PrunableLM(model=dict(TINY_LLAMA), vocab_size=128, weight_decay=float("inf")), ValueError, r"weight_decay must be a finite number >= 0, got inf"),
+    ("lm-betas", lambda m: PrunableLM(model=dict(TINY_LLAMA), vocab_size=128, betas=(1.5, 0.9)), ValueError, r"betas\[0\] must be a finite number >= 0 and < 1, got 1.5"),
+    ("lm-fused", lambda m: PrunableLM(model=dict(TINY_LLAMA), vocab_size=128, fused_adamw="no"), TypeError, r"fused_adamw must be True or False, got 'no'"),
+    ("lm-export-dir", lambda m: PrunableLM(model=dict(TINY_LLAMA), vocab_size=128, export_dir=123), TypeError, r"export_dir must be None or a directory path \(str\), got 123"),
+    ("lm-missing-path", lambda m: PrunableLM(model=MISSING), ValueError, r"model='/no/such/dir/model': no such local directory or file; allowed: a local Hugging Face model directory"),
+    ("lm-missing-relative-offline", lambda m: PrunableLM(model="models/tiny"), ValueError, r"model='models/tiny': no such local directory or file, and the hub is offline"),
+    ("lm-config-typo", lambda m: PrunableLM(model={**TINY_LLAMA, "num_hiden_layers": 2}, vocab_size=128), ValueError, r"unknown key\(s\): 'num_hiden_layers' \(did you mean 'num_hidden_layers'\?\)"),
+    ("lm-config-type", lambda m: PrunableLM(model={**TINY_LLAMA, "model_type": "lama"}, vocab_size=128), ValueError, r"model_type='lama' is not a transformers model type \(did you mean 'llama'\?\)"),
+    ("lm-model-int", lambda m: PrunableLM(model=5), TypeError, r"model must be a model source .* got int"),
+    ("load-gguf-missing", lambda m: load_causal_lm("/no/such/file.gguf"), ValueError, r"no such local directory or file"),
+    ("distill-teacher-missing", lambda m: Distillation(teacher=MISSING), ValueError, r"distill.teacher='/no/such/dir/model': no such local directory or file"),
+    ("distill-temperature-inf", lambda m: Distillation(temperature=float("inf")), ValueError, r"distill.temperature must be a finite number > 0, got inf"),
+    ("data-tokenizer-missing", lambda m: TextDataModule(tokenizer=MISSING), ValueError, r"tokenizer='/no/such/dir/model': no such local directory or file; allowed: 'bytes'"),
+    ("data-block-size", lambda m: TextDataModule(block_size=0), ValueError, r"block_size must be a positive integer \(>= 1\), got 0"),
+    ("data-val-fraction", lambda m: TextDataModule(val_fraction=float("nan")), ValueError, r"val_fraction must be in \(0, 1\)"),
+]
+
+
+@pytest.fixture
+def pruned_llama():
+    model = tiny_llama()
+    prune_oneshot(model, "magnitude", 0.5)
+    return model
+
+
+@pytest.mark.parametrize("call, error, match", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_public_entries_reject_bad_input(pruned_llama, call, error, match):
+    before = snapshot(pruned_llama)
+    with pytest.raises(error, match=match):
+        call(pruned_llama)
+    assert_unchanged(pruned_llama, before)
+
+
+def test_numpy_scalars_are_numbers():
+    model = tiny_llama()
+    report = prune_oneshot(model, "magnitude", np.float64(0.5))
+    assert report["global"]["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    callback = GradualPruningCallback(np.float32(0.5), end_step=np.int64(10), every=np.int64(2))
+    assert callback.end_step == 10 and isinstance(callback.end_step, int)
+    SparsitySchedule("cubic", np.float64(0.5), end_step=np.int64(10))
