@@ -8,12 +8,21 @@ after. New public arguments join the table when they are added.
 from __future__ import annotations
 
 import copy
+import logging
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from gradprune import MaskRegistry, prune, prune_oneshot
-from tiny_models import tiny_llama
+from gradprune import MaskRegistry, PrunableLM, SparsitySchedule, TextDataModule, find_targets, prune, prune_oneshot, select_masks
+from gradprune.callbacks import (GradualPruningCallback, MagnitudePruningCallback, SparseGPTPruningCallback,
+                                 SparsityMonitor, WandaPruningCallback)
+from gradprune.distill import Distillation
+from gradprune.masks import pack_mask
+from gradprune.models import load_causal_lm
+from gradprune.validation import Problems, check_pattern
+from tiny_models import TINY_LLAMA, tiny_llama
 
 
 def calib():
@@ -132,19 +141,6 @@ def test_a_model_on_the_meta_device_is_refused_by_name():
 
 
 # -- the table: every public entry, bad input -> named error, nothing changed --------------------------------------
-import logging  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-from gradprune import PrunableLM, SparsitySchedule, TextDataModule, find_targets, select_masks  # noqa: E402
-from gradprune.callbacks import (GradualPruningCallback, MagnitudePruningCallback, SparseGPTPruningCallback,  # noqa: E402
-                                 SparsityMonitor, WandaPruningCallback)
-from gradprune.distill import Distillation  # noqa: E402
-from gradprune.masks import pack_mask  # noqa: E402
-from gradprune.models import load_causal_lm  # noqa: E402
-from gradprune.validation import check_pattern, Problems  # noqa: E402
-from tiny_models import TINY_LLAMA  # noqa: E402
 
 MISSING = "/no/such/dir/model"
 
@@ -254,3 +250,191 @@ def test_numpy_scalars_are_numbers():
     callback = GradualPruningCallback(np.float32(0.5), end_step=np.int64(10), every=np.int64(2))
     assert callback.end_step == 10 and isinstance(callback.end_step, int)
     SparsitySchedule("cubic", np.float64(0.5), end_step=np.int64(10))
+
+
+# -- helpers for the Lightning / script / data items ------------------------------------------------------------
+class LogRecords:
+    """Collects log records of a logger (the suite runs with -p no:logging, so no caplog)."""
+
+    def __init__(self, name):
+        self.logger, self.records = logging.getLogger(name), []
+        self.handler = logging.Handler()
+        self.handler.emit = self.records.append
+
+    def __enter__(self):
+        self.logger.addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self.handler)
+
+    def text(self):
+        return "\n".join(r.getMessage() for r in self.records)
+
+
+# -- item 1: the one-shot script checks everything before loading ----------------------------------------------
+def _script():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "prune_oneshot.py"
+    spec = importlib.util.spec_from_file_location("prune_oneshot_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--sparsity", "1.2"], r"sparsity must be in \[0, 1\), got 1.2"),
+    (["--scope", "Row"], r"scope must be one of \['layer', 'global', 'row'\], got 'Row'"),
+    (["--pattern", "2:4", "--sparsity", "0.6"], r"sparsity 0.6 does not match pattern '2:4'"),
+    (["--seqlen", "0", "--batch-size", "0", "--eval-windows", "-1"],
+     r"--seqlen must be an integer >= 1, got 0\n.*--batch-size must be an integer >= 1, got 0\n.*--eval-windows must be an integer >= 0, got -1"),
+    (["--model", MISSING], r"--model='/no/such/dir/model': no such local directory or file"),
+    (["--calib", "/no/such/file.jsonl"], r"--calib '/no/such/file.jsonl': no such file"),
+])
+def test_script_rejects_bad_arguments_before_loading_anything(monkeypatch, argv, match):
+    script = _script()
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("loaded something before the arguments were checked")
+
+    monkeypatch.setattr(script, "load_causal_lm", must_not_run)
+    monkeypatch.setattr(script, "data_module", must_not_run)
+    with pytest.raises(SystemExit, match=match):
+        script.main(argv)
+
+
+def test_script_reads_data_before_the_model_and_checks_seqlen_against_the_context(monkeypatch):
+    script = _script()
+
+    def bad_data(*args, **kwargs):
+        raise ValueError("text_field='text' is not a field of ['x.jsonl']")
+
+    monkeypatch.setattr(script, "load_causal_lm", lambda *a, **k: pytest.fail("model loaded before the data was read"))
+    monkeypatch.setattr(script, "data_module", bad_data)
+    with pytest.raises(ValueError, match="text_field='text' is not a field"):
+        script.main(["--method", "magnitude"])
+    with pytest.raises(ValueError, match=r"--seqlen 100000 is longer than the model's context of 256 tokens"):
+        script.check_context(tiny_llama(), 100000)
+    script.check_context(tiny_llama(), 256)
+
+
+# -- item 2: unquoted N:M in YAML --------------------------------------------------------------------------------
+def test_unquoted_nm_pattern_in_yaml_is_the_pattern(tmp_path):
+    from test_cli import parse
+
+    config = tmp_path / "nm.yaml"
+    config.write_text(
+        "trainer:\n  max_steps: 4\n  callbacks:\n    - class_path: gradprune.callbacks.GradualPruningCallback\n"
+        "      init_args: {final_sparsity: 0.5, pattern: 2:4, end_step: 2, every: 1}\n"
+        "model:\n  model: {model_type: llama, hidden_size: 32}\ndata:\n  tokenizer: bytes\n"
+    )
+    parsed = parse(config)
+    assert parsed.trainer.callbacks[0].init_args.pattern == "2:4"
+    assert parsed.trainer.max_steps == 4  # plain integers are still integers
+
+
+# -- item 6: vocabulary mismatch in the Python API ------------------------------------------------------------
+def test_a_data_module_with_more_ids_than_the_model_embeds_fails_at_setup(tmp_path):
+    from lightning_helpers import tiny_module, trainer
+
+    source = tmp_path / "text.txt"
+    source.write_text("def f(x):\n    return x + 1\n" * 200)
+    module = tiny_module()
+    before = snapshot(module)
+    data = TextDataModule(sources=str(source), tokenizer="bytes", block_size=16, batch_size=2)
+    with pytest.raises(ValueError, match=r"tokenizer \('bytes'\) has 258 token ids but the model embeds only 128"):
+        trainer(tmp_path, max_steps=2, callbacks=[GradualPruningCallback(0.5, end_step=2, every=1)]).fit(module, datamodule=data)
+    assert_unchanged(module, before)
+
+
+# -- item 9: resume ----------------------------------------------------------------------------------------------
+def _checkpointed_run(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_helpers import tiny_module, token_loader, trainer
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1, filename="{step}")
+    gradual = GradualPruningCallback(0.6, start_step=1, end_step=8, every=1)
+    trainer(tmp_path, max_steps=8, callbacks=[gradual, checkpoint], enable_checkpointing=True).fit(tiny_module(), token_loader())
+    return tmp_path / "ckpt" / "step=4.ckpt"
+
+
+def test_resume_problems_are_named(tmp_path):
+    from lightning_helpers import tiny_module, token_loader, trainer
+
+    ckpt = _checkpointed_run(tmp_path)
+    # (a) a resumed run too short for the checkpoint's end step is refused, as a fresh one is
+    with pytest.raises(ValueError, match=r"the checkpoint's end step \(8\) is beyond the run's total optimizer steps \(6\)"):
+        trainer(tmp_path / "a", max_steps=6, callbacks=[GradualPruningCallback(0.6, start_step=1, end_step=8, every=1)]).fit(
+            tiny_module(), token_loader(), ckpt_path=str(ckpt))
+    # (b) without a pruning callback: a specific warning
+    with LogRecords("gradprune.lightning_module") as logs:
+        trainer(tmp_path / "b", max_steps=5).fit(tiny_module(), token_loader(), ckpt_path=str(ckpt))
+    assert "holds pruning masks for 14 layers" in logs.text() and "no pruning callback" in logs.text()
+    # (c) corrupted mask bits name the layer and the file
+    state = torch.load(ckpt, weights_only=False)
+    (key,) = [k for k in state["callbacks"] if k.startswith("GradualPruningCallback")]
+    name = sorted(state["callbacks"][key]["masks"])[0]
+    state["callbacks"][key]["masks"][name]["bits"] = state["callbacks"][key]["masks"][name]["bits"][:-1]
+    broken = tmp_path / "broken.ckpt"
+    torch.save(state, broken)
+    with pytest.raises(ValueError, match=rf"checkpoint mask for '{name}' is corrupted.*broken.ckpt"):
+        trainer(tmp_path / "c", max_steps=8, callbacks=[GradualPruningCallback(0.6, start_step=1, end_step=8, every=1)]).fit(
+            tiny_module(), token_loader(), ckpt_path=str(broken))
+
+
+# -- item 11: degenerate runs ------------------------------------------------------------------------------------
+def test_a_tiny_int_end_step_warns_and_an_unbounded_run_is_named(tmp_path):
+    from lightning_helpers import tiny_module, token_loader, trainer
+
+    with LogRecords("gradprune.callbacks.gradual") as logs:
+        callback = GradualPruningCallback(0.5, end_step=1, every=1)
+        run = trainer(tmp_path, max_steps=120, callbacks=[callback])
+        run.fit(tiny_module(), token_loader(n=8, batch_size=8))
+    assert "end_step=1 is an optimizer step (an int)" in logs.text()
+    with pytest.raises(ValueError, match=r"need a finite run, but max_steps=-1 and max_epochs=-1"):
+        trainer(tmp_path, max_steps=-1, max_epochs=-1).fit(tiny_module(), token_loader())
+
+
+# -- item 12: data -------------------------------------------------------------------------------------------------
+def test_binary_and_utf16_sources_warn_and_bad_json_lines_are_located(tmp_path):
+    binary = tmp_path / "blob.txt"
+    binary.write_bytes(bytes(range(256)) * 40)
+    utf16 = tmp_path / "wide.txt"
+    utf16.write_text("def f():\n    return 1\n" * 50, encoding="utf-16")
+    for path, message in ((binary, "does not look like UTF-8 text"), (utf16, "looks like UTF-16 text")):
+        with LogRecords("gradprune.corpus") as logs:
+            TextDataModule(sources=str(path), block_size=4).setup("fit")
+        assert str(path) in logs.text() and message in logs.text()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a = 1"}\n{"text": "b = 2"\n{"text": "c = 3"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl line 2: not valid JSON"):
+        TextDataModule(sources=str(bad), block_size=2).setup("fit")
+
+
+def test_a_one_shot_callback_warns_when_the_loader_blocks_are_shorter_than_seqlen(tmp_path):
+    from lightning_helpers import tiny_module, token_loader, trainer
+
+    with LogRecords("gradprune.callbacks.oneshot") as logs:
+        trainer(tmp_path, max_steps=1, callbacks=[WandaPruningCallback(0.5, nsamples=4, seqlen=512)]).fit(
+            tiny_module(), token_loader(length=16))
+    assert "seqlen=512, but the train dataloader's sequences have only 16 tokens" in logs.text()
+
+
+# -- item 13: the command prints the message, not a traceback --------------------------------------------------
+def test_cli_bad_value_prints_the_message_without_a_traceback(tmp_path, capsys):
+    from gradprune.cli import main
+
+    config = tmp_path / "bad.yaml"
+    config.write_text(
+        "trainer:\n  max_steps: 4\n  logger: false\n  callbacks:\n"
+        "    - class_path: gradprune.callbacks.GradualPruningCallback\n      init_args: {final_sparsity: 1.5}\n"
+        "model:\n  model: {model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1,"
+        " num_attention_heads: 4, num_key_value_heads: 2}\ndata:\n  tokenizer: bytes\n"
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "final_sparsity must be in [0, 1), got 1.5" in err and "Traceback" not in err and "GRADPRUNE_DEBUG" in err
