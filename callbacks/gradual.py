@@ -29,8 +29,8 @@ from gradprune.scorers import get_scorer, scorer_names
 from gradprune.selection import select_masks, validate_selection
 from gradprune.statistics import ActivationWindow, SaliencyAccumulator
 from gradprune.targets import Target, find_targets
-from gradprune.validation import (Problems, check_choice, check_pattern, check_selector, check_sparsity, is_int,
-                                  is_number)
+from gradprune.validation import (Problems, check_choice, check_pattern, check_selector, check_sparsity,
+                                  check_weights_usable, is_int, is_number)
 
 from .base import PruningCallback
 
@@ -149,6 +149,9 @@ class GradualPruningCallback(PruningCallback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         targets = find_targets(pl_module, self.include, self.exclude)
         validate_selection(targets, self.final_sparsity, self.scope, self.pattern)
+        problems = Problems()
+        check_weights_usable(problems, pl_module)  # meta or NaN weights: say so before the first event
+        problems.raise_if_any()
         needs = get_scorer(self.scorer).needs
         if needs != "weights" and self.start_step == 0 and self.initial_sparsity > 0 and self.last_event_step is None:
             raise ValueError(

@@ -438,3 +438,17 @@ def test_cli_bad_value_prints_the_message_without_a_traceback(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "final_sparsity must be in [0, 1), got 1.5" in err and "Traceback" not in err and "GRADPRUNE_DEBUG" in err
+
+
+def test_prune_follows_the_same_rule_for_earlier_masks_and_bad_weights():
+    model = tiny_llama()
+    prune(model, 0.5)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"sparsity=0.3 \(scope='layer'\) is below what earlier pruning already removed"):
+        prune(model, 0.3)
+    assert_unchanged(model, before)
+    prune(model, 0.6)  # more is fine
+    with torch.device("meta"):
+        meta = tiny_llama()
+    with pytest.raises(ValueError, match="weights on the meta device"):
+        prune(meta, 0.5)
