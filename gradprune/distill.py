@@ -67,9 +67,9 @@ class Distillation:
         if not is_number(self.alpha) or math.isnan(self.alpha) or not 0 <= self.alpha <= 1:
             problems.add(f"distill.alpha must be in [0, 1], got {self.alpha!r}")
         if not is_number(self.temperature) or not 0 < self.temperature < math.inf:
-            problems.add(f"distill.temperature must be a finite number > 0, got {self.temperature!r}")
+            problems.add(f"distill.temperature must be > 0 and finite, got {self.temperature!r}")
         if not is_number(self.hidden_weight) or not 0 <= self.hidden_weight < math.inf:
-            problems.add(f"distill.hidden_weight must be a finite number >= 0, got {self.hidden_weight!r}")
+            problems.add(f"distill.hidden_weight must be >= 0 and finite, got {self.hidden_weight!r}")
         layers = self.hidden_layers
         if isinstance(layers, str) or not isinstance(layers, (list, tuple)) or not all(
             is_int(i) for i in layers

@@ -221,7 +221,7 @@ CASES = [
     ("lm-model-int", lambda m: PrunableLM(model=5), TypeError, r"model must be a model source .* got int"),
     ("load-gguf-missing", lambda m: load_causal_lm("/no/such/file.gguf"), ValueError, r"no such local directory or file"),
     ("distill-teacher-missing", lambda m: Distillation(teacher=MISSING), ValueError, r"distill.teacher='/no/such/dir/model': no such local directory or file"),
-    ("distill-temperature-inf", lambda m: Distillation(temperature=float("inf")), ValueError, r"distill.temperature must be a finite number > 0, got inf"),
+    ("distill-temperature-inf", lambda m: Distillation(temperature=float("inf")), ValueError, r"distill.temperature must be > 0 and finite, got inf"),
     ("data-tokenizer-missing", lambda m: TextDataModule(tokenizer=MISSING), ValueError, r"tokenizer='/no/such/dir/model': no such local directory or file; allowed: 'bytes'"),
     ("data-block-size", lambda m: TextDataModule(block_size=0), ValueError, r"block_size must be a positive integer \(>= 1\), got 0"),
     ("data-val-fraction", lambda m: TextDataModule(val_fraction=float("nan")), ValueError, r"val_fraction must be in \(0, 1\)"),
