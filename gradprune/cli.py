@@ -100,7 +100,7 @@ def main(args=None) -> None:
         if os.environ.get(DEBUG_ENV, "").lower() in ("1", "true", "yes"):
             raise
         log.debug("traceback of the error below", exc_info=True)
-        print(f"gradprune: error: {exc}\n(see `gradprune fit --help`; set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        sys.stderr.write(f"gradprune: error: {exc}\n(see `gradprune fit --help`; set {DEBUG_ENV}=1 for the traceback)\n")
         raise SystemExit(2) from None
 
 
