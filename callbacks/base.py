@@ -84,7 +84,10 @@ class PruningCallback(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         registry = self.registry(pl_module)
         if self._pending_masks is not None:  # resuming: weights are restored by now, masks come back too
-            registry.load_state_dict(self._pending_masks)
+            try:
+                registry.load_state_dict(self._pending_masks)
+            except ValueError as exc:  # name the file too
+                raise ValueError(f"{exc} (checkpoint {trainer.ckpt_path!r})") from exc
             self._pending_masks = None
         registry.masked_step = None
         for optimizer in trainer.optimizers:

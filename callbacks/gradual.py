@@ -32,7 +32,8 @@ from gradprune.blocks import group_by_block
 from gradprune.methods.owl import check_lambda, monotone_counts, owl_target_counts
 from gradprune.statistics import ActivationWindow, SaliencyAccumulator
 from gradprune.targets import Target, find_targets
-from gradprune.validation import Problems, check_choice, check_pattern, check_sparsity
+from gradprune.validation import (Problems, check_choice, check_pattern, check_selector, check_sparsity,
+                                  check_weights_usable, is_int, is_number)
 
 from .base import PruningCallback
 
@@ -95,10 +96,15 @@ class GradualPruningCallback(PruningCallback):
         check_choice(problems, "schedule", schedule, SCHEDULE_KINDS)
         check_choice(problems, "scope", scope, ("layer", "global", "row"))
         check_choice(problems, "scorer", scorer, scorer_names())
-        if isinstance(stat_batches, bool) or not isinstance(stat_batches, int) or stat_batches < 1:
+        if not is_int(stat_batches) or stat_batches < 1:
             problems.add(f"stat_batches must be an int >= 1 (training micro-batches per statistics window), got {stat_batches!r}")
-        if isinstance(end_step, float) and not 0.0 < end_step <= 1.0:
+        if not is_number(end_step):
+            problems.add(f"end_step must be an int (optimizer step) or a float in (0, 1] (fraction of the run), got "
+                         f"{end_step!r} ({type(end_step).__name__})", type_error=True)
+        elif not is_int(end_step) and not 0.0 < end_step <= 1.0:
             problems.add(f"end_step as a float is a fraction of the run and must be in (0, 1], got {end_step!r}")
+        check_selector(problems, "include", include)
+        check_selector(problems, "exclude", exclude)
         check_pattern(problems, pattern, "final_sparsity", final_sparsity)
         check_choice(problems, "allocation", allocation, ("uniform", "owl"))
         if allocation == "owl":
@@ -113,13 +119,13 @@ class GradualPruningCallback(PruningCallback):
         # Check the remaining schedule arguments now (end_step may still be a fraction of the run).
         SparsitySchedule(
             schedule, final_sparsity, initial_sparsity, start_step,
-            end_step if isinstance(end_step, int) else start_step + 1, every, exponent,
+            int(end_step) if is_int(end_step) else (start_step + 1 if is_int(start_step) else 1), every, exponent,
         )
         self.final_sparsity = final_sparsity
         self.schedule_kind = schedule
         self.initial_sparsity = initial_sparsity
         self.start_step = start_step
-        self.end_step = end_step
+        self.end_step = int(end_step) if is_int(end_step) else float(end_step)
         self.every = every
         self.scope = scope
         self.pattern = pattern
@@ -164,6 +170,9 @@ class GradualPruningCallback(PruningCallback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         targets = find_targets(pl_module, self.include, self.exclude)
         validate_selection(targets, self.final_sparsity, self.scope, self.pattern)
+        problems = Problems()
+        check_weights_usable(problems, pl_module)  # meta or NaN weights: say so before the first event
+        problems.raise_if_any()
         needs = get_scorer(self.scorer).needs
         if needs != "weights" and self.start_step == 0 and self.initial_sparsity > 0 and self.last_event_step is None:
             raise ValueError(
@@ -207,6 +216,12 @@ class GradualPruningCallback(PruningCallback):
             )
         if end <= self.start_step:
             raise ValueError(f"end_step ({end}) must be greater than start_step ({self.start_step})")
+        if not isinstance(self.end_step, float) and total != float("inf") and (end - self.start_step) * 100 < total:
+            log.warning(
+                "end_step=%d is an optimizer step (an int), and the ramp from start_step=%d is under 1%% of this run's "
+                "%d steps: the model jumps to final_sparsity almost at once. For a fraction of the run give a float "
+                "(end_step=%.1f means %d%%)", end, self.start_step, int(total), min(1.0, float(end)), 100 * min(1.0, float(end)),
+            )
         return end
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:

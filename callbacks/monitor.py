@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from gradprune.report import sparsity_report
 from gradprune.targets import find_targets
+from gradprune.validation import Problems, check_bool, check_selector
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,13 @@ class SparsityMonitor(Callback):
         include: Union[str, List[str], None] = None,
         exclude: Union[str, List[str], None] = None,
     ) -> None:
+        problems = Problems()
+        if not isinstance(metric, str) or not metric:
+            problems.add(f"metric must be the name of a logged metric (str), got {metric!r}", type_error=True)
+        check_bool(problems, "per_layer", per_layer)
+        check_selector(problems, "include", include)
+        check_selector(problems, "exclude", exclude)
+        problems.raise_if_any()
         self.metric = metric
         self.per_layer = per_layer
         self.include = include

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from gradprune.blocks import find_causal_lm
 from gradprune.calibration import as_batches
 from gradprune.oneshot import check_arguments, prune_oneshot, report_json
-from gradprune.validation import Problems
+from gradprune.validation import Problems, check_selector, is_int
 
 from .base import PruningCallback
 
@@ -84,10 +84,12 @@ class OneShotPruningCallback(PruningCallback):
         super().__init__()
         problems = Problems()
         for name, value in (("nsamples", nsamples), ("seqlen", seqlen)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_int(value) or value < 1:
                 problems.add(f"{name} must be a positive integer, got {value!r}")
         if lm is not None and (not isinstance(lm, str) or not lm):
             problems.add(f"lm must be the dotted name of the causal LM inside the LightningModule (e.g. 'model') or None, got {lm!r}")
+        check_selector(problems, "include", include)
+        check_selector(problems, "exclude", exclude)
         problems.raise_if_any()
         method_options = {**method_options, "allocation": allocation, "owl_lambda": owl_lambda}
         check_arguments(self.method, sparsity, pattern, sequential, **method_options)
@@ -146,6 +148,10 @@ class OneShotPruningCallback(PruningCallback):
             samples += take
             if samples >= self.nsamples:
                 break
+        shortest = min((b["input_ids"].shape[1] for b in batches), default=self.seqlen)
+        if shortest < self.seqlen:  # the loader's blocks are shorter than asked: say so (issue 14)
+            log.warning("%s: seqlen=%d, but the train dataloader's sequences have only %d tokens: calibrating on "
+                        "%d-token sequences", type(self).__name__, self.seqlen, shortest, shortest)
         if samples < self.nsamples:
             log.warning("%s: the train dataloader gave only %d of %d calibration sequences", type(self).__name__, samples, self.nsamples)
         return batches

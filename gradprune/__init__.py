@@ -30,8 +30,16 @@ def __getattr__(name):
 def prune(model, sparsity, scope="layer", pattern="unstructured", include=None, exclude=None, score_fn=magnitude_scores):
     """Prune ``model`` in place to exactly ``sparsity`` (monotone with any earlier masks) and return the
     keep-masks. A thin convenience over find_targets -> select_masks -> MaskRegistry.update."""
+    from .selection import validate_selection
+    from .validation import Problems, check_existing_masks, check_weights_usable
+
     targets = find_targets(model, include, exclude)
     registry = MaskRegistry.of(model)
+    nm = validate_selection(targets, sparsity, scope, pattern)
+    problems = Problems()  # nothing changes unless the model and the earlier masks allow the request
+    check_weights_usable(problems, model)
+    check_existing_masks(problems, targets, registry.current(targets), sparsity, scope, nm, pattern)
+    problems.raise_if_any()
     masks = select_masks(targets, sparsity, score_fn, scope, pattern, registry.current(targets))
     registry.update(targets, masks)
     return masks

@@ -112,8 +112,21 @@ def split_files(files: Sequence[Path], val_fraction: float, seed: int = 0) -> tu
 
 
 def read_text(path: Path) -> str:
-    """A text file's contents (undecodable bytes replaced, never an error)."""
-    return Path(path).read_text(encoding="utf-8", errors="replace")
+    """A text file's contents (undecodable bytes replaced, never an error). A file that does not look like
+    UTF-8 text (NUL bytes, a UTF-16 byte-order mark, or more than 1% undecodable bytes) gets a warning
+    naming it: it would otherwise train silently on replacement characters."""
+    raw = Path(path).read_bytes()
+    text = raw.decode("utf-8", errors="replace")
+    if raw:
+        bad = text.count("\ufffd") - raw.decode("utf-8", errors="ignore").count("\ufffd")
+        if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+            log.warning("%s looks like UTF-16 text (byte-order mark); gradprune reads UTF-8: convert it "
+                        "(e.g. iconv -f UTF-16 -t UTF-8) or it trains on replacement characters", path)
+        elif b"\x00" in raw or bad > 0.01 * len(raw):
+            log.warning("%s does not look like UTF-8 text (%s%d undecodable bytes of %d): it is probably binary "
+                        "and would train on replacement characters; leave it out of sources", path,
+                        "NUL bytes, " if b"\x00" in raw else "", bad, len(raw))
+    return text
 
 
 def is_local(entry: str) -> bool:
@@ -152,7 +165,13 @@ def _json_texts(files: Sequence[Path], text_field: str) -> list[str]:
     """The ``text_field`` of every record of JSON Lines / JSON files, read with ``datasets``' json loader."""
     import datasets
 
-    dataset = datasets.load_dataset("json", data_files=[str(f) for f in files], split="train")
+    try:
+        dataset = datasets.load_dataset("json", data_files=[str(f) for f in files], split="train")
+    except Exception as exc:  # a malformed file: name the file and the line, not only pyarrow's message
+        where = _first_bad_json_line(files)
+        if where is None:
+            raise
+        raise ValueError(f"{where}; fix or remove that record (JSON Lines: one JSON object per line)") from exc
     if text_field not in dataset.column_names:
         raise ValueError(
             f"text_field={text_field!r} is not a field of {[str(f) for f in files]}; "
@@ -166,6 +185,27 @@ def _json_texts(files: Sequence[Path], text_field: str) -> list[str]:
             raise TypeError(f"text_field={text_field!r} must hold strings, record {i} holds a {type(value).__name__}")
         texts.append(value)
     return texts
+
+
+def _first_bad_json_line(files: Sequence[Path]) -> str | None:
+    """'FILE line N: what is wrong' for the first JSON Lines record that does not parse, or None."""
+    import json
+
+    for f in files:
+        if Path(f).suffix != ".jsonl":
+            try:
+                json.loads(Path(f).read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as exc:
+                return f"{f}: not valid JSON ({exc})"
+            continue
+        with open(f, encoding="utf-8", errors="replace") as lines:
+            for number, line in enumerate(lines, 1):
+                if line.strip():
+                    try:
+                        json.loads(line)
+                    except ValueError as exc:
+                        return f"{f} line {number}: not valid JSON ({exc})"
+    return None
 
 
 class _HubSide:

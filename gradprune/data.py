@@ -23,7 +23,7 @@ from .calibration import sample_windows, window_fits
 from .corpus import VAL_FRACTION, Plan, documents, is_local, local_missing, plan_documents
 from .loaders import BlockDataset, ResumableDataLoader, TokenStream
 from .tokenizer import BYTES, byte_tokenizer
-from .validation import Problems, is_int
+from .validation import TOKENIZER_SOURCE_FORMS, Problems, check_model_source, is_int, is_number
 
 log = logging.getLogger(__name__)
 
@@ -92,12 +92,14 @@ class TextDataModule(pl.LightningDataModule):
                 )
         if not isinstance(tokenizer, str) or not tokenizer:
             problems.add(f"tokenizer must be 'bytes' or a model directory / .gguf file / 'smollm2' / hub id, got {tokenizer!r}", type_error=True)
+        else:  # a missing local path fails now, not after hub retries
+            check_model_source(problems, "tokenizer", tokenizer, special=(BYTES, "smollm2"), allowed=TOKENIZER_SOURCE_FORMS)
         for name, value in (("block_size", block_size), ("batch_size", batch_size)):
             if not is_int(value):
                 problems.add(f"{name} must be a positive integer, got {value!r} ({type(value).__name__})", type_error=True)
             elif value < 1:
                 problems.add(f"{name} must be a positive integer (>= 1), got {value!r}")
-        if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)):
+        if not is_number(val_fraction):
             problems.add(f"val_fraction must be a number in (0, 1), got {val_fraction!r}", type_error=True)
         elif not 0.0 < val_fraction < 1.0:
             problems.add(f"val_fraction must be in (0, 1) (the share of files held out), got {val_fraction!r}")

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .losses import next_token_loss
 from .models import DTYPES
-from .validation import Problems, is_int
+from .validation import Problems, check_model_source, is_int, is_number
 
 HIDDEN_LOSSES = ("mse", "squarehead")
 #: Guard of SquareHead's denominator: a teacher layer whose mean square is below this counts as this.
@@ -64,12 +64,12 @@ class Distillation:
 
     def __post_init__(self) -> None:
         problems = Problems()
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or math.isnan(self.alpha) or not 0 <= self.alpha <= 1:
+        if not is_number(self.alpha) or math.isnan(self.alpha) or not 0 <= self.alpha <= 1:
             problems.add(f"distill.alpha must be in [0, 1], got {self.alpha!r}")
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) or not self.temperature > 0:
-            problems.add(f"distill.temperature must be > 0, got {self.temperature!r}")
-        if not isinstance(self.hidden_weight, (int, float)) or self.hidden_weight < 0:
-            problems.add(f"distill.hidden_weight must be >= 0, got {self.hidden_weight!r}")
+        if not is_number(self.temperature) or not 0 < self.temperature < math.inf:
+            problems.add(f"distill.temperature must be > 0 and finite, got {self.temperature!r}")
+        if not is_number(self.hidden_weight) or not 0 <= self.hidden_weight < math.inf:
+            problems.add(f"distill.hidden_weight must be >= 0 and finite, got {self.hidden_weight!r}")
         layers = self.hidden_layers
         if isinstance(layers, str) or not isinstance(layers, (list, tuple)) or not all(
             is_int(i) for i in layers
@@ -88,6 +88,8 @@ class Distillation:
             problems.add(f"distill.teacher_dtype must be one of {list(DTYPES)}, got {self.teacher_dtype!r}")
         if not isinstance(self.teacher, str) or not self.teacher:
             problems.add(f"distill.teacher must be 'self' or a model source, got {self.teacher!r}")
+        else:  # a missing local path fails now, not after hub retries
+            check_model_source(problems, "distill.teacher", self.teacher, special=("self", "smollm2"))
         problems.raise_if_any()
 
     def layer_indices(self, num_layers: int) -> List[int]:

@@ -11,6 +11,7 @@ import copy
 import json
 import logging
 import math
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
@@ -28,7 +29,7 @@ from .models import DTYPES, load_causal_lm, load_tokenizer
 from .optim import MaskedAdamW
 from .report import sparsity_report
 from .targets import find_targets
-from .validation import Problems
+from .validation import Problems, check_bool, check_model_source, check_number, is_int, is_number
 
 log = logging.getLogger(__name__)
 
@@ -77,20 +78,34 @@ class PrunableLM(pl.LightningModule):
     ) -> None:
         super().__init__()
         problems = Problems()
-        if not (isinstance(learning_rate, (int, float)) and learning_rate > 0):
-            problems.add(f"learning_rate must be > 0, got {learning_rate!r}")
-        if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
-            problems.add(f"weight_decay must be >= 0, got {weight_decay!r}")
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, (int, float)) or warmup_steps < 0 or (
-            isinstance(warmup_steps, float) and warmup_steps >= 1
+        check_number(problems, "learning_rate", learning_rate, low=0, low_open=True)
+        check_number(problems, "weight_decay", weight_decay, low=0)
+        if not isinstance(betas, (list, tuple)) or len(betas) != 2:
+            problems.add(f"betas must be a pair of numbers in [0, 1), got {betas!r}", type_error=not isinstance(betas, (list, tuple)))
+        else:
+            for i, beta in enumerate(betas):
+                check_number(problems, f"betas[{i}]", beta, low=0, high=1, high_open=True)
+        if isinstance(warmup_steps, bool) or not is_number(warmup_steps) or not math.isfinite(warmup_steps) or warmup_steps < 0 or (
+            not is_int(warmup_steps) and warmup_steps >= 1
         ):
             problems.add(f"warmup_steps must be an int >= 0 or a fraction in [0, 1), got {warmup_steps!r}")
-        if not (isinstance(min_lr_ratio, (int, float)) and 0 <= min_lr_ratio <= 1):
-            problems.add(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio!r}")
+        check_number(problems, "min_lr_ratio", min_lr_ratio, low=0, high=1)
         if dtype not in DTYPES:
             problems.add(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
-        if vocab_size is not None and (not isinstance(vocab_size, int) or vocab_size <= 0):
-            problems.add(f"vocab_size must be a positive integer, got {vocab_size!r}")
+        if vocab_size is not None:
+            check_number(problems, "vocab_size", vocab_size, low=1, integer=True)
+        check_bool(problems, "fused_adamw", fused_adamw)
+        if export_dir is not None and not isinstance(export_dir, (str, os.PathLike)):
+            problems.add(f"export_dir must be None or a directory path (str), got {export_dir!r} ({type(export_dir).__name__})", type_error=True)
+        if tokenizer is not None and not isinstance(tokenizer, str):
+            problems.add(f"tokenizer must be None or a tokenizer source (str), got {tokenizer!r}", type_error=True)
+        elif tokenizer is not None:
+            check_model_source(problems, "tokenizer", tokenizer, special=("smollm2",))
+        if not isinstance(model, (str, dict, nn.Module)):
+            problems.add(f"model must be a model source (path, hub id, .gguf file, 'smollm2'), a config dict or an "
+                         f"nn.Module, got {type(model).__name__}", type_error=True)
+        elif isinstance(model, str):  # a missing local path fails now, not after hub retries
+            check_model_source(problems, "model", model, special=("smollm2",))
         if distill is not None and not isinstance(distill, Distillation):
             problems.add(f"distill must be a gradprune.distill.Distillation, got {type(distill).__name__}", type_error=True)
         problems.raise_if_any()
@@ -181,10 +196,46 @@ class PrunableLM(pl.LightningModule):
         object.__setattr__(self, "_teacher", teacher)
 
     def setup(self, stage: str) -> None:
+        self._check_vocabulary()
         # Runs before on_fit_start, where one-shot callbacks prune, and before a checkpoint is restored:
         # the "self" teacher is therefore always the dense model as built from its source.
         if self.distill is not None and self.distill.teacher == "self" and self._teacher is None:
             self._set_teacher(copy.deepcopy(self.model).to(DTYPES[self.distill.teacher_dtype]))
+
+    def _check_vocabulary(self) -> None:
+        """The data module's tokenizer must not produce ids the model cannot embed (the CLI links the two;
+        in Python they are set separately): fail at setup, not mid-run with a bare IndexError."""
+        data = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        data_vocab = getattr(data, "vocab_size", None)
+        get_in = getattr(self.model, "get_input_embeddings", None)
+        try:
+            embedding = get_in() if callable(get_in) else None
+        except (NotImplementedError, AttributeError):
+            embedding = None
+        size = getattr(embedding, "num_embeddings", None)
+        if isinstance(data_vocab, int) and size is not None and data_vocab > size:
+            raise ValueError(
+                f"the data module's tokenizer ({getattr(data, 'tokenizer_name', '?')!r}) has {data_vocab} token ids but "
+                f"the model embeds only {size}: pass vocab_size={data_vocab} to PrunableLM (a config dict model), or "
+                "use the model's own tokenizer"
+            )
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A checkpoint with pruning masks resumed without a pruning callback would train the pruned weights
+        back: say so specifically (Lightning's own warning names no consequence)."""
+        callbacks = checkpoint.get("callbacks") or {}
+        saved = [key for key, state in callbacks.items() if isinstance(state, dict) and state.get("masks")]
+        trainer = self._trainer
+        if not saved or trainer is None:
+            return
+        has_pruning = any(hasattr(cb, "registry") and hasattr(cb, "extra_state") for cb in trainer.callbacks)
+        if not has_pruning:
+            layers = len(callbacks[saved[0]]["masks"])
+            log.warning(
+                "the checkpoint holds pruning masks for %d layers (saved by %s), but this run has no pruning "
+                "callback: the masks are not restored or enforced and the pruned weights will train back to "
+                "non-zero values. Add the same pruning callback to resume the pruned run", layers, saved[0].split("{")[0],
+            )
 
     def _teacher_outputs(self, input_ids, attention_mask):
         teacher = self._teacher
@@ -252,8 +303,14 @@ class PrunableLM(pl.LightningModule):
             betas=self.betas,
             fused=fused or None,
         )
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = self.warmup_steps if isinstance(self.warmup_steps, int) else int(self.warmup_steps * total)
+        estimated = self.trainer.estimated_stepping_batches
+        if not math.isfinite(estimated):
+            raise ValueError(
+                "PrunableLM's warm-up and cosine schedule need a finite run, but max_steps=-1 and max_epochs=-1 "
+                "give an unbounded one: set max_steps or max_epochs"
+            )
+        total = max(1, int(estimated))
+        warmup = int(self.warmup_steps) if is_int(self.warmup_steps) else int(self.warmup_steps * total)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, total, self.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

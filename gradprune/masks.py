@@ -284,7 +284,15 @@ class MaskRegistry:
                 raise ValueError(
                     f"checkpoint mask for {name!r} has shape {tuple(entry['shape'])}, weight has {tuple(module.weight.shape)}"
                 )
+            bits = entry.get("bits") if isinstance(entry, Mapping) else None
+            numel = module.weight.numel()
+            if not isinstance(bits, torch.Tensor) or bits.dtype != torch.uint8 or bits.numel() != -(-numel // 8):
+                got = f"{bits.numel()} {bits.dtype} values" if isinstance(bits, torch.Tensor) else type(bits).__name__
+                raise ValueError(
+                    f"checkpoint mask for {name!r} is corrupted: expected {-(-numel // 8)} uint8 bytes (bit-packed, "
+                    f"{numel} weights), got {got}"
+                )
             targets.append(Target(name, module, bool(entry.get("transposed", False))))
-            restored[name] = unpack_mask(entry["bits"], entry["shape"])
+            restored[name] = unpack_mask(bits, entry["shape"])
         self.clear()
         self.update(targets, restored)

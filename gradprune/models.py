@@ -14,6 +14,8 @@ from typing import Any, Mapping, Union
 
 import torch
 
+from .validation import MODEL_SOURCE_FORMS, Problems, check_model_source, close_matches
+
 log = logging.getLogger(__name__)
 
 SMOLLM2 = "smollm2"
@@ -51,6 +53,39 @@ def _gguf_location(source: str) -> tuple[str, str] | None:
     return str(path.parent), path.name
 
 
+def check_source(source: str, name: str = "model") -> None:
+    """A missing local path fails here at once (ValueError), instead of being tried as a hub id."""
+    problems = Problems()
+    check_model_source(problems, name, source, special=(SMOLLM2,),
+                       allowed=MODEL_SOURCE_FORMS if name == "model" else MODEL_SOURCE_FORMS[:4])
+    problems.raise_if_any()
+
+
+def check_config_keys(model_type: str, config: Mapping[str, Any]) -> None:
+    """Unknown keys of a config dict are errors (transformers would keep them as attributes and silently
+    fall back to defaults, e.g. a 4096-wide model for a misspelt hidden_size)."""
+    import inspect
+
+    from transformers import CONFIG_MAPPING, PretrainedConfig
+
+    if model_type not in CONFIG_MAPPING:
+        raise ValueError(f"model_type={model_type!r} is not a transformers model type{close_matches(model_type, CONFIG_MAPPING.keys())}")
+    cls = CONFIG_MAPPING[model_type]
+    known = set(PretrainedConfig().to_dict()) | set(getattr(cls, "attribute_map", {}))
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is not None:
+            known |= set(inspect.signature(init).parameters) - {"self", "kwargs"}
+    try:
+        known |= set(cls().to_dict())
+    except Exception:  # a config class that cannot be built without arguments
+        pass
+    unknown = sorted(set(config) - known)
+    if unknown:
+        hints = "; ".join(f"{k!r}{close_matches(k, known)}" for k in unknown)
+        raise ValueError(f"model config for model_type={model_type!r} has unknown key(s): {hints}")
+
+
 def load_causal_lm(source: ModelSource, dtype: torch.dtype = torch.float32):
     """Build or load a causal LM (see the module docstring for what ``source`` may be)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -60,10 +95,12 @@ def load_causal_lm(source: ModelSource, dtype: torch.dtype = torch.float32):
         model_type = config.pop("model_type", None)
         if model_type is None:
             raise ValueError(f"a model config dict needs a 'model_type' (e.g. 'llama'), got keys {sorted(source)}")
+        check_config_keys(model_type, config)
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config))
         return model.to(dtype)
     if not isinstance(source, str):
         raise TypeError(f"model source must be a path, hub id, 'smollm2' or a config dict, got {type(source).__name__}")
+    check_source(source)
     gguf = _gguf_location(source)
     if gguf is not None:
         folder, name = gguf
@@ -82,6 +119,7 @@ def load_tokenizer(source: str):
     """The tokenizer that belongs to a model ``source`` (not for config dicts)."""
     from transformers import AutoTokenizer
 
+    check_source(source, "tokenizer")
     gguf = _gguf_location(source)
     if gguf is not None:
         folder, name = gguf

@@ -31,7 +31,8 @@ from .methods.owl import check_lambda, owl_target_counts
 from .report import sparsity_report
 from .selection import validate_selection
 from .targets import Selector, Target, find_targets
-from .validation import Problems, check_choice, check_pattern, check_sparsity
+from .validation import (Problems, check_choice, check_existing_masks, check_pattern, check_selector, check_sparsity,
+                         check_weights_usable)
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,8 @@ def _check_arguments(problems: Problems, method: Any, sparsity: Any, pattern: An
                      method_options: dict) -> tuple[Method, dict, NM]:
     check_choice(problems, "method", method, METHODS)
     check_sparsity(problems, "sparsity", sparsity)
+    if is_pattern_int(pattern):  # YAML 1.1 reads an unquoted 2:4 as 124: say so before anything else
+        check_pattern(problems, pattern, "sparsity", sparsity)
     if not isinstance(sequential, bool):
         problems.add(f"sequential must be True or False, got {sequential!r}", type_error=True)
     problems.raise_if_any()
@@ -91,10 +94,14 @@ def _plan(model, method, sparsity, pattern, calibration, sequential, include, ex
     problems = Problems()
     if not isinstance(model, nn.Module):
         problems.add(f"model must be a torch.nn.Module, got {type(model).__name__}", type_error=True)
+    check_selector(problems, "include", include)
+    check_selector(problems, "exclude", exclude)
     entry, options, nm = _check_arguments(problems, method, sparsity, pattern, sequential, method_options)
     calibrated = entry.statistics != "none"
 
     targets = find_targets(model, include, exclude)
+    check_weights_usable(problems, model)
+    problems.raise_if_any()
     runner = find_causal_lm(model, lm) if calibrated else None
     stack = None
     if calibrated and sequential:
@@ -114,11 +121,46 @@ def _plan(model, method, sparsity, pattern, calibration, sequential, include, ex
             log.info("sequential mode: pruning the %d targets inside %r, skipping %s", len(targets) - len(outside), stack.name, outside)
             targets = [t for t in targets if stack.contains(t)]
     validate_selection(targets, sparsity, options.get("scope", "layer"), pattern)
+    # pruning again: masks only grow, so the new request must be reachable on top of the current masks
+    scope = "layer" if options.get("adaptive") else options.get("scope", "layer")
+    check_existing_masks(problems, targets, MaskRegistry.of(model).current(targets), sparsity, scope, nm, pattern)
+    problems.raise_if_any()
     batches = as_batches(calibration) if calibrated else []
+    if batches:
+        check_token_ids(batches, model)
     if not calibrated and calibration is not None:
         log.info("%s pruning needs no calibration data; ignoring it", entry.name)
     job = Job(entry, sparsity, pattern, nm, options, MaskRegistry.of(model), options["progress"])
     return Plan(job, targets, sequential and calibrated, stack, batches, runner)
+
+
+def is_pattern_int(pattern: Any) -> bool:
+    return isinstance(pattern, int) and not isinstance(pattern, bool)
+
+
+def check_token_ids(batches: Sequence[dict], model: nn.Module) -> None:
+    """Every calibration token id is in [0, vocabulary size): an id out of range would otherwise fail deep
+    inside the embedding with a bare IndexError."""
+    get_in = getattr(model, "get_input_embeddings", None)
+    if not callable(get_in):
+        inner = getattr(model, "model", None)  # a LightningModule such as PrunableLM around an HF model
+        get_in = getattr(inner, "get_input_embeddings", None)
+    try:
+        embedding = get_in() if callable(get_in) else None
+    except (NotImplementedError, AttributeError):
+        embedding = None
+    size = getattr(embedding, "num_embeddings", None)
+    for i, batch in enumerate(batches):
+        ids = batch["input_ids"]
+        if ids.is_floating_point():
+            raise TypeError(f"calibration item {i}: input_ids must be integer token ids, got dtype {ids.dtype}")
+        if ids.numel() == 0:
+            continue
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or (size is not None and high >= size):
+            bad = low if low < 0 else high
+            raise ValueError(f"calibration item {i} has token id {bad}, but the model's vocabulary has {size} ids "
+                             f"(0..{size - 1 if size else '?'}): was it tokenised with another tokenizer?")
 
 
 # -- running a plan ------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from .validation import Problems, check_choice, check_sparsity, is_int
+from .validation import Problems, check_choice, check_sparsity, is_int, is_number
 
 ScheduleKind = Literal["cubic", "linear", "exponential", "constant"]
 SCHEDULE_KINDS = ("cubic", "linear", "exponential", "constant")
@@ -67,8 +67,8 @@ class SparsitySchedule:
             problems.add(f"end_step ({self.end_step}) must be greater than start_step ({self.start_step})")
         if not is_int(self.every) or self.every <= 0:
             problems.add(f"every must be an integer > 0, got {self.every!r}")
-        if isinstance(self.exponent, bool) or not isinstance(self.exponent, (int, float)) or not self.exponent > 0:
-            problems.add(f"exponent must be a number > 0, got {self.exponent!r}")
+        if not is_number(self.exponent) or not 0 < self.exponent < math.inf:
+            problems.add(f"exponent must be a finite number > 0, got {self.exponent!r}")
         problems.raise_if_any()
 
     @property

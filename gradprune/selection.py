@@ -3,7 +3,7 @@
 The rule, in one place:
 
 - In every comparison group exactly ``exact_count(sparsity, group_size) = floor(sparsity * size + 0.5)``
-  elements are pruned: the lowest scores, ties broken by position (lower index first, and for the
+  (at most ``size - 1``: rounding never empties a group) elements are pruned: the lowest scores, ties broken by position (lower index first, and for the
   ``global`` scope earlier targets first). The group is each weight tensor (``layer``), all targets
   together (``global``) or each output row (``row``, Wanda's group).
 - Masks are monotone: weights pruned by an earlier mask are pruned again first (their score is treated as
@@ -41,8 +41,11 @@ def exact_count(sparsity: float, size: int, rounding: Rounding = "nearest") -> i
     """How many of ``size`` elements a group at ``sparsity`` prunes: round half up, or with
     ``rounding="floor"`` ``int(sparsity * size)`` (the Wanda reference's per-row count)."""
     if rounding == "floor":
-        return int(sparsity * size)
-    return int(math.floor(sparsity * size + 0.5))
+        count = int(sparsity * size)
+    else:
+        count = int(math.floor(sparsity * size + 0.5))
+    # rounding never removes a whole group unless 100% was asked for (a 1-weight row at 0.5, say)
+    return min(count, size - 1) if sparsity < 1 and size > 0 else count
 
 
 def validate_selection(targets: Sequence[Target], sparsity: float, scope: str, pattern: str,

@@ -11,6 +11,7 @@ full module name (``re.fullmatch``); a list matches a name exactly or as a ``.su
 """
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from typing import Sequence, Union
@@ -24,6 +25,8 @@ except ImportError:  # pragma: no cover
     Conv1D = None
 
 Selector = Union[str, Sequence[str], None]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_HEAD_NAMES = ("lm_head", "output", "embed_out", "classifier", "score")
 
@@ -128,12 +131,16 @@ def find_targets(model: nn.Module, include: Selector = None, exclude: Selector =
             raise ValueError(f"{argument}={selector!r} matches no module of the model; module names are: {sample}")
 
     heads = _head_names(model)
-    targets = []
+    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    targets, tied = [], []
     for name, module in model.named_modules():
         if not name or not is_prunable(module):
             continue
         if include is not None:
             if not _matches(name, include):
+                continue
+            if id(getattr(module, "weight", None)) in embedding_weights:  # an embedding is never a target
+                tied.append(name)
                 continue
         elif name in heads:
             continue
@@ -142,7 +149,15 @@ def find_targets(model: nn.Module, include: Selector = None, exclude: Selector =
         transposed = Conv1D is not None and isinstance(module, Conv1D)
         targets.append(Target(name, module, transposed))
 
+    if tied:
+        log.warning("include=%r selects %s, whose weight is tied to the input embedding: embeddings are never "
+                    "pruned, so %s left out", include, tied, "it is" if len(tied) == 1 else "they are")
     if not targets:
+        if tied:
+            raise ValueError(
+                f"include={include!r} selects only {tied}, whose weight is the input embedding's (tied "
+                f"embeddings); embeddings are never targets. Untie them (tie_word_embeddings=False) or choose other modules"
+            )
         raise ValueError(
             f"no prunable Linear/Conv1D weights found (include={include!r}, exclude={exclude!r}); "
             f"module names are: {sample}"

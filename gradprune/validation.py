@@ -5,8 +5,13 @@ call without reading the source.
 """
 from __future__ import annotations
 
+import difflib
 import math
-from typing import Iterable
+import numbers
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 
 class Problems:
@@ -30,13 +35,14 @@ class Problems:
 
 
 def is_int(value: object) -> bool:
-    """An integer and not a bool (``True`` is an ``int`` to Python, never a count or a step to us)."""
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An integer and not a bool (``True`` is an ``int`` to Python, never a count or a step to us); numpy
+    integer scalars count."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and type(value).__name__ != "bool_"
 
 
 def check_sparsity(problems: Problems, name: str, value: object) -> None:
     """A sparsity is a real number in [0, 1): 1.0 would remove every weight."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not is_number(value):
         problems.add(f"{name} must be a number in [0, 1), got {value!r} ({type(value).__name__})", type_error=True)
     elif math.isnan(value) or not 0.0 <= value < 1.0:
         problems.add(f"{name} must be in [0, 1), got {value!r}")
@@ -77,12 +83,17 @@ def check_pattern(problems: Problems, pattern: object, sparsity_name: str, spars
     Problems go to ``problems``; returns the parsed (N, M), or None for 'unstructured' or a bad pattern.
     A sparsity that is not a number is left to :func:`check_sparsity`.
     """
+    if is_int(pattern) and pattern >= 60:
+        n, m = divmod(int(pattern), 60)
+        problems.add(f"pattern={pattern!r} is a number: YAML 1.1 reads an unquoted N:M such as {n}:{m} as the base-60 "
+                     f"integer {pattern}; quote it (pattern: '{n}:{m}') or pass a string")
+        return None
     try:
         nm = parse_pattern(pattern)
     except ValueError as exc:
         problems.add(str(exc))
         return None
-    if nm is None or isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+    if nm is None or not is_number(sparsity):
         return nm
     n, m = nm
     if exact and abs(sparsity - n / m) > 1e-9:
@@ -91,3 +102,160 @@ def check_pattern(problems: Problems, pattern: object, sparsity_name: str, spars
     elif not exact and sparsity > n / m + 1e-9:
         problems.add(f"{sparsity_name} {sparsity} is above what pattern {pattern!r} allows ({n}/{m} = {n / m:g})")
     return nm
+
+
+# -- added for issue 14: numbers, selectors, sources, weights and masks a call would act on --------------
+def is_number(value: object) -> bool:
+    """A real number and not a bool (numpy scalars count)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and type(value).__name__ != "bool_"
+
+
+def check_number(problems: Problems, name: str, value: object, *, low: Optional[float] = None,
+                 high: Optional[float] = None, low_open: bool = False, high_open: bool = False,
+                 integer: bool = False) -> bool:
+    """A finite real number (an int if ``integer``) within [low, high] (open ends with ``low_open`` /
+    ``high_open``). Problems go to ``problems``; returns whether the value passed."""
+    kind = "an integer" if integer else "a finite number"
+    lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+    hi = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
+    allowed = kind + (" " + " and ".join(x for x in (lo, hi) if x) if lo or hi else "")
+    if not (is_int(value) if integer else is_number(value)):
+        problems.add(f"{name} must be {allowed}, got {value!r} ({type(value).__name__})", type_error=True)
+        return False
+    if not math.isfinite(value):
+        problems.add(f"{name} must be {allowed}, got {value!r}")
+        return False
+    if low is not None and (value <= low if low_open else value < low) or \
+            high is not None and (value >= high if high_open else value > high):
+        problems.add(f"{name} must be {allowed}, got {value!r}")
+        return False
+    return True
+
+
+def check_bool(problems: Problems, name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        problems.add(f"{name} must be True or False, got {value!r} ({type(value).__name__})", type_error=True)
+
+
+def check_selector(problems: Problems, name: str, value: object) -> None:
+    """``include`` / ``exclude``: None, a regex string, or a non-empty list of module names / suffixes.
+    What can only be checked against a model (a selector matching nothing) is left to find_targets."""
+    if value is None:
+        return
+    if isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as exc:
+            problems.add(f"{name}={value!r} is not a valid regular expression: {exc}")
+        return
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        problems.add(f"{name} must be None, a regex string or a list of module names, got {value!r}", type_error=True)
+    elif not value:
+        problems.add(f"{name} must not be an empty list (use None for the default)")
+
+
+def close_matches(word: str, choices: Iterable[str]) -> str:
+    """' (did you mean ...?)' for the nearest of ``choices``, or ''."""
+    near = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {near[0]!r}?)" if near else ""
+
+
+MODEL_SOURCE_FORMS = ("a local Hugging Face model directory", "a .gguf file", "'smollm2'",
+                      "a hub id such as 'org/name' (needs network)", "a config dict with a 'model_type'")
+
+
+def offline() -> bool:
+    return any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def looks_like_path(source: str) -> bool:
+    """Whether a model / tokenizer source string is meant as a local path rather than a hub id: it starts
+    like a path, ends in a file suffix, or has more or fewer than one '/' (a hub id is 'org/name' or a bare
+    name)."""
+    if source.startswith(("/", "./", "../", "~", ".\\")) or "\\" in source or os.path.isabs(source):
+        return True
+    if Path(source).suffix in (".gguf", ".bin", ".safetensors", ".json", ".pt", ".pth"):
+        return True
+    return source.count("/") > 1
+
+
+TOKENIZER_SOURCE_FORMS = ("'bytes' (built in)",) + MODEL_SOURCE_FORMS[:4]
+
+
+def check_model_source(problems: Problems, name: str, source: object, special: Sequence[str] = ("smollm2",),
+                       allowed: Sequence[str] = MODEL_SOURCE_FORMS) -> None:
+    """A model or tokenizer source string must be a special name, an existing local path, or (when online
+    and not looking like a path) a hub id. A missing local path is reported at once instead of going to
+    the hub (which would fail after retries, or with a confusing "Repo id" message)."""
+    if not isinstance(source, str) or source in special:
+        return
+    if not source:
+        problems.add(f"{name} must not be empty; allowed: {', '.join(allowed)}")
+        return
+    if os.path.exists(os.path.expanduser(source)):
+        if source.endswith(".gguf") and not os.path.isfile(os.path.expanduser(source)):
+            problems.add(f"{name}={source!r} is not a file")
+        return
+    if looks_like_path(source):
+        problems.add(f"{name}={source!r}: no such local directory or file; allowed: {', '.join(allowed)}")
+    elif offline():
+        problems.add(f"{name}={source!r}: no such local directory or file, and the hub is offline (HF_HUB_OFFLINE); "
+                     f"allowed: {', '.join(allowed)}")
+
+
+def check_weights_usable(problems: Problems, model: Any, what: str = "model") -> None:
+    """Every parameter of ``model`` is materialised (not on the meta device) and finite: pruning scores,
+    statistics and SparseGPT updates would otherwise fail half-way or spread NaN."""
+    import torch
+
+    meta, bad = [], []
+    for pname, param in model.named_parameters():
+        if param.device.type == "meta":
+            meta.append(pname)
+        elif param.is_floating_point() and not bool(torch.isfinite(param.detach()).all()):
+            bad.append(pname)
+    if meta:
+        problems.add(f"{what} has weights on the meta device (not loaded): {meta[:3]}{' ...' if len(meta) > 3 else ''}; "
+                     "load or materialise them (e.g. to_empty() then load_state_dict) before pruning")
+    if bad:
+        problems.add(f"{what} has non-finite (NaN or inf) weights in {bad[:5]}{' ...' if len(bad) > 5 else ''}; "
+                     "pruning needs finite weights (nothing was changed)")
+
+
+def check_existing_masks(problems: Problems, targets: Sequence[Any], masks: Mapping[str, Any], sparsity: float,
+                         scope: str, nm: Optional[tuple[int, int]], pattern: str, rounding: str = "nearest") -> None:
+    """The rule for pruning a model that already has masks: pruning is monotone (earlier masks are kept),
+    so the new request must still be satisfiable on top of them. Refused when the current masks already
+    prune more than ``sparsity`` in some comparison group (layer, row, or all targets for 'global') or
+    break the N:M pattern (more than N pruned in a group of M)."""
+    from .selection import exact_count
+
+    masked = [t for t in targets if t.name in masks]
+    if not masked:
+        return
+    over, broken_nm = [], []
+    if scope == "global":
+        pruned = sum(int(masks[t.name].numel() - masks[t.name].count_nonzero()) for t in masked)
+        total = sum(t.numel for t in targets)
+        if pruned > exact_count(sparsity, total, rounding):
+            over.append(f"all targets ({pruned / total:.4f})")
+    for t in masked:
+        keep = t.out_in(masks[t.name])
+        pruned_rows = (~keep).sum(dim=1)
+        if scope == "layer" and int(pruned_rows.sum()) > exact_count(sparsity, keep.numel(), rounding):
+            over.append(f"{t.name} ({int(pruned_rows.sum()) / keep.numel():.4f})")
+        elif scope == "row" and int(pruned_rows.max()) > exact_count(sparsity, keep.shape[1], rounding):
+            over.append(f"{t.name} (a row at {int(pruned_rows.max()) / keep.shape[1]:.4f})")
+        if nm is not None and keep.shape[1] % nm[1] == 0:
+            groups = (~keep).reshape(keep.shape[0], -1, nm[1]).sum(dim=-1)
+            broken = int((groups > nm[0]).sum())
+            if broken:
+                broken_nm.append(f"{t.name} ({broken} groups)")
+    if broken_nm:
+        problems.add(f"pattern={pattern!r}: earlier pruning left groups of {nm[1]} with more than {nm[0]} pruned weights "
+                     f"in {', '.join(broken_nm[:3])}{' ...' if len(broken_nm) > 3 else ''}; masks only grow, so they "
+                     f"cannot satisfy {pattern!r}. Prune a fresh copy of the model instead")
+    if over:
+        problems.add(f"sparsity={sparsity} (scope={scope!r}) is below what earlier pruning already removed in "
+                     f"{', '.join(over[:5])}{' ...' if len(over) > 5 else ''}; masks only grow, so the result would not "
+                     "be at the requested sparsity. Ask for at least the current sparsity, or prune a fresh copy")

@@ -28,7 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gradprune.data import TextDataModule  # noqa: E402
 from gradprune.evaluate import perplexity  # noqa: E402
 from gradprune.models import load_causal_lm  # noqa: E402
-from gradprune.oneshot import METHODS, prune_oneshot, report_json  # noqa: E402
+from gradprune.corpus import is_local, local_missing  # noqa: E402
+from gradprune.oneshot import METHODS, check_arguments, prune_oneshot, report_json  # noqa: E402
+from gradprune.validation import Problems, check_model_source, check_number  # noqa: E402
 
 PROMPT = "Write a Python function that returns True if a number is even."
 
@@ -74,17 +76,54 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    torch.manual_seed(args.seed)
+def method_options(args: argparse.Namespace) -> dict:
     options = {}
     if args.scope:
         options["scope"] = args.scope
     if args.adaptive:
         options["adaptive"] = True
+    return options
 
-    model = load_causal_lm(args.model)
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every argument, before anything is loaded: the pruning arguments by the library's own check (the
+    one prune_oneshot runs), the counts and paths here. Raises ValueError/TypeError listing all problems."""
+    problems = Problems()
+    check_model_source(problems, "--model", args.model)
+    for name, value, low in (("--nsamples", args.nsamples, 1), ("--seqlen", args.seqlen, 1), ("--batch-size", args.batch_size, 1),
+                             ("--calib-tokens", args.calib_tokens, 1), ("--eval-windows", args.eval_windows, 0)):
+        check_number(problems, name, value, low=low, integer=True)
+    for entry in args.calib or []:
+        if not is_local(entry) or local_missing(entry):
+            problems.add(f"--calib {entry!r}: no such file, directory or glob (give local text / .jsonl files)")
+    if args.calib is not None and not args.calib:
+        problems.add("--calib needs at least one FILE/DIR/JSONL (or leave it out for the stdlib training files)")
+    try:
+        check_arguments(args.method, args.sparsity, args.pattern, not args.whole_model, **method_options(args))
+    except (ValueError, TypeError) as exc:
+        problems.add(str(exc).replace("invalid arguments:\n  - ", "").replace("\n  - ", "; "))
+    problems.raise_if_any()
+
+
+def check_context(model, seqlen: int) -> None:
+    """--seqlen must fit the model's context (checked right after loading, before any evaluation)."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and seqlen > limit:
+        raise ValueError(f"--seqlen {seqlen} is longer than the model's context of {limit} tokens (max_position_embeddings); "
+                         f"use --seqlen {limit} or less")
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    try:
+        check_args(args)
+    except (ValueError, TypeError) as exc:
+        raise SystemExit(f"prune_oneshot.py: error: {exc}") from None
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    torch.manual_seed(args.seed)
+    options = method_options(args)
+
+    # data first (cheap, and a bad --calib file fails before the model loads)
     eval_tokens = args.eval_windows * args.seqlen
     data = data_module("stdlib", args.model, args.seqlen, args.calib_tokens, eval_tokens or None)
     tokenizer = data.tokenizer
@@ -94,6 +133,9 @@ def main(argv=None) -> dict:
         windows = torch.cat(calib_data.calibration_batches(args.nsamples, args.seqlen, seed=args.seed))
         calibration = list(windows.split(args.batch_size))
     heldout = data.heldout_ids()[:eval_tokens] if args.eval_windows else None
+
+    model = load_causal_lm(args.model)
+    check_context(model, args.seqlen)
 
     result = {"args": vars(args)}
     if heldout is not None:

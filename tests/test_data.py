@@ -323,7 +323,7 @@ def test_missing_local_sources_and_unloadable_tokenizers_are_named(tmp_path):
         TextDataModule(sources=str(tmp_path / "nope.txt"))
     with pytest.raises(ValueError, match=r"sources entry '.*\*\.jsonl' looks like a local path"):
         TextDataModule(sources=str(tmp_path / "*.jsonl"))
-    with pytest.raises(ValueError, match=r"tokenizer='.*no-such-dir' could not be loaded.*allowed: 'bytes'"):
+    with pytest.raises(ValueError, match=r"tokenizer='.*no-such-dir': no such local directory or file; allowed: 'bytes'"):
         TextDataModule(tokenizer=str(tmp_path / "no-such-dir"))
 
 

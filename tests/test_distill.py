@@ -177,7 +177,7 @@ def test_checkpoint_has_no_teacher_and_resume_rebuilds_it(tmp_path):
     [
         (dict(alpha=1.5), r"distill.alpha must be in \[0, 1\], got 1.5"),
         (dict(alpha=-0.1), r"distill.alpha must be in \[0, 1\], got -0.1"),
-        (dict(temperature=0.0), r"distill.temperature must be > 0, got 0.0"),
+        (dict(temperature=0.0), r"distill.temperature must be > 0 and finite, got 0.0"),
         (dict(teacher_dtype="int8"), r"distill.teacher_dtype must be one of"),
     ],
 )

@@ -44,8 +44,31 @@ def test_include_regex_and_suffix_list(llama):
     assert len(rest) == 12 and not any(n.endswith("down_proj") for n in rest)
 
 
-def test_include_can_select_the_head_explicitly(llama):
-    assert [t.name for t in find_targets(llama, include=["lm_head"])] == ["lm_head"]
+def test_include_can_select_an_untied_head_explicitly():
+    from tiny_models import tiny_llama
+
+    untied = tiny_llama()
+    untied.lm_head.weight = torch.nn.Parameter(untied.lm_head.weight.detach().clone())
+    assert [t.name for t in find_targets(untied, include=["lm_head"])] == ["lm_head"]
+
+
+def test_a_head_tied_to_the_embedding_is_never_a_target(llama):
+    """Issue 14 item 7: pruning a tied head would zero the input embedding too."""
+    with pytest.raises(ValueError, match=r"include=\['lm_head'\] selects only \['lm_head'\].*tied embeddings"):
+        find_targets(llama, include=["lm_head"])
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("gradprune.targets")
+    logger.addHandler(handler)
+    try:
+        names = [t.name for t in find_targets(llama, include=".*")]
+    finally:
+        logger.removeHandler(handler)
+    assert "lm_head" not in names and names
+    assert any("tied to the input embedding" in r.getMessage() for r in records)
 
 
 def test_no_match_lists_module_names(llama):

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from ..calibration import HessianStats
 from ..selection import drop_lowest, drop_lowest_per_row, exact_count
 from ..targets import Target
-from ..validation import Problems, check_choice
+from ..validation import Problems, check_choice, is_int
 from .base import HESSIAN_DTYPES, NM, Job, Method
 
 log = logging.getLogger(__name__)
@@ -115,6 +115,11 @@ def prune_sparsegpt(job: Job, targets: Sequence[Target], stats: MutableMapping[s
             t.out_in(t.weight), stats[t.name].hessian(), sparsity, job.nm, job.options["blocksize"],
             job.options["percdamp"], t.out_in(current[t.name]) if t.name in current else None,
         )
+        if not bool(torch.isfinite(new_weight).all()):  # checked before this layer changes (issue 14)
+            raise ValueError(
+                f"SparseGPT produced non-finite weights for {t.name!r} (from non-finite calibration activations or "
+                f"Hessian); this layer was left unchanged. Check the model's weights and the calibration data"
+            )
         with torch.no_grad():
             t.weight.copy_(t.stored(new_weight).to(t.weight.dtype))
         job.registry.update([t], {t.name: t.stored(keep).contiguous()})
@@ -123,7 +128,7 @@ def prune_sparsegpt(job: Job, targets: Sequence[Target], stats: MutableMapping[s
 
 def _check(problems: Problems, options: Mapping[str, Any], nm: NM, pattern: str) -> None:
     blocksize, percdamp = options["blocksize"], options["percdamp"]
-    blocksize_ok = not isinstance(blocksize, bool) and isinstance(blocksize, int) and blocksize >= 1
+    blocksize_ok = is_int(blocksize) and blocksize >= 1
     if not blocksize_ok:
         problems.add(f"blocksize must be a positive int, got {blocksize!r}")
     if not isinstance(percdamp, (int, float)) or isinstance(percdamp, bool) or not 0 <= percdamp < math.inf:

@@ -79,6 +79,9 @@ def prune_wanda(job: Job, targets: Sequence[Target], stats: Mapping[str, Channel
 def _check(problems: Problems, options: Mapping[str, Any], nm: NM, pattern: str) -> None:
     if not isinstance(options["adaptive"], bool):
         problems.add(f"adaptive must be True or False, got {options['adaptive']!r}")
+    tolerance = options["alpha_tolerance"]  # bounds the bisection: it stops once the bracket is below it
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 < tolerance < 1:
+        problems.add(f"alpha_tolerance must be a number in (0, 1), got {tolerance!r}")
     if options["adaptive"] and nm is not None:
         problems.add(f"adaptive=True (Wanda's adaptive variant) works only with pattern='unstructured', got {pattern!r}")
     if options["adaptive"] and options["allocation"] == "owl":

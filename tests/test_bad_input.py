@@ -1,0 +1,454 @@
+"""Issue 14: bad input fails fast, with a named error, and changes nothing.
+
+Each item of the issue has a test here (or next to the code it concerns, as noted), and
+``test_public_entries_reject_bad_input`` is the table over the public entries: for every case the
+exception type, a ``match=`` on the message, and the model's state dict and masks compared before and
+after. New public arguments join the table when they are added.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gradprune import MaskRegistry, PrunableLM, SparsitySchedule, TextDataModule, find_targets, prune, prune_oneshot, select_masks
+from gradprune.callbacks import (GradualPruningCallback, MagnitudePruningCallback, SparseGPTPruningCallback,
+                                 SparsityMonitor, WandaPruningCallback)
+from gradprune.distill import Distillation
+from gradprune.masks import pack_mask
+from gradprune.models import load_causal_lm
+from gradprune.validation import Problems, check_pattern
+from tiny_models import TINY_LLAMA, tiny_llama
+
+
+def calib():
+    return [torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))]
+
+
+def snapshot(model):
+    registry = MaskRegistry.of(model)
+    return copy.deepcopy(model.state_dict()), {k: v.clone() for k, v in registry.masks.items()}
+
+
+def assert_unchanged(model, before):
+    state, masks = before
+    after = model.state_dict()
+    assert set(after) == set(state)
+    assert all(torch.equal(state[k], v) or (state[k].isnan() == v.isnan()).all() for k, v in after.items())
+    now = MaskRegistry.of(model).masks
+    assert set(now) == set(masks) and all(torch.equal(masks[k], now[k]) for k in masks)
+
+
+# -- item 5: pruning a model that already has masks -------------------------------------------------------------
+def test_pruning_again_to_a_pattern_the_masks_break_is_refused():
+    model = tiny_llama()
+    prune_oneshot(model, "wanda", 0.5, calibration=calib(), progress=False)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"pattern='2:4': earlier pruning left groups of 4 with more than 2 pruned.*masks only grow"):
+        prune_oneshot(model, "wanda", 0.5, "2:4", calibration=calib(), progress=False)
+    assert_unchanged(model, before)
+
+
+def test_pruning_again_below_the_current_sparsity_is_refused():
+    model = tiny_llama()
+    prune_oneshot(model, "magnitude", 0.7)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"sparsity=0.5 \(scope='row'\) is below what earlier pruning already removed"):
+        prune_oneshot(model, "wanda", 0.5, calibration=calib(), progress=False)
+    assert_unchanged(model, before)
+
+
+def test_pruning_again_to_more_is_monotone_and_the_report_holds():
+    model = tiny_llama()
+    first = prune_oneshot(model, "magnitude", 0.3)
+    second = prune_oneshot(model, "wanda", 0.5, calibration=calib(), progress=False)
+    assert all((first["masks"][k] | ~second["masks"][k]).all() for k in first["masks"])  # nothing revived
+    assert second["global"]["sparsity"] == pytest.approx(0.5, abs=0.01)
+    # the same request twice is a no-op, and a 2:4 request on 2:4 masks is allowed
+    again = prune_oneshot(model, "wanda", 0.5, calibration=calib(), progress=False)
+    assert all(torch.equal(again["masks"][k], second["masks"][k]) for k in again["masks"])
+    nm = tiny_llama()
+    prune_oneshot(nm, "magnitude", 0.5, "2:4")
+    report = prune_oneshot(nm, "wanda", 0.5, "2:4", calibration=calib(), progress=False)
+    for mask in report["masks"].values():
+        assert ((~mask).reshape(mask.shape[0], -1, 4).sum(-1) <= 2).all()
+
+
+# -- item 6: calibration ids out of range -------------------------------------------------------------------------
+def test_calibration_ids_out_of_range_name_the_item_and_the_vocabulary():
+    model = tiny_llama()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"calibration item 1 has token id 300, but the model's vocabulary has 128 ids"):
+        prune_oneshot(model, "wanda", 0.5, calibration=[torch.tensor([[1, 2]]), torch.tensor([[3, 300]])])
+    assert_unchanged(model, before)
+
+
+# -- item 7: tied embeddings (also tests/test_targets.py) ------------------------------------------------------
+def test_prune_with_include_everything_leaves_a_tied_embedding_alone():
+    model = tiny_llama()
+    embedding = model.get_input_embeddings().weight.detach().clone()
+    prune(model, 0.5, include=".*")
+    assert torch.equal(model.get_input_embeddings().weight, embedding)
+    with pytest.raises(ValueError, match="tied embeddings"):
+        prune(tiny_llama(), 0.5, include=["lm_head"])
+
+
+# -- item 8: non-finite weights --------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "magnitude"])
+def test_a_nan_weight_in_a_later_block_is_refused_before_any_block_is_pruned(method):
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"non-finite \(NaN or inf\) weights in \['model.layers.1.mlp.up_proj.weight'\]"):
+        prune_oneshot(model, method, 0.5, calibration=calib(), progress=False)
+    assert_unchanged(model, before)
+
+
+def test_sparsegpt_refuses_a_non_finite_update_and_leaves_that_layer():
+    from gradprune.calibration import HessianStats  # noqa: F401  (the statistics type the method reads)
+    from gradprune.methods.base import Job
+    from gradprune.methods.sparsegpt import SPARSEGPT, prune_sparsegpt
+    from gradprune.targets import find_targets
+
+    model = tiny_llama(layers=1)
+    target = find_targets(model)[0]
+
+    class NaNHessian:
+        def hessian(self):
+            h = torch.eye(target.in_features, dtype=torch.float64)
+            h[0, 0] = float("nan")
+            return h
+
+    weight = target.weight.detach().clone()
+    registry = MaskRegistry.of(model)
+    job = Job(SPARSEGPT, 0.5, "unstructured", None, {"blocksize": 128, "percdamp": 0.01, "hessian_dtype": "float32"}, registry, False)
+    with pytest.raises((ValueError, RuntimeError), match=r"non-finite|not positive definite"):
+        prune_sparsegpt(job, [target], {target.name: NaNHessian()})
+    assert torch.equal(target.weight, weight) and not registry.masks
+
+
+# -- item 11: meta device ------------------------------------------------------------------------------------------
+def test_a_model_on_the_meta_device_is_refused_by_name():
+    with torch.device("meta"):
+        model = tiny_llama()
+    with pytest.raises(ValueError, match="weights on the meta device"):
+        prune_oneshot(model, "magnitude", 0.5)
+
+
+# -- the table: every public entry, bad input -> named error, nothing changed --------------------------------------
+
+MISSING = "/no/such/dir/model"
+
+
+def _magnitude(t):
+    return t.weight.detach().abs()
+
+
+def _load_masks(model, state):
+    MaskRegistry.of(model).load_state_dict(state)
+
+
+def _corrupt_masks(model):
+    (t, *_) = find_targets(model)
+    return {t.name: {"shape": list(t.weight.shape), "bits": pack_mask(torch.ones_like(t.weight, dtype=torch.bool))[:-3]}}
+
+
+def _pattern(value):
+    problems = Problems()
+    check_pattern(problems, value, "sparsity", 0.5)
+    problems.raise_if_any()
+
+
+# (id, call(model), exception, match). ``model`` is a tiny LLaMA (tied embeddings) with one earlier
+# magnitude pruning at 0.5, so the "nothing changed" check covers existing masks too.
+CASES = [
+    # prune_oneshot
+    ("oneshot-sparsity-inf", lambda m: prune_oneshot(m, "magnitude", float("inf")), ValueError, r"sparsity must be in \[0, 1\), got inf"),
+    ("oneshot-sparsity-nan", lambda m: prune_oneshot(m, "magnitude", float("nan")), ValueError, r"sparsity must be in \[0, 1\), got nan"),
+    ("oneshot-sparsity-str", lambda m: prune_oneshot(m, "magnitude", "0.5"), TypeError, r"sparsity must be a number in \[0, 1\), got '0.5' \(str\)"),
+    ("oneshot-sparsity-bool", lambda m: prune_oneshot(m, "magnitude", True), TypeError, r"sparsity must be a number.*got True \(bool\)"),
+    ("oneshot-method", lambda m: prune_oneshot(m, "Wanda", 0.6), ValueError, r"method must be one of \[.*'wanda'.*\], got 'Wanda'"),
+    ("oneshot-scope", lambda m: prune_oneshot(m, "magnitude", 0.6, scope="Row"), ValueError, r"scope must be one of \['layer', 'global', 'row'\], got 'Row'"),
+    ("oneshot-pattern-yaml-int", lambda m: prune_oneshot(m, "magnitude", 0.5, pattern=124), ValueError, r"pattern=124 is a number: YAML 1.1 reads an unquoted N:M such as 2:4.*quote it"),
+    ("oneshot-include-int", lambda m: prune_oneshot(m, "magnitude", 0.6, include=5), TypeError, r"include must be None, a regex string or a list of module names, got 5"),
+    ("oneshot-sequential", lambda m: prune_oneshot(m, "wanda", 0.6, calibration=calib(), sequential="yes"), TypeError, r"sequential must be True or False, got 'yes'"),
+    ("oneshot-lower-than-masks", lambda m: prune_oneshot(m, "magnitude", 0.3), ValueError, r"sparsity=0.3 \(scope='layer'\) is below what earlier pruning already removed"),
+    ("oneshot-nm-over-masks", lambda m: prune_oneshot(m, "magnitude", 0.5, "2:4"), ValueError, r"pattern='2:4': earlier pruning left groups of 4"),
+    ("oneshot-calib-ids", lambda m: prune_oneshot(m, "wanda", 0.6, calibration=[torch.tensor([[1, 128]])], scope="layer", sequential=False), ValueError, r"calibration item 0 has token id 128, but the model's vocabulary has 128 ids"),
+    ("oneshot-calib-negative", lambda m: prune_oneshot(m, "wanda", 0.6, calibration=[torch.tensor([[-1, 3]])], scope="layer", sequential=False), ValueError, r"calibration item 0 has token id -1"),
+    ("oneshot-alpha-tolerance", lambda m: prune_oneshot(m, "wanda", 0.6, calibration=calib(), adaptive=True, alpha_tolerance=0), ValueError, r"alpha_tolerance must be a number in \(0, 1\), got 0"),
+    ("oneshot-percdamp-inf", lambda m: prune_oneshot(m, "sparsegpt", 0.6, calibration=calib(), percdamp=float("inf")), ValueError, r"percdamp must be a number >= 0, got inf"),
+    ("oneshot-tied-head", lambda m: prune_oneshot(m, "magnitude", 0.6, include=["lm_head"]), ValueError, r"tied embeddings"),
+    # prune, find_targets, select_masks, masks from a file
+    ("prune-tied-head", lambda m: prune(m, 0.6, include=["lm_head"]), ValueError, r"include=\['lm_head'\] selects only \['lm_head'\]"),
+    ("prune-scope", lambda m: prune(m, 0.6, scope="rows"), ValueError, r"scope must be one of"),
+    ("find-targets-nomatch", lambda m: find_targets(m, include=["qproj"]), ValueError, r"include=\['qproj'\] matches no module"),
+    ("find-targets-bad-regex", lambda m: find_targets(m, include="(("), ValueError, r"include='\(\(' is not a valid regular expression"),
+    ("select-masks-pattern", lambda m: select_masks(find_targets(m), 0.75, _magnitude, "layer", "2:4"), ValueError, r"final|sparsity 0.75 is above what pattern '2:4' allows"),
+    ("masks-corrupted", lambda m: _load_masks(m, _corrupt_masks(m)), ValueError, r"checkpoint mask for 'model.layers.0.self_attn.q_proj' is corrupted: expected \d+ uint8 bytes"),
+    ("pattern-check-int", lambda m: _pattern(124), ValueError, r"quote it \(pattern: '2:4'\)"),
+    # schedules and callbacks: checked at construction
+    ("schedule-exponent-inf", lambda m: SparsitySchedule("cubic", 0.5, end_step=10, exponent=float("inf")), ValueError, r"exponent must be a finite number > 0, got inf"),
+    ("schedule-every-float", lambda m: SparsitySchedule("cubic", 0.5, end_step=10, every=2.5), ValueError, r"every must be an integer > 0, got 2.5"),
+    ("gradual-end-step-str", lambda m: GradualPruningCallback(0.5, end_step="0.8"), TypeError, r"end_step must be an int \(optimizer step\) or a float in \(0, 1\].*got '0.8' \(str\)"),
+    ("gradual-end-step-float", lambda m: GradualPruningCallback(0.5, end_step=1.5), ValueError, r"end_step as a float is a fraction of the run and must be in \(0, 1\], got 1.5"),
+    ("gradual-include-int", lambda m: GradualPruningCallback(0.5, include=5), TypeError, r"include must be None, a regex string or a list of module names, got 5"),
+    ("gradual-exclude-empty", lambda m: GradualPruningCallback(0.5, exclude=[]), ValueError, r"exclude must not be an empty list"),
+    ("gradual-stat-batches", lambda m: GradualPruningCallback(0.5, stat_batches=0), ValueError, r"stat_batches must be an int >= 1"),
+    ("gradual-final-sparsity", lambda m: GradualPruningCallback(1.0), ValueError, r"final_sparsity must be in \[0, 1\), got 1.0"),
+    ("gradual-pattern-yaml-int", lambda m: GradualPruningCallback(0.5, pattern=124), ValueError, r"pattern=124 is a number"),
+    ("monitor-include-int", lambda m: SparsityMonitor(include=5), TypeError, r"include must be None, a regex string or a list of module names, got 5"),
+    ("monitor-per-layer", lambda m: SparsityMonitor(per_layer="no"), TypeError, r"per_layer must be True or False, got 'no'"),
+    ("wanda-cb-seqlen", lambda m: WandaPruningCallback(0.5, seqlen=0), ValueError, r"seqlen must be a positive integer, got 0"),
+    ("magnitude-cb-include", lambda m: MagnitudePruningCallback(0.5, include=3.0), TypeError, r"include must be None"),
+    ("sparsegpt-cb-blocksize", lambda m: SparseGPTPruningCallback(0.5, blocksize=0), ValueError, r"blocksize must be a positive int, got 0"),
+    # PrunableLM, Distillation, TextDataModule, loading
+    ("lm-learning-rate-bool", lambda m: PrunableLM(model=dict(TINY_LLAMA), vocab_size=128, learning_rate=True), TypeError, r"learning_rate must be a finite number > 0, got True \(bool\)"),
+    ("lm-learning-rate-inf", lambda m: PrunableLM(model=dict(TINY_LLAMA), vocab_size=128, learning_rate=float("inf")), ValueError, r"learning_rate must be a finite number > 0, got inf"),
+    ("lm-weight-decay-inf", lambda m: PrunableLM(model=dict(TINY_LLAMA), vocab_size=128, weight_decay=float("inf")), ValueError, r"weight_decay must be a finite number >= 0, got inf"),
+    ("lm-betas", lambda m: PrunableLM(model=dict(TINY_LLAMA), vocab_size=128, betas=(1.5, 0.9)), ValueError, r"betas\[0\] must be a finite number >= 0 and < 1, got 1.5"),
+    ("lm-fused", lambda m: PrunableLM(model=dict(TINY_LLAMA), vocab_size=128, fused_adamw="no"), TypeError, r"fused_adamw must be True or False, got 'no'"),
+    ("lm-export-dir", lambda m: PrunableLM(model=dict(TINY_LLAMA), vocab_size=128, export_dir=123), TypeError, r"export_dir must be None or a directory path \(str\), got 123"),
+    ("lm-missing-path", lambda m: PrunableLM(model=MISSING), ValueError, r"model='/no/such/dir/model': no such local directory or file; allowed: a local Hugging Face model directory"),
+    ("lm-missing-relative-offline", lambda m: PrunableLM(model="models/tiny"), ValueError, r"model='models/tiny': no such local directory or file, and the hub is offline"),
+    ("lm-config-typo", lambda m: PrunableLM(model={**TINY_LLAMA, "num_hiden_layers": 2}, vocab_size=128), ValueError, r"unknown key\(s\): 'num_hiden_layers' \(did you mean 'num_hidden_layers'\?\)"),
+    ("lm-config-type", lambda m: PrunableLM(model={**TINY_LLAMA, "model_type": "lama"}, vocab_size=128), ValueError, r"model_type='lama' is not a transformers model type \(did you mean 'llama'\?\)"),
+    ("lm-model-int", lambda m: PrunableLM(model=5), TypeError, r"model must be a model source .* got int"),
+    ("load-gguf-missing", lambda m: load_causal_lm("/no/such/file.gguf"), ValueError, r"no such local directory or file"),
+    ("distill-teacher-missing", lambda m: Distillation(teacher=MISSING), ValueError, r"distill.teacher='/no/such/dir/model': no such local directory or file"),
+    ("distill-temperature-inf", lambda m: Distillation(temperature=float("inf")), ValueError, r"distill.temperature must be > 0 and finite, got inf"),
+    ("data-tokenizer-missing", lambda m: TextDataModule(tokenizer=MISSING), ValueError, r"tokenizer='/no/such/dir/model': no such local directory or file; allowed: 'bytes'"),
+    ("data-block-size", lambda m: TextDataModule(block_size=0), ValueError, r"block_size must be a positive integer \(>= 1\), got 0"),
+    ("data-val-fraction", lambda m: TextDataModule(val_fraction=float("nan")), ValueError, r"val_fraction must be in \(0, 1\)"),
+]
+
+
+@pytest.fixture
+def pruned_llama():
+    model = tiny_llama()
+    prune_oneshot(model, "magnitude", 0.5)
+    return model
+
+
+@pytest.mark.parametrize("call, error, match", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_public_entries_reject_bad_input(pruned_llama, call, error, match):
+    before = snapshot(pruned_llama)
+    with pytest.raises(error, match=match):
+        call(pruned_llama)
+    assert_unchanged(pruned_llama, before)
+
+
+def test_numpy_scalars_are_numbers():
+    model = tiny_llama()
+    report = prune_oneshot(model, "magnitude", np.float64(0.5))
+    assert report["global"]["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    callback = GradualPruningCallback(np.float32(0.5), end_step=np.int64(10), every=np.int64(2))
+    assert callback.end_step == 10 and isinstance(callback.end_step, int)
+    SparsitySchedule("cubic", np.float64(0.5), end_step=np.int64(10))
+
+
+# -- helpers for the Lightning / script / data items ------------------------------------------------------------
+class LogRecords:
+    """Collects log records of a logger (the suite runs with -p no:logging, so no caplog)."""
+
+    def __init__(self, name):
+        self.logger, self.records = logging.getLogger(name), []
+        self.handler = logging.Handler()
+        self.handler.emit = self.records.append
+
+    def __enter__(self):
+        self.logger.addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self.handler)
+
+    def text(self):
+        return "\n".join(r.getMessage() for r in self.records)
+
+
+# -- item 1: the one-shot script checks everything before loading ----------------------------------------------
+def _script():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "prune_oneshot.py"
+    spec = importlib.util.spec_from_file_location("prune_oneshot_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--sparsity", "1.2"], r"sparsity must be in \[0, 1\), got 1.2"),
+    (["--scope", "Row"], r"scope must be one of \['layer', 'global', 'row'\], got 'Row'"),
+    (["--pattern", "2:4", "--sparsity", "0.6"], r"sparsity 0.6 does not match pattern '2:4'"),
+    (["--seqlen", "0", "--batch-size", "0", "--eval-windows", "-1"],
+     r"--seqlen must be an integer >= 1, got 0\n.*--batch-size must be an integer >= 1, got 0\n.*--eval-windows must be an integer >= 0, got -1"),
+    (["--model", MISSING], r"--model='/no/such/dir/model': no such local directory or file"),
+    (["--calib", "/no/such/file.jsonl"], r"--calib '/no/such/file.jsonl': no such file"),
+])
+def test_script_rejects_bad_arguments_before_loading_anything(monkeypatch, argv, match):
+    script = _script()
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("loaded something before the arguments were checked")
+
+    monkeypatch.setattr(script, "load_causal_lm", must_not_run)
+    monkeypatch.setattr(script, "data_module", must_not_run)
+    with pytest.raises(SystemExit, match=match):
+        script.main(argv)
+
+
+def test_script_reads_data_before_the_model_and_checks_seqlen_against_the_context(monkeypatch):
+    script = _script()
+
+    def bad_data(*args, **kwargs):
+        raise ValueError("text_field='text' is not a field of ['x.jsonl']")
+
+    monkeypatch.setattr(script, "load_causal_lm", lambda *a, **k: pytest.fail("model loaded before the data was read"))
+    monkeypatch.setattr(script, "data_module", bad_data)
+    with pytest.raises(ValueError, match="text_field='text' is not a field"):
+        script.main(["--method", "magnitude"])
+    with pytest.raises(ValueError, match=r"--seqlen 100000 is longer than the model's context of 256 tokens"):
+        script.check_context(tiny_llama(), 100000)
+    script.check_context(tiny_llama(), 256)
+
+
+# -- item 2: unquoted N:M in YAML --------------------------------------------------------------------------------
+def test_unquoted_nm_pattern_in_yaml_is_the_pattern(tmp_path):
+    from test_cli import parse
+
+    config = tmp_path / "nm.yaml"
+    config.write_text(
+        "trainer:\n  max_steps: 4\n  callbacks:\n    - class_path: gradprune.callbacks.GradualPruningCallback\n"
+        "      init_args: {final_sparsity: 0.5, pattern: 2:4, end_step: 2, every: 1}\n"
+        "model:\n  model: {model_type: llama, hidden_size: 32}\ndata:\n  tokenizer: bytes\n"
+    )
+    parsed = parse(config)
+    assert parsed.trainer.callbacks[0].init_args.pattern == "2:4"
+    assert parsed.trainer.max_steps == 4  # plain integers are still integers
+
+
+# -- item 6: vocabulary mismatch in the Python API ------------------------------------------------------------
+def test_a_data_module_with_more_ids_than_the_model_embeds_fails_at_setup(tmp_path):
+    from lightning_helpers import tiny_module, trainer
+
+    source = tmp_path / "text.txt"
+    source.write_text("def f(x):\n    return x + 1\n" * 200)
+    module = tiny_module()
+    before = snapshot(module)
+    data = TextDataModule(sources=str(source), tokenizer="bytes", block_size=16, batch_size=2)
+    with pytest.raises(ValueError, match=r"tokenizer \('bytes'\) has 258 token ids but the model embeds only 128"):
+        trainer(tmp_path, max_steps=2, callbacks=[GradualPruningCallback(0.5, end_step=2, every=1)]).fit(module, datamodule=data)
+    assert_unchanged(module, before)
+
+
+# -- item 9: resume ----------------------------------------------------------------------------------------------
+def _checkpointed_run(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_helpers import tiny_module, token_loader, trainer
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1, filename="{step}")
+    gradual = GradualPruningCallback(0.6, start_step=1, end_step=8, every=1)
+    trainer(tmp_path, max_steps=8, callbacks=[gradual, checkpoint], enable_checkpointing=True).fit(tiny_module(), token_loader())
+    return tmp_path / "ckpt" / "step=4.ckpt"
+
+
+def test_resume_problems_are_named(tmp_path):
+    from lightning_helpers import tiny_module, token_loader, trainer
+
+    ckpt = _checkpointed_run(tmp_path)
+    # (a) a resumed run too short for the checkpoint's end step says so, as a fresh one does (a staged run)
+    with pytest.warns(UserWarning, match=r"end_step \(8\) is beyond this run's total optimizer steps \(6\)"):
+        trainer(tmp_path / "a", max_steps=6, callbacks=[GradualPruningCallback(0.6, start_step=1, end_step=8, every=1)]).fit(
+            tiny_module(), token_loader(), ckpt_path=str(ckpt))
+    # (b) without a pruning callback: a specific warning
+    with LogRecords("gradprune.lightning_module") as logs:
+        trainer(tmp_path / "b", max_steps=5).fit(tiny_module(), token_loader(), ckpt_path=str(ckpt))
+    assert "holds pruning masks for 14 layers" in logs.text() and "no pruning callback" in logs.text()
+    # (c) corrupted mask bits name the layer and the file
+    state = torch.load(ckpt, weights_only=False)
+    (key,) = [k for k in state["callbacks"] if k.startswith("GradualPruningCallback")]
+    name = sorted(state["callbacks"][key]["masks"])[0]
+    state["callbacks"][key]["masks"][name]["bits"] = state["callbacks"][key]["masks"][name]["bits"][:-1]
+    broken = tmp_path / "broken.ckpt"
+    torch.save(state, broken)
+    with pytest.raises(ValueError, match=rf"checkpoint mask for '{name}' is corrupted.*broken.ckpt"):
+        trainer(tmp_path / "c", max_steps=8, callbacks=[GradualPruningCallback(0.6, start_step=1, end_step=8, every=1)]).fit(
+            tiny_module(), token_loader(), ckpt_path=str(broken))
+
+
+# -- item 11: degenerate runs ------------------------------------------------------------------------------------
+def test_a_tiny_int_end_step_warns_and_an_unbounded_run_is_named(tmp_path):
+    from lightning_helpers import tiny_module, token_loader, trainer
+
+    with LogRecords("gradprune.callbacks.gradual") as logs:
+        callback = GradualPruningCallback(0.5, end_step=1, every=1)
+        run = trainer(tmp_path, max_steps=120, callbacks=[callback])
+        run.fit(tiny_module(), token_loader(n=8, batch_size=8))
+    assert "end_step=1 is an optimizer step (an int)" in logs.text()
+    with pytest.raises(ValueError, match=r"need a finite run, but max_steps=-1 and max_epochs=-1"):
+        trainer(tmp_path, max_steps=-1, max_epochs=-1).fit(tiny_module(), token_loader())
+
+
+# -- item 12: data -------------------------------------------------------------------------------------------------
+def test_binary_and_utf16_sources_warn_and_bad_json_lines_are_located(tmp_path):
+    binary = tmp_path / "blob.txt"
+    binary.write_bytes(bytes(range(256)) * 40)
+    utf16 = tmp_path / "wide.txt"
+    utf16.write_text("def f():\n    return 1\n" * 50, encoding="utf-16")
+    for path, message in ((binary, "does not look like UTF-8 text"), (utf16, "looks like UTF-16 text")):
+        with LogRecords("gradprune.corpus") as logs:
+            TextDataModule(sources=str(path), block_size=4).setup("fit")
+        assert str(path) in logs.text() and message in logs.text()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a = 1"}\n{"text": "b = 2"\n{"text": "c = 3"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl line 2: not valid JSON"):
+        TextDataModule(sources=str(bad), block_size=2).setup("fit")
+
+
+def test_a_one_shot_callback_warns_when_the_loader_blocks_are_shorter_than_seqlen(tmp_path):
+    from lightning_helpers import tiny_module, token_loader, trainer
+
+    with LogRecords("gradprune.callbacks.oneshot") as logs:
+        trainer(tmp_path, max_steps=1, callbacks=[WandaPruningCallback(0.5, nsamples=4, seqlen=512)]).fit(
+            tiny_module(), token_loader(length=16))
+    assert "seqlen=512, but the train dataloader's sequences have only 16 tokens" in logs.text()
+
+
+# -- item 13: the command prints the message, not a traceback --------------------------------------------------
+def test_cli_bad_value_prints_the_message_without_a_traceback(tmp_path, capsys):
+    from gradprune.cli import main
+
+    config = tmp_path / "bad.yaml"
+    config.write_text(
+        "trainer:\n  max_steps: 4\n  logger: false\n  callbacks:\n"
+        "    - class_path: gradprune.callbacks.GradualPruningCallback\n      init_args: {final_sparsity: 1.5}\n"
+        "model:\n  model: {model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1,"
+        " num_attention_heads: 4, num_key_value_heads: 2}\ndata:\n  tokenizer: bytes\n"
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "final_sparsity must be in [0, 1), got 1.5" in err and "Traceback" not in err and "GRADPRUNE_DEBUG" in err
+
+
+def test_prune_follows_the_same_rule_for_earlier_masks_and_bad_weights():
+    model = tiny_llama()
+    prune(model, 0.5)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"sparsity=0.3 \(scope='layer'\) is below what earlier pruning already removed"):
+        prune(model, 0.3)
+    assert_unchanged(model, before)
+    prune(model, 0.6)  # more is fine
+    with torch.device("meta"):
+        meta = tiny_llama()
+    with pytest.raises(ValueError, match="weights on the meta device"):
+        prune(meta, 0.5)
