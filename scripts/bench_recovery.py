@@ -6,6 +6,8 @@ sessions; the table is printed from every row recorded there):
     python scripts/bench_recovery.py --rows all --steps 100
     python scripts/bench_recovery.py --rows gradual-wanda-kd oneshot-wanda-kd --steps 100
     python scripts/bench_recovery.py --table            # only print the table of what is recorded
+    python scripts/bench_recovery.py --plot docs/recovery.png   # and draw sparsity against perplexity
+                                                                # (needs matplotlib: pip install gradprune[plot])
 
 Every row uses the same data: stdlib code through TextDataModule with the SmolLM2 tokenizer (seed 0), the
 same training batches in the same order, the same number of optimizer steps and tokens, AdamW (PrunableLM,
@@ -114,10 +116,46 @@ def print_table(results: Path) -> None:
               f"{r['tokens']} | {r['wall_s']:.0f} | {step} | {r['peak_extra_rss_mb']:.0f} |")
 
 
+def plot(results: Path, out: Path) -> None:
+    """Held-out perplexity against sparsity, one marker per recorded row (the dense model as a line)."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib: pip install 'gradprune[plot]' (or pip install matplotlib)") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    records = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    rows = [r for r in records if r["row"] != "dense"]
+    for r in records:
+        if r["row"] == "dense":
+            ax.axhline(r["ppl"], color="black", linestyle="--", linewidth=1, label=f"dense ({r['ppl']:.2f})")
+    for i, r in enumerate(rows):  # a small horizontal offset per row keeps markers at one sparsity apart
+        gradual = r["row"].startswith("gradual")
+        ax.scatter(r["sparsity"] + 0.006 * (i - (len(rows) - 1) / 2), r["ppl"], marker="o" if gradual else "s", s=40,
+                   label=f"{r['label']}, {r['pattern']}: {r['ppl']:.2f}")
+    ax.set_xlim(0.0, 0.8)
+    ax.set_xlabel("sparsity of the targeted weights (markers at one sparsity are spread apart)")
+    ax.set_ylabel("held-out perplexity (log scale)")
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.set_title("SmolLM2-135M-Instruct: recovery at equal steps and tokens")
+    ax.legend(fontsize=7, loc="upper left")
+    ax.grid(True, which="both", alpha=0.3)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    print(f"wrote {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", nargs="*", default=[], help="row names, or 'all'")
     parser.add_argument("--table", action="store_true", help="only print the table of recorded rows")
+    parser.add_argument("--plot", type=Path, default=None, help="write a PNG of sparsity against perplexity")
     parser.add_argument("--results", type=Path, default=Path("runs/bench_recovery.jsonl"))
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--pattern", default="unstructured")
@@ -139,6 +177,8 @@ def main() -> None:
         parser.error(f"unknown rows {unknown}; choose from {list(known)} or 'all'")
     if not names:
         print_table(args.results)
+        if args.plot is not None:
+            plot(args.results, args.plot)
         return
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -156,6 +196,8 @@ def main() -> None:
         with args.results.open("a") as f:
             f.write(json.dumps(record) + "\n")
     print_table(args.results)
+    if args.plot is not None:
+        plot(args.results, args.plot)
 
 
 if __name__ == "__main__":
