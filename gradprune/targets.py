@@ -19,6 +19,8 @@ from typing import Sequence, Union
 import torch
 from torch import nn
 
+from .validation import Problems, check_selector
+
 try:  # transformers is a dependency, but the core must stay importable without it
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover
@@ -101,29 +103,16 @@ def _matches(name: str, selector: Selector) -> bool:
     return any(name == key or name.endswith("." + key) for key in selector)
 
 
-def _check_selector(argument: str, selector: Selector) -> None:
-    if selector is None:
-        return
-    if isinstance(selector, str):
-        try:
-            re.compile(selector)
-        except re.error as exc:
-            raise ValueError(f"{argument}={selector!r} is not a valid regular expression: {exc}") from None
-        return
-    if not isinstance(selector, (list, tuple)) or not all(isinstance(s, str) for s in selector):
-        raise TypeError(f"{argument} must be a regex string or a list of module names, got {selector!r}")
-    if len(selector) == 0:
-        raise ValueError(f"{argument} must not be an empty list (use None for the default)")
-
-
 def find_targets(model: nn.Module, include: Selector = None, exclude: Selector = None) -> list[Target]:
     """Return the prunable weights of ``model`` in module order.
 
     Raises ValueError if ``include`` or ``exclude`` matches no module, or if nothing is left to prune, with a
     sample of the module names that exist; TypeError if a chosen weight is not floating point.
     """
-    _check_selector("include", include)
-    _check_selector("exclude", exclude)
+    problems = Problems()
+    check_selector(problems, "include", include)
+    check_selector(problems, "exclude", exclude)
+    problems.raise_if_any()
     names = [name for name, _ in model.named_modules() if name]
     sample = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
     for argument, selector in (("include", include), ("exclude", exclude)):

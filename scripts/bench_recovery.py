@@ -106,13 +106,15 @@ def print_table(results: Path) -> None:
         return
     records = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
     dense = [r for r in records if r["row"] == "dense"]
-    print("| run | target | held-out ppl | x dense | sparsity | steps | tokens | wall (s) | s / step | peak extra RSS (MB) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| run | target | ramp | held-out ppl | x dense | sparsity | steps | tokens | wall (s) | s / step | peak extra RSS (MB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in records:
+        ramp = (f"0 -> {r['sparsity_target']:.0%} by step {round(r['end_fraction'] * r['steps'])}, every {r['every']}"
+                if r["row"].startswith("gradual") else "-")
         ratio = f"{r['ppl'] / dense[-1]['ppl']:.2f}" if dense else ""
         step = "" if r["s_per_step"] is None else f"{r['s_per_step']:.2f}"
         target = "-" if r["row"] == "dense" else f"{r['sparsity_target']:.0%} {r['pattern']}"
-        print(f"| {r['label']} | {target} | {r['ppl']:.3f} | {ratio} | {r['sparsity']:.3f} | {r['steps']} | "
+        print(f"| {r['label']} | {target} | {ramp} | {r['ppl']:.3f} | {ratio} | {r['sparsity']:.3f} | {r['steps']} | "
               f"{r['tokens']} | {r['wall_s']:.0f} | {step} | {r['peak_extra_rss_mb']:.0f} |")
 
 

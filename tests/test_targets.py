@@ -85,7 +85,7 @@ def test_everything_excluded_is_an_error(llama):
 
 def test_bad_selector_types():
     model = nn.Sequential(nn.Linear(4, 4))
-    with pytest.raises(TypeError, match="include must be a regex string or a list"):
+    with pytest.raises(TypeError, match="include must be None, a regex string or a list"):
         find_targets(model, include=3)
     with pytest.raises(ValueError, match="not a valid regular expression"):
         find_targets(model, include="(")
