@@ -182,7 +182,7 @@ class GradualPruningCallback(PruningCallback):
         end_step = self._resolve_end_step(trainer)  # a resumed run keeps the end step it started with
         # all checks passed: only now does the callback's state change
         self._targets, self.resolved_end_step = targets, end_step
-        self._statistics = {"activations": ActivationWindow, "gradients": SaliencyAccumulator}.get(needs, lambda t: None)(targets)
+        self._statistics = _statistics_for(needs, targets)
         if self._statistics is not None and self._pending_statistics:
             self._statistics.load_state_dict(self._pending_statistics)
         self._pending_statistics = None
@@ -359,3 +359,11 @@ class GradualPruningCallback(PruningCallback):
         self.last_event_step = state.get("last_event_step")
         self._pending_statistics = state.get("statistics")
 
+
+def _statistics_for(needs: str, targets: list[Target]) -> Union[ActivationWindow, SaliencyAccumulator, None]:
+    """What a scorer's ``needs`` asks the callback to gather: input sums over a window, |W * G| sums, or nothing."""
+    if needs == "activations":
+        return ActivationWindow(targets)
+    if needs == "gradients":
+        return SaliencyAccumulator(targets)
+    return None
