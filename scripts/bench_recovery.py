@@ -47,13 +47,18 @@ def rows(args) -> dict:
     """Row name -> (description, pruning callback factory or None, distillation options or None)."""
     s, pattern = args.sparsity, args.pattern
 
-    def oneshot(cls, **kw):
-        return lambda: cls(sparsity=s, pattern=pattern, nsamples=args.nsamples, seqlen=args.block_size, **kw)
+    def oneshot(cls, sparsity=None):
+        return lambda: cls(sparsity=s if sparsity is None else sparsity, pattern=pattern, nsamples=args.nsamples,
+                           seqlen=args.block_size)
 
     def gradual(scorer, scope="row"):
         return lambda: GradualPruningCallback(s, schedule="cubic", start_step=0, end_step=args.end_fraction,
                                               every=args.every, scope=scope, pattern=pattern, scorer=scorer,
                                               stat_batches=args.stat_batches)
+
+    def sparsegpt_then_gradual(scorer):  # one-shot SparseGPT to --start-sparsity, then the ramp on from there
+        first = oneshot(SparseGPTPruningCallback, sparsity=args.start_sparsity)
+        return lambda: [first(), gradual(scorer)()]
 
     return {
         "dense": ("dense", None, None),
@@ -64,6 +69,8 @@ def rows(args) -> dict:
         "gradual-ria-kd": ("gradual ria + KD", gradual("ria"), KD),
         "gradual-taylor-kd": ("gradual taylor + KD", gradual("taylor", scope="layer"), KD),
         "gradual-wanda-squarehead": ("gradual wanda + KD + SquareHead", gradual("wanda"), SQUAREHEAD),
+        "sparsegpt-gradual-wanda-kd": ("one-shot SparseGPT to --start-sparsity, then gradual wanda + KD",
+                                       sparsegpt_then_gradual("wanda"), KD),
     }
 
 
@@ -84,7 +91,7 @@ def run_row(name: str, args, dense, dm) -> dict:
             trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=args.steps, logger=False,
                                  enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                                  num_sanity_val_steps=0, limit_val_batches=0, gradient_clip_val=1.0,
-                                 callbacks=[pruner(), timer])
+                                 callbacks=[*(lambda c: c if isinstance(c, list) else [c])(pruner()), timer])
             trainer.fit(module, datamodule=dm)
     ppl = validate(module, dm)
     wall = time.perf_counter() - start
@@ -95,7 +102,7 @@ def run_row(name: str, args, dense, dm) -> dict:
         "ppl": ppl, "steps": steps, "tokens": steps * args.batch_size * args.block_size, "wall_s": wall,
         "s_per_step": statistics.median(timer.times[2:]) if len(timer.times) > 2 else None,
         "peak_extra_rss_mb": memory.extra_mb, "lr": args.lr, "every": args.every, "end_fraction": args.end_fraction,
-        "stat_batches": args.stat_batches, "nsamples": args.nsamples, "block_size": args.block_size,
+        "stat_batches": args.stat_batches, "start_sparsity": args.start_sparsity, "nsamples": args.nsamples, "block_size": args.block_size,
         "batch_size": args.batch_size, "val_tokens": args.val_tokens,
     }
 
@@ -109,8 +116,9 @@ def print_table(results: Path) -> None:
     print("| run | target | ramp | held-out ppl | x dense | sparsity | steps | tokens | wall (s) | s / step | peak extra RSS (MB) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in records:
-        ramp = (f"0 -> {r['sparsity_target']:.0%} by step {round(r['end_fraction'] * r['steps'])}, every {r['every']}"
-                if r["row"].startswith("gradual") else "-")
+        start = f"{r['start_sparsity']:.0%} (SparseGPT)" if r["row"].startswith("sparsegpt-") else "0"
+        ramp = (f"{start} -> {r['sparsity_target']:.0%} by step {round(r['end_fraction'] * r['steps'])}, every {r['every']}"
+                if "gradual" in r["row"] else "-")
         ratio = f"{r['ppl'] / dense[-1]['ppl']:.2f}" if dense else ""
         step = "" if r["s_per_step"] is None else f"{r['s_per_step']:.2f}"
         target = "-" if r["row"] == "dense" else f"{r['sparsity_target']:.0%} {r['pattern']}"
@@ -170,6 +178,7 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=5)
     parser.add_argument("--end-fraction", type=float, default=0.6)
     parser.add_argument("--stat-batches", type=int, default=4)
+    parser.add_argument("--start-sparsity", type=float, default=0.3, help="one-shot sparsity of the sparsegpt-gradual row")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     known = rows(args)
