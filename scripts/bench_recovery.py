@@ -69,7 +69,7 @@ def rows(args) -> dict:
         "gradual-ria-kd": ("gradual ria + KD", gradual("ria"), KD),
         "gradual-taylor-kd": ("gradual taylor + KD", gradual("taylor", scope="layer"), KD),
         "gradual-wanda-squarehead": ("gradual wanda + KD + SquareHead", gradual("wanda"), SQUAREHEAD),
-        "sparsegpt-gradual-wanda-kd": ("one-shot SparseGPT to --start-sparsity, then gradual wanda + KD",
+        "sparsegpt-gradual-wanda-kd": ("SparseGPT one-shot, then gradual wanda + KD",
                                        sparsegpt_then_gradual("wanda"), KD),
     }
 
@@ -145,7 +145,8 @@ def plot(results: Path, out: Path) -> None:
     for i, r in enumerate(rows):  # a small horizontal offset per row keeps markers at one sparsity apart
         gradual = r["row"].startswith("gradual")
         ax.scatter(r["sparsity"] + 0.006 * (i - (len(rows) - 1) / 2), r["ppl"], marker="o" if gradual else "s", s=40,
-                   label=f"{r['label']}, {r['pattern']}: {r['ppl']:.2f}")
+                   label=f"{r['label']}" + (f" (ramp to step {round(r['end_fraction'] * r['steps'])})" if "gradual" in r["row"] else "")
+                   + f", {r['pattern']}: {r['ppl']:.2f}")
     ax.set_xlim(0.0, 0.8)
     ax.set_xlabel("sparsity of the targeted weights (markers at one sparsity are spread apart)")
     ax.set_ylabel("held-out perplexity (log scale)")
