@@ -154,7 +154,7 @@ def plot(results: Path, out: Path) -> None:
     ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_title("SmolLM2-135M-Instruct: recovery at equal steps and tokens")
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7, loc="lower left")  # the upper left holds weak rows such as magnitude
     ax.grid(True, which="both", alpha=0.3)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
