@@ -137,7 +137,7 @@ def plot(results: Path, out: Path) -> None:
     import matplotlib.ticker
 
     records = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7, 5))
     rows = [r for r in records if r["row"] != "dense"]
     for r in records:
         if r["row"] == "dense":
@@ -154,11 +154,11 @@ def plot(results: Path, out: Path) -> None:
     ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_title("SmolLM2-135M-Instruct: recovery at equal steps and tokens")
-    ax.legend(fontsize=7, loc="lower left")  # the upper left holds weak rows such as magnitude
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1)  # below: no marker hidden
     ax.grid(True, which="both", alpha=0.3)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
     print(f"wrote {out}")
 
 
