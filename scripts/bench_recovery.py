@@ -33,7 +33,8 @@ import lightning.pytorch as pl
 import torch
 
 from gradprune import PrunableLM, TextDataModule, sparsity_report
-from gradprune.callbacks import GradualPruningCallback, SparseGPTPruningCallback, WandaPruningCallback
+from gradprune.callbacks import (GradualPruningCallback, RIAPruningCallback, SparseGPTPruningCallback,
+                                 WandaPruningCallback)
 from gradprune.distill import Distillation
 from gradprune.models import load_causal_lm
 
@@ -47,14 +48,14 @@ def rows(args) -> dict:
     """Row name -> (description, pruning callback factory or None, distillation options or None)."""
     s, pattern = args.sparsity, args.pattern
 
-    def oneshot(cls, sparsity=None):
+    def oneshot(cls, sparsity=None, allocation="uniform"):
         return lambda: cls(sparsity=s if sparsity is None else sparsity, pattern=pattern, nsamples=args.nsamples,
-                           seqlen=args.block_size)
+                           seqlen=args.block_size, allocation=allocation)
 
-    def gradual(scorer, scope="row"):
+    def gradual(scorer, scope="row", allocation="uniform"):
         return lambda: GradualPruningCallback(s, schedule="cubic", start_step=0, end_step=args.end_fraction,
                                               every=args.every, scope=scope, pattern=pattern, scorer=scorer,
-                                              stat_batches=args.stat_batches)
+                                              stat_batches=args.stat_batches, allocation=allocation)
 
     def sparsegpt_then_gradual(scorer):  # one-shot SparseGPT to --start-sparsity, then the ramp on from there
         first = oneshot(SparseGPTPruningCallback, sparsity=args.start_sparsity)
@@ -63,9 +64,12 @@ def rows(args) -> dict:
     return {
         "dense": ("dense", None, None),
         "oneshot-wanda-kd": ("one-shot Wanda + KD", oneshot(WandaPruningCallback), KD),
+        "oneshot-wanda-owl-kd": ("one-shot Wanda + OWL + KD", oneshot(WandaPruningCallback, allocation="owl"), KD),
         "oneshot-sparsegpt-kd": ("one-shot SparseGPT + KD", oneshot(SparseGPTPruningCallback), KD),
+        "oneshot-ria-kd": ("one-shot RIA + KD", oneshot(RIAPruningCallback), KD),
         "gradual-magnitude-kd": ("gradual magnitude + KD", gradual("magnitude", scope="layer"), KD),
         "gradual-wanda-kd": ("gradual wanda + KD", gradual("wanda"), KD),
+        "gradual-wanda-owl-kd": ("gradual wanda + OWL + KD", gradual("wanda", allocation="owl"), KD),
         "gradual-ria-kd": ("gradual ria + KD", gradual("ria"), KD),
         "gradual-taylor-kd": ("gradual taylor + KD", gradual("taylor", scope="layer"), KD),
         "gradual-wanda-squarehead": ("gradual wanda + KD + SquareHead", gradual("wanda"), SQUAREHEAD),
