@@ -316,7 +316,8 @@ class GradualPruningCallback(PruningCallback):
             registry.update(self._targets, new)
         self.last_event_step = step
         achieved = registry.sparsity(self._targets)
-        log.info("step %d: pruned to %.4f sparsity (target %.4f)", step, achieved, target)
+        if trainer.is_global_zero:  # the same on every rank
+            log.info("step %d: pruned to %.4f sparsity (target %.4f)", step, achieved, target)
         pl_module.log("sparsity/target", target, on_step=True, on_epoch=False, sync_dist=False)
         pl_module.log("sparsity/achieved", achieved, on_step=True, on_epoch=False, sync_dist=False)
 
