@@ -22,8 +22,8 @@ the weight, in the adapters' dtype).
 """
 from __future__ import annotations
 
+import functools
 import logging
-import types
 from dataclasses import dataclass
 from typing import Any, List, Optional, Union
 
@@ -108,7 +108,7 @@ def add_lora(model: nn.Module, options: LoRA) -> nn.Module:
     for _, layer in lora_layers(wrapped):
         if not hasattr(layer, "get_delta_weight"):  # a kind of layer whose product we do not mask
             raise ValueError(f"LoRA layer {type(layer).__name__} has no get_delta_weight: not supported")
-        layer.forward = types.MethodType(_masked_forward, layer)
+        layer.forward = functools.partial(_masked_forward, layer)  # a partial pickles (ddp_spawn), a bound method not
     log.info("LoRA (r=%d, alpha=%g) on %d layers; %d trainable parameters", options.r, options.alpha, len(targets),
              sum(p.numel() for p in wrapped.parameters() if p.requires_grad))
     return wrapped

@@ -214,3 +214,34 @@ def test_a_model_that_already_has_adapters_is_refused():
     wrapped = add_lora(tiny_llama(), LoRA(r=2))
     with pytest.raises(ValueError, match="already has LoRA layers"):
         add_lora(wrapped, LoRA(r=2))
+
+
+class SaveRank(Callback):
+    """Each rank's adapters, masks and merged sparsity at the end of fit, for the two-process test."""
+
+    def __init__(self, directory):
+        self.directory = directory
+
+    def on_fit_end(self, trainer, pl_module):
+        torch.save({"params": {k: v.detach().clone() for k, v in pl_module.named_parameters()},
+                    "masks": {k: v.clone() for k, v in MaskRegistry.of(pl_module).masks.items()},
+                    "merged": sparsity_report(pl_module.merged_model())["global"], "world": trainer.world_size},
+                   self.directory / f"rank{trainer.global_rank}.pt")
+
+
+@pytest.mark.numerics  # like the other two-process tests: run again under other CPU kernels
+def test_lora_under_ddp_trains_the_same_adapters_on_both_ranks(tmp_path):
+    module = tiny_module(lora=LoRA(r=4, dropout=0.1))
+    wanda = WandaPruningCallback(0.5, nsamples=4, seqlen=16)
+    trainer(tmp_path, max_steps=4, strategy="ddp_spawn", devices=2, callbacks=[wanda, SaveRank(tmp_path)]).fit(
+        module, token_loader())
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert ranks[0]["world"] == 2
+    assert ranks[0]["masks"].keys() == ranks[1]["masks"].keys() and ranks[0]["masks"]
+    for name, mask in ranks[0]["masks"].items():
+        assert torch.equal(mask, ranks[1]["masks"][name]), name
+    assert any(".lora_B." in k and v.abs().sum() > 0 for k, v in ranks[0]["params"].items())
+    for name, value in ranks[0]["params"].items():
+        assert torch.equal(value, ranks[1]["params"][name]), name
+    for rank in ranks:
+        assert rank["merged"]["sparsity"] == pytest.approx(0.5)
