@@ -154,6 +154,9 @@ def test_resume_restores_adapters_and_masks(tmp_path):
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
     assert saved["hyper_parameters"]["lora"]["r"] == 4
     assert any(".lora_B." in k for k in saved["state_dict"])
+    loaded = PrunableLM.load_from_checkpoint(tmp_path / "ckpt" / "last.ckpt")  # rebuilt from the saved dict
+    assert loaded.lora == LoRA(r=4) and lora_layers(loaded.model)
+    assert all(torch.equal(v, saved["state_dict"][k]) for k, v in loaded.state_dict().items())
 
     resumed = tiny_module(seed=5, lora=LoRA(r=4))
     snapshot = Snapshot()
