@@ -64,7 +64,8 @@ class PrunableLM(pl.LightningModule):
             ``pip install gradprune[lora]``): the model is wrapped by PEFT here, its base weights frozen,
             and every weight that is exactly zero (pruned) stays zero, in training and in the merge that
             :meth:`merged_model` and the export do. Pruning callbacks prune the frozen base weights (prune
-            first, at fit start, then the adapters recover). A dict of the fields works too.
+            first, at fit start, then the adapters recover). A dict of the fields works too. An
+            ``nn.Module`` given as ``model`` is changed in place (PEFT swaps its layers for wrappers).
     """
 
     def __init__(
