@@ -101,6 +101,21 @@ def test_masked_adapters_act_only_through_kept_weights(build):
     assert sparsity_report(merged) == before
 
 
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "ria", "sparsegpt"])
+def test_one_shot_pruning_through_the_adapters_prunes_as_without_them(method):
+    from gradprune import prune_oneshot
+
+    windows = [torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    calibration = None if method == "magnitude" else windows
+    plain, wrapped = tiny_llama(), add_lora(tiny_llama(), LoRA(r=2))  # the same weights (seeded), B = 0
+    prune_oneshot(plain, method, 0.5, "unstructured", calibration)
+    prune_oneshot(wrapped, method, 0.5, "unstructured", calibration)
+    merged = merge_lora(wrapped)
+    assert plain.state_dict().keys() == merged.state_dict().keys()
+    for name, value in plain.state_dict().items():
+        assert torch.equal(value, merged.state_dict()[name]), name
+
+
 def test_keep_mask_follows_the_base_weight():
     wrapped = add_lora(tiny_llama(), LoRA(r=2))
     name, layer = lora_layers(wrapped)[0]
