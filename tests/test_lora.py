@@ -126,9 +126,11 @@ def test_keep_mask_follows_the_base_weight():
     assert keep is not None and int((~keep).sum()) == 3 and not keep[0, :3].any()
 
 
-def test_gradual_pruning_of_the_frozen_base_during_lora(tmp_path):
+@pytest.mark.parametrize("scorer", ["magnitude", "wanda"])
+def test_gradual_pruning_of_the_frozen_base_during_lora(tmp_path, scorer):
     module = tiny_module(lora={"r": 4})  # a dict, as from YAML or a checkpoint's hyperparameters
-    gradual = GradualPruningCallback(0.5, schedule="linear", start_step=0, end_step=4, every=2)
+    gradual = GradualPruningCallback(0.5, schedule="linear", start_step=0, end_step=4, every=2, scorer=scorer,
+                                     stat_batches=2)
     trainer(tmp_path, max_steps=6, callbacks=[gradual]).fit(module, token_loader())
     registry = MaskRegistry.of(module)
     assert registry.sparsity(gradual.targets) == pytest.approx(0.5)
