@@ -179,6 +179,13 @@ class GradualPruningCallback(PruningCallback):
                 f"scorer {self.scorer!r} ranks by {needs} seen in training, but initial_sparsity "
                 f"{self.initial_sparsity} is due at step 0, before any batch: set start_step >= 1"
             )
+        frozen = [t.name for t in targets if not t.weight.requires_grad]
+        if needs == "gradients" and frozen:
+            raise ValueError(
+                f"scorer {self.scorer!r} ranks by the gradients of the weights, but {len(frozen)} targets are frozen "
+                f"(requires_grad=False, e.g. the base weights under PrunableLM(lora=...)): {frozen[:3]}; use an "
+                "activation scorer ('wanda', 'ria') or 'magnitude', or exclude them"
+            )
         end_step = self._resolve_end_step(trainer)  # a resumed run keeps the end step it started with
         # all checks passed: only now does the callback's state change
         self._targets, self.resolved_end_step = targets, end_step
@@ -309,7 +316,8 @@ class GradualPruningCallback(PruningCallback):
             registry.update(self._targets, new)
         self.last_event_step = step
         achieved = registry.sparsity(self._targets)
-        log.info("step %d: pruned to %.4f sparsity (target %.4f)", step, achieved, target)
+        if trainer.is_global_zero:  # the same on every rank
+            log.info("step %d: pruned to %.4f sparsity (target %.4f)", step, achieved, target)
         pl_module.log("sparsity/target", target, on_step=True, on_epoch=False, sync_dist=False)
         pl_module.log("sparsity/achieved", achieved, on_step=True, on_epoch=False, sync_dist=False)
 

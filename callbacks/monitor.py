@@ -87,9 +87,12 @@ class SparsityMonitor(Callback):
         if trainer.sanity_checking:
             return
         report = self._sparsity(pl_module)
-        pl_module.log("sparsity/global", report["global"]["sparsity"])
+        # the same on every rank (so are the masks); sync_dist says so to Lightning, which otherwise warns
+        # once per logged name under DDP
+        pl_module.log("sparsity/global", report["global"]["sparsity"], sync_dist=True)
         if self.per_layer:
-            pl_module.log_dict({f"sparsity/layer/{name}": v["sparsity"] for name, v in report["layers"].items()})
+            pl_module.log_dict({f"sparsity/layer/{name}": v["sparsity"] for name, v in report["layers"].items()},
+                               sync_dist=True)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or self.metric not in trainer.callback_metrics:
@@ -112,10 +115,12 @@ class SparsityMonitor(Callback):
             f"{self.metric} final": self.history[-1][self.metric] if self.history else None,
             "history": self.history,
         }
-        self._write(trainer)
+        # trainer.log_dir is a collective under DDP (rank 0's directory is broadcast): every rank asks, only
+        # rank 0 writes (asked in rank-zero code it left rank 0 waiting for the others at the end of fit)
+        self._write(trainer.log_dir)
 
     @rank_zero_only
-    def _write(self, trainer: pl.Trainer) -> None:
+    def _write(self, log_dir: Optional[str]) -> None:
         r = self.report
         lines = [f"final sparsity {r['global_sparsity']:.4f} of the targeted weights"]
         lines += [f"  {kind:<12} {value:.4f}" for kind, value in r["by_type"].items()]
@@ -125,7 +130,7 @@ class SparsityMonitor(Callback):
         if after is not None:
             lines.append(f"{self.metric} after pruning (last validation): {after:.3f}")
         log.info("gradprune report\n%s", "\n".join(lines))
-        if trainer.log_dir:
-            path = Path(trainer.log_dir) / "gradprune_report.json"
+        if log_dir:
+            path = Path(log_dir) / "gradprune_report.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(r, indent=1))

@@ -23,6 +23,7 @@ from torch import nn
 from torchmetrics.text import Perplexity
 
 from .distill import Distillation, distillation_loss, hidden_state_loss
+from .lora import LoRA, add_lora, lora_options, merge_lora, require_peft
 from .losses import IGNORE_INDEX, next_token_loss, shifted_targets
 from .masks import MaskRegistry
 from .models import DTYPES, load_causal_lm, load_tokenizer
@@ -59,6 +60,12 @@ class PrunableLM(pl.LightningModule):
         distill: learn from a dense teacher as well (see :class:`gradprune.distill.Distillation`). The
             teacher is frozen, in eval mode, never in the optimizer, and not saved in checkpoints or
             exports; the checkpoint's hyperparameters record how to rebuild it.
+        lora: train LoRA adapters instead of the weights (see :class:`gradprune.lora.LoRA`; needs
+            ``pip install gradprune[lora]``): the model is wrapped by PEFT here, its base weights frozen,
+            and every weight that is exactly zero (pruned) stays zero, in training and in the merge that
+            :meth:`merged_model` and the export do. Pruning callbacks prune the frozen base weights (prune
+            first, at fit start, then the adapters recover). A dict of the fields works too. An
+            ``nn.Module`` given as ``model`` is changed in place (PEFT swaps its layers for wrappers).
     """
 
     def __init__(
@@ -75,6 +82,7 @@ class PrunableLM(pl.LightningModule):
         export_dir: Optional[str] = None,
         tokenizer: Optional[str] = None,
         distill: Optional[Distillation] = None,
+        lora: Optional[LoRA] = None,
     ) -> None:
         super().__init__()
         problems = Problems()
@@ -108,10 +116,18 @@ class PrunableLM(pl.LightningModule):
             check_model_source(problems, "model", model, special=("smollm2",))
         if distill is not None and not isinstance(distill, Distillation):
             problems.add(f"distill must be a gradprune.distill.Distillation, got {type(distill).__name__}", type_error=True)
+        try:
+            lora = lora_options(lora)
+        except (ValueError, TypeError) as exc:
+            problems.add(str(exc), type_error=isinstance(exc, TypeError))
         problems.raise_if_any()
+        if lora is not None:  # before loading anything
+            require_peft()
         self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else None)
         if distill is not None:  # plain values in checkpoints: how to rebuild the teacher
             self.hparams["distill"] = asdict(distill)
+        if lora is not None:
+            self.hparams["lora"] = asdict(lora)
 
         self.model = self._build(model, vocab_size, DTYPES[dtype])
         if export_dir and not hasattr(self.model, "save_pretrained"):  # fail now, not after training
@@ -119,6 +135,9 @@ class PrunableLM(pl.LightningModule):
                 f"export_dir={export_dir!r} needs a model with save_pretrained (a Hugging Face model); "
                 f"got {type(self.model).__name__}"
             )
+        self.lora = lora
+        if lora is not None:
+            self.model = add_lora(self.model, lora)
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
         self.betas = tuple(betas)
@@ -200,7 +219,10 @@ class PrunableLM(pl.LightningModule):
         # Runs before on_fit_start, where one-shot callbacks prune, and before a checkpoint is restored:
         # the "self" teacher is therefore always the dense model as built from its source.
         if self.distill is not None and self.distill.teacher == "self" and self._teacher is None:
-            self._set_teacher(copy.deepcopy(self.model).to(DTYPES[self.distill.teacher_dtype]))
+            teacher = copy.deepcopy(self.model)
+            if self.lora is not None:  # the base model, without the adapters
+                teacher = teacher.unload()
+            self._set_teacher(teacher.to(DTYPES[self.distill.teacher_dtype]))
 
     def _check_vocabulary(self) -> None:
         """The data module's tokenizer must not produce ids the model cannot embed (the CLI links the two;
@@ -334,20 +356,30 @@ class PrunableLM(pl.LightningModule):
         if self.export_dir:
             self.export(self.export_dir)
 
+    def merged_model(self) -> nn.Module:
+        """The model to save or use without gradprune: with ``lora``, a merged copy (the adapters added to
+        the base weights wherever they are not zero, :func:`gradprune.lora.merge_lora`: exactly the base's
+        zeros, and the function the adapters trained); without, the model itself."""
+        if self.lora is None:
+            return self.model
+        return merge_lora(copy.deepcopy(self.model))
+
     @rank_zero_only
     def export(self, directory: str) -> Path:
-        """Save the model (safetensors), its tokenizer and gradprune.json (a sparsity report)."""
+        """Save the model (safetensors; with ``lora`` the merged model), its tokenizer and gradprune.json
+        (a sparsity report)."""
         out = Path(directory)
+        model = self.merged_model()
+        if not hasattr(model, "save_pretrained"):
+            raise TypeError(f"export needs a model with save_pretrained, got {type(model).__name__}")
         out.mkdir(parents=True, exist_ok=True)
-        if not hasattr(self.model, "save_pretrained"):
-            raise TypeError(f"export needs a model with save_pretrained, got {type(self.model).__name__}")
-        self.model.save_pretrained(out, safe_serialization=True)
+        model.save_pretrained(out, safe_serialization=True)
         tokenizer = getattr(getattr(self.trainer, "datamodule", None), "tokenizer", None) if self._trainer else None
         if tokenizer is None and self.tokenizer_source is not None:
             tokenizer = load_tokenizer(self.tokenizer_source)
         if tokenizer is not None:
             tokenizer.save_pretrained(out)
-        report = sparsity_report(self.model, find_targets(self.model))
+        report = sparsity_report(model, find_targets(model))
         (out / "gradprune.json").write_text(json.dumps({"sparsity": report}, indent=1))
         log.info("exported the model to %s (global sparsity %.4f)", out, report["global"]["sparsity"])
         return out

@@ -8,6 +8,10 @@ Defaults fit transformers: every Linear / Conv1D in the model except the output 
 module whose weight is tied to the input embeddings). Embeddings, norms and biases are never targets.
 ``include`` / ``exclude`` follow PEFT's ``target_modules`` convention: a regex string is matched against the
 full module name (``re.fullmatch``); a list matches a name exactly or as a ``.suffix``.
+
+Adapter wrappers (PEFT's tuner layers, such as LoRA's ``lora.Linear`` around a ``base_layer``): the wrapper is
+the target, under the layer's own name (``...q_proj``, not ``...q_proj.base_layer``), and its ``weight`` is the
+wrapped layer's; the adapters' own Linear layers inside it (``lora_A``, ``lora_B``) are never targets.
 """
 from __future__ import annotations
 
@@ -66,11 +70,24 @@ class Target:
         return self.weight.numel()
 
 
-def is_prunable(module: nn.Module) -> bool:
-    """Whether ``module`` is a kind of layer gradprune prunes: ``nn.Linear`` or GPT-2's ``Conv1D``."""
-    if isinstance(module, nn.Linear):
-        return True
+def wrapped_layer(module: nn.Module) -> "nn.Module | None":
+    """The layer an adapter wrapper holds (PEFT's tuner layers: a ``base_layer`` and ``get_base_layer()``,
+    innermost first when wrappers nest), or None when ``module`` is not such a wrapper."""
+    get_base = getattr(module, "get_base_layer", None)
+    if callable(get_base) and isinstance(getattr(module, "base_layer", None), nn.Module):
+        return get_base()
+    return None
+
+
+def _is_conv1d(module: nn.Module) -> bool:
     return Conv1D is not None and isinstance(module, Conv1D)
+
+
+def is_prunable(module: nn.Module) -> bool:
+    """Whether ``module`` is a kind of layer gradprune prunes: ``nn.Linear``, GPT-2's ``Conv1D``, or an
+    adapter wrapper (:func:`wrapped_layer`) around one."""
+    module = wrapped_layer(module) or module
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
 
 
 def _head_names(model: nn.Module) -> set[str]:
@@ -121,8 +138,12 @@ def find_targets(model: nn.Module, include: Selector = None, exclude: Selector =
 
     heads = _head_names(model)
     embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    targets, tied = [], []
+    targets, tied, wrappers = [], [], []
     for name, module in model.named_modules():
+        if any(name.startswith(prefix) for prefix in wrappers):
+            continue  # inside an adapter wrapper: its base layer and the adapters' own layers
+        if wrapped_layer(module) is not None:
+            wrappers.append(name + ".")
         if not name or not is_prunable(module):
             continue
         if include is not None:
@@ -135,7 +156,7 @@ def find_targets(model: nn.Module, include: Selector = None, exclude: Selector =
             continue
         if exclude is not None and _matches(name, exclude):
             continue
-        transposed = Conv1D is not None and isinstance(module, Conv1D)
+        transposed = _is_conv1d(wrapped_layer(module) or module)
         targets.append(Target(name, module, transposed))
 
     if tied:

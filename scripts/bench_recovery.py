@@ -17,6 +17,8 @@ files (never trained on or used for calibration). One-shot rows prune at fit sta
 (--nsamples windows of --block-size tokens from the training side), then fine-tune all --steps steps. Gradual
 rows ramp 0 -> sparsity with a cubic schedule from step 0 to --end-fraction of the run, an event every
 --every steps, activation statistics over the --stat-batches micro-batches before each event, then train on.
+"+ LoRA" rows train only LoRA adapters (PrunableLM(lora=...), rank --lora-r, alpha 2 x rank, learning rate
+--lora-lr) on the frozen pruned base; their sparsity and perplexity are those of the merged model.
 """
 from __future__ import annotations
 
@@ -44,8 +46,13 @@ KD = dict(alpha=0.5, temperature=2.0)
 SQUAREHEAD = dict(KD, hidden_layers="all", hidden_loss="squarehead", hidden_weight=1.0)
 
 
+def lora_options(args) -> dict:
+    return dict(r=args.lora_r, alpha=2.0 * args.lora_r, dropout=0.0)
+
+
 def rows(args) -> dict:
-    """Row name -> (description, pruning callback factory or None, distillation options or None)."""
+    """Row name -> (description, pruning callback factory or None, distillation options or None[, LoRA
+    options: the row trains adapters only])."""
     s, pattern = args.sparsity, args.pattern
 
     def oneshot(cls, sparsity=None, allocation="uniform"):
@@ -64,6 +71,7 @@ def rows(args) -> dict:
     return {
         "dense": ("dense", None, None),
         "oneshot-wanda-kd": ("one-shot Wanda + KD", oneshot(WandaPruningCallback), KD),
+        "oneshot-wanda-lora-kd": ("one-shot Wanda + LoRA + KD", oneshot(WandaPruningCallback), KD, lora_options(args)),
         "oneshot-wanda-owl-kd": ("one-shot Wanda + OWL + KD", oneshot(WandaPruningCallback, allocation="owl"), KD),
         "oneshot-sparsegpt-kd": ("one-shot SparseGPT + KD", oneshot(SparseGPTPruningCallback), KD),
         "oneshot-ria-kd": ("one-shot RIA + KD", oneshot(RIAPruningCallback), KD),
@@ -84,10 +92,11 @@ def validate(module: PrunableLM, dm: TextDataModule) -> float:
 
 
 def run_row(name: str, args, dense, dm) -> dict:
-    label, pruner, distill = rows(args)[name]
+    label, pruner, distill, *lora = rows(args)[name]
+    lora = lora[0] if lora else None
     pl.seed_everything(0, verbose=False)
-    module = PrunableLM(model=copy.deepcopy(dense), learning_rate=args.lr, weight_decay=0.0, warmup_steps=4,
-                        distill=Distillation(**distill) if distill else None)
+    module = PrunableLM(model=copy.deepcopy(dense), learning_rate=args.lora_lr if lora else args.lr, weight_decay=0.0,
+                        warmup_steps=4, distill=Distillation(**distill) if distill else None, lora=lora)
     start = time.perf_counter()
     timer = StepTimer()
     with PeakRSS() as memory:
@@ -97,6 +106,8 @@ def run_row(name: str, args, dense, dm) -> dict:
                                  num_sanity_val_steps=0, limit_val_batches=0, gradient_clip_val=1.0,
                                  callbacks=[*(lambda c: c if isinstance(c, list) else [c])(pruner()), timer])
             trainer.fit(module, datamodule=dm)
+    if lora:  # what is exported: the merged model (the masked adapters' function, the pruned base's zeros)
+        module.model = module.merged_model()
     ppl = validate(module, dm)
     wall = time.perf_counter() - start
     steps = args.steps if pruner is not None else 0
@@ -107,7 +118,8 @@ def run_row(name: str, args, dense, dm) -> dict:
         "s_per_step": statistics.median(timer.times[2:]) if len(timer.times) > 2 else None,
         "peak_extra_rss_mb": memory.extra_mb, "lr": args.lr, "every": args.every, "end_fraction": args.end_fraction,
         "stat_batches": args.stat_batches, "start_sparsity": args.start_sparsity, "nsamples": args.nsamples, "block_size": args.block_size,
-        "batch_size": args.batch_size, "val_tokens": args.val_tokens,
+        "batch_size": args.batch_size, "val_tokens": args.val_tokens, "lora": lora,
+        "lr_used": args.lora_lr if lora else args.lr,
     }
 
 
@@ -180,6 +192,8 @@ def main() -> None:
     parser.add_argument("--val-tokens", type=int, default=16384)
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--lora-r", type=int, default=16, help="adapter rank of the + LoRA rows")
+    parser.add_argument("--lora-lr", type=float, default=2e-4, help="learning rate of the + LoRA rows (adapters only)")
     parser.add_argument("--every", type=int, default=5)
     parser.add_argument("--end-fraction", type=float, default=0.6)
     parser.add_argument("--stat-batches", type=int, default=4)

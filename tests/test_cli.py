@@ -137,3 +137,18 @@ def test_print_config(capsys):
         run_cli(["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--print_config"])
     assert info.value.code == 0
     assert "GradualPruningCallback" in capsys.readouterr().out
+
+
+def test_lora_from_yaml_trains_adapters_and_exports_the_pruned_sparsity(tmp_path):
+    pytest.importorskip("peft")
+    from gradprune.lora import LoRA, lora_layers
+
+    lora = "  lora: {r: 4, alpha: 8, dropout: 0.05, target_modules: [q_proj, v_proj, down_proj]}\n"
+    text = TINY.format(root=tmp_path).replace("max_steps: 12", "max_steps: 3").replace("  warmup_steps: 0\n", "  warmup_steps: 0\n" + lora)
+    path = tmp_path / "lora.yaml"
+    path.write_text(text)
+    cli = run_cli(["fit", "--config", str(path)])
+    assert cli.model.lora == LoRA(r=4, alpha=8.0, dropout=0.05, target_modules=["q_proj", "v_proj", "down_proj"])
+    assert len(lora_layers(cli.model.model)) == 3  # one block: q_proj, v_proj, down_proj
+    report = json.loads((tmp_path / "export" / "gradprune.json").read_text())["sparsity"]
+    assert report["global"]["sparsity"] == pytest.approx(0.5, abs=1e-3)

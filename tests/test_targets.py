@@ -107,3 +107,33 @@ def test_head_excluded_when_model_is_wrapped(llama):
     untied.lm_head.weight = nn.Parameter(untied.lm_head.weight.detach().clone())
     wrapper.model = untied
     assert "model.lm_head" not in [t.name for t in find_targets(wrapper)]
+
+
+class _AdapterWrapper(nn.Module):
+    """Shaped like PEFT's tuner layers (lora.Linear): a base_layer, get_base_layer() and adapter Linears."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base_layer = base
+        self.lora_A = nn.ModuleDict({"default": nn.Linear(base.in_features, 2, bias=False)})
+        self.lora_B = nn.ModuleDict({"default": nn.Linear(2, base.out_features, bias=False)})
+
+    def get_base_layer(self):
+        return self.base_layer
+
+    @property
+    def weight(self):
+        return self.base_layer.weight
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_B["default"](self.lora_A["default"](x))
+
+
+def test_adapter_wrappers_are_targets_under_their_own_names_and_adapters_are_not():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4))
+    plain = [t.name for t in find_targets(model)]
+    base = model[2]
+    model[2] = _AdapterWrapper(base)
+    targets = find_targets(model)
+    assert [t.name for t in targets] == plain == ["0", "2"]
+    assert targets[1].weight is base.weight and not targets[1].transposed
