@@ -13,6 +13,7 @@ the schedule ramps from that sparsity instead of ``initial_sparsity``.
 Statistics: the callback asks the scorer what it needs (:mod:`gradprune.scorers`). For activations
 (``wanda``, ``ria``) forward hooks on the targets sum the squared inputs during the last ``stat_batches``
 training micro-batches before each event and are removed at the event (no hooks run between windows);
+for Hessians (``sparsegpt``) the same hooks sum ``X X^T``, and the event runs SparseGPT on every layer;
 for gradients (``taylor``) ``|W * G|`` is summed at every optimizer step since the last event, before any
 masking. Sums are all-reduced over data-parallel ranks before scoring, and the partial sums travel in the
 callback's state, so a checkpoint inside a window resumes exactly. Hooks are removed when fit ends or fails.
@@ -23,14 +24,16 @@ import logging
 from typing import List, Literal, Optional, Union
 
 import lightning.pytorch as pl
+import torch
+from tqdm.auto import tqdm
 from lightning.pytorch.utilities import rank_zero_warn
 
 from gradprune.schedules import SCHEDULE_KINDS, SparsitySchedule
 from gradprune.scorers import get_scorer, scorer_names
-from gradprune.selection import select_masks, validate_selection
+from gradprune.selection import exact_count, select_masks, validate_selection
 from gradprune.blocks import group_by_block
 from gradprune.methods.owl import check_lambda, monotone_counts, owl_target_counts
-from gradprune.statistics import ActivationWindow, SaliencyAccumulator
+from gradprune.statistics import ActivationWindow, HessianWindow, SaliencyAccumulator
 from gradprune.targets import Target, find_targets
 from gradprune.validation import (Problems, check_choice, check_pattern, check_selector, check_sparsity,
                                   check_weights_usable, is_int, is_number)
@@ -59,11 +62,13 @@ class GradualPruningCallback(PruningCallback):
             Conv1D except embeddings and the output head).
         exclude: modules not to prune, same forms as ``include``.
         scorer: how weights are ranked: "magnitude" (|W|), "wanda" (|W| * input norm), "ria" (relative
-            importance and activations), "taylor" (sum of |W * G| since the last event), or a name added
-            with ``gradprune.scorers.register_scorer``.
+            importance and activations), "taylor" (sum of |W * G| since the last event), "sparsegpt"
+            (SparseGPT at every event from the window's input Hessians: prunes each layer to its count and
+            updates the kept weights; scope "layer", unstructured), or a name added with
+            ``gradprune.scorers.register_scorer``.
         exponent: power of the cubic schedule, rate of the exponential one.
-        stat_batches: for activation scorers, how many training micro-batches before each event the
-            input statistics are collected over.
+        stat_batches: for activation and Hessian scorers, how many training micro-batches before each
+            event the input statistics are collected over.
         allocation: "uniform" (every layer, row or the whole model at the schedule's sparsity), or "owl":
             at every event OWL's outlier-weighted budgets per decoder block, within
             [s - owl_lambda, s + owl_lambda] of the event's target s (lambda shrinks to min(s, 1 - s) early
@@ -107,11 +112,14 @@ class GradualPruningCallback(PruningCallback):
         check_selector(problems, "exclude", exclude)
         check_pattern(problems, pattern, "final_sparsity", final_sparsity)
         check_choice(problems, "allocation", allocation, ("uniform", "owl"))
+        if scorer in scorer_names() and get_scorer(scorer).prune is not None and (scope != "layer" or pattern != "unstructured"):
+            problems.add(f"scorer {scorer!r} prunes each layer to its count and updates the kept weights: use scope "
+                         f"'layer' and pattern 'unstructured', got scope={scope!r}, pattern={pattern!r}")
         if allocation == "owl":
             check_lambda(problems, owl_lambda, final_sparsity)
-            if scorer in scorer_names() and get_scorer(scorer).needs != "activations":
+            if scorer in scorer_names() and get_scorer(scorer).needs not in ("activations", "hessians"):
                 problems.add(f"allocation='owl' ranks blocks by the Wanda scores of the activation window: use an "
-                             f"activation scorer ('ria', 'wanda'), got scorer={scorer!r}")
+                             f"activation scorer ('ria', 'sparsegpt', 'wanda'), got scorer={scorer!r}")
             if scope == "global" or pattern != "unstructured":
                 problems.add(f"allocation='owl' gives each layer its own budget: use scope 'layer' or 'row' and "
                              f"pattern 'unstructured', got scope={scope!r}, pattern={pattern!r}")
@@ -304,14 +312,23 @@ class GradualPruningCallback(PruningCallback):
             return
         target = schedule.sparsity_at(step)
         masks = registry.current(self._targets)
+        scorer = get_scorer(self.scorer)
+        weights = None
         if step == self.start_step and target <= self.base_sparsity:
             new = None  # the ramp starts where the model already is: nothing to prune or to score
         else:
-            score = self._score_fn(trainer)
+            self._ready_statistics(trainer)
             counts = self._owl_counts(pl_module, target, masks) if self.allocation == "owl" else None
-            new = select_masks(self._targets, target, score, self.scope, self.pattern, masks, counts=counts)
+            if scorer.prune is not None:
+                weights, new = self._reconstruct(trainer, target, masks, counts)
+            else:
+                new = select_masks(self._targets, target, self._score_fn(), self.scope, self.pattern, masks, counts=counts)
         if self._statistics is not None:
             self._statistics.reset()
+        if weights is not None:
+            with torch.no_grad():
+                for t in self._targets:
+                    t.weight.copy_(weights.pop(t.name).to(t.weight.dtype))
         if new is not None:
             registry.update(self._targets, new)
         self.last_event_step = step
@@ -332,25 +349,48 @@ class GradualPruningCallback(PruningCallback):
         current = {name: int(mask.numel() - mask.sum()) for name, mask in masks.items()}
         return monotone_counts(desired, current)
 
-    def _score_fn(self, trainer: pl.Trainer):
-        """``score(target)`` for select_masks, from the scorer and the statistics it asked for."""
+    def _ready_statistics(self, trainer: pl.Trainer) -> None:
+        """Close the window, check every target has statistics, and sum them over data-parallel ranks."""
         scorer = get_scorer(self.scorer)
         statistics = self._statistics
         if statistics is None:
-            return lambda t: scorer.score(t, None)
+            return
         self._close_window()
         missing = statistics.missing()
         if missing:
-            what = "saw no input in forward" if scorer.needs == "activations" else "got no gradient"
+            what = "got no gradient" if scorer.needs == "gradients" else "saw no input in forward"
             raise RuntimeError(
                 f"scorer {self.scorer!r} needs {scorer.needs}, but these targets {what} since the last event: "
                 f"{missing[:5]}{' ...' if len(missing) > 5 else ''}; exclude them (exclude=...) or use scorer='magnitude'"
             )
         if isinstance(statistics, ActivationWindow) and trainer.world_size > 1:
             statistics.reduce_(lambda t: trainer.strategy.reduce(t, reduce_op="sum"))
+
+    def _score_fn(self):
+        """``score(target)`` for select_masks, from the scorer and the statistics it asked for."""
+        scorer = get_scorer(self.scorer)
+        statistics = self._statistics
+        if statistics is None:
+            return lambda t: scorer.score(t, None)
         if isinstance(statistics, ActivationWindow):
             return lambda t: scorer.score(t, statistics.sum_sq(t.name))
         return lambda t: scorer.score(t, statistics.saliency(t.name))
+
+    def _reconstruct(self, trainer: pl.Trainer, target: float, masks: dict, counts: Optional[dict]) -> tuple[dict, dict]:
+        """New weights and keep-masks of every target from the scorer's ``prune`` (SparseGPT): each layer
+        to exactly its count, from the window's Hessians. Nothing is applied here, so an error leaves the
+        model as it was."""
+        prune, window = get_scorer(self.scorer).prune, self._statistics
+        weights, keeps = {}, {}
+        for t in tqdm(self._targets, desc=f"{self.scorer} to {target:.4f}", leave=False,
+                      disable=not trainer.is_global_zero):
+            count = counts[t.name] if counts is not None else exact_count(target, t.numel)
+            weight, keep = prune(t, window.hessian(t.name), count, masks.get(t.name))
+            if not bool(torch.isfinite(weight).all()):
+                raise ValueError(f"scorer {self.scorer!r} produced non-finite weights for {t.name!r} (from non-finite "
+                                 "activations in the statistics window); no layer was changed")
+            weights[t.name], keeps[t.name] = weight, keep
+        return weights, keeps
 
     # -- state ----------------------------------------------------------------------------------------
     def extra_state(self) -> dict:
@@ -372,6 +412,8 @@ def _statistics_for(needs: str, targets: list[Target]) -> Union[ActivationWindow
     """What a scorer's ``needs`` asks the callback to gather: input sums over a window, |W * G| sums, or nothing."""
     if needs == "activations":
         return ActivationWindow(targets)
+    if needs == "hessians":
+        return HessianWindow(targets)
     if needs == "gradients":
         return SaliencyAccumulator(targets)
     return None

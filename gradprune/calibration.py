@@ -108,9 +108,16 @@ class HessianStats:
         )
 
     def add(self, x: torch.Tensor) -> None:
+        self.add_product(self.product(x), x.shape[0])
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        """``X^T X`` of a (tokens, in_features) batch, taken in the accumulation dtype, as float64."""
         x = x.to(self.dtype)
-        self.xtx += (x.t() @ x).to(torch.float64)
-        self.count += x.shape[0]
+        return (x.t() @ x).to(torch.float64)
+
+    def add_product(self, xtx: torch.Tensor, tokens: int) -> None:
+        self.xtx += xtx
+        self.count += tokens
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.xtx, self.count]
@@ -150,10 +157,12 @@ class ActivationHooks:
     hessians: dict = field(default_factory=dict)
     _tokens: Optional[torch.Tensor] = None
     _handles: list = field(default_factory=list)
+    _last_product: Optional[tuple] = None  # (input, its X^T X): q/k/v (and gate/up) see one input, one product
 
     def tokens(self, attention_mask: Optional[torch.Tensor]) -> None:
         """Set the token mask (True = real token) of the next forward; None = every position counts."""
         self._tokens = None if attention_mask is None else attention_mask.to(torch.bool)
+        self._last_product = None
 
     def _hook(self, target: Target) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -163,7 +172,10 @@ class ActivationHooks:
             if self.channel:
                 self.stats[target.name].add(rows)
             if self.hessian:
-                self.hessians[target.name].add(rows)
+                stats = self.hessians[target.name]
+                if self._last_product is None or self._last_product[0] is not x:
+                    self._last_product = (x, stats.product(rows))
+                stats.add_product(self._last_product[1], rows.shape[0])
 
         return hook
 
@@ -189,6 +201,7 @@ class ActivationHooks:
             handle.remove()
         self._handles.clear()
         self._tokens = None
+        self._last_product = None
 
     def reduce_(self, fn: Reduce) -> None:
         for stats in list(self.stats.values()) + list(self.hessians.values()):

@@ -8,6 +8,10 @@ Each scorer says what it needs, and the callback arranges exactly that (see
   collected by forward hooks during the last ``stat_batches`` training micro-batches before an event
   (padding left out, summed over data-parallel ranks). ``wanda``: ``|W_ij| * sqrt(sum x_j^2)`` (the same
   function as one-shot Wanda); ``ria``: relative importance times activations (Zhang et al. 2024).
+- ``"hessians"``: per target SparseGPT's ``sum X X^T`` of its inputs over the same window as activations.
+  ``sparsegpt`` does more than rank: at each event it prunes every layer to its exact count with
+  SparseGPT (lowest ``w^2 / [H^-1]_jj^2`` per column block, already-pruned weights first) and updates the
+  kept weights to make up for the pruned ones (optimal brain surgeon). Scope "layer", unstructured.
 - ``"gradients"``: ``taylor``: first-order saliency ``sum over optimizer steps of |W * G|`` since the last
   event (the gradient before any masking; pruned weights score 0 anyway), kept in a float32 accumulator
   of 4 bytes per targeted weight.
@@ -26,20 +30,25 @@ import torch
 
 from .methods.magnitude import magnitude_scores
 from .methods.ria import ria_scores
+from .methods.sparsegpt import sparsegpt_prune
 from .methods.wanda import wanda_scores
 from .targets import Target
 
-Needs = Literal["weights", "activations", "gradients"]
-NEEDS = ("weights", "activations", "gradients")
+Needs = Literal["weights", "activations", "gradients", "hessians"]
+NEEDS = ("weights", "activations", "gradients", "hessians")
+# prune(target, hessian, count, keep) -> (new weight, keep-mask), both shaped like the stored weight
+Reconstruct = Callable[[Target, torch.Tensor, int, Optional[torch.Tensor]], tuple]
 
 
 @dataclass(frozen=True)
 class Scorer:
-    """A named rule: what it needs, and ``score(target, statistic)``."""
+    """A named rule: what it needs, and ``score(target, statistic)``; or, for a rule that also changes the
+    kept weights (``sparsegpt``), ``prune(target, hessian, count, keep)`` instead of a score."""
 
     name: str
     needs: Needs
-    score: Callable[[Target, Optional[torch.Tensor]], torch.Tensor]
+    score: Optional[Callable[[Target, Optional[torch.Tensor]], torch.Tensor]] = None
+    prune: Optional[Reconstruct] = None
 
 
 def _magnitude(target: Target, statistic: Optional[torch.Tensor]) -> torch.Tensor:
@@ -58,11 +67,19 @@ def _taylor(target: Target, saliency: Optional[torch.Tensor]) -> torch.Tensor:
     return saliency
 
 
+def _sparsegpt(target: Target, hessian: torch.Tensor, count: int, keep: Optional[torch.Tensor]) -> tuple:
+    # a count k is sparsity k / numel, which the exact rounding turns back into exactly k
+    weight, kept = sparsegpt_prune(target.out_in(target.weight), hessian, count / target.numel,
+                                   keep=None if keep is None else target.out_in(keep))
+    return target.stored(weight), target.stored(kept).contiguous()
+
+
 _SCORERS: Dict[str, Scorer] = {
     "magnitude": Scorer("magnitude", "weights", _magnitude),
     "wanda": Scorer("wanda", "activations", _wanda),
     "ria": Scorer("ria", "activations", _ria),
     "taylor": Scorer("taylor", "gradients", _taylor),
+    "sparsegpt": Scorer("sparsegpt", "hessians", prune=_sparsegpt),
 }
 
 
@@ -73,8 +90,8 @@ def register_scorer(name: str, scorer: Callable, needs: Needs = "weights") -> No
     (see the module docstring for what ``statistic`` holds)."""
     if not callable(scorer):
         raise TypeError(f"scorer must be callable, got {scorer!r}")
-    if needs not in NEEDS:
-        raise ValueError(f"needs must be one of {list(NEEDS)}, got {needs!r}")
+    if needs not in NEEDS[:3]:
+        raise ValueError(f"needs must be one of {list(NEEDS[:3])}, got {needs!r}")
     score = (lambda target, statistic: scorer(target)) if needs == "weights" else scorer
     _SCORERS[name] = Scorer(name, needs, score)
 

@@ -3,6 +3,9 @@
 - :class:`ActivationWindow`: per input channel the sum over tokens of ``x^2`` of each target's inputs (and
   the token count), from forward hooks that exist only while a window is open (the callback opens it
   ``stat_batches`` micro-batches before an event and closes it at the event, or when fit ends or fails).
+- :class:`HessianWindow`: the same window, keeping SparseGPT's ``sum X X^T`` of each target's inputs
+  (float64, ``8 * in_features^2`` bytes per target while a window's sums exist; targets that read one input,
+  such as q/k/v, share one product per forward).
 - :class:`SaliencyAccumulator`: ``sum over optimizer steps of |W * G|`` per weight (first-order Taylor
   saliency), float32, shaped like each stored weight: 4 bytes per targeted weight.
 
@@ -15,7 +18,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
-from .calibration import ActivationHooks, ChannelStats
+from .calibration import ActivationHooks, ChannelStats, HessianStats
 from .targets import Target
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
@@ -82,6 +85,52 @@ class ActivationWindow:
             stats.sum_sq.copy_(saved["sum_sq"])
             stats.count.copy_(saved["count"])
             self._hooks.stats[name] = stats
+
+
+class HessianWindow(ActivationWindow):
+    """Sums ``X X^T`` (and token counts) of the inputs of ``targets`` while the window is open."""
+
+    def __init__(self, targets: Sequence[Target]) -> None:
+        self.targets = list(targets)
+        self._hooks = ActivationHooks(self.targets, hessian=True, channel=False)
+        self._open = False
+
+    def tokens_seen(self) -> int:
+        counts = [int(s.count) for s in self._hooks.hessians.values()]
+        return min(counts) if counts else 0
+
+    def missing(self) -> list[str]:
+        stats = self._hooks.hessians
+        return [t.name for t in self.targets if t.name not in stats or float(stats[t.name].count) == 0]
+
+    def hessian(self, name: str) -> torch.Tensor:
+        """SparseGPT's ``2/n X X^T`` of the target's inputs in the window (float64)."""
+        return self._hooks.hessians[name].hessian()
+
+    def sum_sq(self, name: str) -> torch.Tensor:
+        """Per input channel ``sum x^2``: the diagonal of ``X X^T`` (what OWL's Wanda scores need)."""
+        return self._hooks.hessians[name].xtx.diagonal().clone()
+
+    def reduce_(self, fn: Reduce) -> None:
+        for stats in self._hooks.hessians.values():
+            stats.xtx, stats.count = fn(stats.xtx), fn(stats.count)
+
+    def reset(self) -> None:
+        self.close()
+        self._hooks.hessians.clear()
+
+    def state_dict(self) -> dict:
+        return {name: {"xtx": s.xtx.cpu(), "count": s.count.cpu()} for name, s in self._hooks.hessians.items()}
+
+    def load_state_dict(self, state: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+        self.reset()
+        by_name = {t.name: t for t in self.targets}
+        for name, saved in state.items():
+            target = by_name[name]
+            stats = HessianStats.empty(target.in_features, target.weight.device)
+            stats.xtx.copy_(saved["xtx"])
+            stats.count.copy_(saved["count"])
+            self._hooks.hessians[name] = stats
 
 
 class SaliencyAccumulator:

@@ -80,6 +80,7 @@ def rows(args) -> dict:
         "gradual-wanda-owl-kd": ("gradual wanda + OWL + KD", gradual("wanda", allocation="owl"), KD),
         "gradual-ria-kd": ("gradual ria + KD", gradual("ria"), KD),
         "gradual-taylor-kd": ("gradual taylor + KD", gradual("taylor", scope="layer"), KD),
+        "gradual-sparsegpt-kd": ("gradual sparsegpt + KD", gradual("sparsegpt", scope="layer"), KD),
         "gradual-wanda-squarehead": ("gradual wanda + KD + SquareHead", gradual("wanda"), SQUAREHEAD),
         "sparsegpt-gradual-wanda-kd": ("SparseGPT one-shot, then gradual wanda + KD",
                                        sparsegpt_then_gradual("wanda"), KD),

@@ -1,4 +1,4 @@
-"""Gradual scorers (magnitude, wanda, ria, taylor) and their statistics: hand-computed scores, one
+"""Gradual scorers (magnitude, wanda, ria, taylor, sparsegpt) and their statistics: hand-computed scores, one
 contract every scorer passes through fit, statistics windows, resume inside a window, DDP, bad input."""
 import lightning.pytorch as pl
 import pytest
@@ -16,7 +16,8 @@ from lightning_helpers import TINY_LLAMA, tiny_module, token_loader, trainer
 
 pytestmark = pytest.mark.numerics  # run again under other CPU kernels by .ci/run (make test-numerics)
 
-SCORERS = ["magnitude", "wanda", "ria", "taylor"]
+SCORERS = ["magnitude", "wanda", "ria", "taylor", "sparsegpt"]
+LAYER_ONLY = {"sparsegpt"}  # prunes each layer to its count and updates the kept weights
 
 
 def one_linear(weight):
@@ -100,8 +101,8 @@ def fit_scorer(tmp_path, scorer, scope="layer", seed=0, **kwargs):
     return module, gradual, counts
 
 
-@pytest.mark.parametrize("scope", ["layer", "row", "global"])
-@pytest.mark.parametrize("scorer", SCORERS)
+@pytest.mark.parametrize("scorer, scope", [(scorer, scope) for scorer in SCORERS for scope in ("layer", "row", "global")
+                                           if scope == "layer" or scorer not in LAYER_ONLY])
 def test_every_scorer_prunes_exactly_deterministically_and_leaves_no_hooks(tmp_path, scorer, scope):
     module, gradual, counts = fit_scorer(tmp_path / "a", scorer, scope)
     schedule = gradual.schedule
@@ -128,7 +129,7 @@ def test_every_scorer_prunes_exactly_deterministically_and_leaves_no_hooks(tmp_p
 
 def test_activation_scorers_rank_differently_from_magnitude(tmp_path):
     masks = {s: MaskRegistry.of(fit_scorer(tmp_path / s, s)[0]).masks for s in SCORERS}
-    for scorer in ("wanda", "ria", "taylor"):
+    for scorer in ("wanda", "ria", "taylor", "sparsegpt"):
         assert any(not torch.equal(masks[scorer][n], masks["magnitude"][n]) for n in masks["magnitude"]), scorer
 
 
@@ -182,11 +183,13 @@ def test_window_counts_micro_batches_under_gradient_accumulation(tmp_path):
 
 
 # -- resume inside a statistics window --------------------------------------------------------------------
-@pytest.mark.parametrize("scorer", ["wanda", "taylor"])
+@pytest.mark.parametrize("scorer", ["wanda", "taylor", "sparsegpt"])
 def test_resume_inside_a_statistics_window_is_bit_identical(tmp_path, scorer):
+    scope = "layer" if scorer in LAYER_ONLY else "row"
+
     def run(root, ckpt_path=None, checkpoint=None):
         module = tiny_module(seed=1)
-        callbacks = [GradualPruningCallback(0.6, start_step=2, end_step=14, every=4, scope="row", scorer=scorer,
+        callbacks = [GradualPruningCallback(0.6, start_step=2, end_step=14, every=4, scope=scope, scorer=scorer,
                                             stat_batches=4)]
         if checkpoint is not None:
             callbacks.append(checkpoint)
@@ -292,7 +295,9 @@ def test_wanda_statistics_are_summed_over_ddp_ranks(tmp_path):
 
 # -- bad input -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(scorer="movement"), r"scorer must be one of \['magnitude', 'ria', 'taylor', 'wanda'\], got 'movement'"),
+    (dict(scorer="movement"), r"scorer must be one of \['magnitude', 'ria', 'sparsegpt', 'taylor', 'wanda'\], got 'movement'"),
+    (dict(scorer="sparsegpt", scope="row"), r"scorer 'sparsegpt' .* use scope 'layer' and pattern 'unstructured', got scope='row'"),
+    (dict(scorer="sparsegpt", pattern="2:4"), r"scorer 'sparsegpt' .* got scope='layer', pattern='2:4'"),
     (dict(stat_batches=0), r"stat_batches must be an int >= 1 .*got 0"),
     (dict(stat_batches=2.5), r"stat_batches must be an int >= 1 .*got 2.5"),
 ])

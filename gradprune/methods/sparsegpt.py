@@ -39,6 +39,14 @@ def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float, max_tries: in
     raise RuntimeError(f"Hessian is not positive definite even with damping {damp:.3g}")
 
 
+def block_count(share: int, pruned_before: int, room: int) -> int:
+    """How many weights one column block prunes: its ``share`` of the layer's count so far, but never
+    fewer than the block had pruned before (masks only grow) and never so many that the later blocks could
+    not keep theirs (``room`` = the layer's count minus what is done and what later blocks had pruned). With
+    ``room >= pruned_before`` (true while earlier blocks obey the same rule) the layer ends exactly at its count."""
+    return max(pruned_before, min(share, room))
+
+
 def sparsegpt_prune(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -54,9 +62,10 @@ def sparsegpt_prune(
     ``blocksize``. Unstructured: at the start of each block the lowest ``w^2 / diag(H^-1)^2`` are pruned,
     as many as keep the count up to that block exact (``exact_count(s, out * columns so far)``), so the
     layer ends at exactly ``exact_count(s, out * in)``. N:M: at the start of each group of M columns the
-    N lowest of every row are pruned. After each column the error is spread over the remaining columns:
-    ``W[:, j:] -= (w - q) / Hinv[i, i] * Hinv[i, j:]``. Weights outside ``keep`` (the current keep-mask,
-    if any) are pruned first.
+    N lowest of every row are pruned. Weights outside ``keep`` (the current keep-mask, if any) are pruned
+    first, and a block never prunes fewer than it had (:func:`block_count`), so masks only grow and the
+    count stays exact even when the earlier mask is spread unevenly over the blocks. After each column the
+    error is spread over the remaining columns: ``W[:, j:] -= (w - q) / Hinv[i, i] * Hinv[i, j:]``.
     """
     W = weight.detach().to(torch.float32).clone(memory_format=torch.contiguous_format)
     rows, columns = W.shape
@@ -74,8 +83,11 @@ def sparsegpt_prune(
             scores.masked_fill_(~keep_before[:, cols], float("-inf"))
         return scores
 
-    done = 0
-    for i1 in range(0, columns, blocksize):
+    done, total = 0, exact_count(sparsity, rows * columns)
+    # pruned before, per column block: each block prunes at least these, so masks only grow
+    before = ([0] * -(-columns // blocksize) if keep_before is None else
+              [int((~keep_before[:, i:i + blocksize]).sum()) for i in range(0, columns, blocksize)])
+    for b, i1 in enumerate(range(0, columns, blocksize)):
         i2 = min(i1 + blocksize, columns)
         W1 = W[:, i1:i2].clone()
         Q1 = torch.zeros_like(W1)
@@ -83,7 +95,7 @@ def sparsegpt_prune(
         Hinv1 = hinv[i1:i2, i1:i2]
         d = Hinv1.diagonal()
         if nm is None:
-            k = exact_count(sparsity, rows * i2) - done
+            k = block_count(exact_count(sparsity, rows * i2) - done, before[b], total - done - sum(before[b + 1:]))
             keep1 = drop_lowest(block_scores(W1, d, slice(i1, i2)), k)
         else:
             keep1 = torch.ones_like(W1, dtype=torch.bool)
