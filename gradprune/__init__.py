@@ -4,6 +4,7 @@ The core (targets, schedules, mask selection, the mask registry, reports) is pur
 pieces live in :mod:`gradprune.callbacks` and the LightningModule / DataModule modules.
 """
 from . import calibration
+from .exports import FORMATS, export, load
 from .masks import MaskRegistry, pack_mask, unpack_mask
 from .methods.magnitude import magnitude_scores
 from .oneshot import prune_oneshot
@@ -54,6 +55,9 @@ __all__ = [
     "TextDataModule",
     "byte_tokenizer",
     "exact_count",
+    "export",
+    "FORMATS",
+    "load",
     "find_targets",
     "magnitude_scores",
     "pack_mask",
