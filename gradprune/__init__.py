@@ -12,6 +12,7 @@ from .optim import MaskedAdamW
 from .report import sparsity_report
 from .schedules import SparsitySchedule
 from .selection import exact_count, select_masks
+from .semistructured import accelerate_2of4
 from .targets import Target, find_targets
 
 __version__ = "0.1.0"
@@ -47,6 +48,7 @@ def prune(model, sparsity, scope="layer", pattern="unstructured", include=None, 
 
 
 __all__ = [
+    "accelerate_2of4",
     "MaskRegistry",
     "MaskedAdamW",
     "PrunableLM",
