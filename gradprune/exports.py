@@ -315,10 +315,19 @@ def _model_class(config):
     return AutoModelForCausalLM
 
 
-def _load_dense(directory: Path):
+def _read_config(directory: Path):
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(directory)
+    if not (directory / "config.json").is_file():
+        raise ExportError(f"{directory / 'config.json'} is missing: an export keeps the model's config there")
+    return AutoConfig.from_pretrained(directory)
+
+
+def _load_dense(directory: Path):
+    config = _read_config(directory)
+    if not any((directory / name).is_file() for name in _WEIGHT_FILES[:3]):
+        raise ExportError(f"{directory} holds no model.safetensors (nor model.safetensors.index.json or "
+                          "pytorch_model.bin): the weights of a dense export are missing")
     return _model_class(config).from_pretrained(directory, config=config)
 
 
@@ -366,9 +375,7 @@ def read_compressed(path: Union[str, os.PathLike]) -> tuple[dict[str, torch.Tens
 
 
 def _load_compressed(directory: Path):
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(directory)
+    config = _read_config(directory)
     state, _ = read_compressed(directory / COMPRESSED_FILE)
     model, info = _model_class(config).from_pretrained(None, config=config, state_dict=state, output_loading_info=True)
     problems = []

@@ -219,3 +219,13 @@ def test_a_truncated_or_missing_file_is_named(compressed_dir):
         gp.load(compressed_dir)
     with pytest.raises(ExportError, match=r"export directory '.*nowhere' does not exist"):
         gp.load(compressed_dir / "nowhere")
+
+
+def test_a_dense_export_without_weights_or_config_is_named(tmp_path):
+    out = gp.export(pruned_llama(), tmp_path / "d")
+    (out / "model.safetensors").unlink()
+    with pytest.raises(ExportError, match=r"holds no model.safetensors .* the weights of a dense export are missing"):
+        gp.load(out)
+    (out / "config.json").unlink()
+    with pytest.raises(ExportError, match=r"config.json is missing"):
+        gp.load(out)
