@@ -229,3 +229,21 @@ def test_a_dense_export_without_weights_or_config_is_named(tmp_path):
     (out / "config.json").unlink()
     with pytest.raises(ExportError, match=r"config.json is missing"):
         gp.load(out)
+
+
+@pytest.mark.parametrize("sparsity, target_mb", [(0.5, 180), (0.7, 135), (0.9, 93)])
+def test_the_size_formula_meets_the_targets_at_smollm2_shapes(sparsity, target_mb):
+    """SmolLM2-135M's shapes (built on the meta device, no weights): pruned tensors by the formula, the rest
+    dense in bf16, plus the header (~160 bytes per entry) stays under the issue's targets."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    targets = gp.find_targets(model)
+    pruned = sum(bitmask_nbytes(t.numel, t.numel - gp.exact_count(sparsity, t.numel), 2) for t in targets)
+    dense = 2 * (sum(p.numel() for p in model.parameters()) - sum(t.numel for t in targets))
+    entries = 2 * len(targets) + len(model.state_dict()) - len(targets)
+    assert len(targets) == 210 and 2 * sum(p.numel() for p in model.parameters()) == pytest.approx(269e6, rel=0.01)
+    assert (pruned + dense + 160 * entries) / 1e6 <= target_mb
