@@ -178,7 +178,8 @@ def _write_compressed(model: nn.Module, out: Path, registries) -> dict:
     seen: dict[tuple, str] = {}
     stats = {"tensors": 0, "numel": 0, "nonzeros": 0, "bytes": 0, "ideal_bytes": 0.0}
     for name, tensor in model.state_dict(keep_vars=False).items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride(),
+               tensor.dtype)
         if tensor.numel() and key in seen:  # a tied tensor (lm_head = embedding): stored once
             tied[name] = seen[key]
             continue
