@@ -38,6 +38,7 @@ from torch import nn
 from .masks import _SAME_WIDTH_INT, MaskRegistry, pack_mask, unpack_mask
 from .report import sparsity_report
 from .targets import Target, find_targets
+from .validation import Problems
 
 log = logging.getLogger(__name__)
 
@@ -226,10 +227,9 @@ WRITERS: dict[str, Callable[[nn.Module, Path, list], dict]] = {
 FORMATS = tuple(WRITERS)
 
 
-def check_format(format: Any) -> str:
+def check_format(problems: Problems, format: Any) -> None:
     if not isinstance(format, str) or format not in WRITERS:
-        raise ValueError(f"format must be one of {list(FORMATS)}, got {format!r}")
-    return format
+        problems.add(f"format must be one of {list(FORMATS)}, got {format!r}")
 
 
 def _jsonable(value: Any) -> Any:
@@ -265,9 +265,13 @@ def export(
     The masks of the model's mask registry (and of the wrapping module's) are applied first: pruned
     weights are zeroed in place (a no-op while the masks were enforced).
     """
-    check_format(format)
+    problems = Problems()
+    check_format(problems, format)
     if not isinstance(out_dir, (str, os.PathLike)):
-        raise TypeError(f"out_dir must be a directory path, got {out_dir!r}")
+        problems.add(f"out_dir must be a directory path (str or os.PathLike), got {out_dir!r}", type_error=True)
+    elif Path(out_dir).exists() and not Path(out_dir).is_dir():
+        problems.add(f"out_dir={str(out_dir)!r} is a file, not a directory")
+    problems.raise_if_any()
     known_tokenizer, known_recipe = None, None
     parts = getattr(model_or_module, "export_parts", None)
     if callable(parts):
@@ -280,8 +284,6 @@ def export(
     tokenizer = tokenizer if tokenizer is not None else known_tokenizer
     recipe = recipe if recipe is not None else known_recipe
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"out_dir={str(out_dir)!r} is a file, not a directory")
 
     registries = _registries(model_or_module, model)
     for registry in registries:

@@ -247,3 +247,11 @@ def test_the_size_formula_meets_the_targets_at_smollm2_shapes(sparsity, target_m
     entries = 2 * len(targets) + len(model.state_dict()) - len(targets)
     assert len(targets) == 210 and 2 * sum(p.numel() for p in model.parameters()) == pytest.approx(269e6, rel=0.01)
     assert (pruned + dense + 160 * entries) / 1e6 <= target_mb
+
+
+def test_bad_arguments_are_reported_together_before_anything_is_written(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match=r"format must be one of .* got 'zip'\n  - out_dir='.*file' is a file"):
+        gp.export(pruned_llama(), tmp_path / "file", format="zip")
+    with pytest.raises(TypeError, match=r"out_dir must be a directory path \(str or os.PathLike\), got 3"):
+        gp.export(pruned_llama(), 3)
