@@ -88,7 +88,10 @@ def unpack_mask(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     numel = 1
     for dim in shape:
         numel *= int(dim)
-    bits = np.unpackbits(packed.detach().cpu().to(torch.uint8).numpy().reshape(-1), count=numel)
+    packed = packed.detach().cpu().to(torch.uint8).reshape(-1)
+    if packed.numel() * 8 < numel:
+        raise ValueError(f"a bit-packed mask of {packed.numel()} bytes cannot hold {numel} elements (shape {list(shape)})")
+    bits = np.unpackbits(packed.numpy(), count=numel)
     return torch.from_numpy(bits.view(np.bool_)).view(*[int(d) for d in shape])
 
 
