@@ -4,6 +4,7 @@ The core (targets, schedules, mask selection, the mask registry, reports) is pur
 pieces live in :mod:`gradprune.callbacks` and the LightningModule / DataModule modules.
 """
 from . import calibration
+from .exports import FORMATS, export, load
 from .masks import MaskRegistry, pack_mask, unpack_mask
 from .methods.magnitude import magnitude_scores
 from .oneshot import prune_oneshot
@@ -11,6 +12,7 @@ from .optim import MaskedAdamW
 from .report import sparsity_report
 from .schedules import SparsitySchedule
 from .selection import exact_count, select_masks
+from .semistructured import accelerate_2of4
 from .targets import Target, find_targets
 
 __version__ = "0.1.0"
@@ -46,6 +48,7 @@ def prune(model, sparsity, scope="layer", pattern="unstructured", include=None, 
 
 
 __all__ = [
+    "accelerate_2of4",
     "MaskRegistry",
     "MaskedAdamW",
     "PrunableLM",
@@ -54,6 +57,9 @@ __all__ = [
     "TextDataModule",
     "byte_tokenizer",
     "exact_count",
+    "export",
+    "FORMATS",
+    "load",
     "find_targets",
     "magnitude_scores",
     "pack_mask",

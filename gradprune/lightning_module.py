@@ -8,13 +8,13 @@ Pruning itself is done by callbacks (gradprune.callbacks); they find the targets
 from __future__ import annotations
 
 import copy
-import json
+import inspect
 import logging
 import math
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Literal, Optional, Union
 
 import lightning.pytorch as pl
 import torch
@@ -23,14 +23,14 @@ from torch import nn
 from torchmetrics.text import Perplexity
 
 from .distill import Distillation, distillation_loss, hidden_state_loss
+from .exports import FORMATS
+from .exports import export as export_model
 from .lora import LoRA, add_lora, lora_options, merge_lora, require_peft
 from .losses import IGNORE_INDEX, next_token_loss, shifted_targets
 from .masks import MaskRegistry
 from .models import DTYPES, load_causal_lm, load_tokenizer
 from .optim import MaskedAdamW
-from .report import sparsity_report
-from .targets import find_targets
-from .validation import Problems, check_bool, check_model_source, check_number, is_int, is_number
+from .validation import Problems, check_bool, check_choice, check_model_source, check_number, is_int, is_number
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +54,11 @@ class PrunableLM(pl.LightningModule):
         fused_adamw: use torch's fused AdamW kernel when every parameter is on a CPU or CUDA device (one
             pass per tensor instead of a dozen; on CPU it is also not slowed down by the zero moments of
             pruned weights, which make the per-op sqrt several times slower).
-        export_dir: if set, the model is saved there (save_pretrained, safetensors) with the data module's
-            tokenizer and a gradprune.json sparsity report when fit ends.
+        export_dir: if set, the model is exported there when fit ends (:func:`gradprune.export`), with the
+            data module's tokenizer and a gradprune.json holding the sparsity report and the recipe (these
+            hyperparameters and the pruning callbacks' arguments).
+        export_format: the format of that export: "dense" (safetensors with the zeros, loads anywhere) or
+            "compressed" (pruned tensors as bitmask + nonzero values; :func:`gradprune.load` reads it).
         tokenizer: tokenizer source for the export when there is no data module tokenizer.
         distill: learn from a dense teacher as well (see :class:`gradprune.distill.Distillation`). The
             teacher is frozen, in eval mode, never in the optimizer, and not saved in checkpoints or
@@ -80,6 +83,7 @@ class PrunableLM(pl.LightningModule):
         dtype: str = "float32",
         fused_adamw: bool = True,
         export_dir: Optional[str] = None,
+        export_format: Literal["dense", "compressed"] = "dense",
         tokenizer: Optional[str] = None,
         distill: Optional[Distillation] = None,
         lora: Optional[LoRA] = None,
@@ -105,6 +109,7 @@ class PrunableLM(pl.LightningModule):
         check_bool(problems, "fused_adamw", fused_adamw)
         if export_dir is not None and not isinstance(export_dir, (str, os.PathLike)):
             problems.add(f"export_dir must be None or a directory path (str), got {export_dir!r} ({type(export_dir).__name__})", type_error=True)
+        check_choice(problems, "export_format", export_format, FORMATS)
         if tokenizer is not None and not isinstance(tokenizer, str):
             problems.add(f"tokenizer must be None or a tokenizer source (str), got {tokenizer!r}", type_error=True)
         elif tokenizer is not None:
@@ -145,6 +150,7 @@ class PrunableLM(pl.LightningModule):
         self.min_lr_ratio = min_lr_ratio
         self.fused_adamw = fused_adamw
         self.export_dir = export_dir
+        self.export_format = export_format
         self.tokenizer_source = tokenizer if tokenizer is not None else (model if isinstance(model, str) else None)
         self.val_perplexity = Perplexity(ignore_index=IGNORE_INDEX)
         self.distill = distill
@@ -365,24 +371,51 @@ class PrunableLM(pl.LightningModule):
         return merge_lora(copy.deepcopy(self.model))
 
     @rank_zero_only
-    def export(self, directory: str) -> Path:
-        """Save the model (safetensors; with ``lora`` the merged model), its tokenizer and gradprune.json
-        (a sparsity report)."""
-        out = Path(directory)
-        model = self.merged_model()
+    def export(self, directory: str, format: Optional[str] = None) -> Path:
+        """Export the model to ``directory`` (:func:`gradprune.export`) in ``format`` (default
+        ``export_format``): with its tokenizer and gradprune.json (sparsity report and recipe)."""
+        return export_model(self, directory, format=self.export_format if format is None else format)
+
+    def export_parts(self) -> tuple[nn.Module, Any, dict]:
+        """What :func:`gradprune.export` saves for this module: the model (with ``lora`` the merged one), the tokenizer (the data module's,
+        else loaded from ``tokenizer`` or the model source; None if neither) and the recipe (the
+        hyperparameters, the pruning callbacks' arguments and the optimizer step)."""
+        model = self.merged_model()  # with lora: adapters merged under the base's zeros
         if not hasattr(model, "save_pretrained"):
             raise TypeError(f"export needs a model with save_pretrained, got {type(model).__name__}")
-        out.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out, safe_serialization=True)
-        tokenizer = getattr(getattr(self.trainer, "datamodule", None), "tokenizer", None) if self._trainer else None
+        trainer = self._trainer
+        tokenizer = getattr(getattr(trainer, "datamodule", None), "tokenizer", None) if trainer else None
         if tokenizer is None and self.tokenizer_source is not None:
             tokenizer = load_tokenizer(self.tokenizer_source)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(out)
-        report = sparsity_report(model, find_targets(model))
-        (out / "gradprune.json").write_text(json.dumps({"sparsity": report}, indent=1))
-        log.info("exported the model to %s (global sparsity %.4f)", out, report["global"]["sparsity"])
-        return out
+        recipe: dict[str, Any] = {"hparams": dict(self.hparams)}
+        if trainer is not None:
+            recipe["global_step"] = trainer.global_step
+            recipe["callbacks"] = describe_callbacks(trainer.callbacks)
+        return model, tokenizer, recipe
+
+
+def describe_callbacks(callbacks) -> list[dict]:
+    """The gradprune callbacks among ``callbacks`` as ``{"class_path", "init_args"}`` (the LightningCLI
+    form): each ``__init__`` argument read back from the attribute of the same name (or ``<name>_kind``)."""
+    described = []
+    for callback in callbacks:
+        cls = type(callback)
+        if not cls.__module__.startswith("gradprune"):
+            continue
+        args: dict[str, Any] = {}
+        for klass in cls.__mro__:
+            init = klass.__dict__.get("__init__")
+            if init is None:
+                continue
+            for name in inspect.signature(init).parameters:
+                if name == "self" or name in args:
+                    continue
+                for attribute in (name, f"{name}_kind"):
+                    if attribute in callback.__dict__:
+                        args[name] = callback.__dict__[attribute]
+                        break
+        described.append({"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": args})
+    return described
 
 
 def _check_hidden_states(model: nn.Module, role: str, hidden_layers, indices: list[int]) -> None:

@@ -111,6 +111,21 @@ def test_fit_from_yaml_logs_reports_and_exports(tmp_path):
     assert zeros == report["global"]["zeros"]
 
 
+def test_compressed_export_from_the_command_line(tmp_path):
+    import gradprune as gp
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY.format(root=tmp_path).replace("max_steps: 12", "max_steps: 3"))
+    cli = run_cli(["fit", "--config", str(path), "--model.export_format", "compressed"])
+    export = tmp_path / "export"
+    assert (export / "model.compressed.safetensors").exists() and not (export / "model.safetensors").exists()
+    info = json.loads((export / "gradprune.json").read_text())
+    assert info["format"] == "compressed" and info["recipe"]["callbacks"][0]["init_args"]["final_sparsity"] == 0.5
+    reloaded = gp.load(export)
+    for name, tensor in cli.model.model.state_dict().items():
+        assert tensor.equal(reloaded.state_dict()[name]), name
+
+
 def test_validate_subcommand_reports_perplexity(tmp_path):
     path = tmp_path / "tiny.yaml"
     path.write_text(TINY.format(root=tmp_path))

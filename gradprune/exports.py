@@ -1,0 +1,417 @@
+"""Exports of a pruned model, and loading them back.
+
+``export(model, out_dir, format=...)`` writes one of these formats (``FORMATS``), each a directory with
+``config.json``, the tokenizer when one is known, and ``gradprune.json`` (the format, the sparsity report,
+the recipe that produced the model when known, the gradprune version):
+
+- ``dense``: the masks baked in (pruned weights exactly zero) and Hugging Face ``save_pretrained``
+  (``model.safetensors``). Any Hugging Face loader reads it; ``AutoModelForCausalLM.from_pretrained``
+  gives identical logits.
+- ``compressed``: one ``model.compressed.safetensors`` file. Each pruned tensor ``W`` is stored as two
+  entries, ``W::bitmask`` (uint8, the positions of its nonzero elements in row-major order bit-packed
+  by :func:`gradprune.pack_mask`: 8 per byte, first element in the high bit, the last byte's unused
+  low bits zero) and ``W::values`` (its nonzero elements in that order, in the tensor's own dtype);
+  every other tensor is stored as is under its own name. The file's metadata holds ``gradprune.layout``
+  (``"bitmask/1"``), ``gradprune.shapes`` (JSON: the shape of each bitmask-stored tensor) and
+  ``gradprune.tied`` (JSON: tensor names stored once for a tied pair, mapped to the stored name).
+  :func:`load` rebuilds the dense model bit-exactly.
+
+"Nonzero" is judged on the bits: -0.0 and NaN are values like any other, so the round trip is exact
+for every tensor. A tensor is stored as a bitmask when it is a pruning target (the default targets of
+:func:`gradprune.find_targets`, and whatever the model's mask registry holds) and that is smaller
+than storing it dense (:func:`bitmask_nbytes`): in bf16 above 1/16 = 6.25% zeros, in fp32 above 1/32.
+Embeddings, norms and biases are never targets and stay dense.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from .masks import _SAME_WIDTH_INT, MaskRegistry, pack_mask, unpack_mask
+from .report import sparsity_report
+from .targets import Target, find_targets
+from .validation import Problems
+
+log = logging.getLogger(__name__)
+
+REPORT_FILE = "gradprune.json"
+COMPRESSED_FILE = "model.compressed.safetensors"
+LAYOUT = "bitmask/1"
+BITMASK_SUFFIX = "::bitmask"
+VALUES_SUFFIX = "::values"
+# Weight files a previous export into the same directory may have left; removed before writing, so a
+# directory never holds two exports.
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", COMPRESSED_FILE)
+
+
+class ExportError(ValueError):
+    """An export directory that cannot be loaded: a file or tensor missing or corrupted."""
+
+
+# -- the size of a bitmask-stored tensor (pure) -------------------------------------------------------
+def bitmask_nbytes(numel: int, nonzeros: int, element_size: int) -> int:
+    """Bytes of a tensor stored as a bitmask plus its nonzero values: ceil(numel / 8) + nonzeros * size."""
+    return -(-numel // 8) + nonzeros * element_size
+
+
+def ideal_nbytes(numel: int, nonzeros: int, element_size: int) -> float:
+    """The ideal the compressed layout is held to: the values plus exactly one bit per element."""
+    return numel / 8 + nonzeros * element_size
+
+
+# -- one tensor to bitmask + values and back (pure) ---------------------------------------------------
+def _as_numpy_bits(tensor: torch.Tensor) -> np.ndarray:
+    """A CPU tensor's elements as a numpy array of integers of the same width (numpy has no bfloat16);
+    shares memory with the tensor."""
+    width = tensor.element_size()
+    if tensor.is_floating_point() and width in _SAME_WIDTH_INT:
+        tensor = tensor.view(_SAME_WIDTH_INT[width])
+    return tensor.numpy()
+
+
+def compress_tensor(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(bit-packed uint8 mask of the nonzero elements, the nonzero elements in row-major order, same
+    dtype). Nonzero is judged on the bits, so -0.0 and NaN are kept as values."""
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    bits = _as_numpy_bits(flat)
+    keep = bits != 0
+    values = torch.from_numpy(bits[keep]).view(flat.dtype)
+    return pack_mask(torch.from_numpy(keep)), values
+
+
+def decompress_tensor(bitmask: torch.Tensor, values: torch.Tensor, shape, name: str = "tensor") -> torch.Tensor:
+    """Inverse of :func:`compress_tensor`. Raises :class:`ExportError` naming ``name`` when the bitmask's
+    length does not fit ``shape``, its unused bits are set, or it marks another number of elements than
+    there are values."""
+    shape = [int(d) for d in shape]
+    numel = math.prod(shape)
+    if bitmask.dtype != torch.uint8 or bitmask.dim() != 1 or bitmask.numel() != -(-numel // 8):
+        raise ExportError(
+            f"tensor {name!r} is corrupted: its bitmask should be {-(-numel // 8)} uint8 bytes for shape "
+            f"{shape}, got {bitmask.numel()} {bitmask.dtype} in shape {list(bitmask.shape)}"
+        )
+    pad = (-numel) % 8
+    if pad and int(bitmask[-1]) & ((1 << pad) - 1):
+        raise ExportError(f"tensor {name!r} is corrupted: the unused last {pad} bits of its bitmask are set")
+    keep = unpack_mask(bitmask, (numel,)).numpy()
+    count = int(np.count_nonzero(keep))
+    if values.dim() != 1 or values.numel() != count:
+        raise ExportError(
+            f"tensor {name!r} is corrupted: its bitmask marks {count} nonzero elements but {values.numel()} "
+            f"values are stored (shape {list(values.shape)})"
+        )
+    source = _as_numpy_bits(values.contiguous())
+    dense = np.zeros(numel, dtype=source.dtype)
+    if count:
+        np.place(dense, keep, source)
+    return torch.from_numpy(dense).view(values.dtype).view(shape)
+
+
+# -- finding what to export ---------------------------------------------------------------------------
+def find_hf_model(model_or_module: nn.Module) -> nn.Module:
+    """The Hugging Face model to export: ``model_or_module`` itself when it has ``save_pretrained`` and a
+    ``config``, else its outermost submodule that has them (e.g. ``PrunableLM.model``)."""
+    for _, module in model_or_module.named_modules():
+        if callable(getattr(module, "save_pretrained", None)) and getattr(module, "config", None) is not None:
+            return module
+    raise TypeError(
+        f"export needs a Hugging Face model (a module with save_pretrained and a config), and "
+        f"{type(model_or_module).__name__} neither is one nor holds one"
+    )
+
+
+def _registries(*modules: nn.Module) -> list[MaskRegistry]:
+    found = []
+    for module in modules:
+        registry = MaskRegistry.existing(module)
+        if registry is not None and all(registry is not r for r in found):
+            found.append(registry)
+    return found
+
+
+def pruned_tensor_names(model: nn.Module, registries=()) -> set[str]:
+    """State-dict names (in ``model``) of the weights that count as pruned tensors: the default targets
+    of :func:`find_targets` and every weight a mask registry holds a mask for."""
+    weights = {id(t.weight) for r in registries for t in r.targets.values()}
+    try:
+        weights |= {id(t.weight) for t in find_targets(model)}
+    except ValueError:  # a model with no default targets: only the registries' count
+        pass
+    return {name for name, p in model.named_parameters(remove_duplicate=False) if id(p) in weights}
+
+
+def _report_targets(model: nn.Module, registries) -> list[Target]:
+    try:
+        targets = find_targets(model)
+    except ValueError:
+        targets = []
+    ids = {id(t.weight) for t in targets}
+    modules = {id(m): name for name, m in model.named_modules()}
+    for registry in registries:  # weights pruned beyond the default targets, named inside ``model``
+        for t in registry.targets.values():
+            if id(t.weight) not in ids and id(t.module) in modules:
+                targets.append(Target(modules[id(t.module)], t.module, t.transposed))
+                ids.add(id(t.weight))
+    return targets
+
+
+# -- writing ------------------------------------------------------------------------------------------
+def _write_dense(model: nn.Module, out: Path, registries) -> dict:
+    model.save_pretrained(out, safe_serialization=True)
+    return {}
+
+
+def _write_compressed(model: nn.Module, out: Path, registries) -> dict:
+    from safetensors.torch import save_file
+
+    pruned = pruned_tensor_names(model, registries)
+    tensors: dict[str, torch.Tensor] = {}
+    shapes: dict[str, list[int]] = {}
+    tied: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    stats = {"tensors": 0, "numel": 0, "nonzeros": 0, "bytes": 0, "ideal_bytes": 0.0}
+    for name, tensor in model.state_dict(keep_vars=False).items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride(),
+               tensor.dtype)
+        if tensor.numel() and key in seen:  # a tied tensor (lm_head = embedding): stored once
+            tied[name] = seen[key]
+            continue
+        seen[key] = name
+        if name in pruned and tensor.is_floating_point():
+            bitmask, values = compress_tensor(tensor)
+            size = tensor.element_size()
+            nbytes = bitmask_nbytes(tensor.numel(), values.numel(), size)
+            if nbytes < tensor.numel() * size:
+                tensors[name + BITMASK_SUFFIX] = bitmask
+                tensors[name + VALUES_SUFFIX] = values
+                shapes[name] = list(tensor.shape)
+                stats["tensors"] += 1
+                stats["numel"] += tensor.numel()
+                stats["nonzeros"] += values.numel()
+                stats["bytes"] += nbytes
+                stats["ideal_bytes"] += ideal_nbytes(tensor.numel(), values.numel(), size)
+                continue
+        tensors[name] = tensor.detach().contiguous().cpu()
+    metadata = {"format": "pt", "gradprune.layout": LAYOUT, "gradprune.shapes": json.dumps(shapes),
+                "gradprune.tied": json.dumps(tied)}
+    save_file(tensors, str(out / COMPRESSED_FILE), metadata=metadata)
+    _save_config(model, out)
+    return {"compressed": {"file": COMPRESSED_FILE, "layout": LAYOUT, "tied": tied, **stats}}
+
+
+def _save_config(model: nn.Module, out: Path) -> None:
+    """config.json (and generation_config.json) as save_pretrained writes them."""
+    config = model.config
+    config.dtype = str(next(model.parameters()).dtype).split(".")[1]
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(out)
+    can_generate = getattr(model, "can_generate", None)
+    if callable(can_generate) and can_generate() and getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out)
+
+
+# The writers by format name. A format is one entry: a function (hf_model, directory, registries) that
+# writes the weights and config and returns extra entries for gradprune.json.
+WRITERS: dict[str, Callable[[nn.Module, Path, list], dict]] = {
+    "dense": _write_dense,
+    "compressed": _write_compressed,
+}
+FORMATS = tuple(WRITERS)
+
+
+def check_format(problems: Problems, format: Any) -> None:
+    if not isinstance(format, str) or format not in WRITERS:
+        problems.add(f"format must be one of {list(FORMATS)}, got {format!r}")
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` with anything JSON cannot hold turned into its repr (recipes hold arbitrary objects)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return repr(value)
+
+
+def export(
+    model_or_module: nn.Module,
+    out_dir: Union[str, os.PathLike],
+    format: str = "dense",
+    tokenizer: Any = None,
+    recipe: Optional[Mapping[str, Any]] = None,
+) -> Path:
+    """Write the (pruned) model to ``out_dir`` in ``format`` (see the module docstring) and return the path.
+
+    Args:
+        model_or_module: a Hugging Face model, or a module holding one (a LightningModule such as
+            :class:`gradprune.PrunableLM`). A module with an ``export_parts()`` method returns
+            ``(hf_model, tokenizer, recipe)`` itself (PrunableLM: its data module's tokenizer, its
+            hyperparameters and pruning callbacks).
+        out_dir: the directory (created if needed; weight files of an earlier export there are replaced).
+        format: one of ``FORMATS``.
+        tokenizer: saved with the model (anything with ``save_pretrained``); default the one the module knows.
+        recipe: what produced the model, stored in gradprune.json; default the one the module knows.
+
+    The masks of the model's mask registry (and of the wrapping module's) are applied first: pruned
+    weights are zeroed in place (a no-op while the masks were enforced).
+    """
+    problems = Problems()
+    check_format(problems, format)
+    if not isinstance(out_dir, (str, os.PathLike)):
+        problems.add(f"out_dir must be a directory path (str or os.PathLike), got {out_dir!r}", type_error=True)
+    elif Path(out_dir).exists() and not Path(out_dir).is_dir():
+        problems.add(f"out_dir={str(out_dir)!r} is a file, not a directory")
+    problems.raise_if_any()
+    known_tokenizer, known_recipe = None, None
+    parts = getattr(model_or_module, "export_parts", None)
+    if callable(parts):
+        model, known_tokenizer, known_recipe = parts()
+    else:
+        model = find_hf_model(model_or_module)
+        hparams = getattr(model_or_module, "hparams", None)
+        if model is not model_or_module and isinstance(hparams, Mapping):
+            known_recipe = {"hparams": dict(hparams)}
+    tokenizer = tokenizer if tokenizer is not None else known_tokenizer
+    recipe = recipe if recipe is not None else known_recipe
+    out = Path(out_dir)
+
+    registries = _registries(model_or_module, model)
+    for registry in registries:
+        registry.apply_()
+    report = sparsity_report(model, _report_targets(model, registries))
+    out.mkdir(parents=True, exist_ok=True)
+    for name in _WEIGHT_FILES:
+        (out / name).unlink(missing_ok=True)
+    extra = WRITERS[format](model, out, registries)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    from . import __version__
+
+    info = {"format": format, "gradprune_version": __version__, "sparsity": report, **extra}
+    if recipe is not None:
+        info["recipe"] = _jsonable(recipe)
+    (out / REPORT_FILE).write_text(json.dumps(info, indent=1))
+    log.info("exported the model to %s as %s (global sparsity %.4f)", out, format, report["global"]["sparsity"])
+    return out
+
+
+# -- loading ------------------------------------------------------------------------------------------
+def _model_class(config):
+    import transformers
+
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM
+
+
+def _read_config(directory: Path):
+    from transformers import AutoConfig
+
+    if not (directory / "config.json").is_file():
+        raise ExportError(f"{directory / 'config.json'} is missing: an export keeps the model's config there")
+    return AutoConfig.from_pretrained(directory)
+
+
+def _load_dense(directory: Path):
+    config = _read_config(directory)
+    if not any((directory / name).is_file() for name in _WEIGHT_FILES[:3]):
+        raise ExportError(f"{directory} holds no model.safetensors (nor model.safetensors.index.json or "
+                          "pytorch_model.bin): the weights of a dense export are missing")
+    return _model_class(config).from_pretrained(directory, config=config)
+
+
+def read_compressed(path: Union[str, os.PathLike]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The dense state dict stored in a compressed file (tied names included) and the tied names.
+
+    Raises :class:`ExportError` naming the file or the tensor when the file cannot be read, a tensor
+    misses its bitmask or values, or a bitmask does not fit its shape or its values."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"{path} is missing: a compressed export keeps its weights there")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            stored = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise ExportError(f"cannot read {path}: {exc}") from exc
+    if metadata.get("gradprune.layout") != LAYOUT:
+        raise ExportError(f"{path} is not a gradprune compressed file of layout {LAYOUT!r} "
+                          f"(metadata gradprune.layout={metadata.get('gradprune.layout')!r})")
+    try:
+        shapes = json.loads(metadata["gradprune.shapes"])
+        tied = json.loads(metadata.get("gradprune.tied", "{}"))
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise ExportError(f"{path} has corrupted metadata (gradprune.shapes / gradprune.tied): {exc}") from exc
+    state: dict[str, torch.Tensor] = {}
+    for key, tensor in stored.items():
+        for suffix in (BITMASK_SUFFIX, VALUES_SUFFIX):
+            if key.endswith(suffix) and key[: -len(suffix)] not in shapes:
+                raise ExportError(f"{path}: entry {key!r} belongs to no tensor listed in gradprune.shapes")
+        if not key.endswith((BITMASK_SUFFIX, VALUES_SUFFIX)):
+            state[key] = tensor
+    for name, shape in shapes.items():
+        missing = [name + s for s in (BITMASK_SUFFIX, VALUES_SUFFIX) if name + s not in stored]
+        if missing:
+            raise ExportError(f"tensor {name!r} is missing from {path}: no entry {' or '.join(map(repr, missing))}")
+        state[name] = decompress_tensor(stored[name + BITMASK_SUFFIX], stored[name + VALUES_SUFFIX], shape, name)
+    for alias, source in tied.items():
+        if source not in state:
+            raise ExportError(f"tensor {alias!r} is tied to {source!r}, which is missing from {path}")
+        state[alias] = state[source]
+    return state, tied
+
+
+def _load_compressed(directory: Path):
+    config = _read_config(directory)
+    state, _ = read_compressed(directory / COMPRESSED_FILE)
+    model, info = _model_class(config).from_pretrained(None, config=config, state_dict=state, output_loading_info=True)
+    problems = []
+    if info.get("missing_keys"):
+        problems.append(f"tensors missing from {directory / COMPRESSED_FILE}: {sorted(info['missing_keys'])}")
+    if info.get("unexpected_keys"):
+        problems.append(f"tensors the model ({type(model).__name__}) does not have: {sorted(info['unexpected_keys'])}")
+    if info.get("mismatched_keys"):
+        problems.append(f"tensors whose shape does not fit the config: {[k[0] if isinstance(k, tuple) else k for k in info['mismatched_keys']]}")
+    if problems:
+        raise ExportError("; ".join(problems))
+    return model
+
+
+LOADERS: dict[str, Callable[[Path], nn.Module]] = {"dense": _load_dense, "compressed": _load_compressed}
+
+
+def load(directory: Union[str, os.PathLike]):
+    """Load a model exported by :func:`export` in any format (a directory without gradprune.json is read
+    as a plain Hugging Face model directory). The compressed format comes back bit-exactly as exported,
+    in eval mode. Raises :class:`ExportError` (a ValueError) naming the file or tensor that is missing or
+    corrupted; nothing is returned half-loaded."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ExportError(f"export directory {str(directory)!r} does not exist")
+    report = directory / REPORT_FILE
+    if report.is_file():
+        try:
+            format = json.loads(report.read_text()).get("format", "dense")
+        except (json.JSONDecodeError, AttributeError) as exc:
+            raise ExportError(f"{report} is corrupted: {exc}") from exc
+    else:
+        format = "compressed" if (directory / COMPRESSED_FILE).is_file() else "dense"
+    if format not in LOADERS:
+        raise ExportError(f"{report} names format {format!r}; this gradprune loads {list(LOADERS)}")
+    return LOADERS[format](directory)
