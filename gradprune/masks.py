@@ -79,6 +79,18 @@ def zero_pruned_(tensor: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def fill_pruned_(tensor: torch.Tensor, keep: torch.Tensor, value: float) -> torch.Tensor:
+    """Set the entries of the floating ``tensor`` where ``keep`` is False to ``value``, in place; the others
+    keep their exact bits. Integer arithmetic on the bits (zero them, then add ``value``'s bits where pruned),
+    several times faster than ``masked_fill_`` on CPU."""
+    zero_pruned_(tensor, keep)
+    if value != 0:
+        ints = tensor.view(_SAME_WIDTH_INT[tensor.element_size()])
+        bits = int(torch.tensor(value, dtype=tensor.dtype).view(ints.dtype))
+        ints.add_(keep.logical_not().view(torch.uint8), alpha=bits)
+    return tensor
+
+
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     """Bit-pack a bool tensor into uint8 (8 elements per byte, first element in the high bit)."""
     flat = mask.detach().flatten().to(torch.uint8).cpu()

@@ -32,7 +32,7 @@ from typing import Callable, Iterable, Mapping, Optional
 
 import torch
 
-from .masks import zero_pruned_
+from .masks import fill_pruned_, zero_pruned_
 
 # state key -> the per-step decay factor of that state under a parameter group's options (1: no decay)
 _ADAM = {"exp_avg_sq": lambda group: float(group["betas"][1]), "max_exp_avg_sq": lambda group: 1.0}
@@ -73,22 +73,6 @@ def refresh_interval(decay: float, dtype: torch.dtype) -> Optional[int]:
         return 0
     lifetime = math.log(moment_floor(dtype) / torch.finfo(dtype).tiny) / -math.log(decay)
     return max(1, int(lifetime // 2))
-
-
-def fill_pruned_(tensor: torch.Tensor, keep: torch.Tensor, value: float) -> torch.Tensor:
-    """Set the entries of the floating ``tensor`` where ``keep`` is False to ``value``, in place; the others
-    keep their exact bits. Integer arithmetic on the bits (zero them, then add ``value``'s bits where pruned),
-    several times faster than ``masked_fill_`` on CPU."""
-    zero_pruned_(tensor, keep)
-    if value != 0:
-        ints = tensor.view(_int_dtype(tensor))
-        bits = int(torch.tensor(value, dtype=tensor.dtype).view(ints.dtype))
-        ints.add_(keep.logical_not().view(torch.uint8), alpha=bits)
-    return tensor
-
-
-def _int_dtype(tensor: torch.Tensor) -> torch.dtype:
-    return {2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()]
 
 
 @torch.no_grad()
