@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 
 from .masks import MaskRegistry, zero_pruned_
+from .optimizer_state import SECOND_MOMENTS
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,8 @@ class MaskedAdamW(torch.optim.AdamW):
 
     :meth:`clip_grad_norm_` clips by the norm of the live weights' gradients, also without a pass of its
     own over the masked ones: their scaling is folded into the next :meth:`step`."""
+
+    second_moment_keys = SECOND_MOMENTS[torch.optim.AdamW]  # same update: pruned second moments get a floor
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
                  amsgrad: bool = False, **options) -> None:

@@ -15,8 +15,10 @@ The rule, in one place:
 
 Scores are float32 copies made one target at a time. The global scope never concatenates scores: it finds
 the k-th smallest score by radix selection over float32's ordered bit patterns (two counting passes of
-16 bits each), then marks the pruned weights in a third pass, so its extra memory is the masks plus
-O(largest tensor), with no sort and no torch.quantile size limit.
+16 bits each), then marks the pruned weights in a third pass, each pass reading a target's scores as the
+score function returned them, in chunks of 2^17 elements prepared one at a time (no float32 copy of a
+whole tensor), so its extra memory is the masks plus the largest target's scores and about a MB, with no sort and no torch.quantile size
+limit; the time is linear in the number of weights (scripts/bench_scale.py).
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from typing import Callable, Iterator, Literal, Mapping, Optional, Sequence
 
 import torch
 
+from .masks import fill_pruned_
 from .targets import Target
 from .validation import Problems, check_choice, check_pattern, check_sparsity
 
@@ -79,11 +82,12 @@ def _prepared_scores(target: Target, score_fn: ScoreFn, keep: Optional[torch.Ten
     view = target.out_in(raw)
     scores = torch.empty(view.shape, dtype=torch.float32, device=view.device)
     scores.copy_(view)
+    del raw, view
     scores += 0.0  # -0.0 -> +0.0 so that equal scores compare equal bit for bit
-    if torch.isnan(scores).any():
+    if scores.isnan().any():
         raise ValueError(f"scores for {target.name!r} contain NaN")
     if keep is not None:
-        scores.masked_fill_(~target.out_in(keep), float("-inf"))
+        fill_pruned_(scores, target.out_in(keep), float("-inf"))
     if nm is not None:
         n, m = nm
         grouped = scores.view(scores.shape[0], -1, m)
@@ -95,33 +99,77 @@ def _prepared_scores(target: Target, score_fn: ScoreFn, keep: Optional[torch.Ten
     return scores
 
 
+# Elements per chunk of the radix passes: their temporaries (about 9 bytes per element, 1.2 MB) stay small
+# next to any weight worth pruning, and chunks are large enough that the per-chunk overhead is negligible.
+_CHUNK = 1 << 17
+
+
 def _order_keys(scores: torch.Tensor) -> torch.Tensor:
-    """int32 keys whose integer order is the float order of ``scores`` (float32, no NaN)."""
+    """int32 keys whose integer order is the float order of ``scores`` (float32, no NaN): the bits of
+    non-negative floats as they are, those of negative floats with all but the sign bit flipped."""
     bits = scores.view(torch.int32)
-    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return ((bits >> 31) & 0x7FFFFFFF).bitwise_xor_(bits)
+
+
+class _ChunkedScores:
+    """A target's raw scores (as the score function returned them, stored (out, in)) prepared chunk by
+    chunk as :func:`_prepared_scores` prepares a whole tensor: float32, -0.0 as +0.0, NaN refused, pruned
+    weights at -inf. The global scope's way to avoid a float32 copy of each target's scores."""
+
+    def __init__(self, target: Target, score_fn: ScoreFn, keep: Optional[torch.Tensor]) -> None:
+        raw = score_fn(target)
+        if raw.shape != target.weight.shape:
+            raise ValueError(f"scores for {target.name!r} have shape {tuple(raw.shape)}, expected {tuple(target.weight.shape)}")
+        self.name, self.raw, self.keep = target.name, raw.reshape(-1), keep
+        self.shape, self.device = raw.shape, raw.device
+
+    def chunks(self) -> Iterator[torch.Tensor]:
+        keep = self.keep.reshape(-1) if self.keep is not None else None
+        for start in range(0, self.raw.numel(), _CHUNK):
+            chunk = self.raw[start:start + _CHUNK].to(torch.float32, copy=True)
+            chunk += 0.0  # -0.0 -> +0.0 so that equal scores compare equal bit for bit
+            if chunk.isnan().any():
+                raise ValueError(f"scores for {self.name!r} contain NaN")
+            if keep is not None:
+                fill_pruned_(chunk, keep[start:start + _CHUNK], float("-inf"))
+            yield chunk
+
+
+def _chunks(scores) -> Iterator[torch.Tensor]:
+    if isinstance(scores, _ChunkedScores):
+        yield from scores.chunks()
+        return
+    flat = scores.reshape(-1)
+    for start in range(0, flat.numel(), _CHUNK):
+        yield flat[start:start + _CHUNK]
 
 
 def _drop_lowest(score_tensors: Callable[[], Iterator[torch.Tensor]], k: int) -> list[torch.Tensor]:
     """Keep-masks (bool) that drop exactly the k lowest elements over all tensors yielded by
-    ``score_tensors()`` (called up to three times); ties go to the earlier tensor and lower flat index."""
+    ``score_tensors()`` (called up to three times); ties go to the earlier tensor and lower flat index.
+    Each tensor is read in chunks of :data:`_CHUNK` elements, so the temporaries do not grow with it."""
     if k <= 0:
-        return [torch.ones_like(s, dtype=torch.bool) for s in score_tensors()]
+        return [torch.ones(s.shape, dtype=torch.bool, device=s.device) for s in score_tensors()]
     # Passes 1 and 2: histograms of the high, then (within the chosen bucket) the low 16 bits of the keys
     # locate the k-th smallest key exactly.
     high_counts = None
     for scores in score_tensors():
-        high = (_order_keys(scores) >> 16).flatten().long() + 32768
-        counts = torch.bincount(high, minlength=65536)
-        high_counts = counts if high_counts is None else high_counts + counts.to(high_counts.device)
+        for chunk in _chunks(scores):
+            high = _order_keys(chunk).bitwise_right_shift_(16).add_(32768)
+            counts = torch.bincount(high, minlength=65536)
+            high_counts = counts if high_counts is None else high_counts.add_(counts.to(high_counts.device))
+        del scores
     cum = high_counts.cumsum(0)
     high_bucket = int(torch.searchsorted(cum, torch.tensor(k, device=cum.device)))
     below = int(cum[high_bucket - 1]) if high_bucket > 0 else 0
     low_counts = None
     for scores in score_tensors():
-        keys = _order_keys(scores).flatten()
-        low = (keys[(keys >> 16) == high_bucket - 32768] & 0xFFFF).long()
-        counts = torch.bincount(low, minlength=65536)
-        low_counts = counts if low_counts is None else low_counts + counts.to(low_counts.device)
+        for chunk in _chunks(scores):
+            keys = _order_keys(chunk)
+            low = keys[(keys >> 16) == high_bucket - 32768].bitwise_and_(0xFFFF)
+            counts = torch.bincount(low, minlength=65536)
+            low_counts = counts if low_counts is None else low_counts.add_(counts.to(low_counts.device))
+        del scores
     cum = low_counts.cumsum(0)
     low_bucket = int(torch.searchsorted(cum, torch.tensor(k - below, device=cum.device)))
     below += int(cum[low_bucket - 1]) if low_bucket > 0 else 0
@@ -130,15 +178,19 @@ def _drop_lowest(score_tensors: Callable[[], Iterator[torch.Tensor]], k: int) ->
     ties = k - below
     keeps = []
     for scores in score_tensors():
-        keys = _order_keys(scores)
-        keep = keys > threshold
-        if ties > 0:
-            positions = (keys == threshold).flatten().nonzero().flatten()
-            keep.view(-1)[positions[ties:]] = True
-            ties -= min(ties, positions.numel())
-        else:
-            keep |= keys == threshold
+        keep = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
+        for chunk, kept in zip(_chunks(scores), _chunks(keep)):
+            keys = _order_keys(chunk)
+            torch.gt(keys, threshold, out=kept)
+            equal = keys == threshold
+            if ties > 0:
+                positions = equal.nonzero().flatten()
+                kept[positions[ties:]] = True
+                ties -= min(ties, positions.numel())
+            else:
+                kept |= equal
         keeps.append(keep)
+        del scores
     return keeps
 
 
@@ -236,7 +288,12 @@ def select_masks_unchecked(
     keep_by_name: dict[str, torch.Tensor] = {}
     if scope == "global":
         k = exact_count(sparsity, sum(t.numel for t in targets), rounding)
-        keeps = _drop_lowest(lambda: (prepared(t) for t in targets), k)
+        def scores(t: Target):  # unstructured, stored (out, in): prepared chunk by chunk, no float32 copy
+            if nm is None and not t.transposed:
+                return _ChunkedScores(t, score_fn, masks.get(t.name))
+            return prepared(t)
+
+        keeps = _drop_lowest(lambda: (scores(t) for t in targets), k)
         keep_by_name = {t.name: keep for t, keep in zip(targets, keeps)}
         del keeps
     else:

@@ -26,6 +26,14 @@ Run:  python scripts/bench_overhead.py [--reps 8] [--steps 30] [--event-layers 3
    (sampled from /proc/self/statm every millisecond, with glibc told to return freed tensors to the
    system at once) next to the size of the masks and of the largest weight.
 
+With --plain it measures instead the plain path: a user's own LightningModule (``self.model`` an HF causal
+LM built from SMALL_LLAMA's config, ``training_step`` returning its loss) with a plain torch optimizer,
+trained as in 1. (dense, GradualPruningCallback at 50% global between events, ModelPruning at 50% global)
+under three settings: torch.optim.AdamW at its defaults, SGD with momentum 0.9, and AdamW under
+precision="bf16-mixed". All nine runs are interleaved (the order reversed every other repetition):
+
+    python scripts/bench_overhead.py --plain --reps 8
+
 With --statistics it measures instead what the gradual scorers' statistics cost over a whole run: the
 small LLaMA trains --stat-steps batches of 1 x 32 tokens with GradualPruningCallback ramping to 50% (row
 scope, cubic, an event every --stat-every steps) under each scorer, interleaved for --reps repetitions;
@@ -50,6 +58,7 @@ from lightning.pytorch.callbacks import Callback, ModelPruning
 from torch.utils.data import DataLoader, TensorDataset
 
 import gradprune as gp
+import gradprune.models
 from gradprune import PrunableLM
 from gradprune.callbacks import GradualPruningCallback
 
@@ -85,6 +94,67 @@ def run(variant: str, steps: int, fused_adamw: bool = True, clip: float | None =
                          callbacks=callbacks, gradient_clip_val=clip)
     trainer.fit(module, train_dataloaders=loader)
     return statistics.median(timer.times), module
+
+
+class UserLM(pl.LightningModule):
+    """The plain path: what users write (no forward, a torch optimizer from configure_optimizers)."""
+
+    def __init__(self, optimizer: str) -> None:
+        super().__init__()
+        self.model = gp.models.load_causal_lm(dict(SMALL_LLAMA))
+        self.optimizer = optimizer
+
+    def training_step(self, batch, batch_idx):
+        return self.model(input_ids=batch[0], labels=batch[0]).loss
+
+    def configure_optimizers(self):
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(self.parameters(), lr=1e-3, momentum=0.9)
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+PLAIN_SETTINGS = {"torch AdamW": ("adamw", "32-true"), "SGD momentum 0.9": ("sgd", "32-true"),
+                  "torch AdamW, bf16-mixed": ("adamw", "bf16-mixed")}
+
+
+def plain_run(variant: str, setting: str, steps: int) -> float:
+    """Median batch time of the second of two epochs of the plain module (ModelPruning prunes at the end
+    of the first)."""
+    optimizer, precision = PLAIN_SETTINGS[setting]
+    pl.seed_everything(0, verbose=False)
+    module = UserLM(optimizer)
+    loader = DataLoader(TensorDataset(torch.randint(0, 512, (steps, 32))), batch_size=1)
+    timer = StepTimer(from_epoch=1)
+    callbacks: list[Callback] = [timer]
+    if variant == "gradual":
+        callbacks.append(GradualPruningCallback(0.5, schedule="constant", end_step=1, every=10**6, scope="global"))
+    elif variant == "lightning":
+        callbacks.append(ModelPruning("l1_unstructured", parameters_to_prune=target_modules(module.model), amount=0.5,
+                                      use_global_unstructured=True, apply_pruning=lambda epoch: epoch == 0,
+                                      make_pruning_permanent=False, verbose=0))
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         callbacks=callbacks, precision=precision)
+    trainer.fit(module, train_dataloaders=loader)
+    return statistics.median(timer.times)
+
+
+def plain_overhead(args) -> None:
+    runs = [(setting, variant) for setting in PLAIN_SETTINGS for variant in ("dense", "gradual", "lightning")]
+    times: dict[tuple[str, str], list[float]] = {run: [] for run in runs}
+    for rep in range(args.reps):
+        for setting, variant in (runs if rep % 2 == 0 else runs[::-1]):
+            times[setting, variant].append(plain_run(variant, setting, args.steps))
+        print(f"rep {rep + 1}/{args.reps}: " + ", ".join(f"{s} {v} {times[s, v][-1] * 1e3:.2f} ms" for s, v in runs),
+              flush=True)
+    print(f"\nPlain path: a user's LightningModule around the small LLaMA, 1 x 32 tokens, {args.reps} interleaved "
+          f"repetitions x {args.steps} steps, {args.threads} threads")
+    print("| optimizer | variant | median step (ms) | ratio to dense: median | range |")
+    print("|---|---|---|---|---|")
+    for setting, variant in runs:
+        ratios = [t / d for t, d in zip(times[setting, variant], times[setting, "dense"])]
+        print(f"| {setting} | {variant} | {statistics.median(times[setting, variant]) * 1e3:.2f} | "
+              f"{statistics.median(ratios):.3f} | {min(ratios):.3f}-{max(ratios):.3f} |")
 
 
 def whole_run(scorer: str, steps: int, every: int, stat_batches: int) -> float:
@@ -234,6 +304,8 @@ def main() -> None:
                         help="decoder blocks of the SmolLM2-shaped models for the pruning-event measurement")
     parser.add_argument("--clip", type=float, default=None, help="gradient_clip_val (norm) in every variant")
     parser.add_argument("--unfused", action="store_true", help="torch's default (non-fused) AdamW in every variant")
+    parser.add_argument("--plain", action="store_true",
+                        help="only the plain path: a user's LightningModule with torch AdamW, SGD, bf16-mixed")
     parser.add_argument("--statistics", action="store_true", help="only the whole-run cost of the scorers' statistics")
     parser.add_argument("--stat-steps", type=int, default=200)
     parser.add_argument("--stat-every", type=int, default=20)
@@ -245,6 +317,9 @@ def main() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     if args.statistics:
         statistics_overhead(args)
+        return
+    if args.plain:
+        plain_overhead(args)
         return
 
     # In a fresh process: freed memory of the other phases would hide its allocations, and the malloc

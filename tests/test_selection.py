@@ -116,6 +116,33 @@ def test_global_matches_a_full_sort_reference():
     assert torch.equal(torch.cat([masks[t.name].flatten() for t in targets]), expected)
 
 
+@pytest.mark.parametrize("chunk", [7, 64, 1 << 18])
+def test_global_reads_scores_in_chunks_with_exact_counts_and_the_sort_reference(monkeypatch, chunk):
+    """Chunk boundaries inside tensors and inside runs of ties (chunk 7 and 64), with earlier masks (the
+    already-pruned at -inf), negative, zero and infinite scores: the exact count, and the masks of a
+    stable full sort of all scores together."""
+    monkeypatch.setattr(gp.selection, "_CHUNK", chunk)
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(40, 24), nn.Linear(24, 24), nn.Linear(24, 8))
+    with torch.no_grad():
+        for layer in model:
+            layer.weight.copy_(layer.weight.round(decimals=1))  # long runs of ties
+        model[1].weight[0, :5] = torch.tensor([float("-inf"), float("inf"), -0.0, 0.0, -3.0])
+    targets = find_targets(model)
+    score = lambda t: t.weight.detach().clone()  # signed scores
+    earlier = select_masks(targets, 0.3, score_fn=score, scope="layer")
+    for sparsity in (0.37, 0.5, 0.9):
+        masks = select_masks(targets, sparsity, score_fn=score, scope="global", masks=earlier)
+        flat = torch.cat([score(t).flatten() for t in targets])
+        flat[~torch.cat([earlier[t.name].flatten() for t in targets])] = float("-inf")
+        order = torch.sort(flat + 0.0, stable=True).indices[: exact_count(sparsity, flat.numel())]
+        expected = torch.ones_like(flat, dtype=torch.bool)
+        expected[order] = False
+        kept = torch.cat([masks[t.name].flatten() for t in targets])
+        assert int((~kept).sum()) == exact_count(sparsity, flat.numel())
+        assert torch.equal(kept, expected), sparsity
+
+
 def test_global_handles_negative_and_infinite_scores():
     model = nn.Sequential(nn.Linear(16, 8), nn.Linear(8, 8))
     targets = find_targets(model)

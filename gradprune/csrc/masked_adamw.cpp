@@ -2,9 +2,9 @@
 //
 // This is torch.optim.AdamW's update applied to the gradient multiplied by the keep-mask, in one pass
 // over memory; masking the gradient in a pass of its own first would read and write every gradient once
-// more. A pruned entry has weight, exp_avg and exp_avg_sq all zero (gradprune's registry zeroes them
-// when the masks change and when the optimizer is attached), so with its gradient taken as zero every
-// update below leaves it at +0.0.
+// more. A pruned entry has weight and exp_avg zero and exp_avg_sq positive (gradprune's registry sets
+// them when the masks change and when the optimizer is attached: a tiny normal floor in exp_avg_sq, see
+// gradprune/optimizer_state.py), so with its gradient taken as zero every update below leaves it at +0.0.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 

@@ -1,0 +1,105 @@
+"""What the optimizer state of a pruned weight holds, and why it is not all zero.
+
+A pruned weight has a zero value and a zero (masked) gradient, so any state an optimizer keeps for it
+only has to make its update exactly zero. Momentum buffers and first moments are set to zero: they then
+stay zero. Second moments, which Adam-like optimizers take the square root of, are set to a small
+*normal* float instead (:func:`moment_floor`: 2^-63 in float32, whose root 2^-31.5 ~ 3e-10 is far below
+the usual eps of 1e-8). The update of the pruned weight is still exactly zero, because the numerator (the
+first moment, or the gradient) is zero and the denominator is positive:
+
+- Adam / AdamW: ``exp_avg / (sqrt(exp_avg_sq / bc2) + eps) = 0``; decoupled decay ``0 * (1 - lr wd) = 0``,
+  coupled decay adds ``wd * 0 = 0`` to the gradient; with amsgrad the running max is floored too;
+- NAdam (gradient and first moment over the denominator), RAdam (first moment times ``1 / (sqrt + eps)``),
+  RMSprop (gradient over ``sqrt(square_avg - grad_avg^2) + eps``, momentum of that), Adagrad (gradient
+  over ``sqrt(sum) + eps``): the same.
+
+Why: exact zeros, and the subnormals a zero-gradient moment decays into, make the CPU's square root
+several times slower than over normal floats (scripts/bench_overhead.py measures it), and with half the
+weights pruned that was most of the cost of a plain torch AdamW step. A moment with zero gradient decays
+by its factor d (beta2, RMSprop's alpha) every step, so the floor is written again every
+:func:`refresh_interval` steps, before it can reach the subnormal range: every 21,800 steps at
+d = 0.999, every 425 at d = 0.95 (one pass over the state of the targets each time). The state keeps
+torch's keys, shapes and dtypes, so checkpoints load into the plain optimizer.
+
+Which optimizers: those listed in :data:`SECOND_MOMENTS` (by exact class, since a subclass may change the
+update), and any optimizer class that declares ``second_moment_keys`` itself (:class:`gradprune.MaskedAdamW`
+does). Any other state tensor shaped like the weight is zeroed.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable, Mapping, Optional
+
+import torch
+
+from .masks import fill_pruned_, zero_pruned_
+
+# state key -> the per-step decay factor of that state under a parameter group's options (1: no decay)
+_ADAM = {"exp_avg_sq": lambda group: float(group["betas"][1]), "max_exp_avg_sq": lambda group: 1.0}
+SECOND_MOMENTS: dict[type, Mapping[str, Callable[[dict], float]]] = {
+    torch.optim.Adam: _ADAM,
+    torch.optim.AdamW: _ADAM,
+    torch.optim.NAdam: {"exp_avg_sq": _ADAM["exp_avg_sq"]},
+    torch.optim.RAdam: {"exp_avg_sq": _ADAM["exp_avg_sq"]},
+    torch.optim.RMSprop: {"square_avg": lambda group: float(group["alpha"])},
+    torch.optim.Adagrad: {"sum": lambda group: 1.0},
+}
+
+
+def second_moment_keys(optimizer: torch.optim.Optimizer) -> Mapping[str, Callable[[dict], float]]:
+    """The state keys of ``optimizer`` that its update divides by the square root of, with their decay
+    factors; empty for optimizers not known to do so."""
+    declared = getattr(type(optimizer), "second_moment_keys", None)
+    if declared is not None:
+        return declared
+    return SECOND_MOMENTS.get(type(optimizer), {})
+
+
+def moment_floor(dtype: torch.dtype) -> float:
+    """The value a pruned weight's second moment is given: the power of two nearest below the square root
+    of ``dtype``'s smallest normal (2^-63 for float32 and bfloat16, 2^-7 for float16, 2^-511 for float64),
+    so it is normal, its square root is far below any usual eps, and it stays normal for many steps of decay."""
+    tiny = torch.finfo(dtype).tiny
+    return 2.0 ** math.floor(math.log2(tiny) / 2)
+
+
+def refresh_interval(decay: float, dtype: torch.dtype) -> Optional[int]:
+    """Steps after which a moment set to :func:`moment_floor` and decaying by ``decay`` per step is written
+    again: half the steps it takes to fall below ``dtype``'s smallest normal. None: it never needs it
+    (decay >= 1); 0: it cannot be kept normal (decay <= 0: the state is the squared gradient itself)."""
+    if decay >= 1:
+        return None
+    if decay <= 0:
+        return 0
+    lifetime = math.log(moment_floor(dtype) / torch.finfo(dtype).tiny) / -math.log(decay)
+    return max(1, int(lifetime // 2))
+
+
+@torch.no_grad()
+def reset_pruned_state_(optimizer: torch.optim.Optimizer, weight_masks: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                        floor_second_moments: bool = True) -> Optional[int]:
+    """Make ``optimizer``'s state of each (weight, keep-mask) pair give the pruned entries (``keep`` False)
+    an update of exactly zero: second moments (:func:`second_moment_keys`) at :func:`moment_floor`, every
+    other state tensor shaped like the weight at zero (with ``floor_second_moments=False`` those too).
+    Weights without state yet are skipped.
+
+    Returns the number of steps after which the floors must be written again (:func:`refresh_interval`,
+    the smallest over all of them), or None when none needs it."""
+    moments = second_moment_keys(optimizer) if floor_second_moments else {}
+    groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+    interval: Optional[int] = None
+    for weight, keep in weight_masks:
+        state = optimizer.state.get(weight)
+        for key, value in (state or {}).items():
+            if not isinstance(value, torch.Tensor) or value.shape != keep.shape:
+                continue
+            decay = moments.get(key)
+            group = groups.get(id(weight))
+            every = refresh_interval(decay(group), value.dtype) if decay is not None and group is not None else 0
+            if every == 0 or not value.is_floating_point():
+                zero_pruned_(value, keep)
+                continue
+            fill_pruned_(value, keep, moment_floor(value.dtype))
+            if every is not None:
+                interval = every if interval is None else min(interval, every)
+    return interval
