@@ -11,6 +11,7 @@ from .optim import MaskedAdamW
 from .report import sparsity_report
 from .schedules import SparsitySchedule
 from .selection import exact_count, select_masks
+from .structured import prune_structured, remove_zeroed_units
 from .targets import Target, find_targets
 
 __version__ = "0.1.0"
@@ -59,6 +60,8 @@ __all__ = [
     "pack_mask",
     "prune",
     "prune_oneshot",
+    "prune_structured",
+    "remove_zeroed_units",
     "calibration",
     "select_masks",
     "sparsity_report",
