@@ -7,9 +7,9 @@ really gets smaller and faster.
 - :mod:`.prune`: the one-shot pipeline :func:`prune_structured`.
 """
 from .metrics import NEURON_METRICS
-from .prune import parameter_count, prune_structured
+from .prune import UnitStatistics, parameter_count, prune_structured, unit_statistics
 from .remove import Removal, apply_removal, find_zeroed_units, remove_zeroed_units
 from .units import ARCHITECTURES, find_units
 
 __all__ = ["ARCHITECTURES", "NEURON_METRICS", "Removal", "apply_removal", "find_units", "find_zeroed_units",
-           "parameter_count", "prune_structured", "remove_zeroed_units"]
+           "parameter_count", "prune_structured", "remove_zeroed_units", "UnitStatistics", "unit_statistics"]

@@ -20,7 +20,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any, Mapping, Optional, Union
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -90,9 +91,62 @@ def _metric_weights(problems: Problems, weights: Optional[Mapping[str, float]]) 
     return dict(weights)
 
 
+def _check_options(problems: Problems, mlp, heads, layers, metric, scope, metric_weights, near_zero_eps) -> Optional[dict]:
+    check_choice(problems, "metric", metric, metrics.NEURON_METRICS)
+    check_choice(problems, "scope", scope, SCOPES)
+    weights = _metric_weights(problems, metric_weights)
+    if metric_weights is not None and metric != "combined":
+        problems.add(f"metric_weights is only used by metric='combined', got metric={metric!r}")
+    if not is_number(near_zero_eps) or near_zero_eps < 0:
+        problems.add(f"near_zero_eps must be a number >= 0, got {near_zero_eps!r}")
+    if mlp is None and heads is None and layers is None:
+        problems.add("nothing to remove: give mlp, heads and/or layers (a fraction or a count)")
+    for name, value in (("mlp", mlp), ("heads", heads), ("layers", layers)):
+        if value is not None and not is_int(value) and not (is_number(value) and 0 <= value <= 1):
+            problems.add(f"{name} must be a fraction in [0, 1] or an int count, got {value!r}")
+    return weights
+
+
+def check_arguments(mlp: Amount = None, heads: Amount = None, layers: Amount = None, metric: str = "l2",
+                    scope: str = "layer", metric_weights: Optional[Mapping[str, float]] = None,
+                    near_zero_eps: float = 1e-2) -> None:
+    """The checks of :func:`prune_structured` that need no model (the callback's ``__init__`` runs them)."""
+    problems = Problems()
+    _check_options(problems, mlp, heads, layers, metric, scope, metric_weights, near_zero_eps)
+    problems.raise_if_any()
+
+
+@dataclass
+class UnitStatistics:
+    """What one calibration pass collected, by block index of the unpruned model: the MLP output projections'
+    input statistics (``mlp``), ``o_proj``'s input statistics (``heads``), the block influence of every layer
+    (``block_influence``) and the number of calibration tokens. Reusable: several :func:`prune_structured`
+    calls on copies of the same model can share one pass (``statistics=``)."""
+
+    mlp: dict
+    heads: dict
+    block_influence: list
+    tokens: int
+    layers: int  # blocks of the model the statistics were taken on
+
+
+def unit_statistics(model: nn.Module, calibration: Any, mlp: bool = True, heads: bool = True, layers: bool = True,
+                    near_zero_eps: float = 1e-2, lm: Union[str, nn.Module, None] = None,
+                    reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                    progress: Optional[bool] = None) -> UnitStatistics:
+    """One whole-model calibration pass collecting what :func:`prune_structured` scores units by."""
+    units = find_units(model)
+    batches = as_batches(calibration)
+    runner = find_causal_lm(model, lm)
+    heads = heads and units.arch.attention is not None
+    mlp_stats, head_stats, bi = _calibrate(model, units, batches, mlp, heads, layers, near_zero_eps, progress, runner, reduce)
+    return UnitStatistics(mlp_stats, head_stats, bi, count_tokens(batches), len(units.blocks))
+
+
 # -- calibration ---------------------------------------------------------------------------------------------------
 def _calibrate(model: nn.Module, units: Units, batches: list, want_mlp: bool, want_heads: bool, want_layers: bool,
-               near_zero_eps: float, progress: Optional[bool], runner: nn.Module) -> tuple[dict, dict, list]:
+               near_zero_eps: float, progress: Optional[bool], runner: nn.Module,
+               reduce: Optional[Callable[[torch.Tensor], torch.Tensor]]) -> tuple[dict, dict, list]:
     names = {id(m): n for n, m in model.named_modules()}
     targets = []
     if want_mlp:
@@ -127,6 +181,10 @@ def _calibrate(model: nn.Module, units: Units, batches: list, want_mlp: bool, wa
     finally:
         for handle in handles:
             handle.remove()
+    if reduce is not None:  # sums over data-parallel ranks, so every rank removes the same units
+        hooks.reduce_(reduce)
+        sums = reduce(torch.tensor(influence, dtype=torch.float64, device=device).reshape(-1, 2))
+        influence = sums.cpu().tolist()
     stats = hooks.stats
     mlp_stats = {b.index: stats[names[id(b.mlp_out)]] for b in units.blocks} if want_mlp else {}
     head_stats = {b.index: stats[names[id(b.attention[3])]] for b in units.blocks} if want_heads else {}
@@ -234,6 +292,8 @@ def prune_structured(
     metric_weights: Optional[Mapping[str, float]] = None,
     near_zero_eps: float = 1e-2,
     lm: Union[str, nn.Module, None] = None,
+    reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    statistics: Optional[UnitStatistics] = None,
     progress: Optional[bool] = None,
 ) -> dict:
     """Remove MLP neurons, attention heads and decoder layers of ``model`` in place, by activation importance.
@@ -255,6 +315,9 @@ def prune_structured(
         metric_weights: weights of the "combined" metric, e.g. ``{"l2": 1, "near_zero": 0.5}`` (default all 1).
         near_zero_eps: |activation| at or below this counts as near zero (the "near_zero" metric).
         lm: what calibration batches run through (see :func:`gradprune.prune_oneshot`).
+        reduce: callable summing a statistics tensor over data-parallel ranks (the callback passes it).
+        statistics: a :class:`UnitStatistics` from :func:`unit_statistics` on this model (or an identical copy)
+            instead of a calibration pass; ``calibration`` is then not needed.
         progress: show a progress bar (None: tqdm's default).
 
     Returns a report: ``removed`` (``mlp_per_layer``, ``mlp_masked``, ``head_groups_per_layer``,
@@ -271,27 +334,28 @@ def prune_structured(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     units = find_units(model)
-    check_choice(problems, "metric", metric, metrics.NEURON_METRICS)
-    check_choice(problems, "scope", scope, SCOPES)
-    weights = _metric_weights(problems, metric_weights)
-    if metric_weights is not None and metric != "combined":
-        problems.add(f"metric_weights is only used by metric='combined', got metric={metric!r}")
-    if not is_number(near_zero_eps) or near_zero_eps < 0:
-        problems.add(f"near_zero_eps must be a number >= 0, got {near_zero_eps!r}")
+    weights = _check_options(problems, mlp, heads, layers, metric, scope, metric_weights, near_zero_eps)
     n_layers = len(units.blocks)
     drop_layers = _count(problems, "layers", layers, n_layers, "decoder layers")
     drop_neurons = _count(problems, "mlp", mlp, units.blocks[0].neurons, "MLP neurons")
     drop_groups = _head_groups(problems, units, heads)
-    if mlp is None and heads is None and layers is None:
-        problems.add("nothing to remove: give mlp, heads and/or layers (a fraction or a count)")
+    if statistics is not None:
+        missing = [kind for kind, need, have in (("mlp", drop_neurons, statistics.mlp), ("heads", drop_groups, statistics.heads),
+                                                 ("block_influence", drop_layers, statistics.block_influence)) if need and not have]
+        if missing or statistics.layers != n_layers:
+            problems.add(f"statistics= do not fit this call: missing {missing}, taken on a model of {statistics.layers} "
+                         f"layers, this one has {n_layers}")
+    elif calibration is None:
+        problems.add("calibration data is required (an iterable of input_ids tensors or batch dicts), or statistics= "
+                     "from gradprune.structured.unit_statistics")
     problems.raise_if_any()
-    batches = as_batches(calibration)
-    runner = find_causal_lm(model, lm)
     before_sizes, before_params = sizes(model), parameter_count(model)
 
     t0 = time.perf_counter()
-    mlp_stats, head_stats, bi = _calibrate(model, units, batches, drop_neurons > 0, drop_groups > 0, drop_layers > 0,
-                                           near_zero_eps, progress, runner)
+    if statistics is None:
+        statistics = unit_statistics(model, calibration, drop_neurons > 0, drop_groups > 0, drop_layers > 0,
+                                     near_zero_eps, lm, reduce, progress)
+    mlp_stats, head_stats, bi = statistics.mlp, statistics.heads, statistics.block_influence
     calibration_s = time.perf_counter() - t0
 
     removal = Removal()
@@ -344,10 +408,10 @@ def prune_structured(
         "sizes_after": after,
         "parameters_before": before_params,
         "parameters_after": parameter_count(model),
-        "block_influence": bi,
+        "block_influence": list(bi),
         "metric": metric,
         "scope": scope,
-        "calibration": {"tokens": count_tokens(batches)},
+        "calibration": {"tokens": statistics.tokens},
         "time": {"calibration_s": calibration_s, "removal_s": removal_s, "total_s": time.perf_counter() - start},
     }
     log.info("structured pruning: %s -> %s, parameters %d -> %d", before_sizes, after, before_params,
