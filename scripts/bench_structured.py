@@ -96,6 +96,7 @@ def speed(models: dict, prompt: torch.Tensor, repeats: int, new_tokens: int = 64
         for name in order:
             prefill[name].append(timed_generate(models[name], prompt, 1))
             full[name].append(timed_generate(models[name], prompt, new_tokens))
+        print(f"speed repeat {r + 1}/{repeats}: " + ", ".join(f"{n} {full[n][-1]:.2f}s" for n in names), flush=True)
     out = {}
     for name in names:
         p, f = statistics.median(prefill[name]), statistics.median(full[name])
@@ -176,7 +177,7 @@ def main() -> None:
     p.add_argument("--eval-windows", type=int, default=16)
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: on a shared machine 2 threads wait on each other)")
     p.add_argument("--kd-steps", type=int, default=0, help="KD fine-tune steps per row (0: skip)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--block-size", type=int, default=128, help="KD training sequence length")

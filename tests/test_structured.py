@@ -233,6 +233,21 @@ def test_global_scope_shrinks_uniformly_and_masks_the_rest():
     assert torch.allclose(logits(model, x), before, atol=1e-5)
 
 
+def test_one_statistics_pass_serves_several_calls():
+    from gradprune.structured import unit_statistics
+
+    dense = gqa_llama(layers=3)
+    a, b = copy.deepcopy(dense), copy.deepcopy(dense)
+    prune_structured(a, ids(), mlp=0.5, heads=3, layers=1, progress=False)
+    stats = unit_statistics(dense, ids(), progress=False)
+    report = prune_structured(b, statistics=stats, mlp=0.5, heads=3, layers=1, progress=False)
+    assert report["calibration"]["tokens"] == 36
+    sa, sb = a.state_dict(), b.state_dict()
+    assert set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+    with pytest.raises(ValueError, match=r"statistics= do not fit this call: missing \[\], taken on a model of 3 layers, this one has 2"):
+        prune_structured(b, statistics=stats, mlp=0.25, progress=False)
+
+
 def test_every_metric_runs_and_gives_the_requested_size():
     for metric in metrics.NEURON_METRICS:
         model = gqa_llama(layers=2)
@@ -330,6 +345,7 @@ def test_callback_prunes_at_fit_start_rebuilds_the_optimizer_and_distills(tmp_pa
     assert {id(p) for group in optimizer.param_groups for p in group["params"]} <= params
     assert all(optimizer.state[p] for group in optimizer.param_groups for p in group["params"])  # they trained
     assert callback.done and callback.report["removed"]["layers"] in ([0], [1])
+    assert module._teacher_hidden == {1: 2}  # the student's last (normed) hidden state against the teacher's last
 
 
 def test_callback_refuses_bad_arguments_at_construction():
