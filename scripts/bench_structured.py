@@ -6,6 +6,7 @@ what removing neurons, heads and layers buys in size and CPU speed, and what it 
     python scripts/bench_structured.py --measure ppl     # perplexity, sizes and the metric table only
     python scripts/bench_structured.py --measure speed   # decode / prefill speed only (needs a quiet machine)
     python scripts/bench_structured.py --kd-steps 100    # and held-out perplexity after a short KD fine-tune
+    python scripts/bench_structured.py --measure --kd-steps 40 --rows mlp30   # only the KD fine-tune of a row
     python scripts/bench_structured.py --table           # print the table of what --results holds
 
 Rows: dense; 30% and 50% of MLP neurons removed (by --metric); heads 9q/3kv -> 6q/2kv; 10 of 30 layers dropped by
@@ -183,6 +184,7 @@ def main() -> None:
     p.add_argument("--block-size", type=int, default=128, help="KD training sequence length")
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--results", type=Path, default=Path("runs/bench_structured.jsonl"))
+    p.add_argument("--skip-metric-table", action="store_true", help="with --measure ppl: not the per-metric rows")
     p.add_argument("--table", action="store_true")
     args = p.parse_args()
     if args.table:
@@ -216,7 +218,7 @@ def main() -> None:
         if "ppl" in args.measure:
             values.update(file_mb=file_size_mb(models[name]), ppl=perplexity(models[name], heldout, args.seqlen))
         record(args.results, name, **values)
-    if "ppl" in args.measure:
+    if "ppl" in args.measure and not args.skip_metric_table:
         for metric in NEURON_METRICS:
             model = build(dense, dict(mlp=0.5, metric=metric), calibration, statistics)
             record(args.results, f"metric-{metric}", ppl=perplexity(model, heldout, args.seqlen))

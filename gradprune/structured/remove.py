@@ -39,11 +39,6 @@ class Removal:
     heads_keep: dict[int, torch.Tensor] = field(default_factory=dict)
     layers: list[int] = field(default_factory=list)
 
-    def is_empty(self, units: Units) -> bool:
-        unchanged_mlp = all(len(k) == units.blocks[b].neurons for b, k in self.mlp_keep.items())
-        unchanged_heads = all(len(k) == units.num_kv_heads for k in self.heads_keep.values())
-        return not self.layers and unchanged_mlp and unchanged_heads
-
 
 # -- checking -------------------------------------------------------------------------------------------------
 def check_removal(units: Units, removal: Removal) -> None:
