@@ -6,6 +6,7 @@ from .base import PruningCallback
 from .gradual import GradualPruningCallback
 from .monitor import SparsityMonitor
 from .oneshot import MagnitudePruningCallback, RIAPruningCallback, SparseGPTPruningCallback, WandaPruningCallback
+from .structured import StructuredPruningCallback
 
 __all__ = [
     "GradualPruningCallback",
@@ -14,5 +15,6 @@ __all__ = [
     "RIAPruningCallback",
     "SparseGPTPruningCallback",
     "SparsityMonitor",
+    "StructuredPruningCallback",
     "WandaPruningCallback",
 ]

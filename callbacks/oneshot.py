@@ -40,7 +40,50 @@ from .base import PruningCallback
 log = logging.getLogger(__name__)
 
 
-class OneShotPruningCallback(PruningCallback):
+class CalibrationDraw:
+    """How a fit-start callback draws calibration data (shared by the one-shot and structured callbacks).
+    Needs ``self.nsamples`` and ``self.seqlen``; sets ``self._combine`` (how statistics are summed over ranks)."""
+
+    # -- calibration ----------------------------------------------------------------------------------
+    def calibration(self, trainer: pl.Trainer) -> list:
+        """This rank's calibration batches: its share of the datamodule's ``calibration_batches`` or of the
+        first training batches (see the module notes for DDP). Sets how statistics are combined over ranks."""
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is not None and callable(getattr(datamodule, "calibration_batches", None)):
+            windows, same_on_every_rank = list(datamodule.calibration_batches(self.nsamples, self.seqlen)), True
+        else:
+            windows, same_on_every_rank = self._first_train_batches(trainer), False  # each rank its own data
+        batches, self._combine = spread_over_ranks(trainer, windows, same_on_every_rank, type(self).__name__)
+        return batches
+
+    def _first_train_batches(self, trainer: pl.Trainer) -> list:
+        trainer.fit_loop.setup_data()  # Lightning sets the train dataloader up after fit start; now it is ready
+        loader = trainer.train_dataloader
+        if loader is None:
+            raise ValueError(
+                f"{type(self).__name__} needs calibration data: give the datamodule a calibration_batches(nsamples, "
+                f"seqlen) method or the trainer a train dataloader"
+            )
+        batches, samples = [], 0
+        for item in loader:
+            batch = as_batches([item])[0]
+            take = min(self.nsamples - samples, batch["input_ids"].shape[0])
+            mask = batch["attention_mask"]
+            batches.append({"input_ids": batch["input_ids"][:take, : self.seqlen],
+                            "attention_mask": None if mask is None else mask[:take, : self.seqlen]})
+            samples += take
+            if samples >= self.nsamples:
+                break
+        shortest = min((b["input_ids"].shape[1] for b in batches), default=self.seqlen)
+        if shortest < self.seqlen:  # the loader's blocks are shorter than asked: say so (issue 14)
+            log.warning("%s: seqlen=%d, but the train dataloader's sequences have only %d tokens: calibrating on "
+                        "%d-token sequences", type(self).__name__, self.seqlen, shortest, shortest)
+        if samples < self.nsamples:
+            log.warning("%s: the train dataloader gave only %d of %d calibration sequences", type(self).__name__, samples, self.nsamples)
+        return batches
+
+
+class OneShotPruningCallback(CalibrationDraw, PruningCallback):
     """Base of the one-shot callbacks: the arguments every method shares. A subclass sets ``method`` (a
     name in :data:`gradprune.methods.METHODS`) and adds only the method's own options as keyword
     arguments, passing the rest on with ``**kwargs`` (LightningCLI follows them here).
@@ -117,44 +160,6 @@ class OneShotPruningCallback(PruningCallback):
     def load_extra_state(self, state: dict) -> None:
         self.done = bool(state.get("done", False))
         self.report = state.get("report")
-
-    # -- calibration ----------------------------------------------------------------------------------
-    def calibration(self, trainer: pl.Trainer) -> list:
-        """This rank's calibration batches: its share of the datamodule's ``calibration_batches`` or of the
-        first training batches (see the module notes for DDP). Sets how statistics are combined over ranks."""
-        datamodule = getattr(trainer, "datamodule", None)
-        if datamodule is not None and callable(getattr(datamodule, "calibration_batches", None)):
-            windows, same_on_every_rank = list(datamodule.calibration_batches(self.nsamples, self.seqlen)), True
-        else:
-            windows, same_on_every_rank = self._first_train_batches(trainer), False  # each rank its own data
-        batches, self._combine = spread_over_ranks(trainer, windows, same_on_every_rank, type(self).__name__)
-        return batches
-
-    def _first_train_batches(self, trainer: pl.Trainer) -> list:
-        trainer.fit_loop.setup_data()  # Lightning sets the train dataloader up after fit start; now it is ready
-        loader = trainer.train_dataloader
-        if loader is None:
-            raise ValueError(
-                f"{type(self).__name__} needs calibration data: give the datamodule a calibration_batches(nsamples, "
-                f"seqlen) method or the trainer a train dataloader"
-            )
-        batches, samples = [], 0
-        for item in loader:
-            batch = as_batches([item])[0]
-            take = min(self.nsamples - samples, batch["input_ids"].shape[0])
-            mask = batch["attention_mask"]
-            batches.append({"input_ids": batch["input_ids"][:take, : self.seqlen],
-                            "attention_mask": None if mask is None else mask[:take, : self.seqlen]})
-            samples += take
-            if samples >= self.nsamples:
-                break
-        shortest = min((b["input_ids"].shape[1] for b in batches), default=self.seqlen)
-        if shortest < self.seqlen:  # the loader's blocks are shorter than asked: say so (issue 14)
-            log.warning("%s: seqlen=%d, but the train dataloader's sequences have only %d tokens: calibrating on "
-                        "%d-token sequences", type(self).__name__, self.seqlen, shortest, shortest)
-        if samples < self.nsamples:
-            log.warning("%s: the train dataloader gave only %d of %d calibration sequences", type(self).__name__, samples, self.nsamples)
-        return batches
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

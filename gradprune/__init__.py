@@ -13,6 +13,7 @@ from .report import sparsity_report
 from .schedules import SparsitySchedule
 from .selection import exact_count, select_masks
 from .semistructured import accelerate_2of4
+from .structured import prune_structured, remove_zeroed_units
 from .targets import Target, find_targets
 
 __version__ = "0.1.0"
@@ -65,6 +66,8 @@ __all__ = [
     "pack_mask",
     "prune",
     "prune_oneshot",
+    "prune_structured",
+    "remove_zeroed_units",
     "calibration",
     "select_masks",
     "sparsity_report",

@@ -4,8 +4,9 @@ Two kinds of statistics, both kept as *sums and counts* (never running means) so
 over data-parallel ranks (``reduce_`` takes e.g. an all-reduce) and combined exactly:
 
 - :class:`ChannelStats`, per input channel ``j`` of a target: the sum of squares (Wanda's squared L2 norm
-  over all tokens), the sum (for the mean), the number of near-zero activations and the token count.
-  ``mean``, ``variance`` and ``near_zero_fraction`` are derived from them.
+  over all tokens), the sum (for the mean), the sum of absolute values, the number of near-zero
+  activations and the token count. ``mean``, ``mean_abs``, ``variance`` and ``near_zero_fraction`` are
+  derived from them.
 - :class:`HessianStats`, SparseGPT's ``H = 2/n X X^T`` per target: the sum ``X X^T`` in float64 (each batch's
   product is taken in the accumulation dtype, float32 by default, and added to the float64 sum) and ``n``.
 
@@ -48,11 +49,13 @@ class ChannelStats:
     count: torch.Tensor  # float64 scalar: number of tokens seen
     near_zero_eps: float = 1e-6
     l2_only: bool = False  # keep only sum_sq and count (what Wanda needs; the cheapest hook)
+    sum_abs: Optional[torch.Tensor] = None  # sum of |x| (None with l2_only)
 
     @classmethod
     def empty(cls, in_features: int, device: torch.device, near_zero_eps: float = 1e-6, l2_only: bool = False) -> "ChannelStats":
         zeros = lambda: torch.zeros(in_features, dtype=torch.float64, device=device)  # noqa: E731
-        return cls(zeros(), zeros(), zeros(), torch.zeros((), dtype=torch.float64, device=device), near_zero_eps, l2_only)
+        return cls(zeros(), zeros(), zeros(), torch.zeros((), dtype=torch.float64, device=device), near_zero_eps, l2_only,
+                   None if l2_only else zeros())
 
     def add(self, x: torch.Tensor) -> None:
         """Accumulate a (tokens, in_features) batch of inputs."""
@@ -62,14 +65,20 @@ class ChannelStats:
         if self.l2_only:
             return
         self.sum += x.sum(dim=0, dtype=torch.float64)
-        self.near_zero += (x.abs() <= self.near_zero_eps).sum(dim=0).to(torch.float64)
+        magnitude = x.abs()
+        self.near_zero += (magnitude <= self.near_zero_eps).sum(dim=0).to(torch.float64)
+        if self.sum_abs is not None:
+            self.sum_abs += magnitude.sum(dim=0, dtype=torch.float64)
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.sum_sq, self.sum, self.near_zero, self.count]
+        return [self.sum_sq, self.sum, self.near_zero, self.count] + ([] if self.sum_abs is None else [self.sum_abs])
 
     def reduce_(self, fn: Reduce) -> None:
         """Replace every sum by ``fn(sum)`` (e.g. a sum over data-parallel ranks)."""
-        self.sum_sq, self.sum, self.near_zero, self.count = (fn(t) for t in self.tensors())
+        reduced = [fn(t) for t in self.tensors()]
+        self.sum_sq, self.sum, self.near_zero, self.count = reduced[:4]
+        if self.sum_abs is not None:
+            self.sum_abs = reduced[4]
 
     @property
     def l2_sq(self) -> torch.Tensor:
@@ -79,6 +88,13 @@ class ChannelStats:
     @property
     def mean(self) -> torch.Tensor:
         return self.sum / self.count.clamp(min=1)
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        """Mean of |x| over tokens (needs the full statistics, not ``l2_only``)."""
+        if self.sum_abs is None:
+            raise ValueError("mean_abs needs ChannelStats collected without l2_only")
+        return self.sum_abs / self.count.clamp(min=1)
 
     @property
     def variance(self) -> torch.Tensor:

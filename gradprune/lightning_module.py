@@ -156,6 +156,7 @@ class PrunableLM(pl.LightningModule):
         self.distill = distill
         self._teacher: Optional[nn.Module] = None  # kept out of the module tree: never in checkpoints
         self._hidden_indices: list[int] = []  # distill.hidden_layers resolved ("all" -> 1..L)
+        self._teacher_hidden: Optional[dict[int, int]] = None  # student hidden index -> teacher's, after layer removal
         if distill is not None:
             num_layers = getattr(getattr(self.model, "config", None), "num_hidden_layers", None)
             if distill.hidden_layers:
@@ -219,6 +220,35 @@ class PrunableLM(pl.LightningModule):
             if self.distill.teacher != "self":  # "self" is a copy of the model just checked
                 _check_hidden_states(teacher, "teacher", self.distill.hidden_layers, self._hidden_indices)
         object.__setattr__(self, "_teacher", teacher)
+
+    def map_hidden_layers(self, removed: list[int]) -> None:
+        """Decoder layers ``removed`` (indices of the teacher's blocks) were dropped from the student by
+        structured pruning: pair each student hidden state with the teacher's of the block it came from (the
+        last, after the final norm, with the teacher's last). Only for ``hidden_layers="all"``; a list of
+        indices named blocks of the unpruned model, so it is an error. Nothing to do without hidden terms."""
+        if self.distill is None or not self.distill.hidden_layers:
+            return
+        self.check_layer_removal()
+        total = self._teacher.config.num_hidden_layers if self._teacher is not None else len(self._hidden_indices)
+        kept = [i for i in range(total) if i not in set(removed)]
+        self._hidden_indices = list(range(1, len(kept) + 1))
+        self._teacher_hidden = {j + 1: kept[j] + 1 for j in range(len(kept))}
+        self._teacher_hidden[len(kept)] = total  # the final norm's output on both sides
+
+    def check_layer_removal(self) -> None:
+        """Raise ValueError if decoder layers cannot be removed from the student: hidden-state distillation
+        with a list of block indices (they name blocks of the unpruned model)."""
+        if self.distill is not None and self.distill.hidden_layers and self.distill.hidden_layers != "all":
+            raise ValueError(
+                f"distill.hidden_layers={self.distill.hidden_layers!r} lists blocks of the unpruned model, so decoder "
+                f"layers cannot be removed: use hidden_layers='all' (each kept block is paired with the teacher block it "
+                f"came from) or [] (logit distillation only)"
+            )
+
+    def _paired_teacher_hidden(self, states):
+        if self._teacher_hidden is None:
+            return states
+        return [states[self._teacher_hidden.get(i, i)] for i in range(max(self._teacher_hidden) + 1)]
 
     def setup(self, stage: str) -> None:
         self._check_vocabulary()
@@ -305,7 +335,7 @@ class PrunableLM(pl.LightningModule):
         loss = parts["loss"]
         if hidden:
             parts["hidden"] = hidden_state_loss(self.distill.hidden_loss, student_out.hidden_states,
-                                                teacher_out.hidden_states, self._hidden_indices,
+                                                self._paired_teacher_hidden(teacher_out.hidden_states), self._hidden_indices,
                                                 self.distill.normalize_hidden, attention_mask)
             loss = loss + self.distill.hidden_weight * parts["hidden"]
         self.log("train/loss", loss, prog_bar=True, batch_size=size)

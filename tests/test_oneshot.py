@@ -357,7 +357,7 @@ def test_reduce_option_sees_every_statistic_and_its_result_is_used():
         return torch.zeros_like(t)
 
     report = prune_oneshot(tiny_llama(layers=1), "wanda", 0.5, calibration=calib(), reduce=zeroing)
-    assert len(seen) == 7 * 4  # 7 targets x (sum_sq, sum, near_zero, count)
+    assert len(seen) == 7 * 5  # 7 targets x (sum_sq, sum, near_zero, count, sum_abs)
     for keep in report["masks"].values():
         half = keep.shape[1] // 2
         assert not keep[:, :half].any() and keep[:, half:].all()

@@ -1,0 +1,419 @@
+"""One-shot structured pruning: score MLP neurons, head groups and decoder layers on one calibration pass,
+then remove the least important ones physically (:func:`prune_structured`).
+
+The order is: check every argument against the model (nothing changes on an error); one whole-model
+calibration pass with forward hooks (inputs of the MLP output projections and of ``o_proj``, and every
+block's input and output hidden states; padding excluded); scores (:mod:`gradprune.structured.metrics`);
+choice of the units; removal (:mod:`gradprune.structured.remove`). Layers are ranked on the dense model,
+and neurons and heads of the layers that stay are chosen from the same pass.
+
+Counts: a fraction ``f`` of ``n`` units removes ``floor(f * n + 0.5)`` of them; an int removes that many.
+With ``scope="layer"`` every layer loses the same number of neurons (head groups), its least important ones.
+With ``scope="global"`` the least important units of the whole model are chosen together, so layers lose
+different numbers; Hugging Face configs hold one size for all layers, so each layer is physically shrunk by
+the smallest per-layer count, and the rest of the chosen units are zeroed and kept zero by masks in the
+model's :class:`gradprune.MaskRegistry` (training keeps them at zero; :func:`remove_zeroed_units` removes them
+later when the counts allow). The report says how many of each.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional, Union
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..blocks import call_model, find_causal_lm
+from ..calibration import ActivationHooks, as_batches, count_tokens, eval_mode
+from ..masks import MaskRegistry
+from ..targets import Target
+from ..validation import Problems, check_choice, is_int, is_number
+from . import metrics
+from .remove import Removal, apply_removal, check_removal, sizes
+from .units import Units, find_units, in_dim, is_conv1d, out_dim, output_rows
+
+log = logging.getLogger(__name__)
+
+SCOPES = ("layer", "global")
+Amount = Union[float, int, None]
+
+
+def _count(problems: Problems, name: str, value: Amount, total: int, unit: str) -> int:
+    """How many of ``total`` units ``value`` removes (a fraction in [0, 1] or an int count)."""
+    if value is None:
+        return 0
+    if is_int(value):
+        count = int(value)
+    elif is_number(value) and not math.isnan(value) and 0 <= value <= 1:
+        count = int(math.floor(value * total + 0.5))
+    else:
+        problems.add(f"{name} must be a fraction in [0, 1] or an int count of {unit}, got {value!r}")
+        return 0
+    if count < 0:
+        problems.add(f"{name}={value!r} is negative")
+    elif count >= total:
+        problems.add(f"{name}={value!r} would remove all {total} {unit}{' of a layer' if name != 'layers' else ''}; "
+                     f"at least one must stay")
+    return count
+
+
+def _head_groups(problems: Problems, units: Units, heads: Amount) -> int:
+    """Head groups to remove per layer: ``heads`` counts query heads, in whole groups (GQA)."""
+    if heads is None:
+        return 0
+    if units.arch.attention is None:
+        problems.add(f"heads={heads!r}: attention heads of {units.arch.name} cannot be removed: {units.arch.heads_why_not}. "
+                     f"Heads are supported for LLaMA-style models (llama, mistral, qwen2, qwen3)")
+        return 0
+    q = _count(problems, "heads", heads, units.num_heads, "attention heads")
+    r = units.group_size
+    if q % r:
+        valid = [f"{g * r} (= {g * r}/{units.num_heads})" for g in range(1, units.num_kv_heads)]
+        problems.add(f"heads={heads!r} removes {q} of {units.num_heads} query heads, which breaks grouped-query attention: "
+                     f"{units.num_heads} query heads share {units.num_kv_heads} key/value heads ({r} per KV head), so "
+                     f"whole groups of {r} must go; valid counts: {valid}")
+    return q // r
+
+
+def _metric_weights(problems: Problems, weights: Optional[Mapping[str, float]]) -> Optional[dict]:
+    if weights is None:
+        return None
+    if not isinstance(weights, Mapping):
+        problems.add(f"metric_weights must be a dict of {list(metrics.COMBINED_PARTS)} to numbers, got {weights!r}")
+        return None
+    bad = {k: v for k, v in weights.items() if k not in metrics.COMBINED_PARTS or not is_number(v) or v < 0}
+    if bad:
+        problems.add(f"metric_weights: keys must be among {list(metrics.COMBINED_PARTS)} with numbers >= 0, got {bad}")
+    return dict(weights)
+
+
+def _check_options(problems: Problems, mlp, heads, layers, metric, scope, metric_weights, near_zero_eps) -> Optional[dict]:
+    check_choice(problems, "metric", metric, metrics.NEURON_METRICS)
+    check_choice(problems, "scope", scope, SCOPES)
+    weights = _metric_weights(problems, metric_weights)
+    if metric_weights is not None and metric != "combined":
+        problems.add(f"metric_weights is only used by metric='combined', got metric={metric!r}")
+    if not is_number(near_zero_eps) or near_zero_eps < 0:
+        problems.add(f"near_zero_eps must be a number >= 0, got {near_zero_eps!r}")
+    if mlp is None and heads is None and layers is None:
+        problems.add("nothing to remove: give mlp, heads and/or layers (a fraction or a count)")
+    for name, value in (("mlp", mlp), ("heads", heads), ("layers", layers)):
+        if value is not None and not is_int(value) and not (is_number(value) and 0 <= value <= 1):
+            problems.add(f"{name} must be a fraction in [0, 1] or an int count, got {value!r}")
+    return weights
+
+
+def check_arguments(mlp: Amount = None, heads: Amount = None, layers: Amount = None, metric: str = "l2",
+                    scope: str = "layer", metric_weights: Optional[Mapping[str, float]] = None,
+                    near_zero_eps: float = 1e-2) -> None:
+    """The checks of :func:`prune_structured` that need no model (the callback's ``__init__`` runs them)."""
+    problems = Problems()
+    _check_options(problems, mlp, heads, layers, metric, scope, metric_weights, near_zero_eps)
+    problems.raise_if_any()
+
+
+@dataclass
+class UnitStatistics:
+    """What one calibration pass collected, by block index of the unpruned model: the MLP output projections'
+    input statistics (``mlp``), ``o_proj``'s input statistics (``heads``), the block influence of every layer
+    (``block_influence``) and the number of calibration tokens. Reusable: several :func:`prune_structured`
+    calls on copies of the same model can share one pass (``statistics=``)."""
+
+    mlp: dict
+    heads: dict
+    block_influence: list
+    tokens: int
+    layers: int  # blocks of the model the statistics were taken on
+
+
+def unit_statistics(model: nn.Module, calibration: Any, mlp: bool = True, heads: bool = True, layers: bool = True,
+                    near_zero_eps: float = 1e-2, lm: Union[str, nn.Module, None] = None,
+                    reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                    progress: Optional[bool] = None) -> UnitStatistics:
+    """One whole-model calibration pass collecting what :func:`prune_structured` scores units by."""
+    units = find_units(model)
+    batches = as_batches(calibration)
+    runner = find_causal_lm(model, lm)
+    heads = heads and units.arch.attention is not None
+    mlp_stats, head_stats, bi = _calibrate(model, units, batches, mlp, heads, layers, near_zero_eps, progress, runner, reduce)
+    return UnitStatistics(mlp_stats, head_stats, bi, count_tokens(batches), len(units.blocks))
+
+
+# -- calibration ---------------------------------------------------------------------------------------------------
+def _calibrate(model: nn.Module, units: Units, batches: list, want_mlp: bool, want_heads: bool, want_layers: bool,
+               near_zero_eps: float, progress: Optional[bool], runner: nn.Module,
+               reduce: Optional[Callable[[torch.Tensor], torch.Tensor]]) -> tuple[dict, dict, list]:
+    names = {id(m): n for n, m in model.named_modules()}
+    targets = []
+    if want_mlp:
+        targets += [Target(names[id(b.mlp_out)], b.mlp_out, is_conv1d(b.mlp_out)) for b in units.blocks]
+    if want_heads:
+        targets += [Target(names[id(b.attention[3])], b.attention[3], False) for b in units.blocks]
+    influence = [[0.0, 0] for _ in units.blocks]
+    current: dict[str, Optional[torch.Tensor]] = {"tokens": None}
+    handles = []
+
+    def block_hook(index: int):
+        def hook(module, args, kwargs, output):
+            h_in = args[0] if args else kwargs["hidden_states"]
+            h_out = output[0] if isinstance(output, (tuple, list)) else output
+            total, count = metrics.block_influence_terms(h_in.detach(), h_out.detach(), current["tokens"])
+            influence[index][0] += total
+            influence[index][1] += count
+
+        return hook
+
+    device = units.blocks[0].mlp_out.weight.device
+    try:
+        if want_layers:
+            for b in units.blocks:
+                handles.append(b.module.register_forward_hook(block_hook(b.index), with_kwargs=True))
+        with eval_mode(model), ActivationHooks(targets, near_zero_eps=near_zero_eps) as hooks:
+            for batch in tqdm(batches, desc="structured calibration", disable=progress is False):
+                mask = batch["attention_mask"]
+                current["tokens"] = None if mask is None else mask.bool()
+                hooks.tokens(mask)
+                call_model(runner, batch, device)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if reduce is not None:  # sums over data-parallel ranks, so every rank removes the same units
+        hooks.reduce_(reduce)
+        sums = reduce(torch.tensor(influence, dtype=torch.float64, device=device).reshape(-1, 2))
+        influence = sums.cpu().tolist()
+    stats = hooks.stats
+    mlp_stats = {b.index: stats[names[id(b.mlp_out)]] for b in units.blocks} if want_mlp else {}
+    head_stats = {b.index: stats[names[id(b.attention[3])]] for b in units.blocks} if want_heads else {}
+    bi = [total / max(count, 1) for total, count in influence] if want_layers else []
+    return mlp_stats, head_stats, bi
+
+
+# -- choosing units ------------------------------------------------------------------------------------------------
+def _lowest(scores: dict[int, torch.Tensor], count: int, scope: str) -> dict[int, torch.Tensor]:
+    """Bool masks (True = chosen for removal) per block: ``count`` per block (layer scope) or ``count`` times the
+    number of blocks over all blocks together (global scope). Ties break by index (stable sort)."""
+    chosen = {}
+    if scope == "layer":
+        for b, s in scores.items():
+            order = torch.sort(s, stable=True).indices[:count]
+            mask = torch.zeros_like(s, dtype=torch.bool)
+            mask[order] = True
+            chosen[b] = mask
+        return chosen
+    blocks = list(scores)
+    flat = torch.cat([scores[b] for b in blocks])
+    order = torch.sort(flat, stable=True).indices[: count * len(blocks)]
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    mask[order] = True
+    for b, part in zip(blocks, torch.split(mask, [len(scores[b]) for b in blocks])):
+        chosen[b] = part
+    return chosen
+
+
+def _split_uniform(chosen: dict[int, torch.Tensor], scores: dict[int, torch.Tensor]) -> tuple[dict, dict]:
+    """(kept indices per block after removing the uniform count, extra chosen units per block to mask)."""
+    if not chosen:
+        return {}, {}
+    uniform = min(int(c.sum()) for c in chosen.values())
+    keep, extra = {}, {}
+    for b, c in chosen.items():
+        idx = torch.nonzero(c).reshape(-1)
+        order = idx[torch.sort(scores[b][idx], stable=True).indices]  # least important first
+        drop, rest = order[:uniform], order[uniform:]
+        k = torch.ones_like(c)
+        k[drop] = False
+        keep[b] = torch.nonzero(k).reshape(-1)
+        extra_mask = torch.zeros_like(c)
+        extra_mask[rest] = True
+        extra[b] = extra_mask[keep[b]]  # in the kept block's new numbering
+    return keep, extra
+
+
+def _mask_extra(model: nn.Module, units: Units, mlp_extra: dict, head_extra: dict) -> int:
+    """Zero (and mask in the registry) the chosen units that the uniform rule left in place."""
+    names = {id(m): n for n, m in model.named_modules()}
+    targets, masks = [], {}
+
+    def add(module: nn.Module, dim: int, drop: torch.Tensor) -> None:
+        name = names[id(module)]
+        keep = torch.ones_like(module.weight, dtype=torch.bool)
+        shape = [1] * keep.dim()
+        shape[dim] = -1
+        keep &= ~drop.to(keep.device).view(shape)
+        if name in masks:
+            masks[name] &= keep
+        else:
+            targets.append(Target(name, module, is_conv1d(module)))
+            masks[name] = keep
+        if getattr(module, "bias", None) is not None and dim == out_dim(module):
+            with torch.no_grad():
+                module.bias[drop.to(module.bias.device)] = 0
+
+    masked = 0
+    for block in units.blocks:
+        drop = mlp_extra.get(block.index)
+        if drop is not None and drop.any():
+            masked += int(drop.sum())
+            for module in block.mlp_in:
+                add(module, out_dim(module), drop)
+            add(block.mlp_out, in_dim(block.mlp_out), drop)
+        drop = head_extra.get(block.index)
+        if drop is not None and drop.any():
+            masked += int(drop.sum())
+            q, k, v, o = block.attention
+            q_drop = drop.repeat_interleave(units.group_size * units.head_dim)
+            kv_drop = drop.repeat_interleave(units.head_dim)
+            add(q, 0, q_drop)
+            add(k, 0, kv_drop)
+            add(v, 0, kv_drop)
+            add(o, 1, q_drop)
+    if targets:
+        MaskRegistry.of(model).update(targets, masks)
+    return masked
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Parameters of ``model``, tied tensors counted once."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def prune_structured(
+    model: nn.Module,
+    calibration: Any = None,
+    mlp: Amount = None,
+    heads: Amount = None,
+    layers: Amount = None,
+    metric: str = "l2",
+    scope: str = "layer",
+    metric_weights: Optional[Mapping[str, float]] = None,
+    near_zero_eps: float = 1e-2,
+    lm: Union[str, nn.Module, None] = None,
+    reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    statistics: Optional[UnitStatistics] = None,
+    progress: Optional[bool] = None,
+) -> dict:
+    """Remove MLP neurons, attention heads and decoder layers of ``model`` in place, by activation importance.
+
+    Args:
+        model: a Hugging Face causal LM of a supported architecture
+            (:data:`gradprune.structured.ARCHITECTURES`), or a module holding one (PrunableLM).
+        calibration: token-id tensors or batch dicts (``input_ids``, optional ``attention_mask``), as for
+            :func:`gradprune.prune_oneshot`.
+        mlp: MLP intermediate neurons to remove per layer: a fraction in [0, 1] or an int count.
+        heads: query heads to remove per layer (fraction or count), in whole GQA groups: with 9 query and 3
+            key/value heads, ``heads=3`` (or 1/3) removes one KV head and its 3 query heads (9q/3kv -> 6q/2kv).
+        layers: decoder layers to remove (fraction or count), those of lowest block influence.
+        metric: MLP neuron importance: "l2", "mean_abs", "variance", "near_zero", "combined" or "wanda"
+            (:mod:`gradprune.structured.metrics`). Heads are ranked by their output's L2 norm, layers by
+            block influence.
+        scope: "layer" (each layer loses its least important units, the same number in every layer) or
+            "global" (the least important units of the whole model; see the module notes for the uniform rule).
+        metric_weights: weights of the "combined" metric, e.g. ``{"l2": 1, "near_zero": 0.5}`` (default all 1).
+        near_zero_eps: |activation| at or below this counts as near zero (the "near_zero" metric).
+        lm: what calibration batches run through (see :func:`gradprune.prune_oneshot`).
+        reduce: callable summing a statistics tensor over data-parallel ranks (the callback passes it).
+        statistics: a :class:`UnitStatistics` from :func:`unit_statistics` on this model (or an identical copy)
+            instead of a calibration pass; ``calibration`` is then not needed.
+        progress: show a progress bar (None: tqdm's default).
+
+    Returns a report: ``removed`` (``mlp_per_layer``, ``mlp_masked``, ``head_groups_per_layer``,
+    ``query_heads_per_layer``, ``heads_masked``, ``layers``: indices in the original model), ``sizes_before`` /
+    ``sizes_after`` (config sizes), ``parameters_before`` / ``parameters_after``, ``block_influence`` (per original
+    layer, when layers were scored), ``metric``, ``scope``, ``calibration`` (tokens) and ``time``.
+
+    Raises ValueError/TypeError before anything changes for: an unknown architecture (naming the supported
+    ones), amounts that would remove every neuron / head of a layer or every layer, a head count that breaks
+    grouped-query attention, bad metric / scope / weights, missing calibration data.
+    """
+    start = time.perf_counter()
+    problems = Problems()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    units = find_units(model)
+    weights = _check_options(problems, mlp, heads, layers, metric, scope, metric_weights, near_zero_eps)
+    n_layers = len(units.blocks)
+    drop_layers = _count(problems, "layers", layers, n_layers, "decoder layers")
+    drop_neurons = _count(problems, "mlp", mlp, units.blocks[0].neurons, "MLP neurons")
+    drop_groups = _head_groups(problems, units, heads)
+    if statistics is not None:
+        missing = [kind for kind, need, have in (("mlp", drop_neurons, statistics.mlp), ("heads", drop_groups, statistics.heads),
+                                                 ("block_influence", drop_layers, statistics.block_influence)) if need and not have]
+        if missing or statistics.layers != n_layers:
+            problems.add(f"statistics= do not fit this call: missing {missing}, taken on a model of {statistics.layers} "
+                         f"layers, this one has {n_layers}")
+    elif calibration is None:
+        problems.add("calibration data is required (an iterable of input_ids tensors or batch dicts), or statistics= "
+                     "from gradprune.structured.unit_statistics")
+    problems.raise_if_any()
+    before_sizes, before_params = sizes(model), parameter_count(model)
+
+    t0 = time.perf_counter()
+    if statistics is None:
+        statistics = unit_statistics(model, calibration, drop_neurons > 0, drop_groups > 0, drop_layers > 0,
+                                     near_zero_eps, lm, reduce, progress)
+    mlp_stats, head_stats, bi = statistics.mlp, statistics.heads, statistics.block_influence
+    calibration_s = time.perf_counter() - t0
+
+    removal = Removal()
+    if drop_layers:
+        removal.layers = sorted(torch.sort(torch.tensor(bi), stable=True).indices[:drop_layers].tolist())
+    kept = [b for b in units.blocks if b.index not in set(removal.layers)]
+    mlp_extra = head_extra = {}
+    if drop_neurons:
+        scores = {b.index: metrics.neuron_importance(metric, mlp_stats[b.index], output_rows(b.mlp_out), weights).cpu()
+                  for b in kept}
+        removal.mlp_keep, mlp_extra = _split_uniform(_lowest(scores, drop_neurons, scope), scores)
+    if drop_groups:
+        channels = units.group_size * units.head_dim
+        scores = {b.index: metrics.head_group_importance(head_stats[b.index].sum_sq, channels).cpu() for b in kept}
+        chosen = _lowest(scores, drop_groups, scope)
+        if any(bool(c.all()) for c in chosen.values()):
+            raise ValueError(f"scope='global' with heads={heads!r} would remove every head of a layer; use scope='layer' "
+                             f"or fewer heads")
+        removal.heads_keep, head_extra = _split_uniform(chosen, scores)
+    if drop_neurons and scope == "global":
+        full = [b for b in removal.mlp_keep if len(removal.mlp_keep[b]) == int(mlp_extra[b].sum())]
+        if full:
+            raise ValueError(f"scope='global' with mlp={mlp!r} would remove every MLP neuron of layers {full}; use "
+                             f"scope='layer' or a smaller amount")
+    check_removal(units, removal)
+
+    t0 = time.perf_counter()
+    apply_removal(model, removal, units)
+    masked_units = find_units(model) if (mlp_extra or head_extra) else None
+    renumber = {old: new for new, old in enumerate(b.index for b in kept)}
+    masked_mlp = int(sum(int(e.sum()) for e in mlp_extra.values()))
+    masked_heads = int(sum(int(e.sum()) for e in head_extra.values()))
+    if masked_units is not None:
+        _mask_extra(model, masked_units, {renumber[b]: e for b, e in mlp_extra.items()},
+                    {renumber[b]: e for b, e in head_extra.items()})
+    removal_s = time.perf_counter() - t0
+
+    after = sizes(model)
+    report = {
+        "removed": {
+            "mlp_per_layer": before_sizes["intermediate_size"] - after["intermediate_size"] if drop_neurons else 0,
+            "mlp_masked": masked_mlp,
+            "head_groups_per_layer": (before_sizes["num_key_value_heads"] or 0) - (after["num_key_value_heads"] or 0)
+            if drop_groups else 0,
+            "query_heads_per_layer": before_sizes["num_attention_heads"] - after["num_attention_heads"] if drop_groups else 0,
+            "heads_masked": masked_heads,
+            "layers": list(removal.layers),
+        },
+        "sizes_before": before_sizes,
+        "sizes_after": after,
+        "parameters_before": before_params,
+        "parameters_after": parameter_count(model),
+        "block_influence": list(bi),
+        "metric": metric,
+        "scope": scope,
+        "calibration": {"tokens": statistics.tokens},
+        "time": {"calibration_s": calibration_s, "removal_s": removal_s, "total_s": time.perf_counter() - start},
+    }
+    log.info("structured pruning: %s -> %s, parameters %d -> %d", before_sizes, after, before_params,
+             report["parameters_after"])
+    return report
