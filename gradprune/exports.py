@@ -15,6 +15,10 @@ the recipe that produced the model when known, the gradprune version):
   (``"bitmask/1"``), ``gradprune.shapes`` (JSON: the shape of each bitmask-stored tensor) and
   ``gradprune.tied`` (JSON: tensor names stored once for a tied pair, mapped to the stored name).
   :func:`load` rebuilds the dense model bit-exactly.
+- ``structured``: the physically smaller model: every MLP neuron, attention head group and decoder layer
+  that is all zero (structured pruning masked it) removed from a copy by
+  :func:`gradprune.remove_zeroed_units`, the config updated, then saved as ``dense``. It reloads with
+  ``AutoModelForCausalLM.from_pretrained`` as an ordinary model of the smaller shape, with the same logits.
 
 "Nonzero" is judged on the bits: -0.0 and NaN are values like any other, so the round trip is exact
 for every tensor. A tensor is stored as a bitmask when it is a pruning target (the default targets of
@@ -218,11 +222,26 @@ def _save_config(model: nn.Module, out: Path) -> None:
         model.generation_config.save_pretrained(out)
 
 
+def _write_structured(model: nn.Module, out: Path, registries) -> dict:
+    """The physically smaller model: a copy of ``model`` without its all-zero MLP neurons, head groups and
+    decoder layers (:func:`gradprune.remove_zeroed_units`, the uniform rule per layer), saved like ``dense``.
+    The model itself is left as it is; the copy costs one more model in memory while it is written."""
+    import copy
+
+    from .structured import remove_zeroed_units
+
+    smaller = copy.deepcopy(model)
+    removed = remove_zeroed_units(smaller)
+    smaller.save_pretrained(out, safe_serialization=True)
+    return {"structured": _jsonable(removed)}
+
+
 # The writers by format name. A format is one entry: a function (hf_model, directory, registries) that
 # writes the weights and config and returns extra entries for gradprune.json.
 WRITERS: dict[str, Callable[[nn.Module, Path, list], dict]] = {
     "dense": _write_dense,
     "compressed": _write_compressed,
+    "structured": _write_structured,
 }
 FORMATS = tuple(WRITERS)
 
@@ -393,7 +412,8 @@ def _load_compressed(directory: Path):
     return model
 
 
-LOADERS: dict[str, Callable[[Path], nn.Module]] = {"dense": _load_dense, "compressed": _load_compressed}
+LOADERS: dict[str, Callable[[Path], nn.Module]] = {"dense": _load_dense, "compressed": _load_compressed,
+                                                   "structured": _load_dense}
 
 
 def load(directory: Union[str, os.PathLike]):

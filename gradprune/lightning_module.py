@@ -83,7 +83,7 @@ class PrunableLM(pl.LightningModule):
         dtype: str = "float32",
         fused_adamw: bool = True,
         export_dir: Optional[str] = None,
-        export_format: Literal["dense", "compressed"] = "dense",
+        export_format: Literal["dense", "compressed", "structured"] = "dense",
         tokenizer: Optional[str] = None,
         distill: Optional[Distillation] = None,
         lora: Optional[LoRA] = None,

@@ -150,6 +150,25 @@ def test_nearly_dense_tensors_stay_dense(tmp_path):
     assert_bit_exact(model, gp.load(out))
 
 
+def test_structured_export_is_the_smaller_model_with_the_same_logits(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_llama().eval()
+    width = model.config.intermediate_size
+    with torch.no_grad():  # the first quarter of every layer's MLP neurons masked to zero
+        for layer in model.model.layers:
+            layer.mlp.down_proj.weight[:, : width // 4] = 0
+    out = gp.export(model, tmp_path / "small", format="structured")
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert reloaded.config.intermediate_size == width - width // 4
+    assert model.config.intermediate_size == width  # the model itself keeps its shape
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(reloaded(ids).logits, model(ids).logits)
+    info = json.loads((out / "gradprune.json").read_text())
+    assert info["format"] == "structured" and info["structured"]["removed"]["mlp_per_layer"] == width // 4
+    assert gp.load(out).config.intermediate_size == width - width // 4
+
+
 def test_an_export_replaces_the_weights_of_an_earlier_one(tmp_path):
     model = pruned_llama(0.5)
     gp.export(model, tmp_path / "out", format="dense")
@@ -162,8 +181,8 @@ def test_an_export_replaces_the_weights_of_an_earlier_one(tmp_path):
 
 # -- bad input ------------------------------------------------------------------------------------------
 def test_unknown_format_lists_the_supported_ones(tmp_path):
-    with pytest.raises(ValueError, match=r"format must be one of \['dense', 'compressed'\], got 'structured'"):
-        gp.export(pruned_llama(), tmp_path / "out", format="structured")
+    with pytest.raises(ValueError, match=r"format must be one of \['dense', 'compressed', 'structured'\], got 'sparse'"):
+        gp.export(pruned_llama(), tmp_path / "out", format="sparse")
     assert not (tmp_path / "out").exists()
 
 
