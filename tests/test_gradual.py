@@ -157,7 +157,7 @@ def test_staged_run_resumed_with_a_larger_budget_finishes_the_schedule_bit_ident
         (dict(final_sparsity=1.2), ValueError, r"final_sparsity must be in \[0, 1\), got 1.2"),
         (dict(final_sparsity=0.5, schedule="cosine"), ValueError, r"schedule must be one of .* got 'cosine'"),
         (dict(final_sparsity=0.5, scope="rows"), ValueError, r"scope must be one of \['layer', 'global', 'row'\], got 'rows'"),
-        (dict(final_sparsity=0.5, scorer="movement"), ValueError, r"scorer must be one of \['magnitude', 'ria', 'taylor', 'wanda'\], got 'movement'"),
+        (dict(final_sparsity=0.5, scorer="movement"), ValueError, r"scorer must be one of \['magnitude', 'ria', 'sparsegpt', 'taylor', 'wanda'\], got 'movement'"),
         (dict(final_sparsity=0.5, end_step=1.5), ValueError, r"end_step as a float .* \(0, 1\], got 1.5"),
         (dict(final_sparsity=0.5, end_step=10, every=0), ValueError, r"every must be an integer > 0, got 0"),
         (dict(final_sparsity=0.6, pattern="2:4"), ValueError, r"final_sparsity 0.6 is above what pattern '2:4' allows"),

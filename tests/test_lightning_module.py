@@ -43,5 +43,5 @@ def test_export_dir_writes_the_chosen_format_with_the_recipe(tmp_path):
 
 
 def test_unknown_export_format_is_rejected_at_construction():
-    with pytest.raises(ValueError, match=r"export_format must be one of \['dense', 'compressed'\], got 'structured'"):
-        PrunableLM(model=nn.Linear(4, 4), export_format="structured")
+    with pytest.raises(ValueError, match=r"export_format must be one of \['dense', 'compressed', 'structured'\], got 'sparse'"):
+        PrunableLM(model=nn.Linear(4, 4), export_format="sparse")
