@@ -18,6 +18,7 @@ a masking pass, and the kernel applies its factor during the step.
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
 import logging
 import warnings
@@ -34,6 +35,18 @@ log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("csrc") / "masked_adamw.cpp"
 
 
+# without errno and trapping semantics gcc may vectorise sqrt and the masked select
+_CFLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
+
+
+def _kernel_name() -> str:
+    """The extension's build name, keyed by the source and flags: checkouts with the same source share one
+    build, and two checkouts with different sources never rebuild over each other (torch rebuilds a name
+    whose sources changed, and a process killed while it builds leaves that name's lock behind)."""
+    digest = hashlib.sha1(_SOURCE.read_bytes() + " ".join(_CFLAGS).encode()).hexdigest()[:12]
+    return f"gradprune_masked_adamw_{digest}"
+
+
 @functools.cache
 def _kernel():
     """The compiled extension, or None (with a warning) where it cannot be built."""
@@ -41,14 +54,8 @@ def _kernel():
         from torch.utils.cpp_extension import load
 
         log.info("loading gradprune's masked AdamW kernel (built on first use, about 30 s)")
-        return load(
-            name="gradprune_masked_adamw",
-            sources=[str(_SOURCE)],
-            # without errno and trapping semantics gcc may vectorise sqrt and the masked select
-            extra_cflags=["-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
+        return load(name=_kernel_name(), sources=[str(_SOURCE)], extra_cflags=_CFLAGS,
+                    extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as error:  # no compiler, no ninja, an unsupported platform
         warnings.warn(
             f"gradprune: the masked AdamW kernel could not be built ({type(error).__name__}: {error}); "
