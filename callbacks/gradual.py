@@ -257,6 +257,9 @@ class GradualPruningCallback(PruningCallback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._maybe_prune(trainer, pl_module)
 
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._close_window()  # validation batches are not training data; the next training batch reopens it
+
     def on_fit_end(self, trainer, pl_module) -> None:
         self._close_window()
         super().on_fit_end(trainer, pl_module)

@@ -108,6 +108,19 @@ class Distillation:
             )
 
 
+
+def distill_options(value: Union["Distillation", dict, None]) -> Optional["Distillation"]:
+    """``distill`` as PrunableLM takes it: a :class:`Distillation`, or the dict of its fields (as saved in a
+    checkpoint's hyperparameters, so ``PrunableLM.load_from_checkpoint`` rebuilds it), or None."""
+    if value is None or isinstance(value, Distillation):
+        return value
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - set(Distillation.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"distill has unknown keys {unknown}; allowed: {sorted(Distillation.__dataclass_fields__)}")
+        return Distillation(**value)
+    raise TypeError(f"distill must be a gradprune.distill.Distillation or a dict of its fields, got {type(value).__name__}")
+
 def kd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,

@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from torchmetrics.text import Perplexity
 
-from .distill import Distillation, distillation_loss, hidden_state_loss
+from .distill import Distillation, distill_options, distillation_loss, hidden_state_loss
 from .exports import FORMATS
 from .exports import export as export_model
 from .lora import LoRA, add_lora, lora_options, merge_lora, require_peft
@@ -57,12 +57,14 @@ class PrunableLM(pl.LightningModule):
         export_dir: if set, the model is exported there when fit ends (:func:`gradprune.export`), with the
             data module's tokenizer and a gradprune.json holding the sparsity report and the recipe (these
             hyperparameters and the pruning callbacks' arguments).
-        export_format: the format of that export: "dense" (safetensors with the zeros, loads anywhere) or
-            "compressed" (pruned tensors as bitmask + nonzero values; :func:`gradprune.load` reads it).
+        export_format: the format of that export: "dense" (safetensors with the zeros, loads anywhere),
+            "compressed" (pruned tensors as bitmask + nonzero values; :func:`gradprune.load` reads it) or
+            "structured" (fully zeroed neurons, head groups and layers removed: a smaller HF model).
         tokenizer: tokenizer source for the export when there is no data module tokenizer.
         distill: learn from a dense teacher as well (see :class:`gradprune.distill.Distillation`). The
             teacher is frozen, in eval mode, never in the optimizer, and not saved in checkpoints or
-            exports; the checkpoint's hyperparameters record how to rebuild it.
+            exports; the checkpoint's hyperparameters record how to rebuild it (a dict of the fields works
+            too, which is how ``load_from_checkpoint`` passes it back).
         lora: train LoRA adapters instead of the weights (see :class:`gradprune.lora.LoRA`; needs
             ``pip install gradprune[lora]``): the model is wrapped by PEFT here, its base weights frozen,
             and every weight that is exactly zero (pruned) stays zero, in training and in the merge that
@@ -119,8 +121,10 @@ class PrunableLM(pl.LightningModule):
                          f"nn.Module, got {type(model).__name__}", type_error=True)
         elif isinstance(model, str):  # a missing local path fails now, not after hub retries
             check_model_source(problems, "model", model, special=("smollm2",))
-        if distill is not None and not isinstance(distill, Distillation):
-            problems.add(f"distill must be a gradprune.distill.Distillation, got {type(distill).__name__}", type_error=True)
+        try:
+            distill = distill_options(distill)
+        except (ValueError, TypeError) as exc:
+            problems.add(str(exc), type_error=isinstance(exc, TypeError))
         try:
             lora = lora_options(lora)
         except (ValueError, TypeError) as exc:

@@ -163,6 +163,9 @@ def test_checkpoint_has_no_teacher_and_resume_rebuilds_it(tmp_path):
         k for k in state["state_dict"] if k.startswith("val_perplexity")
     }
     assert state["hyper_parameters"]["distill"]["teacher"] == "self"
+    loaded = gp.PrunableLM.load_from_checkpoint(tmp_path / "ckpt" / "last.ckpt")  # rebuilt from the saved dict
+    assert loaded.distill == Distillation()
+    assert all(torch.equal(v, state["state_dict"][k]) for k, v in loaded.state_dict().items())
 
     resumed = tiny_module(distill=Distillation())
     dense = {k: v.clone() for k, v in resumed.model.state_dict().items()}
@@ -184,6 +187,15 @@ def test_checkpoint_has_no_teacher_and_resume_rebuilds_it(tmp_path):
 def test_bad_distill_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Distillation(**kwargs)
+
+
+@pytest.mark.parametrize("distill, error, match", [
+    (dict(alpha=0.3, tempo=2), ValueError, r"distill has unknown keys \['tempo'\]"),
+    ("self", TypeError, r"distill must be a gradprune.distill.Distillation or a dict of its fields, got str"),
+])
+def test_bad_distill_argument(distill, error, match):
+    with pytest.raises(error, match=match):
+        tiny_module(distill=distill)
 
 
 @pytest.mark.parametrize(

@@ -171,6 +171,29 @@ def test_statistics_are_collected_only_in_the_window_before_each_event(tmp_path)
     assert no_hooks_left(module)
 
 
+class HooksInValidation(Callback):
+    def __init__(self):
+        self.hooked = []
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self.hooked.append(not no_hooks_left(pl_module))
+
+
+@pytest.mark.parametrize("scorer", ["wanda", "sparsegpt"])
+def test_validation_inside_a_window_is_left_out_of_the_statistics(tmp_path, scorer):
+    masks = {}
+    for validate in (False, True):
+        module = tiny_module()
+        gradual = GradualPruningCallback(0.5, schedule="linear", start_step=4, end_step=8, every=4, scorer=scorer,
+                                         stat_batches=3)
+        probe = HooksInValidation()
+        trainer(tmp_path / str(validate), max_steps=8, val_check_interval=2, limit_val_batches=2 if validate else 0,
+                callbacks=[gradual, probe]).fit(module, token_loader(), token_loader(n=8, seed=1))
+        assert probe.hooked == ([False] * 8 if validate else [])  # validation at steps 2, 4, 6, 8, inside windows
+        masks[validate] = MaskRegistry.of(module).masks
+    assert all(torch.equal(masks[True][name], mask) for name, mask in masks[False].items())
+
+
 def test_window_counts_micro_batches_under_gradient_accumulation(tmp_path):
     module = tiny_module()
     gradual = GradualPruningCallback(0.5, schedule="linear", start_step=2, end_step=4, every=2, scorer="wanda",
