@@ -233,7 +233,7 @@ def _write_structured(model: nn.Module, out: Path, registries) -> dict:
     smaller = copy.deepcopy(model)
     removed = remove_zeroed_units(smaller)
     smaller.save_pretrained(out, safe_serialization=True)
-    return {"structured": _jsonable(removed)}
+    return {"structured": _jsonable(removed), "sparsity": sparsity_report(smaller)}
 
 
 # The writers by format name. A format is one entry: a function (hf_model, directory, registries) that
@@ -303,6 +303,10 @@ def export(
     tokenizer = tokenizer if tokenizer is not None else known_tokenizer
     recipe = recipe if recipe is not None else known_recipe
     out = Path(out_dir)
+    if format == "structured":  # an architecture it cannot shrink fails here, before anything is changed or deleted
+        from .structured.units import find_units
+
+        find_units(model)
 
     registries = _registries(model_or_module, model)
     for registry in registries:
@@ -317,6 +321,8 @@ def export(
     from . import __version__
 
     info = {"format": format, "gradprune_version": __version__, "sparsity": report, **extra}
+    if "sparsity" in extra:  # the writer reported on what it wrote (structured: the smaller model)
+        info["sparsity_before_removal"] = report
     if recipe is not None:
         info["recipe"] = _jsonable(recipe)
     (out / REPORT_FILE).write_text(json.dumps(info, indent=1))

@@ -30,6 +30,7 @@ from .losses import IGNORE_INDEX, next_token_loss, shifted_targets
 from .masks import MaskRegistry
 from .models import DTYPES, load_causal_lm, load_tokenizer
 from .optim import MaskedAdamW
+from .structured.units import find_units
 from .validation import Problems, check_bool, check_choice, check_model_source, check_number, is_int, is_number
 
 log = logging.getLogger(__name__)
@@ -144,6 +145,8 @@ class PrunableLM(pl.LightningModule):
                 f"export_dir={export_dir!r} needs a model with save_pretrained (a Hugging Face model); "
                 f"got {type(self.model).__name__}"
             )
+        if export_dir and export_format == "structured":  # an architecture it cannot shrink fails now too
+            find_units(self.model)
         self.lora = lora
         if lora is not None:
             self.model = add_lora(self.model, lora)

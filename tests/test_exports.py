@@ -18,7 +18,7 @@ from gradprune.exports import (
     decompress_tensor,
     ideal_nbytes,
 )
-from tiny_models import tiny_gpt2, tiny_llama
+from tiny_models import tiny_bert, tiny_gpt2, tiny_llama
 
 
 def same_bits(a, b):
@@ -166,7 +166,18 @@ def test_structured_export_is_the_smaller_model_with_the_same_logits(tmp_path):
     torch.testing.assert_close(reloaded(ids).logits, model(ids).logits)
     info = json.loads((out / "gradprune.json").read_text())
     assert info["format"] == "structured" and info["structured"]["removed"]["mlp_per_layer"] == width // 4
+    assert info["sparsity"]["global"]["zeros"] == 0  # the report describes the smaller model written
+    assert info["sparsity_before_removal"]["global"]["zeros"] == len(model.model.layers) * model.config.hidden_size * (width // 4)
     assert gp.load(out).config.intermediate_size == width - width // 4
+
+
+def test_a_structured_export_it_cannot_make_leaves_an_earlier_export_alone(tmp_path):
+    model = tiny_bert()
+    gp.export(model, tmp_path / "out", format="dense")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    with pytest.raises(ValueError, match=r"structured pruning does not know the architecture 'bert'"):
+        gp.export(model, tmp_path / "out", format="structured")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
 
 
 def test_an_export_replaces_the_weights_of_an_earlier_one(tmp_path):
@@ -288,3 +299,8 @@ def test_real_smollm2_compressed_export_is_small_and_bit_exact(tmp_path):
     assert info["tensors"] == 210 and info["bytes"] <= 1.02 * info["ideal_bytes"]
     assert info["tied"] == {"lm_head.weight": "model.embed_tokens.weight"}
     assert_bit_exact(model, gp.load(out))
+
+
+def test_prunable_lm_refuses_a_structured_export_it_cannot_make_before_training(tmp_path):
+    with pytest.raises(ValueError, match=r"structured pruning does not know the architecture 'bert'"):
+        gp.PrunableLM(model=tiny_bert(), export_dir=str(tmp_path / "out"), export_format="structured")
