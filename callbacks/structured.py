@@ -12,6 +12,9 @@ the number of hidden states: with ``hidden_layers="all"`` the student's block ``
 block it came from (and the last, normed, hidden state with the teacher's last); an explicit list of indices
 is an error (it named blocks of the unpruned model).
 
+List it before any other pruning callback of the run (they choose their weights at fit start, and removal
+replaces weights); the other order is refused at fit start.
+
 Resuming a run pruned by this callback is not supported yet: the checkpoint's weights have the smaller shapes,
 the freshly built model the original ones. The callback raises a clear error when fit resumes from a checkpoint;
 load the exported (smaller) model and fine-tune it instead.
@@ -100,6 +103,11 @@ class StructuredPruningCallback(CalibrationDraw, PruningCallback):
         super().on_fit_start(trainer, pl_module)
         if self.done:
             return
+        earlier = [type(c).__name__ for c in trainer.callbacks[: trainer.callbacks.index(self)] if isinstance(c, PruningCallback)]
+        if earlier:  # they chose their weights at fit start already; removal replaces those weights
+            raise ValueError(f"{type(self).__name__} must come before the other pruning callbacks in Trainer(callbacks="
+                             f"[...]), but {earlier} come first: they chose the weights they prune at fit start, and "
+                             "removing units replaces those weights. Put it first")
         find_causal_lm(pl_module, self.lm)  # fails before any data is read
         check = getattr(pl_module, "check_layer_removal", None)
         if self.options["layers"] and callable(check):

@@ -357,6 +357,20 @@ def test_callback_refuses_bad_arguments_at_construction():
         StructuredPruningCallback()
 
 
+def test_another_pruning_callback_listed_first_is_refused_before_anything_changes(tmp_path):
+    from gradprune.callbacks import GradualPruningCallback, StructuredPruningCallback
+
+    module = tiny_module()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    fit = trainer(tmp_path, max_steps=2, callbacks=[GradualPruningCallback(0.5, every=1, scorer="wanda", start_step=1),
+                                                    StructuredPruningCallback(layers=1, nsamples=4, seqlen=16)])
+    with pytest.raises(ValueError, match=r"StructuredPruningCallback must come before the other pruning callbacks .*"
+                                         r"\['GradualPruningCallback'\] come first"):
+        fit.fit(module, train_dataloaders=token_loader())
+    assert module.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
+
+
 def test_explicit_hidden_layers_with_layer_removal_is_a_clear_error(tmp_path):
     from gradprune.callbacks import StructuredPruningCallback
     from gradprune.distill import Distillation
