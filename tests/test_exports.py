@@ -304,3 +304,23 @@ def test_real_smollm2_compressed_export_is_small_and_bit_exact(tmp_path):
 def test_prunable_lm_refuses_a_structured_export_it_cannot_make_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"structured pruning does not know the architecture 'bert'"):
         gp.PrunableLM(model=tiny_bert(), export_dir=str(tmp_path / "out"), export_format="structured")
+
+
+def test_the_recipe_names_every_callback_argument_so_it_rebuilds_the_callbacks():
+    import importlib
+
+    from gradprune.callbacks import (GradualPruningCallback, SparseGPTPruningCallback, StructuredPruningCallback,
+                                     WandaPruningCallback)
+    from gradprune.lightning_module import describe_callbacks
+
+    callbacks = [WandaPruningCallback(0.5, scope="layer", nsamples=4), SparseGPTPruningCallback(0.6, blocksize=64),
+                 StructuredPruningCallback(mlp=0.3, heads=3, metric="variance"),
+                 GradualPruningCallback(0.5, every=3, scorer="wanda", allocation="owl")]
+    described = describe_callbacks(callbacks)
+    assert described[0]["init_args"]["scope"] == "layer" and described[1]["init_args"]["blocksize"] == 64
+    assert described[2]["init_args"]["mlp"] == 0.3 and described[2]["init_args"]["metric"] == "variance"
+    rebuilt = []
+    for entry in described:  # what LightningCLI would do with the recipe
+        module, name = entry["class_path"].rsplit(".", 1)
+        rebuilt.append(getattr(importlib.import_module(module), name)(**entry["init_args"]))
+    assert describe_callbacks(rebuilt) == described
