@@ -184,7 +184,8 @@ def main() -> None:
     parser.add_argument("--rows", nargs="*", default=[], help="row names, or 'all'")
     parser.add_argument("--table", action="store_true", help="only print the table of recorded rows")
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG of sparsity against perplexity")
-    parser.add_argument("--results", type=Path, default=Path("runs/bench_recovery.jsonl"))
+    parser.add_argument("--results", type=Path, default=Path("docs/bench_recovery.jsonl"),
+                        help="JSON lines of recorded rows (committed, so a benchmark run across sessions keeps them)")
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--pattern", default="unstructured")
     parser.add_argument("--steps", type=int, default=100)
