@@ -4,7 +4,7 @@ A pruned weight has a zero value and a zero (masked) gradient, so any state an o
 only has to make its update exactly zero. Momentum buffers and first moments are set to zero: they then
 stay zero. Second moments, which Adam-like optimizers take the square root of, are set to a small
 *normal* float instead (:func:`moment_floor`: 2^-63 in float32, whose root 2^-31.5 ~ 3e-10 is far below
-the usual eps of 1e-8). The update of the pruned weight is still exactly zero, because the numerator (the
+the usual eps of 1e-8; float16's floor is 2^-7, see there). The update of the pruned weight is still exactly zero, because the numerator (the
 first moment, or the gradient) is zero and the denominator is positive:
 
 - Adam / AdamW: ``exp_avg / (sqrt(exp_avg_sq / bc2) + eps) = 0``; decoupled decay ``0 * (1 - lr wd) = 0``,
@@ -58,7 +58,9 @@ def second_moment_keys(optimizer: torch.optim.Optimizer) -> Mapping[str, Callabl
 def moment_floor(dtype: torch.dtype) -> float:
     """The value a pruned weight's second moment is given: the power of two nearest below the square root
     of ``dtype``'s smallest normal (2^-63 for float32 and bfloat16, 2^-7 for float16, 2^-511 for float64),
-    so it is normal, its square root is far below any usual eps, and it stays normal for many steps of decay."""
+    so it is normal and stays normal for many steps of decay. Its square root is far below any usual eps in
+    float32, bfloat16 and float64; in float16 it is 2^-3.5 ~ 0.09, which is harmless all the same: the update
+    of a pruned weight is exactly zero because its numerator (first moment or gradient) is zero."""
     tiny = torch.finfo(dtype).tiny
     return 2.0 ** math.floor(math.log2(tiny) / 2)
 

@@ -36,6 +36,8 @@ from .targets import Target
 
 Needs = Literal["weights", "activations", "gradients", "hessians"]
 NEEDS = ("weights", "activations", "gradients", "hessians")
+# what register_scorer accepts: a "hessians" rule also changes the weights (a Reconstruct), so it is built in
+SCORE_ONLY_NEEDS = ("weights", "activations", "gradients")
 # prune(target, hessian, count, keep) -> (new weight, keep-mask), both shaped like the stored weight
 Reconstruct = Callable[[Target, torch.Tensor, int, Optional[torch.Tensor]], tuple]
 
@@ -90,8 +92,8 @@ def register_scorer(name: str, scorer: Callable, needs: Needs = "weights") -> No
     (see the module docstring for what ``statistic`` holds)."""
     if not callable(scorer):
         raise TypeError(f"scorer must be callable, got {scorer!r}")
-    if needs not in NEEDS[:3]:
-        raise ValueError(f"needs must be one of {list(NEEDS[:3])}, got {needs!r}")
+    if needs not in SCORE_ONLY_NEEDS:
+        raise ValueError(f"needs must be one of {list(SCORE_ONLY_NEEDS)}, got {needs!r}")
     score = (lambda target, statistic: scorer(target)) if needs == "weights" else scorer
     _SCORERS[name] = Scorer(name, needs, score)
 
