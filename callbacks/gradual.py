@@ -17,6 +17,13 @@ for Hessians (``sparsegpt``) the same hooks sum ``X X^T``, and the event runs Sp
 for gradients (``taylor``) ``|W * G|`` is summed at every optimizer step since the last event, before any
 masking. Sums are all-reduced over data-parallel ranks before scoring, and the partial sums travel in the
 callback's state, so a checkpoint inside a window resumes exactly. Hooks are removed when fit ends or fails.
+
+With ``statistics="calibration"`` the training batches are not watched at all: at every event the one-shot
+method of the scorer's name (:func:`gradprune.prune_oneshot`, sequential) runs on ``nsamples`` calibration
+sequences drawn at fit start, block by block, each block calibrated on the outputs of the already-pruned
+blocks before it, and prunes from the model's current masks to the event's sparsity. It costs a forward of
+the calibration set (and, for sparsegpt, the reconstruction) per event, and is what one-shot SparseGPT /
+Wanda do, repeated along the ramp with training in between.
 """
 from __future__ import annotations
 
@@ -31,7 +38,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from gradprune.schedules import SCHEDULE_KINDS, SparsitySchedule
 from gradprune.scorers import get_scorer, scorer_names
 from gradprune.selection import exact_count, select_masks, validate_selection
-from gradprune.blocks import group_by_block
+from gradprune.blocks import find_causal_lm, group_by_block
+from gradprune.methods import METHODS
+from gradprune.oneshot import prune_oneshot
 from gradprune.methods.owl import check_lambda, monotone_counts, owl_target_counts
 from gradprune.statistics import ActivationWindow, HessianWindow, SaliencyAccumulator
 from gradprune.targets import Target, find_targets
@@ -39,11 +48,12 @@ from gradprune.validation import (Problems, check_choice, check_pattern, check_s
                                   check_weights_usable, is_int, is_number)
 
 from .base import PruningCallback
+from .oneshot import CalibrationDraw
 
 log = logging.getLogger(__name__)
 
 
-class GradualPruningCallback(PruningCallback):
+class GradualPruningCallback(CalibrationDraw, PruningCallback):
     """Prune gradually during fit, to exactly the schedule's sparsity at every event.
 
     Args:
@@ -74,6 +84,15 @@ class GradualPruningCallback(PruningCallback):
             [s - owl_lambda, s + owl_lambda] of the event's target s (lambda shrinks to min(s, 1 - s) early
             in the ramp), exact in total, never un-pruning; needs an activation scorer and scope layer/row.
         owl_lambda: half-width of OWL's budget range at the final sparsity, in [0, min(s, 1 - s)].
+        statistics: where activation and Hessian scorers get their inputs: "window" (the last
+            ``stat_batches`` training micro-batches before each event) or "calibration" (at each event the
+            one-shot method of the scorer's name, "wanda", "ria" or "sparsegpt", runs sequentially, block by
+            block, on ``nsamples`` calibration sequences drawn at fit start; uniform allocation only).
+        nsamples: calibration sequences of ``statistics="calibration"`` (the datamodule's
+            ``calibration_batches``, else the first training batches; shared out over data-parallel ranks).
+        seqlen: tokens per calibration sequence.
+        lm: dotted name of the causal LM inside the LightningModule that calibration batches run through
+            (default: found, as for the one-shot callbacks).
     """
 
     def __init__(
@@ -93,6 +112,10 @@ class GradualPruningCallback(PruningCallback):
         stat_batches: int = 8,
         allocation: Literal["uniform", "owl"] = "uniform",
         owl_lambda: float = 0.08,
+        statistics: Literal["window", "calibration"] = "window",
+        nsamples: int = 32,
+        seqlen: int = 128,
+        lm: Optional[str] = None,
     ) -> None:
         super().__init__()
         problems = Problems()
@@ -123,6 +146,20 @@ class GradualPruningCallback(PruningCallback):
             if scope == "global" or pattern != "unstructured":
                 problems.add(f"allocation='owl' gives each layer its own budget: use scope 'layer' or 'row' and "
                              f"pattern 'unstructured', got scope={scope!r}, pattern={pattern!r}")
+        check_choice(problems, "statistics", statistics, ("window", "calibration"))
+        if statistics == "calibration":
+            calibrated = sorted(name for name, method in METHODS.items() if method.statistics != "none")
+            if scorer not in calibrated:
+                problems.add(f"statistics='calibration' runs the one-shot method named by the scorer on calibration data "
+                             f"at every event: use scorer {calibrated}, got scorer={scorer!r}")
+            if allocation != "uniform":
+                problems.add(f"statistics='calibration' supports allocation 'uniform' only, got allocation={allocation!r}")
+            for name, value in (("nsamples", nsamples), ("seqlen", seqlen)):
+                if not is_int(value) or value < 1:
+                    problems.add(f"{name} must be a positive integer (calibration sequences / tokens), got {value!r}")
+            if lm is not None and (not isinstance(lm, str) or not lm):
+                problems.add(f"lm must be the dotted name of the causal LM inside the LightningModule (e.g. 'model') "
+                             f"or None, got {lm!r}")
         problems.raise_if_any()
         # Check the remaining schedule arguments now (end_step may still be a fraction of the run).
         SparsitySchedule(
@@ -144,6 +181,12 @@ class GradualPruningCallback(PruningCallback):
         self.stat_batches = stat_batches
         self.allocation = allocation
         self.owl_lambda = owl_lambda
+        self.statistics = statistics
+        self.nsamples = nsamples
+        self.seqlen = seqlen
+        self.lm = lm
+        self._calibration: Optional[list] = None  # statistics="calibration": this rank's batches, drawn at fit start
+        self._combine = None  # how calibration statistics are summed over ranks (set by CalibrationDraw)
         # resumable state
         self.resolved_end_step: Optional[int] = None
         self.base_sparsity: Optional[float] = None  # the schedule's effective initial sparsity
@@ -182,7 +225,8 @@ class GradualPruningCallback(PruningCallback):
         check_weights_usable(problems, pl_module)  # meta or NaN weights: say so before the first event
         problems.raise_if_any()
         needs = get_scorer(self.scorer).needs
-        if needs != "weights" and self.start_step == 0 and self.initial_sparsity > 0 and self.last_event_step is None:
+        if (needs != "weights" and self.statistics == "window" and self.start_step == 0 and self.initial_sparsity > 0
+                and self.last_event_step is None):
             raise ValueError(
                 f"scorer {self.scorer!r} ranks by {needs} seen in training, but initial_sparsity "
                 f"{self.initial_sparsity} is due at step 0, before any batch: set start_step >= 1"
@@ -195,9 +239,12 @@ class GradualPruningCallback(PruningCallback):
                 "activation scorer ('wanda', 'ria') or 'magnitude', or exclude them"
             )
         end_step = self._resolve_end_step(trainer)  # a resumed run keeps the end step it started with
+        if self.statistics == "calibration":
+            find_causal_lm(pl_module, self.lm)  # nothing to run the batches through: fail before reading data
+            self._calibration = self.calibration(trainer)
         # all checks passed: only now does the callback's state change
         self._targets, self.resolved_end_step = targets, end_step
-        self._statistics = _statistics_for(needs, targets)
+        self._statistics = _statistics_for(needs, targets) if self.statistics == "window" else None
         if self._statistics is not None and self._pending_statistics:
             self._statistics.load_state_dict(self._pending_statistics)
         self._pending_statistics = None
@@ -322,7 +369,10 @@ class GradualPruningCallback(PruningCallback):
         else:
             self._ready_statistics(trainer)
             counts = self._owl_counts(pl_module, target, masks) if self.allocation == "owl" else None
-            if scorer.prune is not None:
+            if self.statistics == "calibration":
+                self._prune_on_calibration(trainer, pl_module, target)
+                new = None  # the one-shot pipeline recorded its masks (and new weights) already
+            elif scorer.prune is not None:
                 weights, new = self._reconstruct(trainer, target, masks, counts)
             else:
                 new = select_masks(self._targets, target, self._score_fn(), self.scope, self.pattern, masks, counts=counts)
@@ -340,6 +390,18 @@ class GradualPruningCallback(PruningCallback):
             log.info("step %d: pruned to %.4f sparsity (target %.4f)", step, achieved, target)
         pl_module.log("sparsity/target", target, on_step=True, on_epoch=False, sync_dist=False)
         pl_module.log("sparsity/achieved", achieved, on_step=True, on_epoch=False, sync_dist=False)
+
+    def _prune_on_calibration(self, trainer: pl.Trainer, pl_module: pl.LightningModule, target: float) -> None:
+        """``statistics="calibration"``: the one-shot method of the scorer's name, sequential, on the
+        calibration batches, from the current masks to exactly ``target`` in every comparison group."""
+        options = {"scope": self.scope} if "scope" in METHODS[self.scorer].options else {}
+        if self._combine is not None:
+            options["reduce"] = self._combine
+        if self.pattern == "unstructured":  # every layer at exactly its count, as in the window mode
+            options["counts"] = {t.name: exact_count(target, t.numel) for t in self._targets}
+        prune_oneshot(pl_module, self.scorer, target, self.pattern, self._calibration, sequential=True,
+                      include=[t.name for t in self._targets], lm=self.lm,
+                      progress=None if trainer.is_global_zero else False, **options)
 
     def _owl_counts(self, pl_module: pl.LightningModule, target: float, masks: dict) -> dict:
         """Per-target prune counts from OWL's budgets at this event's target (statistics of the window),

@@ -89,7 +89,9 @@ def takes_input_ids(module: nn.Module) -> bool:
     """Whether ``module(input_ids=...)`` can be called: its forward names ``input_ids`` or takes ``**kwargs``
     (``nn.Module``'s unimplemented forward does neither; a LightningModule's inherited ``forward(*args,
     **kwargs)`` only raises, so it does not count)."""
-    if "forward" not in module.__dict__:  # an instance attribute counts as the module's own forward
+    own = module.__dict__.get("forward")  # an instance attribute counts as the module's own forward, unless it
+    # is the class's forward bound again (Lightning's DDP forward redirection leaves that behind after a step)
+    if own is None or getattr(own, "__func__", None) in [c.__dict__.get("forward") for c in type(module).__mro__]:
         owner = next((c for c in type(module).__mro__ if "forward" in c.__dict__), nn.Module)
         if owner is nn.Module or owner.__module__.split(".")[0] in _FRAMEWORKS:
             return False

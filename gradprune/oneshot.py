@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 from torch import nn
 from tqdm.auto import tqdm
@@ -32,7 +32,7 @@ from .report import sparsity_report
 from .selection import validate_selection
 from .targets import Selector, Target, find_targets
 from .validation import (Problems, check_choice, check_existing_masks, check_pattern, check_selector, check_sparsity,
-                         check_weights_usable)
+                         check_weights_usable, is_int)
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,8 @@ def _check_arguments(problems: Problems, method: Any, sparsity: Any, pattern: An
     return entry, options, nm
 
 
-def _plan(model, method, sparsity, pattern, calibration, sequential, include, exclude, method_options, lm=None) -> Plan:
+def _plan(model, method, sparsity, pattern, calibration, sequential, include, exclude, method_options, lm=None,
+          counts=None) -> Plan:
     """Check every argument and the model; nothing is changed."""
     problems = Problems()
     if not isinstance(model, nn.Module):
@@ -121,6 +122,8 @@ def _plan(model, method, sparsity, pattern, calibration, sequential, include, ex
             log.info("sequential mode: pruning the %d targets inside %r, skipping %s", len(targets) - len(outside), stack.name, outside)
             targets = [t for t in targets if stack.contains(t)]
     validate_selection(targets, sparsity, options.get("scope", "layer"), pattern)
+    if counts is not None:
+        _check_counts(problems, counts, targets, options, nm)
     # pruning again: masks only grow, so the new request must be reachable on top of the current masks
     scope = "layer" if options.get("adaptive") else options.get("scope", "layer")
     check_existing_masks(problems, targets, MaskRegistry.of(model).current(targets), sparsity, scope, nm, pattern)
@@ -130,8 +133,27 @@ def _plan(model, method, sparsity, pattern, calibration, sequential, include, ex
         check_token_ids(batches, model)
     if not calibrated and calibration is not None:
         log.info("%s pruning needs no calibration data; ignoring it", entry.name)
-    job = Job(entry, sparsity, pattern, nm, options, MaskRegistry.of(model), options["progress"])
+    job = Job(entry, sparsity, pattern, nm, options, MaskRegistry.of(model), options["progress"],
+              counts=None if counts is None else dict(counts))
     return Plan(job, targets, sequential and calibrated, stack, batches, runner)
+
+
+def _check_counts(problems: Problems, counts: Any, targets: Sequence[Target], options: dict, nm: NM) -> None:
+    """``counts`` must give every target an int in [0, its size], and replace the per-group counts only
+    where a layer's count has a meaning (layer or row scope, unstructured, uniform allocation)."""
+    if not isinstance(counts, Mapping):
+        problems.add(f"counts must be a dict of target name -> weights to prune, got {type(counts).__name__}", type_error=True)
+        return
+    if nm is not None or options.get("scope", "layer") == "global" or options["allocation"] != "uniform" or options.get("adaptive"):
+        problems.add("counts (per-layer prune counts) need pattern 'unstructured', scope 'layer' or 'row', allocation "
+                     "'uniform' and no adaptive rule")
+    missing = [t.name for t in targets if t.name not in counts]
+    bad = [f"{t.name}={counts[t.name]!r}" for t in targets
+           if t.name in counts and (not is_int(counts[t.name]) or not 0 <= counts[t.name] <= t.numel)]
+    if missing:
+        problems.add(f"counts has no entry for {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+    if bad:
+        problems.add(f"counts must be ints in [0, the layer's size]: {bad[:3]}")
 
 
 def is_pattern_int(pattern: Any) -> bool:
@@ -252,6 +274,7 @@ def prune_oneshot(
     include: Selector = None,
     exclude: Selector = None,
     lm: Union[str, nn.Module, None] = None,
+    counts: Optional[Mapping[str, int]] = None,
     **method_options: Any,
 ) -> dict:
     """Prune ``model`` in place, once, with ``method`` ("magnitude", "wanda", "sparsegpt" or "ria": the names in
@@ -273,6 +296,10 @@ def prune_oneshot(
             ``input_ids``, else the causal LM found inside it (:func:`gradprune.blocks.find_causal_lm`: the
             module owning the decoder blocks, or the one child with such a forward); or its dotted name
             inside ``model`` (``"model"``). Target names and masks stay relative to ``model``.
+        counts: per-target prune counts (target name -> weights pruned in that layer, existing masks
+            included) instead of ``sparsity``'s count per comparison group; with scope "row" a layer's count is
+            spread over its rows (one more in the first ones). Unstructured, uniform allocation only; the
+            gradual callback's ``statistics="calibration"`` uses it to keep every event's count exact.
         method_options: magnitude: ``scope`` ("layer"); wanda: ``scope`` ("row"), ``adaptive`` (False),
             ``alpha_tolerance`` (0.001); sparsegpt: ``blocksize`` (128), ``percdamp`` (0.01),
             ``hessian_dtype`` ("float32" or "float64" per-batch products; sums are float64); ria: ``scope``
@@ -291,7 +318,7 @@ def prune_oneshot(
     or (sequential mode) a model without a block stack, or (calibrated methods) a model without a
     forward(input_ids) and no causal LM found inside it.
     """
-    plan = _plan(model, method, sparsity, pattern, calibration, sequential, include, exclude, method_options, lm)
+    plan = _plan(model, method, sparsity, pattern, calibration, sequential, include, exclude, method_options, lm, counts)
     job, targets = plan.job, plan.targets
     timer = Timer()
     total_start = time.perf_counter()

@@ -1,0 +1,101 @@
+"""GradualPruningCallback(statistics="calibration"): at every event the one-shot pipeline of the scorer's
+name runs on calibration data drawn at fit start, from the current masks to the event's exact sparsity."""
+import copy
+
+import pytest
+import torch
+
+from gradprune import MaskRegistry, exact_count, prune_oneshot
+from gradprune.callbacks import GradualPruningCallback
+from lightning_helpers import token_loader, trainer
+from test_gradual_scorers import EventCounts, PlainLM, RankShards, no_hooks_left
+from test_gradual_sparsegpt import SaveState, WeightsAtEvents
+
+pytestmark = pytest.mark.numerics
+
+
+def test_each_event_is_the_oneshot_pipeline_on_the_calibration_batches(tmp_path):
+    """lr 0: training moves no weight, so the run must equal prune_oneshot called at the schedule's sparsities,
+    in order, on the first training sequences (no datamodule here), on a user's module with plain SGD."""
+    module = PlainLM(lr=0.0)
+    reference = copy.deepcopy(module)
+    gradual = GradualPruningCallback(0.6, start_step=2, end_step=6, every=2, scope="row", scorer="wanda",
+                                     statistics="calibration", nsamples=6, seqlen=12)
+    counts = EventCounts(gradual)
+    trainer(tmp_path, max_steps=7, callbacks=[gradual, counts]).fit(module, token_loader())
+
+    assert sorted(counts.events) == [2, 4, 6]
+    calibration = [ids[:, :12] for (ids,) in token_loader()][:2]  # batches of 4: 4 + 2 sequences
+    calibration[1] = calibration[1][:2]
+    for step in (2, 4, 6):
+        target = gradual.schedule.sparsity_at(step)
+        assert counts.events[step]["global"]["zeros"] == sum(exact_count(target, t.numel) for t in gradual.targets)
+        prune_oneshot(reference, "wanda", target, calibration=calibration, scope="row", progress=False,
+                      counts={t.name: exact_count(target, t.numel) for t in gradual.targets})
+    expected = MaskRegistry.of(reference).masks
+    masks = MaskRegistry.of(module).masks
+    assert masks.keys() == expected.keys() and masks
+    assert all(torch.equal(masks[name], expected[name]) for name in masks)
+    assert no_hooks_left(module)
+
+
+def test_sparsegpt_on_calibration_data_is_exact_per_layer_and_updates_kept_weights(tmp_path):
+    module = PlainLM(lr=0.0)
+    gradual = GradualPruningCallback(0.5, start_step=0, end_step=4, every=2, scorer="sparsegpt",
+                                     statistics="calibration", nsamples=8, seqlen=16)
+    seen, counts = WeightsAtEvents(gradual), EventCounts(gradual)
+    trainer(tmp_path, max_steps=5, callbacks=[gradual, seen, counts]).fit(module, token_loader())
+    for step in (2, 4):
+        target = gradual.schedule.sparsity_at(step)
+        for name, layer in counts.events[step]["layers"].items():
+            assert layer["zeros"] == exact_count(target, layer["numel"]), (step, name)
+    registry = MaskRegistry.of(module)
+    for t in gradual.targets:
+        before, after = seen.before[3][t.name], seen.after[4][t.name]  # the event at 4 ends the batch begun at 3
+        kept = registry.masks[t.name]
+        assert not after[~kept].any()
+        assert not torch.equal(before[kept], after[kept]), t.name  # SparseGPT compensated in the kept weights
+
+
+def test_calibration_statistics_give_every_ddp_rank_the_same_weights_and_masks(tmp_path):
+    """Each rank calibrates on its own first training sequences; the statistics are summed over ranks."""
+    gradual = GradualPruningCallback(0.5, start_step=1, end_step=3, every=2, scorer="sparsegpt",
+                                     statistics="calibration", nsamples=4, seqlen=16)
+    ddp = trainer(tmp_path, max_steps=3, strategy="ddp_spawn", devices=2, use_distributed_sampler=False,
+                  callbacks=[gradual, SaveState(tmp_path)])
+    ddp.fit(PlainLM(lr=1e-3), datamodule=RankShards())
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert ranks[0]["masks"] and ranks[0]["masks"].keys() == ranks[1]["masks"].keys()
+    for kind in ("weights", "masks"):
+        for name, value in ranks[0][kind].items():
+            assert torch.equal(value, ranks[1][kind][name]), (kind, name)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(scorer="taylor"), r"statistics='calibration' runs the one-shot method .* got scorer='taylor'"),
+    (dict(scorer="magnitude"), r"use scorer \['ria', 'sparsegpt', 'wanda'\], got scorer='magnitude'"),
+    (dict(scorer="wanda", allocation="owl"), r"allocation 'uniform' only, got allocation='owl'"),
+    (dict(scorer="wanda", nsamples=0), r"nsamples must be a positive integer .* got 0"),
+    (dict(scorer="wanda", lm=""), r"lm must be the dotted name"),
+])
+def test_bad_calibration_arguments_raise_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GradualPruningCallback(0.5, statistics="calibration", **kwargs)
+
+
+def test_unknown_statistics_source_is_refused():
+    with pytest.raises(ValueError, match=r"statistics must be one of \['window', 'calibration'\], got 'cache'"):
+        GradualPruningCallback(0.5, scorer="wanda", statistics="cache")
+
+
+def test_oneshot_counts_are_checked_before_anything_changes():
+    module = PlainLM()
+    weights = {k: v.clone() for k, v in module.state_dict().items()}
+    calibration = [torch.randint(0, 128, (2, 8))]
+    with pytest.raises(ValueError, match=r"(?s)counts has no entry for .*counts must be ints in \[0, the layer's size\]: "
+                                         r"\['model.model.layers.0.self_attn.q_proj=-1'\]"):
+        prune_oneshot(module, "wanda", 0.5, calibration=calibration, counts={"model.model.layers.0.self_attn.q_proj": -1})
+    with pytest.raises(ValueError, match=r"counts \(per-layer prune counts\) need pattern 'unstructured'"):
+        prune_oneshot(module, "wanda", 0.5, pattern="2:4", calibration=calibration, counts={})
+    assert all(torch.equal(v, weights[k]) for k, v in module.state_dict().items())
+    assert not MaskRegistry.of(module).masks
