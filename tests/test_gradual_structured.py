@@ -246,6 +246,22 @@ def test_structured_export_is_smaller_with_the_same_logits(tmp_path):
         torch.testing.assert_close(smaller(input_ids=ids).logits, masked(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_prunable_lm_distilling_from_itself_exports_the_narrower_model_at_fit_end(tmp_path):
+    import json
+
+    module = tiny_module(distill={"teacher": "self"}, export_dir=str(tmp_path / "export"), export_format="structured")
+    gradual = GradualStructuredPruningCallback(mlp=0.25, schedule="cubic", start_step=0, end_step=0.5, every=2,
+                                               metric="combined", stat_batches=2)
+    trainer(tmp_path, max_steps=8, callbacks=[gradual]).fit(module, token_loader())
+    assert gradual.resolved_end_step == 4 and gradual.last_event_step == 4
+    smaller = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+    assert smaller.config.intermediate_size == NEURONS - 16
+    teacher = module.teacher.model.layers[0].mlp.down_proj.weight
+    assert teacher.shape == (32, NEURONS) and teacher.count_nonzero() == teacher.numel()  # the teacher is not masked
+    recipe = json.loads((tmp_path / "export" / "gradprune.json").read_text())["recipe"]
+    assert recipe["callbacks"][0]["init_args"]["mlp"] == 0.25
+
+
 def test_the_recipe_rebuilds_the_callback():
     import importlib
 
