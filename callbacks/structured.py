@@ -1,9 +1,10 @@
 """Structured pruning in Lightning: :class:`StructuredPruningCallback` removes MLP neurons, attention head groups
 and decoder layers once at fit start; :class:`GradualStructuredPruningCallback` masks whole neurons and head
-groups along a schedule during training (a structured export removes them at the end).
+groups along a schedule during training (a structured export removes them at the end). Both only decide
+when; the core (:func:`gradprune.prune_structured`, :mod:`gradprune.structured.masking`) decides what.
 
-Structured pruning at fit start: remove MLP neurons, attention head groups and decoder layers once, before
-fine-tuning or distillation, with :func:`gradprune.prune_structured` (the callback only decides when).
+**One-shot** (:class:`StructuredPruningCallback`): remove MLP neurons, attention head groups and decoder layers
+once, before fine-tuning or distillation, with :func:`gradprune.prune_structured`.
 
 After the removal the weights are new, smaller tensors, so the optimizers are built again
 (``trainer.strategy.setup_optimizers``; under DDP the model is wrapped again first, so gradient sync sees the
@@ -22,6 +23,11 @@ replaces weights); the other order is refused at fit start.
 Resuming a run pruned by this callback is not supported yet: the checkpoint's weights have the smaller shapes,
 the freshly built model the original ones. The callback raises a clear error when fit resumes from a checkpoint;
 load the exported (smaller) model and fine-tune it instead.
+
+**Gradual** (:class:`GradualStructuredPruningCallback`): units are masked in the model's mask registry, never
+removed during fit, so shapes, optimizers and the teacher stay as they are and a run resumes from any
+checkpoint; the schedule timing is :class:`~gradprune.callbacks.events.ScheduledEvents`, shared with
+:class:`~gradprune.callbacks.GradualPruningCallback`.
 """
 from __future__ import annotations
 

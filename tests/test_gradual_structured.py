@@ -195,6 +195,30 @@ def test_statistics_window_is_the_micro_batches_before_each_event(tmp_path):
     assert [step for step, hooked in probe.hooked if hooked] == [6, 7, 10, 11]
 
 
+def test_window_counts_micro_batches_under_gradient_accumulation(tmp_path):
+    module = tiny_module()
+    gradual = GradualStructuredPruningCallback(mlp=0.5, schedule="linear", start_step=2, end_step=4, every=2,
+                                               stat_batches=3)
+    probe = HookProbe()
+    trainer(tmp_path, max_steps=4, accumulate_grad_batches=2, callbacks=[gradual, probe]).fit(module, token_loader())
+    # 8 micro-batches, 2 per optimizer step; the event at 2 masks nothing, the one at 4 takes the last 3 before it
+    assert [hooked for _, hooked in probe.hooked] == [False] * 5 + [True] * 3
+    assert all(int(m.sum()) == 32 for m in gradual.masked_units["mlp"].values())
+
+
+def test_a_plain_module_with_sgd_momentum_keeps_masked_units_at_zero(tmp_path):
+    from test_gradual_scorers import PlainLM
+
+    module = PlainLM()
+    gradual = GradualStructuredPruningCallback(mlp=0.5, heads=0.5, schedule="linear", start_step=1, end_step=5,
+                                               every=2, stat_batches=2)
+    probe = UnitProbe(gradual)
+    trainer(tmp_path, max_steps=9, callbacks=[gradual, probe]).fit(module, token_loader())
+    assert sorted(probe.events) == [1, 3, 5]
+    assert [int(m.sum()) for m in gradual.masked_units["heads"].values()] == [1, 1]
+    assert not hooks_left(module)
+
+
 # -- resume ----------------------------------------------------------------------------------------------------------
 def test_resume_inside_a_statistics_window_gives_the_same_masks_and_weights(tmp_path):
     def run(root, ckpt_path=None, checkpoint=None):
