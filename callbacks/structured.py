@@ -234,10 +234,12 @@ class GradualStructuredPruningCallback(ScheduledEvents, PruningCallback):
         if not is_int(stat_batches) or stat_batches < 1:
             problems.add(f"stat_batches must be an int >= 1 (training micro-batches per statistics window), got {stat_batches!r}")
         check_end_step(problems, end_step)
+        if schedule in GRADUAL_SCHEDULES:  # the remaining schedule arguments (end_step may still be a fraction)
+            try:
+                SparsitySchedule(schedule, 0.5, 0.0, start_step, schedule_end(start_step, end_step), every, exponent)
+            except (TypeError, ValueError) as error:
+                problems.add(str(error).removeprefix("invalid arguments:\n  - ").replace("\n  - ", "; "))
         problems.raise_if_any()
-        # the remaining schedule arguments (start_step, every, exponent; end_step may still be a fraction)
-        SparsitySchedule(schedule, max(mlp or 0.0, heads or 0.0), 0.0, start_step, schedule_end(start_step, end_step),
-                         every, exponent)
         self.mlp, self.heads = mlp, heads
         self.schedule_kind = schedule
         self.start_step, self.every, self.exponent = start_step, every, exponent

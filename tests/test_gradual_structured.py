@@ -313,6 +313,8 @@ def test_the_recipe_rebuilds_the_callback():
     ({"mlp": 0.5, "stat_batches": 0}, ValueError, r"stat_batches must be an int >= 1 .*got 0"),
     ({"mlp": 0.5, "end_step": 1.5}, ValueError, r"end_step as a float is a fraction of the run and must be in \(0, 1\], got 1.5"),
     ({"mlp": 0.5, "every": 0}, ValueError, r"every must be an integer > 0, got 0"),
+    ({"mlp": 0.5, "exponent": 0}, ValueError, r"exponent must be a finite number > 0, got 0"),
+    ({"mlp": 0.5, "start_step": -1}, ValueError, r"start_step must be an integer >= 0, got -1"),
     ({"mlp": 0.5, "start_step": 5, "end_step": 5}, ValueError, r"end_step \(5\) must be greater than start_step \(5\)"),
 ])
 def test_bad_arguments(kwargs, error, match):
@@ -321,8 +323,9 @@ def test_bad_arguments(kwargs, error, match):
 
 
 def test_all_problems_are_reported_together():
-    with pytest.raises(ValueError, match=r"invalid arguments:\n  - mlp must be in .*\n  - scope must be one of"):
-        GradualStructuredPruningCallback(mlp=2.0, scope="row")
+    with pytest.raises(ValueError, match=r"invalid arguments:\n  - mlp must be in .*\n  - scope must be one of.*\n"
+                                         r"  - every must be an integer > 0, got -1"):
+        GradualStructuredPruningCallback(mlp=2.0, scope="row", every=-1)
 
 
 @pytest.mark.parametrize("kwargs, model, match", [
