@@ -286,6 +286,20 @@ def test_prunable_lm_distilling_from_itself_exports_the_narrower_model_at_fit_en
     assert recipe["callbacks"][0]["init_args"]["mlp"] == 0.25
 
 
+def test_after_one_shot_removal_the_gradual_fractions_apply_to_the_smaller_model(tmp_path):
+    from gradprune.callbacks import StructuredPruningCallback
+
+    module = tiny_module()
+    one_shot = StructuredPruningCallback(mlp=0.25, nsamples=4, seqlen=16)  # 64 -> 48 neurons at fit start
+    gradual = GradualStructuredPruningCallback(mlp=0.5, schedule="linear", start_step=1, end_step=4, every=1,
+                                               stat_batches=1)
+    trainer(tmp_path, max_steps=6, callbacks=[one_shot, gradual]).fit(module, token_loader())
+    assert [m.numel() for m in gradual.masked_units["mlp"].values()] == [48, 48]
+    assert [int(m.sum()) for m in gradual.masked_units["mlp"].values()] == [24, 24]
+    out = gp.export(module, tmp_path / "out", format="structured")
+    assert AutoModelForCausalLM.from_pretrained(out).config.intermediate_size == 24
+
+
 def test_the_recipe_rebuilds_the_callback():
     import importlib
 
