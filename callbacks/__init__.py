@@ -6,10 +6,11 @@ from .base import PruningCallback
 from .gradual import GradualPruningCallback
 from .monitor import SparsityMonitor
 from .oneshot import MagnitudePruningCallback, RIAPruningCallback, SparseGPTPruningCallback, WandaPruningCallback
-from .structured import StructuredPruningCallback
+from .structured import GradualStructuredPruningCallback, StructuredPruningCallback
 
 __all__ = [
     "GradualPruningCallback",
+    "GradualStructuredPruningCallback",
     "MagnitudePruningCallback",
     "PruningCallback",
     "RIAPruningCallback",

@@ -33,7 +33,6 @@ from typing import List, Literal, Optional, Union
 import lightning.pytorch as pl
 import torch
 from tqdm.auto import tqdm
-from lightning.pytorch.utilities import rank_zero_warn
 
 from gradprune.schedules import SCHEDULE_KINDS, SparsitySchedule
 from gradprune.scorers import get_scorer, scorer_names
@@ -45,15 +44,16 @@ from gradprune.methods.owl import check_lambda, monotone_counts, owl_target_coun
 from gradprune.statistics import ActivationWindow, HessianWindow, SaliencyAccumulator
 from gradprune.targets import Target, find_targets
 from gradprune.validation import (Problems, check_choice, check_pattern, check_selector, check_sparsity,
-                                  check_weights_usable, is_int, is_number)
+                                  check_weights_usable, is_int)
 
 from .base import PruningCallback
+from .events import ScheduledEvents, check_end_step, schedule_end
 from .oneshot import CalibrationDraw
 
 log = logging.getLogger(__name__)
 
 
-class GradualPruningCallback(CalibrationDraw, PruningCallback):
+class GradualPruningCallback(ScheduledEvents, CalibrationDraw, PruningCallback):
     """Prune gradually during fit, to exactly the schedule's sparsity at every event.
 
     Args:
@@ -126,11 +126,7 @@ class GradualPruningCallback(CalibrationDraw, PruningCallback):
         check_choice(problems, "scorer", scorer, scorer_names())
         if not is_int(stat_batches) or stat_batches < 1:
             problems.add(f"stat_batches must be an int >= 1 (training micro-batches per statistics window), got {stat_batches!r}")
-        if not is_number(end_step):
-            problems.add(f"end_step must be an int (optimizer step) or a float in (0, 1] (fraction of the run), got "
-                         f"{end_step!r} ({type(end_step).__name__})", type_error=True)
-        elif not is_int(end_step) and not 0.0 < end_step <= 1.0:
-            problems.add(f"end_step as a float is a fraction of the run and must be in (0, 1], got {end_step!r}")
+        check_end_step(problems, end_step)
         check_selector(problems, "include", include)
         check_selector(problems, "exclude", exclude)
         check_pattern(problems, pattern, "final_sparsity", final_sparsity)
@@ -164,7 +160,7 @@ class GradualPruningCallback(CalibrationDraw, PruningCallback):
         # Check the remaining schedule arguments now (end_step may still be a fraction of the run).
         SparsitySchedule(
             schedule, final_sparsity, initial_sparsity, start_step,
-            int(end_step) if is_int(end_step) else (start_step + 1 if is_int(start_step) else 1), every, exponent,
+            schedule_end(start_step, end_step), every, exponent,
         )
         self.final_sparsity = final_sparsity
         self.schedule_kind = schedule
@@ -250,41 +246,8 @@ class GradualPruningCallback(CalibrationDraw, PruningCallback):
         self._pending_statistics = None
         super().on_fit_start(trainer, pl_module)
 
-    def _resolve_end_step(self, trainer: pl.Trainer) -> int:
-        """The schedule's last step: from the checkpoint when resuming, else resolved against this run.
-
-        A run shorter than the schedule is allowed with a warning: a staged run (stop after some epochs,
-        resume from the last checkpoint with a larger max_epochs / max_steps) continues the schedule where
-        it stopped, and the warning comes again while the budget still ends before end_step."""
-        total = trainer.estimated_stepping_batches
-        if self.resolved_end_step is not None:
-            end = self.resolved_end_step
-        elif isinstance(self.end_step, float):
-            if total == float("inf"):
-                raise ValueError("end_step given as a fraction needs a finite run: set max_steps or max_epochs")
-            end = max(self.start_step + 1, round(self.end_step * total))
-        else:
-            end = self.end_step
-        if total != float("inf") and end > total:
-            total = int(total)
-            reached = "no pruning event" if total < self.start_step else (
-                f"the event at step {self.start_step + (total - self.start_step) // self.every * self.every} as the "
-                f"last one, short of final_sparsity {self.final_sparsity}")
-            rank_zero_warn(
-                f"end_step ({end}) is beyond this run's total optimizer steps ({total}): this run will apply "
-                f"{reached}. To run in stages, resume from this run's last checkpoint with a larger max_epochs / "
-                "max_steps and the schedule continues where it stopped; otherwise lower end_step or train longer",
-                category=UserWarning,
-            )
-        if end <= self.start_step:
-            raise ValueError(f"end_step ({end}) must be greater than start_step ({self.start_step})")
-        if not isinstance(self.end_step, float) and total != float("inf") and (end - self.start_step) * 100 < total:
-            log.warning(
-                "end_step=%d is an optimizer step (an int), and the ramp from start_step=%d is under 1%% of this run's "
-                "%d steps: the model jumps to final_sparsity almost at once. For a fraction of the run give a float "
-                "(end_step=%.1f means %d%%)", end, self.start_step, int(total), min(1.0, float(end)), 100 * min(1.0, float(end)),
-            )
-        return end
+    def _final_target(self) -> str:
+        return f"final_sparsity {self.final_sparsity}"
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._maybe_prune(trainer, pl_module)
@@ -320,26 +283,6 @@ class GradualPruningCallback(CalibrationDraw, PruningCallback):
     def _close_window(self) -> None:
         if isinstance(self._statistics, ActivationWindow):
             self._statistics.close()
-
-    def _next_event(self, step: int) -> Optional[int]:
-        """The first event at or after optimizer step ``step`` (None when the schedule is done)."""
-        if self.resolved_end_step is None:
-            return None
-        start = self.start_step
-        if step <= start:
-            return start
-        if step > self.resolved_end_step:
-            return None
-        return min(start + -(-(step - start) // self.every) * self.every, self.resolved_end_step)
-
-    def _micro_batches_to_event(self, trainer: pl.Trainer, batch_idx: int) -> Optional[int]:
-        """How many micro-batches, this one included, run before the next event is applied."""
-        step = trainer.global_step
-        event = self._next_event(step + 1)
-        if event is None:
-            return None
-        accumulate = trainer.accumulate_grad_batches
-        return (event - step - 1) * accumulate + (accumulate - batch_idx % accumulate)
 
     # -- pruning --------------------------------------------------------------------------------------
     def _maybe_prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -4,7 +4,8 @@
     gradprune validate --config configs/quickstart.yaml
     gradprune fit --config configs/quickstart.yaml --print_config
 
-Callbacks (GradualPruningCallback, the one-shot callbacks, SparsityMonitor) are given in YAML by
+Callbacks (GradualPruningCallback, the one-shot callbacks, StructuredPruningCallback,
+GradualStructuredPruningCallback, SparsityMonitor) are given in YAML by
 class_path under ``trainer.callbacks``. The data module's vocabulary size is linked into the model.
 """
 from __future__ import annotations

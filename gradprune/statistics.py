@@ -3,13 +3,15 @@
 - :class:`ActivationWindow`: per input channel the sum over tokens of ``x^2`` of each target's inputs (and
   the token count), from forward hooks that exist only while a window is open (the callback opens it
   ``stat_batches`` micro-batches before an event and closes it at the event, or when fit ends or fails).
+- :class:`ChannelWindow`: the same window with every per-channel sum of :class:`ChannelStats` (x^2, x, |x|,
+  near-zero counts), what the structured importance metrics of gradual structured pruning read.
 - :class:`HessianWindow`: the same window, keeping SparseGPT's ``sum X X^T`` of each target's inputs
   (float64, ``8 * in_features^2`` bytes per target while a window's sums exist; targets that read one input,
   such as q/k/v, share one product per forward).
 - :class:`SaliencyAccumulator`: ``sum over optimizer steps of |W * G|`` per weight (first-order Taylor
   saliency), float32, shaped like each stored weight: 4 bytes per targeted weight.
 
-Both keep plain sums, so ``reduce_(fn)`` (e.g. a sum over data-parallel ranks) and ``state_dict()`` /
+All keep plain sums, so ``reduce_(fn)`` (e.g. a sum over data-parallel ranks) and ``state_dict()`` /
 ``load_state_dict()`` (a checkpoint inside a window) make a resumed or distributed run exact.
 """
 from __future__ import annotations
@@ -84,6 +86,42 @@ class ActivationWindow:
             stats = ChannelStats.empty(target.in_features, target.weight.device, l2_only=True)
             stats.sum_sq.copy_(saved["sum_sq"])
             stats.count.copy_(saved["count"])
+            self._hooks.stats[name] = stats
+
+
+class ChannelWindow(ActivationWindow):
+    """The full per-channel statistics of the inputs of ``targets`` while the window is open: sums of x^2, x,
+    |x| and near-zero counts (|x| <= ``near_zero_eps``) with the token count (:class:`ChannelStats`), what
+    the structured importance metrics read; ``l2_only`` keeps only the sums of x^2 and the counts."""
+
+    def __init__(self, targets: Sequence[Target], near_zero_eps: float = 1e-2, l2_only: bool = False) -> None:
+        self.targets = list(targets)
+        self.near_zero_eps, self.l2_only = near_zero_eps, l2_only
+        self._hooks = ActivationHooks(self.targets, near_zero_eps=near_zero_eps, l2_only=l2_only)
+        self._open = False
+
+    def stats(self, name: str) -> ChannelStats:
+        return self._hooks.stats[name]
+
+    def reduce_(self, fn: Reduce) -> None:
+        for stats in self._hooks.stats.values():
+            stats.reduce_(fn)
+
+    _FIELDS = ("sum_sq", "sum", "near_zero", "count", "sum_abs")
+
+    def state_dict(self) -> dict:
+        return {name: {k: getattr(s, k).cpu() for k in self._FIELDS if getattr(s, k) is not None}
+                for name, s in self._hooks.stats.items()}
+
+    def load_state_dict(self, state: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+        self.reset()
+        by_name = {t.name: t for t in self.targets}
+        for name, saved in state.items():
+            target = by_name[name]
+            stats = ChannelStats.empty(target.in_features, target.weight.device, self.near_zero_eps, self.l2_only)
+            for key in self._FIELDS:
+                if getattr(stats, key) is not None and key in saved:
+                    getattr(stats, key).copy_(saved[key])
             self._hooks.stats[name] = stats
 
 

@@ -37,6 +37,13 @@ def test_quickstart_is_a_cubic_ramp_to_70_percent():
     assert gradual.init_args.final_sparsity == 0.7 and gradual.init_args.schedule == "cubic"
 
 
+def test_gradual_structured_config_masks_30_percent_of_mlp_neurons_and_exports_the_smaller_model():
+    config = parse(ROOT / "configs" / "smollm2-gradual-structured-kd.yaml")
+    (gradual,) = [c for c in config.trainer.callbacks if c.class_path.endswith("GradualStructuredPruningCallback")]
+    assert gradual.init_args.mlp == 0.3 and gradual.init_args.schedule == "cubic" and gradual.init_args.end_step == 0.3
+    assert config.model.export_format == "structured" and config.model.distill.teacher == "self"
+
+
 def test_unknown_key_is_rejected(tmp_path, capsys):
     config = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
     config["model"]["learning_rat"] = 0.1

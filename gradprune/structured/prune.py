@@ -29,12 +29,12 @@ from tqdm.auto import tqdm
 
 from ..blocks import call_model, find_causal_lm
 from ..calibration import ActivationHooks, as_batches, count_tokens, eval_mode
-from ..masks import MaskRegistry
 from ..targets import Target
 from ..validation import Problems, check_choice, is_int, is_number
 from . import metrics
+from .masking import mask_units_
 from .remove import Removal, apply_removal, check_removal, sizes
-from .units import Units, find_units, in_dim, is_conv1d, out_dim, output_rows
+from .units import Units, find_units, is_conv1d, output_rows
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,10 @@ def _metric_weights(problems: Problems, weights: Optional[Mapping[str, float]]) 
     return dict(weights)
 
 
-def _check_options(problems: Problems, mlp, heads, layers, metric, scope, metric_weights, near_zero_eps) -> Optional[dict]:
+def check_metric_options(problems: Problems, metric: str, scope: str, metric_weights: Optional[Mapping[str, float]],
+                         near_zero_eps: float) -> Optional[dict]:
+    """Add the problems of the importance options (shared with the gradual structured callback); returns the
+    combined metric's weights as a dict (None: the default)."""
     check_choice(problems, "metric", metric, metrics.NEURON_METRICS)
     check_choice(problems, "scope", scope, SCOPES)
     weights = _metric_weights(problems, metric_weights)
@@ -99,6 +102,11 @@ def _check_options(problems: Problems, mlp, heads, layers, metric, scope, metric
         problems.add(f"metric_weights is only used by metric='combined', got metric={metric!r}")
     if not is_number(near_zero_eps) or near_zero_eps < 0:
         problems.add(f"near_zero_eps must be a number >= 0, got {near_zero_eps!r}")
+    return weights
+
+
+def _check_options(problems: Problems, mlp, heads, layers, metric, scope, metric_weights, near_zero_eps) -> Optional[dict]:
+    weights = check_metric_options(problems, metric, scope, metric_weights, near_zero_eps)
     if mlp is None and heads is None and layers is None:
         problems.add("nothing to remove: give mlp, heads and/or layers (a fraction or a count)")
     for name, value in (("mlp", mlp), ("heads", heads), ("layers", layers)):
@@ -235,45 +243,7 @@ def _split_uniform(chosen: dict[int, torch.Tensor], scores: dict[int, torch.Tens
 
 def _mask_extra(model: nn.Module, units: Units, mlp_extra: dict, head_extra: dict) -> int:
     """Zero (and mask in the registry) the chosen units that the uniform rule left in place."""
-    names = {id(m): n for n, m in model.named_modules()}
-    targets, masks = [], {}
-
-    def add(module: nn.Module, dim: int, drop: torch.Tensor) -> None:
-        name = names[id(module)]
-        keep = torch.ones_like(module.weight, dtype=torch.bool)
-        shape = [1] * keep.dim()
-        shape[dim] = -1
-        keep &= ~drop.to(keep.device).view(shape)
-        if name in masks:
-            masks[name] &= keep
-        else:
-            targets.append(Target(name, module, is_conv1d(module)))
-            masks[name] = keep
-        if getattr(module, "bias", None) is not None and dim == out_dim(module):
-            with torch.no_grad():
-                module.bias[drop.to(module.bias.device)] = 0
-
-    masked = 0
-    for block in units.blocks:
-        drop = mlp_extra.get(block.index)
-        if drop is not None and drop.any():
-            masked += int(drop.sum())
-            for module in block.mlp_in:
-                add(module, out_dim(module), drop)
-            add(block.mlp_out, in_dim(block.mlp_out), drop)
-        drop = head_extra.get(block.index)
-        if drop is not None and drop.any():
-            masked += int(drop.sum())
-            q, k, v, o = block.attention
-            q_drop = drop.repeat_interleave(units.group_size * units.head_dim)
-            kv_drop = drop.repeat_interleave(units.head_dim)
-            add(q, 0, q_drop)
-            add(k, 0, kv_drop)
-            add(v, 0, kv_drop)
-            add(o, 1, q_drop)
-    if targets:
-        MaskRegistry.of(model).update(targets, masks)
-    return masked
+    return mask_units_(model, units, mlp_extra, head_extra)
 
 
 def parameter_count(model: nn.Module) -> int:
