@@ -15,8 +15,10 @@ lr --lr, 4 warm-up steps, cosine), gradient clipping 1.0, and, for "+ KD", the d
 (alpha 0.5, T 2). Held-out perplexity is PrunableLM's validation perplexity on TextDataModule's validation
 files (never trained on or used for calibration). One-shot rows prune at fit start with the method's callback
 (--nsamples windows of --block-size tokens from the training side), then fine-tune all --steps steps. Gradual
-rows ramp 0 -> sparsity with a cubic schedule from step 0 to --end-fraction of the run, an event every
---every steps, activation statistics over the --stat-batches micro-batches before each event, then train on.
+rows ramp --initial-sparsity (0) -> sparsity with a cubic schedule from step 0 to --end-fraction of the run, an
+event every --every steps, activation statistics over the --stat-batches micro-batches before each event, then
+train on; the "on calibration data" rows instead run the one-shot method sequentially at each event on the
+--nsamples calibration windows the one-shot rows use (GradualPruningCallback(statistics="calibration")).
 "+ LoRA" rows train only LoRA adapters (PrunableLM(lora=...), rank --lora-r, alpha 2 x rank, learning rate
 --lora-lr) on the frozen pruned base; their sparsity and perplexity are those of the merged model.
 """
@@ -59,10 +61,13 @@ def rows(args) -> dict:
         return lambda: cls(sparsity=s if sparsity is None else sparsity, pattern=pattern, nsamples=args.nsamples,
                            seqlen=args.block_size, allocation=allocation)
 
-    def gradual(scorer, scope="row", allocation="uniform"):
+    def gradual(scorer, scope="row", allocation="uniform", statistics="window"):
+        calibration = dict(nsamples=args.nsamples, seqlen=args.block_size) if statistics == "calibration" else {}
         return lambda: GradualPruningCallback(s, schedule="cubic", start_step=0, end_step=args.end_fraction,
                                               every=args.every, scope=scope, pattern=pattern, scorer=scorer,
-                                              stat_batches=args.stat_batches, allocation=allocation)
+                                              stat_batches=args.stat_batches, allocation=allocation,
+                                              initial_sparsity=args.initial_sparsity, statistics=statistics,
+                                              **calibration)
 
     def sparsegpt_then_gradual(scorer):  # one-shot SparseGPT to --start-sparsity, then the ramp on from there
         first = oneshot(SparseGPTPruningCallback, sparsity=args.start_sparsity)
@@ -81,6 +86,10 @@ def rows(args) -> dict:
         "gradual-ria-kd": ("gradual ria + KD", gradual("ria"), KD),
         "gradual-taylor-kd": ("gradual taylor + KD", gradual("taylor", scope="layer"), KD),
         "gradual-sparsegpt-kd": ("gradual sparsegpt + KD", gradual("sparsegpt", scope="layer"), KD),
+        "gradual-sparsegpt-calibration-kd": ("gradual sparsegpt on calibration data + KD",
+                                             gradual("sparsegpt", scope="layer", statistics="calibration"), KD),
+        "gradual-wanda-calibration-kd": ("gradual wanda on calibration data + KD",
+                                         gradual("wanda", statistics="calibration"), KD),
         "gradual-wanda-squarehead": ("gradual wanda + KD + SquareHead", gradual("wanda"), SQUAREHEAD),
         "sparsegpt-gradual-wanda-kd": ("SparseGPT one-shot, then gradual wanda + KD",
                                        sparsegpt_then_gradual("wanda"), KD),
@@ -118,7 +127,7 @@ def run_row(name: str, args, dense, dm) -> dict:
         "ppl": ppl, "steps": steps, "tokens": steps * args.batch_size * args.block_size, "wall_s": wall,
         "s_per_step": statistics.median(timer.times[2:]) if len(timer.times) > 2 else None,
         "peak_extra_rss_mb": memory.extra_mb, "lr": args.lr, "every": args.every, "end_fraction": args.end_fraction,
-        "stat_batches": args.stat_batches, "start_sparsity": args.start_sparsity, "nsamples": args.nsamples, "block_size": args.block_size,
+        "stat_batches": args.stat_batches, "start_sparsity": args.start_sparsity, "initial_sparsity": args.initial_sparsity, "nsamples": args.nsamples, "block_size": args.block_size,
         "batch_size": args.batch_size, "val_tokens": args.val_tokens, "lora": lora,
         "lr_used": args.lora_lr if lora else args.lr,
     }
@@ -133,7 +142,8 @@ def print_table(results: Path) -> None:
     print("| run | target | ramp | held-out ppl | x dense | sparsity | steps | tokens | wall (s) | s / step | peak extra RSS (MB) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in records:
-        start = f"{r['start_sparsity']:.0%} (SparseGPT)" if r["row"].startswith("sparsegpt-") else "0"
+        start = (f"{r['start_sparsity']:.0%} (SparseGPT)" if r["row"].startswith("sparsegpt-")
+                 else f"{r.get('initial_sparsity', 0.0):.0%}" if r.get("initial_sparsity") else "0")
         ramp = (f"{start} -> {r['sparsity_target']:.0%} by step {round(r['end_fraction'] * r['steps'])}, every {r['every']}"
                 if "gradual" in r["row"] else "-")
         ratio = f"{r['ppl'] / dense[-1]['ppl']:.2f}" if dense else ""
@@ -200,6 +210,8 @@ def main() -> None:
     parser.add_argument("--end-fraction", type=float, default=0.6)
     parser.add_argument("--stat-batches", type=int, default=4)
     parser.add_argument("--start-sparsity", type=float, default=0.3, help="one-shot sparsity of the sparsegpt-gradual row")
+    parser.add_argument("--initial-sparsity", type=float, default=0.0,
+                        help="the gradual rows' sparsity at step 0 (pruned at step 0 by the calibration rows)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     known = rows(args)
