@@ -388,7 +388,7 @@ def test_resume_problems_are_named(tmp_path):
 def test_a_tiny_int_end_step_warns_and_an_unbounded_run_is_named(tmp_path):
     from lightning_helpers import tiny_module, token_loader, trainer
 
-    with LogRecords("gradprune.callbacks.gradual") as logs:
+    with LogRecords("gradprune.callbacks.events") as logs:
         callback = GradualPruningCallback(0.5, end_step=1, every=1)
         run = trainer(tmp_path, max_steps=120, callbacks=[callback])
         run.fit(tiny_module(), token_loader(n=8, batch_size=8))
