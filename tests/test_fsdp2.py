@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from gradprune import MaskRegistry, MaskedAdamW, exact_count, select_masks, sparsity_report
-from gradprune.callbacks import GradualPruningCallback, WandaPruningCallback
+from gradprune.callbacks import GradualPruningCallback, SparsityMonitor, WandaPruningCallback
 from gradprune.callbacks.base import check_strategy
 from gradprune.sharding import full_mask, local, local_rows, row_shard, select_sharded_masks
 from gradprune.targets import Target
@@ -48,6 +48,8 @@ def _entry(rank, port, path, fn, args):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
                       LOCAL_RANK=str(rank), NODE_RANK="0", OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
+    log = open(path / f"stderr{rank}.txt", "a")
+    os.dup2(log.fileno(), 2)  # what a crash in C++ prints, for the failure message
     try:
         fn(rank, path, *args)
     except BaseException:
@@ -55,6 +57,7 @@ def _entry(rank, port, path, fn, args):
         raise
     finally:
         if dist.is_initialized():
+            dist.barrier()  # neither rank tears down while the other still talks to it
             dist.destroy_process_group()  # no group leaks into the next test (EADDRINUSE)
 
 
@@ -74,7 +77,9 @@ def run_ranks(path, fn, *args):
     errors = [(path / f"error{r}.txt").read_text() for r in (0, 1) if (path / f"error{r}.txt").exists()]
     assert not errors, errors[0]
     assert not alive, f"ranks still running after {TIMEOUT} s"
-    assert all(p.exitcode == 0 for p in processes), [p.exitcode for p in processes]
+    codes = [p.exitcode for p in processes]
+    tails = [(path / f"stderr{r}.txt").read_text()[-3000:] for r in (0, 1) if codes[r] != 0]
+    assert codes == [0, 0], (codes, tails)
 
 
 def _init_group():
@@ -250,7 +255,8 @@ class Record(Callback):
         for name, value in pl_module.named_parameters():
             value = value.detach()
             weights[name] = value.full_tensor() if hasattr(value, "full_tensor") else value.clone()
-        torch.save({"steps": self.steps, "weights": weights, "world": trainer.world_size},
+        monitor = [c for c in trainer.callbacks if isinstance(c, SparsityMonitor)][0]
+        torch.save({"steps": self.steps, "weights": weights, "world": trainer.world_size, "monitor": monitor.report},
                    self.path / f"{self.tag}{trainer.global_rank}.pt")
 
 
@@ -272,7 +278,7 @@ def _gradual():
 
 def _fit(path, tag, max_epochs, rank=None, checkpoint_dir=None, resume=None, scope="layer"):
     sharded = rank is not None
-    callbacks = [_gradual(), Record(path, tag)]
+    callbacks = [_gradual(), SparsityMonitor(), Record(path, tag)]  # the monitor reports before Record saves
     callbacks[0].scope = scope
     if checkpoint_dir is not None:
         callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir, save_last=True, save_top_k=0))
@@ -318,6 +324,9 @@ def test_gradual_wanda_under_fsdp2_prunes_as_one_process_and_resumes_exactly(tmp
             assert got["masks"].keys() == record["masks"].keys()
             for name, mask in record["masks"].items():
                 assert torch.equal(got["masks"][name], mask), (step, name)
+    final = expected / numel  # of the last event
+    for rank in ranks + [alone]:  # the monitor's end-of-fit report counts whole tensors on every rank
+        assert rank["monitor"]["global_sparsity"] == final
     for name, weight in alone["weights"].items():
         for rank in ranks:
             assert torch.allclose(rank["weights"][name], weight, atol=1e-5, rtol=1e-4), name
