@@ -487,7 +487,9 @@ class GradualPruningCallback(PruningCallback):
             trainer = self._trainer
             if isinstance(self._statistics, ActivationWindow) and trainer is not None and trainer.world_size > 1:
                 # every rank saves (Lightning calls this on all of them): the window's sums over all ranks
-                statistics = {name: {key: trainer.strategy.reduce(value.clone(), reduce_op="sum")
+                # reduced on the strategy's device (NCCL reduces only GPU tensors), saved on the CPU
+                device = trainer.strategy.root_device
+                statistics = {name: {key: trainer.strategy.reduce(value.to(device, copy=True), reduce_op="sum").cpu()
                                      for key, value in entry.items()} for name, entry in statistics.items()}
                 summed = True
         return {

@@ -155,6 +155,17 @@ def _selection_worker(rank, path):
     for name, mask in registry.masks.items():
         assert torch.equal(fresh.masks[name], mask), name
 
+    # export needs whole weights
+    from gradprune import export
+
+    try:
+        export(nn.ModuleDict(sharded), path / f"export{rank}")
+    except ValueError as error:
+        assert "export needs whole weights, but 3 are sharded across ranks" in str(error), error
+    else:
+        raise AssertionError("exporting sharded weights was not refused")
+    assert not (path / f"export{rank}").exists()
+
     # What sharded pruning refuses: Conv1D targets, tensor-parallel placements, MaskedAdamW.
     from torch.distributed.tensor import Shard, distribute_tensor
     from transformers.pytorch_utils import Conv1D
