@@ -27,7 +27,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from gradprune import MaskRegistry, MaskedAdamW, exact_count, select_masks, sparsity_report
-from gradprune.callbacks import GradualPruningCallback, SparsityMonitor, WandaPruningCallback
+from gradprune.callbacks import (GradualPruningCallback, SparsityMonitor, StructuredPruningCallback,
+                                 WandaPruningCallback)
 from gradprune.callbacks.base import check_strategy
 from gradprune.sharding import full_mask, local, local_rows, row_shard, select_sharded_masks
 from gradprune.targets import Target
@@ -407,11 +408,13 @@ def test_tensor_parallelism_is_refused_and_fsdp2_accepted_for_the_gradual_callba
 
 @pytest.mark.parametrize("strategy, match", [
     (ModelParallelStrategy(), r"WandaPruningCallback does not support strategy ModelParallelStrategy"),
+    (ModelParallelStrategy(), r"StructuredPruningCallback does not support strategy ModelParallelStrategy"),
     (FSDPStrategy(), r"GradualPruningCallback does not support strategy FSDPStrategy: FSDP shards"),
     (DeepSpeedStrategy.__new__(DeepSpeedStrategy), r"GradualPruningCallback does not support strategy DeepSpeedStrategy"),
 ])
 def test_other_callbacks_and_sharded_strategies_stay_refused(strategy, match):
-    callback = WandaPruningCallback(0.5) if "Wanda" in match else GradualPruningCallback(0.5, end_step=2, every=1)
+    callback = (WandaPruningCallback(0.5) if "Wanda" in match else StructuredPruningCallback(mlp=0.25)
+                if "Structured" in match else GradualPruningCallback(0.5, end_step=2, every=1))
     with pytest.raises(ValueError, match=match + r".*Use strategy='ddp'.*FSDP2 \(ModelParallelStrategy with fully_shard, "
                                                  r"no tensor parallelism\) is supported for GradualPruningCallback only"):
         callback.setup(SimpleNamespace(strategy=strategy), None, "fit")
