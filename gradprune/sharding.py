@@ -28,6 +28,7 @@ same order, with the same targets.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Sequence
 
@@ -36,10 +37,25 @@ import torch.distributed as dist
 
 from .targets import Target
 
-try:  # torch >= 2.5 has the public module; 2.4 only the private one
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-except ImportError:  # pragma: no cover
-    from torch.distributed._tensor import DTensor, Replicate, Shard  # type: ignore
+
+def _dtensor_class():
+    """DTensor if torch's DTensor module is loaded, else None: no tensor can be a DTensor before it is, and
+    importing it costs about 0.4 s (and needs a torch built with distributed support), so it is not
+    imported here."""
+    for name in ("torch.distributed.tensor", "torch.distributed._tensor"):
+        module = sys.modules.get(name)
+        if module is not None and hasattr(module, "DTensor"):
+            return module.DTensor
+    return None
+
+
+def _placements():
+    """(Shard, Replicate), from the loaded DTensor module (only asked about DTensors, so it is loaded)."""
+    try:
+        from torch.distributed.tensor import Replicate, Shard
+    except ImportError:  # pragma: no cover - torch 2.4
+        from torch.distributed._tensor import Replicate, Shard  # type: ignore
+    return Shard, Replicate
 
 #: Train-time scorers that work on row-sharded weights: magnitude (|W|, local), wanda (|W| times the
 #: all-reduced per-input-column activation norm, local), ria (its column sums are all-reduced too).
@@ -48,13 +64,14 @@ SHARDED_SCORERS = ("magnitude", "wanda", "ria")
 
 def is_sharded(tensor: object) -> bool:
     """Whether ``tensor`` is a DTensor (FSDP2's parameters, their gradients and optimizer state)."""
-    return isinstance(tensor, DTensor)
+    cls = _dtensor_class()
+    return cls is not None and isinstance(tensor, cls)
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:
     """The rank's local part of a DTensor (its storage: in-place changes reach the DTensor), or the tensor
     itself. Taken outside autograd."""
-    if isinstance(tensor, DTensor):
+    if is_sharded(tensor):
         with torch.no_grad():
             return tensor.to_local()
     return tensor
@@ -75,8 +92,9 @@ class RowShard:
 def placement_problem(name: str, weight: torch.Tensor) -> Optional[str]:
     """Why ``weight`` (a target's weight) cannot be pruned sharded, or None: only ``Shard(0)`` (FSDP2's
     rows) on one mesh dimension, and ``Replicate`` on others (HSDP), are supported."""
-    if not isinstance(weight, DTensor):
+    if not is_sharded(weight):
         return None
+    Shard, Replicate = _placements()
     placements = tuple(weight.placements)
     shards = [p for p in placements if isinstance(p, Shard)]
     others = [p for p in placements if not isinstance(p, (Shard, Replicate))]
@@ -90,11 +108,12 @@ def placement_problem(name: str, weight: torch.Tensor) -> Optional[str]:
 def row_shard(weight: torch.Tensor) -> Optional[RowShard]:
     """The rows this rank holds of a row-sharded DTensor ``weight``; None when every rank holds it whole
     (a plain tensor, or a DTensor only replicated)."""
-    if not isinstance(weight, DTensor):
+    if not is_sharded(weight):
         return None
     problem = placement_problem("the weight", weight)
     if problem is not None:
         raise ValueError(problem)
+    Shard, _ = _placements()
     placements = tuple(weight.placements)
     dims = [i for i, p in enumerate(placements) if isinstance(p, Shard)]
     if not dims:
