@@ -170,6 +170,30 @@ def _selection_worker(rank, path):
     for name, mask in registry.masks.items():
         assert torch.equal(fresh.masks[name], mask), name
 
+    # AdamW on a sharded weight: its state is sharded too; pruned entries reset (first moment 0, second at
+    # the floor) and the weight stays zero through steps with unmasked gradients given
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from gradprune.optimizer_state import moment_floor
+
+    layer = sharded["b"]
+    optimizer = torch.optim.AdamW([layer.weight], lr=0.1, weight_decay=0.1)
+    adam = MaskRegistry(nn.ModuleDict({"b": layer}))
+    adam.attach(optimizer)
+    for step in range(3):
+        layer.weight.grad = distribute_tensor(torch.randn(SHAPES["b"], generator=generator), mesh, [Shard(0)])
+        if step == 1:
+            keep = select_sharded_masks([Target("b", layer)], 0.5)["b"]
+            adam.update([Target("b", layer)], {"b": keep})
+            state = optimizer.state[layer.weight]
+            assert (local(state["exp_avg"])[~keep] == 0).all()
+            assert (local(state["exp_avg_sq"])[~keep] == moment_floor(torch.float32)).all()
+        optimizer.step()  # attach masks the (local) gradients before every step
+        if step >= 1:
+            assert (local(layer.weight.detach())[~keep] == 0).all(), step
+            assert (local(layer.weight.grad)[~keep] == 0).all(), step
+    adam.detach()
+
     # export needs whole weights
     from gradprune import export
 
