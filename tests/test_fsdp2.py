@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -326,13 +326,18 @@ def _gradual(scope, scorer):
                                   scorer=scorer, stat_batches=2, include=["a", "b", "c"])
 
 
-def _fit(path, tag, max_epochs, rank=None, checkpoint_dir=None, resume=None, scope="layer", scorer="wanda"):
+def _fit(path, tag, max_epochs, rank=None, checkpoint_dir=None, resume=None, scope="layer", scorer="wanda",
+         kind="fsdp2"):
     sharded = rank is not None
     callbacks = [_gradual(scope, scorer), SparsityMonitor(), Record(path, tag)]  # the monitor reports before Record saves
     if checkpoint_dir is not None:
         callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir, save_last=True, save_top_k=0))
-    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1,
-                                     timeout=timedelta(seconds=60)) if sharded else "auto"
+    if not sharded:
+        strategy = "auto"
+    elif kind == "fsdp2":
+        strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, timeout=timedelta(seconds=60))
+    else:  # the same module unsharded (configure_model sees no device mesh), whole on both ranks
+        strategy = DDPStrategy(process_group_backend="gloo", timeout=timedelta(seconds=60))
     trainer = pl.Trainer(accelerator="cpu", devices=2 if sharded else 1, strategy=strategy, use_distributed_sampler=False,
                          max_epochs=max_epochs, logger=False, enable_checkpointing=checkpoint_dir is not None,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
@@ -340,22 +345,24 @@ def _fit(path, tag, max_epochs, rank=None, checkpoint_dir=None, resume=None, sco
     trainer.fit(ShardedLM(), _loader(rank), ckpt_path=resume)
 
 
-def _fsdp2_worker(rank, path, tag, max_epochs, checkpoint_dir, resume, scope, scorer):
-    _fit(path, tag, max_epochs, rank, checkpoint_dir, resume, scope, scorer)
+def _fsdp2_worker(rank, path, tag, max_epochs, checkpoint_dir, resume, scope, scorer, kind="fsdp2"):
+    _fit(path, tag, max_epochs, rank, checkpoint_dir, resume, scope, scorer, kind)
 
 
 def _load(path, tag, ranks=(0, 1)):
     return [torch.load(path / f"{tag}{r}.pt", weights_only=False) for r in ranks]
 
 
-@pytest.mark.parametrize("scope, scorer", [("layer", "wanda"), ("global", "wanda"), ("row", "ria")])
-def test_gradual_under_fsdp2_prunes_as_one_process_and_resumes_exactly(tmp_path, scope, scorer):
+@pytest.mark.parametrize("scope, scorer, kind", [("layer", "wanda", "fsdp2"), ("global", "wanda", "fsdp2"),
+                                                 ("row", "ria", "fsdp2"), ("layer", "wanda", "ddp")])
+def test_gradual_under_fsdp2_prunes_as_one_process_and_resumes_exactly(tmp_path, scope, scorer, kind):
     """Two ranks with fully_shard against one process on the same data: identical masks at every step
     (for RIA, whose column sums are summed per shard, all but a few entries a rounding could flip), the
     exact schedule count at each event, pruned weights zero after every step, the same weights up to the
     float rounding of averaged gradients; a run stopped after epoch 1 (inside the window of the event at
-    step 5) and resumed from its distributed checkpoint ends exactly as the uninterrupted run."""
-    run_ranks(tmp_path, _fsdp2_worker, "full", 2, None, None, scope, scorer)
+    step 5) and resumed from its distributed checkpoint ends exactly as the uninterrupted run. The same
+    under DDP (whole weights; the window's sums in the checkpoint are summed over the ranks)."""
+    run_ranks(tmp_path, _fsdp2_worker, "full", 2, None, None, scope, scorer, kind)
     _fit(tmp_path, "alone", 2, scope=scope, scorer=scorer)
     ranks, (alone,) = _load(tmp_path, "full"), _load(tmp_path, "alone", (0,))
     assert ranks[0]["world"] == 2 and sorted(alone["steps"]) == sorted(ranks[0]["steps"]) == list(range(1, 9))
@@ -387,13 +394,15 @@ def test_gradual_under_fsdp2_prunes_as_one_process_and_resumes_exactly(tmp_path,
     assert all(torch.equal(ranks[0]["weights"][n], ranks[1]["weights"][n]) for n in alone["weights"])
 
     # stop after epoch 1 (step 4: one of the two window batches of the event at step 5 seen), resume to 2
-    run_ranks(tmp_path, _fsdp2_worker, "first", 1, tmp_path / "ckpt", None, scope, scorer)
-    assert (tmp_path / "ckpt" / "last.ckpt").is_dir()  # a distributed checkpoint: a folder of shards
-    meta = torch.load(tmp_path / "ckpt" / "last.ckpt" / "meta.pt", weights_only=False)
+    run_ranks(tmp_path, _fsdp2_worker, "first", 1, tmp_path / "ckpt", None, scope, scorer, kind)
+    last = tmp_path / "ckpt" / "last.ckpt"
+    if kind == "fsdp2":
+        assert last.is_dir()  # a distributed checkpoint: a folder of shards, the callbacks' state in meta.pt
+    meta = torch.load(last / "meta.pt" if kind == "fsdp2" else last, weights_only=False)
     (state,) = [v for k, v in meta["callbacks"].items() if k.startswith("GradualPruningCallback")]
     assert {n: e["shape"] for n, e in state["masks"].items()} == {"net.a": [24, 16], "net.b": [13, 24], "net.c": [16, 13]}
-    assert state["statistics"]  # the half-filled window travels in the checkpoint
-    run_ranks(tmp_path, _fsdp2_worker, "resumed", 2, None, str(tmp_path / "ckpt" / "last.ckpt"), scope, scorer)
+    assert state["statistics"] and state["statistics_summed"]  # the half-filled window, both ranks' share
+    run_ranks(tmp_path, _fsdp2_worker, "resumed", 2, None, str(last), scope, scorer, kind)
     resumed = _load(tmp_path, "resumed")
     for rank, full in zip(resumed, ranks):
         assert sorted(rank["steps"]) == [5, 6, 7, 8]
