@@ -4,11 +4,13 @@ Each test starts two processes itself (``LOCAL_RANK`` etc. set, so Lightning's M
 relaunch the test command), with a join timeout and a collective timeout so a hang fails instead of
 blocking; every process destroys its process group before it exits. Checked: sharded selection gives
 exactly the masks of one process holding the whole tensors (row / layer / global, ties, earlier masks, N:M,
-a weight held whole beside sharded ones); whole-mask checkpoints and counts; gradual Wanda under FSDP2
-gives the masks and (up to float rounding of the averaged gradients) the weights of a single-process run
-on the same data, the exact sparsity at every event, pruned weights zero after every optimizer step;
-a run resumed from a distributed checkpoint (inside a statistics window) ends exactly as the uninterrupted
-one; and the refusals (taylor, sparsegpt, OWL, MaskedAdamW, tensor parallelism, Conv1D, other strategies).
+a weight held whole beside sharded ones) and the scorers' local scores; whole-mask checkpoints and counts;
+AdamW state of sharded weights; gradual Wanda (layer, global) and RIA (row) under FSDP2 give the masks and
+(up to float rounding of the averaged gradients) the weights of a single-process run on the same data, the
+exact sparsity at every event (registry, sparsity_report, SparsityMonitor), pruned weights zero after every
+optimizer step; a run resumed from a distributed checkpoint (inside a statistics window) ends exactly as
+the uninterrupted one, under FSDP2 and DDP; and the refusals (taylor, sparsegpt, OWL, MaskedAdamW, tensor
+parallelism, Conv1D, export of sharded weights, other callbacks and strategies).
 """
 import os
 import socket
