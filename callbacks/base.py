@@ -14,10 +14,13 @@ Several pruning callbacks may be used together: they share the registry of the L
 (:meth:`gradprune.MaskRegistry.of`), each saves the registry's masks under its own state key, and loading
 any of them restores the same masks.
 
-Strategies: every rank must hold the whole model (a single device, or DDP and its spawn / fork variants).
-Strategies that shard the weights or the optimizer (FSDP, DeepSpeed, Lightning's ModelParallelStrategy)
-are refused when fit sets up, before anything is pruned: a mask chosen from one rank's shard is not the
-model's mask (see :func:`check_strategy`).
+Strategies: a single device, DDP and its spawn / fork variants (every rank holds the whole model), and,
+for callbacks that declare ``supports_fsdp2 = True`` (GradualPruningCallback), Lightning's
+ModelParallelStrategy with FSDP2 ``fully_shard`` and no tensor parallelism: weights are DTensors sharded by
+rows, the registry holds each rank's rows of the masks (:mod:`gradprune.sharding`), checkpoints hold whole
+masks, and a resumed run slices them back at train start (this strategy restores callbacks after
+``on_fit_start``). FSDP (FSDP1), DeepSpeed and the others are refused when fit sets up, before anything is
+pruned (see :func:`check_strategy`).
 """
 from __future__ import annotations
 
@@ -40,12 +43,37 @@ _SHARDING = (
     (ModelParallelStrategy, "it shards weights across ranks (FSDP2 / tensor parallelism)"),
 )
 
+#: What to say about FSDP2 in every refusal.
+FSDP2_NOTE = ("FSDP2 (ModelParallelStrategy with fully_shard, no tensor parallelism) is supported for "
+              "GradualPruningCallback only")
 
-def check_strategy(strategy: Strategy, owner: str = "pruning") -> None:
-    """Raise ValueError unless every rank of ``strategy`` holds the whole model: a single device or
-    :class:`DDPStrategy` (``ddp``, ``ddp_spawn``, ``ddp_fork``, ...). A sharded strategy would have each
-    rank score and mask only its shard, so it is refused rather than pruned wrongly."""
+
+def tensor_parallel_size(strategy: Strategy) -> int:
+    """The tensor-parallel degree of a ModelParallelStrategy (its device mesh once set up, else its argument)."""
+    mesh = getattr(strategy, "_device_mesh", None)
+    if mesh is not None and "tensor_parallel" in (mesh.mesh_dim_names or ()):
+        return int(mesh["tensor_parallel"].size())
+    size = getattr(strategy, "_tensor_parallel_size", 1)
+    return size if isinstance(size, int) else 1
+
+
+def check_strategy(strategy: Strategy, owner: str = "pruning", fsdp2: bool = False) -> None:
+    """Raise ValueError unless every rank of ``strategy`` holds the whole model (a single device or
+    :class:`DDPStrategy`: ``ddp``, ``ddp_spawn``, ``ddp_fork``, ...), or, with ``fsdp2=True`` (the callback
+    prunes row-sharded weights), it is a :class:`ModelParallelStrategy` without tensor parallelism. Other
+    sharded strategies would have each rank score and mask only its shard, so they are refused rather
+    than pruned wrongly."""
     name = type(strategy).__name__
+    if isinstance(strategy, ModelParallelStrategy) and fsdp2:
+        tp = tensor_parallel_size(strategy)
+        if tp == 1:
+            return
+        raise ValueError(
+            f"{owner} does not support strategy {name} with tensor parallelism (tensor_parallel_size={tp}): tensor "
+            "parallelism splits weights by columns or rows inside a layer, and masks are chosen on whole rows. "
+            "Use ModelParallelStrategy(data_parallel_size=<devices>, tensor_parallel_size=1) with fully_shard in "
+            "configure_model (FSDP2), or strategy='ddp'"
+        )
     for kind, why in _SHARDING:
         if isinstance(strategy, kind):
             break
@@ -56,8 +84,8 @@ def check_strategy(strategy: Strategy, owner: str = "pruning") -> None:
     raise ValueError(
         f"{owner} does not support strategy {name}: {why}, so masks chosen on one rank would not be the "
         f"model's. Use strategy='ddp' (or 'ddp_spawn'; every rank holds the whole model, statistics are "
-        f"all-reduced and every rank gets the same masks) or a single device; FSDP2 support is planned "
-        f"(README, design notes)"
+        f"all-reduced and every rank gets the same masks) or a single device; {FSDP2_NOTE} (README, "
+        f"Running on N GPUs)"
     )
 
 
@@ -67,6 +95,9 @@ class PruningCallback(Callback):
     Subclasses put their own resumable state in :meth:`extra_state` / :meth:`load_extra_state` and call
     ``super()`` in the Lightning hooks they override.
     """
+
+    #: Whether the callback prunes weights sharded by FSDP2 (ModelParallelStrategy with fully_shard).
+    supports_fsdp2 = False
 
     def __init__(self) -> None:
         self._pending_masks: Optional[dict] = None
@@ -79,19 +110,28 @@ class PruningCallback(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":  # before any callback's on_fit_start (where one-shot pruning and resumed masks happen)
-            check_strategy(trainer.strategy, type(self).__name__)
+            check_strategy(trainer.strategy, type(self).__name__, fsdp2=self.supports_fsdp2)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         registry = self.registry(pl_module)
-        if self._pending_masks is not None:  # resuming: weights are restored by now, masks come back too
-            try:
-                registry.load_state_dict(self._pending_masks)
-            except ValueError as exc:  # name the file too
-                raise ValueError(f"{exc} (checkpoint {trainer.ckpt_path!r})") from exc
-            self._pending_masks = None
+        self._restore_pending_masks(trainer, registry)
         registry.masked_step = None
         for optimizer in trainer.optimizers:
             registry.attach(optimizer, mask_gradients=False)  # done in on_before_optimizer_step
+
+    def _restore_pending_masks(self, trainer: pl.Trainer, registry: MaskRegistry) -> None:
+        if self._pending_masks is not None:  # resuming: weights are restored by now, masks come back too
+            try:
+                registry.load_state_dict(self._pending_masks)  # whole masks, sliced to the rows held here
+            except ValueError as exc:  # name the file too
+                raise ValueError(f"{exc} (checkpoint {trainer.ckpt_path!r})") from exc
+            self._pending_masks = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Strategies that restore the checkpoint after setup (ModelParallelStrategy) load the callbacks'
+        # state after on_fit_start: the masks come back here, before the first batch.
+        if self._pending_masks is not None:
+            self._restore_pending_masks(trainer, self.registry(pl_module))
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._registry is not None:

@@ -16,7 +16,9 @@ training micro-batches before each event and are removed at the event (no hooks 
 for Hessians (``sparsegpt``) the same hooks sum ``X X^T``, and the event runs SparseGPT on every layer;
 for gradients (``taylor``) ``|W * G|`` is summed at every optimizer step since the last event, before any
 masking. Sums are all-reduced over data-parallel ranks before scoring, and the partial sums travel in the
-callback's state, so a checkpoint inside a window resumes exactly. Hooks are removed when fit ends or fails.
+callback's state, so a checkpoint inside a window resumes exactly: with several ranks the checkpoint holds
+the window's activation sums already summed over the ranks (rank 0 writes the checkpoint), and on resume
+rank 0 starts from them and the other ranks from nothing. Hooks are removed when fit ends or fails.
 
 With ``statistics="calibration"`` the training batches are not watched at all: at every event the one-shot
 method of the scorer's name (:func:`gradprune.prune_oneshot`, sequential) runs on ``nsamples`` calibration
@@ -24,6 +26,14 @@ sequences drawn at fit start, block by block, each block calibrated on the outpu
 blocks before it, and prunes from the model's current masks to the event's sparsity. It costs a forward of
 the calibration set (and, for sparsegpt, the reconstruction) per event, and is what one-shot SparseGPT /
 Wanda do, repeated along the ramp with training in between.
+
+Sharded weights (FSDP2: Lightning's ModelParallelStrategy, ``fully_shard`` in ``configure_model``, no tensor
+parallelism): each rank scores and masks the rows it holds, and :func:`gradprune.sharding.select_sharded_masks`
+makes the masks exactly those of one process holding the whole model (scope "row" without communication,
+"layer" and "global" from histograms summed over the ranks). Scorers ``magnitude``, ``wanda`` and ``ria``
+(activation sums all-reduced as under DDP; RIA's column sums too); ``taylor``, ``sparsegpt``,
+``allocation="owl"``, :class:`gradprune.MaskedAdamW` and GPT-2 Conv1D targets are refused at setup / fit
+start, before anything is pruned.
 """
 from __future__ import annotations
 
@@ -33,10 +43,12 @@ from typing import List, Literal, Optional, Union
 import lightning.pytorch as pl
 import torch
 from tqdm.auto import tqdm
+from lightning.pytorch.strategies import ModelParallelStrategy
 
 from gradprune.schedules import SCHEDULE_KINDS, SparsitySchedule
 from gradprune.scorers import get_scorer, scorer_names
 from gradprune.selection import exact_count, select_masks, validate_selection
+from gradprune.sharding import SHARDED_SCORERS, is_sharded, placement_problem, select_sharded_masks, sharded_scores
 from gradprune.blocks import find_causal_lm, group_by_block
 from gradprune.methods import METHODS
 from gradprune.oneshot import prune_oneshot
@@ -46,7 +58,7 @@ from gradprune.targets import Target, find_targets
 from gradprune.validation import (Problems, check_choice, check_pattern, check_selector, check_sparsity,
                                   check_weights_usable, is_int)
 
-from .base import PruningCallback
+from .base import FSDP2_NOTE, PruningCallback
 from .events import ScheduledEvents, check_end_step, schedule_end
 from .oneshot import CalibrationDraw
 
@@ -55,6 +67,9 @@ log = logging.getLogger(__name__)
 
 class GradualPruningCallback(ScheduledEvents, CalibrationDraw, PruningCallback):
     """Prune gradually during fit, to exactly the schedule's sparsity at every event.
+
+    Runs on a single device, under DDP, and under FSDP2 (ModelParallelStrategy with ``fully_shard``; scorers
+    magnitude / wanda / ria, uniform allocation, any torch optimizer but MaskedAdamW).
 
     Args:
         final_sparsity: sparsity of the targeted weights at ``end_step``, in [0, 1).
@@ -190,6 +205,11 @@ class GradualPruningCallback(ScheduledEvents, CalibrationDraw, PruningCallback):
         self._targets: Optional[list[Target]] = None
         self._statistics: Union[ActivationWindow, SaliencyAccumulator, None] = None
         self._pending_statistics: Optional[dict] = None
+        self._sharded = False  # some target is a DTensor (FSDP2): selection goes through gradprune.sharding
+        self._trainer: Optional[pl.Trainer] = None
+        self._statistics_summed = False  # the pending statistics are sums over all ranks
+
+    supports_fsdp2 = True
 
     @property
     def state_key(self) -> str:
@@ -214,9 +234,56 @@ class GradualPruningCallback(ScheduledEvents, CalibrationDraw, PruningCallback):
         )
 
     # -- Lightning hooks ------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit" and isinstance(trainer.strategy, ModelParallelStrategy):
+            self._check_sharded_options("strategy ModelParallelStrategy (FSDP2)")
+
+    def _check_sharded_options(self, where: str) -> None:
+        """What sharded weights cannot do, in one error (before anything is pruned)."""
+        problems = Problems()
+        if self.scorer not in SHARDED_SCORERS:
+            why = {"taylor": "its |W * G| sums would be kept per weight shard and are not implemented sharded",
+                   "sparsegpt": "its Hessian updates of the kept weights are not implemented on weight shards"}.get(
+                       self.scorer, "it is not known to work on weight shards")
+            problems.add(f"scorer {self.scorer!r} under {where}: {why}; use one of {list(SHARDED_SCORERS)}, or "
+                         "strategy='ddp' for this scorer")
+        if self.allocation == "owl":
+            problems.add(f"allocation='owl' under {where}: OWL's per-block budgets are not implemented on weight "
+                         "shards; use allocation='uniform', or strategy='ddp' for OWL")
+        if self.statistics == "calibration":
+            problems.add(f"statistics='calibration' under {where}: the one-shot pipeline it runs at each event works on "
+                         "whole weights; use statistics='window', or strategy='ddp'")
+        if problems.value_errors:
+            problems.add(FSDP2_NOTE + ", with the scorers and allocation above")
+        problems.raise_if_any()
+
+    def _check_sharded_fit(self, trainer: pl.Trainer, targets: list[Target]) -> None:
+        """Sharded weights: options, placements, Conv1D targets and MaskedAdamW are checked together."""
+        where = f"sharded weights (strategy {type(trainer.strategy).__name__})"
+        self._check_sharded_options(where)
+        problems = Problems()
+        placements = [p for p in (placement_problem(t.name, t.weight) for t in targets) if p]
+        if placements:
+            problems.add(f"{len(placements)} targets are not sharded by rows only (tensor parallelism is not supported; "
+                         f"use fully_shard alone, or strategy='ddp'): {placements[:2]}")
+        conv1d = [t.name for t in targets if t.transposed]
+        if conv1d:
+            problems.add(f"targets stored (in, out) (GPT-2 Conv1D) cannot be pruned sharded: FSDP2 splits their input "
+                         f"features, not their rows: {conv1d[:3]}; exclude them, or use strategy='ddp'")
+        masked = [type(o).__name__ for o in trainer.optimizers if hasattr(o, "use_masks_of")]
+        if masked:
+            problems.add(f"optimizer {masked[0]} (gradprune.MaskedAdamW) under {where}: its masked update is not "
+                         "implemented on weight shards; use torch.optim.AdamW (the masks are enforced on its "
+                         "gradients), or strategy='ddp'")
+        problems.raise_if_any()
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         targets = find_targets(pl_module, self.include, self.exclude)
         validate_selection(targets, self.final_sparsity, self.scope, self.pattern)
+        sharded = any(is_sharded(t.weight) for t in targets)
+        if sharded:
+            self._check_sharded_fit(trainer, targets)
         problems = Problems()
         check_weights_usable(problems, pl_module)  # meta or NaN weights: say so before the first event
         problems.raise_if_any()
@@ -239,15 +306,26 @@ class GradualPruningCallback(ScheduledEvents, CalibrationDraw, PruningCallback):
             find_causal_lm(pl_module, self.lm)  # nothing to run the batches through: fail before reading data
             self._calibration = self.calibration(trainer)
         # all checks passed: only now does the callback's state change
-        self._targets, self.resolved_end_step = targets, end_step
+        self._targets, self.resolved_end_step, self._sharded = targets, end_step, sharded
+        self._trainer = trainer
         self._statistics = _statistics_for(needs, targets) if self.statistics == "window" else None
-        if self._statistics is not None and self._pending_statistics:
-            self._statistics.load_state_dict(self._pending_statistics)
-        self._pending_statistics = None
+        self._load_pending_statistics(trainer)
         super().on_fit_start(trainer, pl_module)
+
+    def _load_pending_statistics(self, trainer: pl.Trainer) -> None:
+        pending, self._pending_statistics = self._pending_statistics, None
+        if self._statistics is None or not pending:
+            return
+        if self._statistics_summed and trainer.global_rank != 0:
+            return  # rank 0 holds every rank's share of the window so far
+        self._statistics.load_state_dict(pending)
 
     def _final_target(self) -> str:
         return f"final_sparsity {self.final_sparsity}"
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)  # masks restored after on_fit_start (ModelParallelStrategy)
+        self._load_pending_statistics(trainer)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._maybe_prune(trainer, pl_module)
@@ -315,6 +393,8 @@ class GradualPruningCallback(ScheduledEvents, CalibrationDraw, PruningCallback):
             if self.statistics == "calibration":
                 self._prune_on_calibration(trainer, pl_module, target)
                 new = None  # the one-shot pipeline recorded its masks (and new weights) already
+            elif self._sharded:
+                new = select_sharded_masks(self._targets, target, self._sharded_score_fn(), self.scope, self.pattern, masks)
             elif scorer.prune is not None:
                 weights, new = self._reconstruct(trainer, target, masks, counts)
             else:
@@ -384,6 +464,13 @@ class GradualPruningCallback(ScheduledEvents, CalibrationDraw, PruningCallback):
             return lambda t: scorer.score(t, statistics.sum_sq(t.name))
         return lambda t: scorer.score(t, statistics.saliency(t.name))
 
+    def _sharded_score_fn(self):
+        """Scores of each target's local rows (:func:`gradprune.sharding.sharded_scores`)."""
+        statistics = self._statistics
+        if isinstance(statistics, ActivationWindow):
+            return lambda t: sharded_scores(self.scorer, t, statistics.sum_sq(t.name))
+        return lambda t: sharded_scores(self.scorer, t)
+
     def _reconstruct(self, trainer: pl.Trainer, target: float, masks: dict, counts: Optional[dict]) -> tuple[dict, dict]:
         """New weights and keep-masks of every target from the scorer's ``prune`` (SparseGPT): each layer
         to exactly its count, from the window's Hessians. Nothing is applied here, so an error leaves the
@@ -402,11 +489,23 @@ class GradualPruningCallback(ScheduledEvents, CalibrationDraw, PruningCallback):
 
     # -- state ----------------------------------------------------------------------------------------
     def extra_state(self) -> dict:
+        statistics, summed = self._pending_statistics, self._statistics_summed
+        if self._statistics is not None:
+            statistics, summed = self._statistics.state_dict(), False
+            trainer = self._trainer
+            if isinstance(self._statistics, ActivationWindow) and trainer is not None and trainer.world_size > 1:
+                # every rank saves (Lightning calls this on all of them): the window's sums over all ranks
+                # reduced on the strategy's device (NCCL reduces only GPU tensors), saved on the CPU
+                device = trainer.strategy.root_device
+                statistics = {name: {key: trainer.strategy.reduce(value.to(device, copy=True), reduce_op="sum").cpu()
+                                     for key, value in entry.items()} for name, entry in statistics.items()}
+                summed = True
         return {
             "resolved_end_step": self.resolved_end_step,
             "base_sparsity": self.base_sparsity,
             "last_event_step": self.last_event_step,
-            "statistics": self._statistics.state_dict() if self._statistics is not None else self._pending_statistics,
+            "statistics": statistics,
+            "statistics_summed": summed,  # over the ranks: on resume only rank 0 loads them
         }
 
     def load_extra_state(self, state: dict) -> None:
@@ -414,6 +513,7 @@ class GradualPruningCallback(ScheduledEvents, CalibrationDraw, PruningCallback):
         self.base_sparsity = state.get("base_sparsity")
         self.last_event_step = state.get("last_event_step")
         self._pending_statistics = state.get("statistics")
+        self._statistics_summed = bool(state.get("statistics_summed", False))
 
 
 def _statistics_for(needs: str, targets: list[Target]) -> Union[ActivationWindow, SaliencyAccumulator, None]:

@@ -290,6 +290,14 @@ def export(
         problems.add(f"out_dir must be a directory path (str or os.PathLike), got {out_dir!r}", type_error=True)
     elif Path(out_dir).exists() and not Path(out_dir).is_dir():
         problems.add(f"out_dir={str(out_dir)!r} is a file, not a directory")
+    if isinstance(model_or_module, torch.nn.Module):
+        from .sharding import is_sharded
+
+        sharded = [n for n, p in model_or_module.named_parameters() if is_sharded(p)]
+        if sharded:
+            problems.add(f"export needs whole weights, but {len(sharded)} are sharded across ranks (FSDP2 DTensors, e.g. "
+                         f"{sharded[0]!r}): gather them into an unsharded copy first (torch.distributed.checkpoint."
+                         "state_dict.get_model_state_dict with full_state_dict=True) and export that on one rank")
     problems.raise_if_any()
     known_tokenizer, known_recipe = None, None
     parts = getattr(model_or_module, "export_parts", None)

@@ -25,6 +25,12 @@ targets per step instead of two (tests check every listed optimizer keeps pruned
 update, so no pass over the gradients is needed at all (:meth:`MaskRegistry.enforced_by`).
 All pruning callbacks of a model share its registry (:meth:`MaskRegistry.of`), so a one-shot and a
 gradual callback compose and enforcement runs once per step.
+
+Weights sharded by rows across ranks (FSDP2's DTensors, :mod:`gradprune.sharding`): the registry holds the
+mask of the rows each rank holds, and enforcement and optimizer-state resets act on the local shards.
+:meth:`MaskRegistry.state_dict` gathers whole masks (checkpoints hold whole masks, as without sharding),
+:meth:`MaskRegistry.load_state_dict` slices them back to the local rows, and :meth:`MaskRegistry.pruned_count`
+counts over all shards; with sharded masks these three are collectives (every rank calls them).
 """
 from __future__ import annotations
 
@@ -35,6 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .sharding import count_pruned, full_mask, local, local_rows, local_shape
 from .targets import Target
 
 _ATTRIBUTE = "_gradprune_mask_registry"
@@ -159,14 +166,16 @@ class MaskRegistry:
 
     def update(self, targets: Iterable[Target], masks: Mapping[str, torch.Tensor]) -> None:
         """Record new masks (intersected with the existing ones: pruning is monotone) and zero the
-        newly pruned weights. Shapes are checked for all targets before anything changes."""
+        newly pruned weights. Shapes are checked for all targets before anything changes. The mask of a
+        sharded weight (a DTensor) is shaped like its local rows."""
         targets = list(targets)
         for t in targets:
             if t.name not in masks:
                 raise KeyError(f"no mask given for target {t.name!r}")
-            if tuple(masks[t.name].shape) != tuple(t.weight.shape):
+            if tuple(masks[t.name].shape) != local_shape(t.weight):
+                held = " (the rows held here)" if local(t.weight) is not t.weight else ""
                 raise ValueError(
-                    f"mask for {t.name!r} has shape {tuple(masks[t.name].shape)}, weight has {tuple(t.weight.shape)}"
+                    f"mask for {t.name!r} has shape {tuple(masks[t.name].shape)}, weight has {local_shape(t.weight)}{held}"
                 )
         for t in targets:
             keep = masks[t.name].to(device=t.weight.device, dtype=torch.bool)
@@ -203,7 +212,7 @@ class MaskRegistry:
     def apply_(self, names: Optional[Iterable[str]] = None) -> None:
         """Zero every pruned weight in place."""
         for name in self.masks if names is None else names:
-            zero_pruned_(self.targets[name].weight, self.mask_of(name))
+            zero_pruned_(local(self.targets[name].weight), self.mask_of(name))
 
     @torch.no_grad()
     def mask_gradients_(self, step: Optional[int] = None) -> None:
@@ -218,7 +227,7 @@ class MaskRegistry:
         for name in self.masks:
             grad = self.targets[name].weight.grad
             if grad is not None:
-                zero_pruned_(grad, self.mask_of(name))
+                zero_pruned_(local(grad), self.mask_of(name))
 
     @torch.no_grad()
     def reset_optimizer_state_(self, optimizer: torch.optim.Optimizer, names: Optional[Iterable[str]] = None) -> None:
@@ -310,26 +319,29 @@ class MaskRegistry:
 
     # -- inspection and persistence -------------------------------------------------------------------
     def pruned_count(self, names: Optional[Iterable[str]] = None) -> int:
-        """How many weights the masks prune (of the named targets; default all)."""
-        masks = self.masks.values() if names is None else [self.masks[n] for n in names if n in self.masks]
-        return sum(int(m.numel() - m.count_nonzero()) for m in masks)
+        """How many weights the masks prune (of the named targets; default all), over all shards of sharded
+        weights (then a collective)."""
+        names = list(self.masks) if names is None else [n for n in names if n in self.masks]
+        return sum(count_pruned([(self.targets[n].weight, self.masks[n]) for n in names]))
 
     def sparsity(self, targets: Sequence[Target]) -> float:
         """Pruned fraction of these targets' weights (a target without a mask counts as dense)."""
         return self.pruned_count(t.name for t in targets) / sum(t.numel for t in targets)
 
     def numel(self) -> int:
-        return sum(m.numel() for m in self.masks.values())
+        return sum(self.targets[name].weight.numel() for name in self.masks)  # whole tensors, sharded or not
 
     def state_dict(self) -> dict:
-        """Bit-packed masks by target name."""
-        return {
-            name: {"shape": list(mask.shape), "bits": pack_mask(mask), "transposed": self.targets[name].transposed}
-            for name, mask in self.masks.items()
-        }
+        """Bit-packed whole masks by target name (those of sharded weights gathered: a collective)."""
+        state = {}
+        for name, mask in self.masks.items():
+            whole = full_mask(self.targets[name].weight, mask)
+            state[name] = {"shape": list(whole.shape), "bits": pack_mask(whole), "transposed": self.targets[name].transposed}
+        return state
 
     def load_state_dict(self, state: Mapping[str, Mapping]) -> None:
-        """Restore masks saved by :meth:`state_dict` into this model and zero the pruned weights.
+        """Restore masks saved by :meth:`state_dict` into this model and zero the pruned weights. Whole
+        masks of weights sharded here are sliced to the local rows.
 
         Raises ValueError (nothing changed) if a name is not a module of the model or a shape differs.
         """
@@ -353,6 +365,6 @@ class MaskRegistry:
                     f"{numel} weights), got {got}"
                 )
             targets.append(Target(name, module, bool(entry.get("transposed", False))))
-            restored[name] = unpack_mask(bits, entry["shape"])
+            restored[name] = local_rows(unpack_mask(bits, entry["shape"]), module.weight)
         self.clear()
         self.update(targets, restored)

@@ -33,6 +33,7 @@ from typing import Callable, Iterable, Mapping, Optional
 import torch
 
 from .masks import fill_pruned_, zero_pruned_
+from .sharding import local
 
 # state key -> the per-step decay factor of that state under a parameter group's options (1: no decay)
 _ADAM = {"exp_avg_sq": lambda group: float(group["betas"][1]), "max_exp_avg_sq": lambda group: 1.0}
@@ -93,7 +94,10 @@ def reset_pruned_state_(optimizer: torch.optim.Optimizer, weight_masks: Iterable
     for weight, keep in weight_masks:
         state = optimizer.state.get(weight)
         for key, value in (state or {}).items():
-            if not isinstance(value, torch.Tensor) or value.shape != keep.shape:
+            if not isinstance(value, torch.Tensor):
+                continue
+            value = local(value)  # a sharded weight's state is sharded like it, and so is its mask
+            if value.shape != keep.shape:
                 continue
             decay = moments.get(key)
             group = groups.get(id(weight))

@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from .sharding import count_zeros
 from .targets import Target, find_targets
 
 
@@ -14,16 +15,17 @@ def sparsity_report(model: nn.Module, targets: Optional[Sequence[Target]] = None
     """Count zero weights of ``targets`` (default: :func:`find_targets` of the model).
 
     Returns ``{"global": {...}, "layers": {name: {...}}, "by_type": {type: {...}}}`` where each entry has
-    ``zeros``, ``numel`` and ``sparsity``.
+    ``zeros``, ``numel`` and ``sparsity``. Weights sharded across ranks (FSDP2) count as whole tensors,
+    their zeros summed over the shards: then it is a collective, every rank calls it and gets the report.
     """
     if targets is None:
         targets = find_targets(model)
     layers, by_type = {}, {}
     total_zeros = total = 0
+    all_zeros = count_zeros([t.weight for t in targets])
     with torch.no_grad():
-        for t in targets:
+        for t, zeros in zip(targets, all_zeros):
             numel = t.numel
-            zeros = numel - int(torch.count_nonzero(t.weight))
             layers[t.name] = {"zeros": zeros, "numel": numel, "sparsity": zeros / numel}
             kind = by_type.setdefault(t.name.rsplit(".", 1)[-1], {"zeros": 0, "numel": 0})
             kind["zeros"] += zeros

@@ -79,15 +79,21 @@ def _prepared_scores(target: Target, score_fn: ScoreFn, keep: Optional[torch.Ten
     raw = score_fn(target)
     if raw.shape != target.weight.shape:
         raise ValueError(f"scores for {target.name!r} have shape {tuple(raw.shape)}, expected {tuple(target.weight.shape)}")
-    view = target.out_in(raw)
+    return prepare_scores(target.name, target.out_in(raw), None if keep is None else target.out_in(keep), nm)
+
+
+def prepare_scores(name: str, view: torch.Tensor, keep: Optional[torch.Tensor], nm) -> torch.Tensor:
+    """A fresh float32 copy of the (out, in) scores ``view`` with -0.0 as +0.0, NaN refused, the weights
+    pruned by the (out, in) ``keep`` at -inf and, for N:M, the weights that may not be pruned at +inf
+    (the preparation of every scope; :mod:`gradprune.sharding` calls it on a shard's rows)."""
     scores = torch.empty(view.shape, dtype=torch.float32, device=view.device)
     scores.copy_(view)
-    del raw, view
+    del view
     scores += 0.0  # -0.0 -> +0.0 so that equal scores compare equal bit for bit
     if scores.isnan().any():
-        raise ValueError(f"scores for {target.name!r} contain NaN")
+        raise ValueError(f"scores for {name!r} contain NaN")
     if keep is not None:
-        fill_pruned_(scores, target.out_in(keep), float("-inf"))
+        fill_pruned_(scores, keep, float("-inf"))
     if nm is not None:
         n, m = nm
         grouped = scores.view(scores.shape[0], -1, m)

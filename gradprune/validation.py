@@ -208,11 +208,13 @@ def check_weights_usable(problems: Problems, model: Any, what: str = "model") ->
     statistics and SparseGPT updates would otherwise fail half-way or spread NaN."""
     import torch
 
+    from .sharding import local
+
     meta, bad = [], []
     for pname, param in model.named_parameters():
         if param.device.type == "meta":
             meta.append(pname)
-        elif param.is_floating_point() and not bool(torch.isfinite(param.detach()).all()):
+        elif param.is_floating_point() and not bool(torch.isfinite(local(param.detach())).all()):  # a shard: its rows
             bad.append(pname)
     if meta:
         problems.add(f"{what} has weights on the meta device (not loaded): {meta[:3]}{' ...' if len(meta) > 3 else ''}; "

@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from ..calibration import ChannelStats
 from ..selection import select_masks_unchecked
@@ -35,13 +35,17 @@ STATISTICS = ("sum_sq",)
 DEFAULT_A = 0.5
 
 
-def ria_scores(weight: torch.Tensor, sum_sq: torch.Tensor, a: float = DEFAULT_A) -> torch.Tensor:
+def ria_scores(weight: torch.Tensor, sum_sq: torch.Tensor, a: float = DEFAULT_A,
+               column_sums: Optional[torch.Tensor] = None) -> torch.Tensor:
     """RIA scores of an (out, in) weight, float32, shaped like ``weight`` (higher = more important).
 
     ``(|W_ij| / sum_i |W_ij| + |W_ij| / sum_j |W_ij|) * sqrt(sum_sq_j) ** a``, where ``sum_sq`` (in,) is
     the sum over tokens of the squared inputs of the layer. A row or column whose absolute sum is zero
     holds only zeros: its relative-importance term is 0 (not 0 / 0). ``a = 0`` ignores the activations
     (``0 ** 0`` counts as 1, so a channel that never fired does not zero its scores).
+
+    ``column_sums`` (in,): ``sum_i |W_ij|`` over the whole weight, for a ``weight`` that holds only some of
+    its rows (a shard of a row-sharded weight, :mod:`gradprune.sharding`); default: summed from ``weight``.
     """
     problems = Problems()
     if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
@@ -57,7 +61,10 @@ def ria_scores(weight: torch.Tensor, sum_sq: torch.Tensor, a: float = DEFAULT_A)
     problems.raise_if_any()
 
     w = weight.detach().abs().to(torch.float32)
-    column_sums = w.sum(dim=0, keepdim=True)  # sum over i (outputs) for each input j
+    if column_sums is None:
+        column_sums = w.sum(dim=0, keepdim=True)  # sum over i (outputs) for each input j
+    else:
+        column_sums = column_sums.detach().to(device=w.device, dtype=torch.float32).reshape(1, -1)
     row_sums = w.sum(dim=1, keepdim=True)  # sum over j (inputs) for each output i
     one = torch.ones((), dtype=w.dtype, device=w.device)
     relative = w / torch.where(column_sums > 0, column_sums, one) + w / torch.where(row_sums > 0, row_sums, one)
