@@ -1,6 +1,7 @@
 """One-shot pruning of a user's own LightningModule that has no forward(input_ids): the causal LM inside
 is found (or named with ``lm``), and a module with nothing recognisable gets an error saying what to
 define. Also: the strategies the pruning callbacks refuse."""
+import os
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -191,7 +192,12 @@ def test_every_pruning_callback_refuses_a_sharding_strategy_before_pruning(tmp_p
          r"scorer 'taylor' under strategy ModelParallelStrategy \(FSDP2\)"),
     ):
         fit = trainer(tmp_path, max_steps=2, callbacks=[callback], strategy=ModelParallelStrategy())
-        with pytest.raises(ValueError, match=match):
-            fit.fit(module, datamodule=Windows())
+        try:
+            with pytest.raises(ValueError, match=match):
+                fit.fit(module, datamodule=Windows())
+        finally:  # the strategy set up a one-process group on MASTER_PORT: a later DDP test would find it taken
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+            os.environ.pop("MASTER_PORT", None)
     assert not MaskRegistry.of(module).masks
     assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
