@@ -164,27 +164,31 @@ def plot(results: Path, out: Path) -> None:
     import matplotlib.ticker
 
     records = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
-    fig, ax = plt.subplots(figsize=(7, 5))
     rows = [r for r in records if r["row"] != "dense"]
+    fig, ax = plt.subplots(figsize=(8, 5.5))
     for r in records:
         if r["row"] == "dense":
             ax.axhline(r["ppl"], color="black", linestyle="--", linewidth=1, label=f"dense ({r['ppl']:.2f})")
-    for i, r in enumerate(rows):  # a small horizontal offset per row keeps markers at one sparsity apart
+    groups: dict = {}  # rows at one target sparsity and pattern, spread apart by a small horizontal offset
+    for r in rows:
+        groups.setdefault((r["sparsity_target"], r["pattern"]), []).append(r)
+    for r in rows:
+        group = groups[(r["sparsity_target"], r["pattern"])]
+        offset = 0.005 * (group.index(r) - (len(group) - 1) / 2)
         gradual = r["row"].startswith("gradual")
-        ax.scatter(r["sparsity"] + 0.006 * (i - (len(rows) - 1) / 2), r["ppl"], marker="o" if gradual else "s", s=40,
+        ax.scatter(r["sparsity"] + offset, r["ppl"], marker="o" if gradual else "s", s=40, color=plt.cm.tab20(rows.index(r) % 20),
                    label=f"{r['label']}" + (f" (ramp to step {round(r['end_fraction'] * r['steps'])})" if "gradual" in r["row"] else "")
                    + f", {r['pattern']}: {r['ppl']:.2f}")
-    ax.set_xlim(0.0, 0.8)
+    ax.set_xlim(0.4, 0.8)
     ax.set_xlabel("sparsity of the targeted weights (markers at one sparsity are spread apart)")
     ax.set_ylabel("held-out perplexity (log scale)")
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_title("SmolLM2-135M-Instruct: recovery at equal steps and tokens")
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1)  # below: no marker hidden
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), ncol=1)  # beside: no marker hidden
     ax.grid(True, which="both", alpha=0.3)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
     fig.savefig(out, dpi=110, bbox_inches="tight")
     print(f"wrote {out}")
 
