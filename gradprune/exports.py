@@ -28,6 +28,7 @@ Embeddings, norms and biases are never targets and stay dense.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -212,8 +213,9 @@ def _write_compressed(model: nn.Module, out: Path, registries) -> dict:
 
 
 def _save_config(model: nn.Module, out: Path) -> None:
-    """config.json (and generation_config.json) as save_pretrained writes them."""
-    config = model.config
+    """config.json (and generation_config.json) as save_pretrained writes them (from a copy of the config:
+    the model being exported keeps its own)."""
+    config = copy.deepcopy(model.config)
     config.dtype = str(next(model.parameters()).dtype).split(".")[1]
     config.architectures = [type(model).__name__]
     config.save_pretrained(out)
@@ -226,8 +228,6 @@ def _write_structured(model: nn.Module, out: Path, registries) -> dict:
     """The physically smaller model: a copy of ``model`` without its all-zero MLP neurons, head groups and
     decoder layers (:func:`gradprune.remove_zeroed_units`, the uniform rule per layer), saved like ``dense``.
     The model itself is left as it is; the copy costs one more model in memory while it is written."""
-    import copy
-
     from .structured import remove_zeroed_units
 
     smaller = copy.deepcopy(model)

@@ -246,8 +246,6 @@ class MaskRegistry:
             elif floors.interval is None or interval < floors.interval:
                 floors.interval = interval
 
-    zero_optimizer_state_ = reset_optimizer_state_  # the name it had before second moments were floored
-
     def _refresh_floors(self, optimizer: torch.optim.Optimizer) -> None:
         """Step post-hook: write the second-moment floors after the first step (an optimizer attached
         before it has state creates it zeroed there) and again whenever they are due."""

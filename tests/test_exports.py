@@ -324,3 +324,12 @@ def test_the_recipe_names_every_callback_argument_so_it_rebuilds_the_callbacks()
         module, name = entry["class_path"].rsplit(".", 1)
         rebuilt.append(getattr(importlib.import_module(module), name)(**entry["init_args"]))
     assert describe_callbacks(rebuilt) == described
+
+
+def test_a_compressed_export_leaves_the_model_config_as_it_was(tmp_path):
+    model = pruned_llama(0.5, dtype=torch.bfloat16)
+    before = model.config.to_dict()
+    out = gp.export(model, tmp_path / "compressed", format="compressed")
+    assert model.config.to_dict() == before
+    written = json.loads((out / "config.json").read_text())
+    assert written["architectures"] == ["LlamaForCausalLM"] and written["dtype"] == "bfloat16"

@@ -79,10 +79,6 @@ def _new_param(old: nn.Parameter, value: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(value.contiguous(), requires_grad=old.requires_grad)
 
 
-def _registry(model: nn.Module) -> Optional[MaskRegistry]:
-    return model.__dict__.get("_gradprune_mask_registry")
-
-
 def _slice_mask(registry: Optional[MaskRegistry], name: str, dim: int, index: torch.Tensor) -> None:
     if registry is not None and name in registry.masks:
         registry.masks[name] = registry.masks[name].index_select(dim, index.to(registry.masks[name].device)).contiguous()
@@ -194,7 +190,7 @@ def apply_removal(model: nn.Module, removal: Removal, units: Optional[Units] = N
     "num_key_value_heads", "num_hidden_layers"}`` (None where not applicable)."""
     units = units or find_units(model)
     check_removal(units, removal)
-    registry = _registry(model)
+    registry = MaskRegistry.existing(model)
     names = {id(m): n for n, m in model.named_modules()}
     config = units.config
     kept_blocks = [b for b in units.blocks if b.index not in set(removal.layers)]
