@@ -165,12 +165,7 @@ class GradualPruningCallback(ScheduledEvents, CalibrationDraw, PruningCallback):
                              f"at every event: use scorer {calibrated}, got scorer={scorer!r}")
             if allocation != "uniform":
                 problems.add(f"statistics='calibration' supports allocation 'uniform' only, got allocation={allocation!r}")
-            for name, value in (("nsamples", nsamples), ("seqlen", seqlen)):
-                if not is_int(value) or value < 1:
-                    problems.add(f"{name} must be a positive integer (calibration sequences / tokens), got {value!r}")
-            if lm is not None and (not isinstance(lm, str) or not lm):
-                problems.add(f"lm must be the dotted name of the causal LM inside the LightningModule (e.g. 'model') "
-                             f"or None, got {lm!r}")
+            self.check_calibration_arguments(problems, nsamples, seqlen, lm)
         problems.raise_if_any()
         # Check the remaining schedule arguments now (end_step may still be a fraction of the run).
         SparsitySchedule(

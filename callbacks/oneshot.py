@@ -41,8 +41,17 @@ log = logging.getLogger(__name__)
 
 
 class CalibrationDraw:
-    """How a fit-start callback draws calibration data (shared by the one-shot and structured callbacks).
+    """How a callback draws calibration data (shared by the one-shot, structured and gradual callbacks).
     Needs ``self.nsamples`` and ``self.seqlen``; sets ``self._combine`` (how statistics are summed over ranks)."""
+
+    @staticmethod
+    def check_calibration_arguments(problems: Problems, nsamples: Any, seqlen: Any, lm: Any) -> None:
+        """``nsamples`` and ``seqlen`` positive ints, ``lm`` a dotted submodule name or None."""
+        for name, value in (("nsamples", nsamples), ("seqlen", seqlen)):
+            if not is_int(value) or value < 1:
+                problems.add(f"{name} must be a positive integer, got {value!r}")
+        if lm is not None and (not isinstance(lm, str) or not lm):
+            problems.add(f"lm must be the dotted name of the causal LM inside the LightningModule (e.g. 'model') or None, got {lm!r}")
 
     # -- calibration ----------------------------------------------------------------------------------
     def calibration(self, trainer: pl.Trainer) -> list:
@@ -126,11 +135,7 @@ class OneShotPruningCallback(CalibrationDraw, PruningCallback):
     ) -> None:
         super().__init__()
         problems = Problems()
-        for name, value in (("nsamples", nsamples), ("seqlen", seqlen)):
-            if not is_int(value) or value < 1:
-                problems.add(f"{name} must be a positive integer, got {value!r}")
-        if lm is not None and (not isinstance(lm, str) or not lm):
-            problems.add(f"lm must be the dotted name of the causal LM inside the LightningModule (e.g. 'model') or None, got {lm!r}")
+        self.check_calibration_arguments(problems, nsamples, seqlen, lm)
         check_selector(problems, "include", include)
         check_selector(problems, "exclude", exclude)
         problems.raise_if_any()

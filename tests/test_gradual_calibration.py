@@ -75,7 +75,7 @@ def test_calibration_statistics_give_every_ddp_rank_the_same_weights_and_masks(t
     (dict(scorer="taylor"), r"statistics='calibration' runs the one-shot method .* got scorer='taylor'"),
     (dict(scorer="magnitude"), r"use scorer \['ria', 'sparsegpt', 'wanda'\], got scorer='magnitude'"),
     (dict(scorer="wanda", allocation="owl"), r"allocation 'uniform' only, got allocation='owl'"),
-    (dict(scorer="wanda", nsamples=0), r"nsamples must be a positive integer .* got 0"),
+    (dict(scorer="wanda", nsamples=0), r"nsamples must be a positive integer, got 0"),
     (dict(scorer="wanda", lm=""), r"lm must be the dotted name"),
 ])
 def test_bad_calibration_arguments_raise_at_construction(kwargs, match):
