@@ -15,7 +15,7 @@ lr --lr, 4 warm-up steps, cosine), gradient clipping 1.0, and, for "+ KD", the d
 (alpha 0.5, T 2). Held-out perplexity is PrunableLM's validation perplexity on TextDataModule's validation
 files (never trained on or used for calibration). One-shot rows prune at fit start with the method's callback
 (--nsamples windows of --block-size tokens from the training side), then fine-tune all --steps steps. Gradual
-rows ramp --initial-sparsity (0) -> sparsity with a cubic schedule from step 0 to --end-fraction of the run, an
+rows ramp --initial-sparsity (0) -> sparsity with a --schedule (cubic) schedule from step 0 to --end-fraction of the run, an
 event every --every steps, activation statistics over the --stat-batches micro-batches before each event, then
 train on; the "on calibration data" rows instead run the one-shot method sequentially at each event on the
 --nsamples calibration windows the one-shot rows use (GradualPruningCallback(statistics="calibration")).
@@ -63,7 +63,8 @@ def rows(args) -> dict:
 
     def gradual(scorer, scope="row", allocation="uniform", statistics="window"):
         calibration = dict(nsamples=args.nsamples, seqlen=args.block_size) if statistics == "calibration" else {}
-        return lambda: GradualPruningCallback(s, schedule="cubic", start_step=0, end_step=args.end_fraction,
+        return lambda: GradualPruningCallback(s, schedule=args.schedule, exponent=args.exponent, start_step=0,
+                                              end_step=args.end_fraction,
                                               every=args.every, scope=scope, pattern=pattern, scorer=scorer,
                                               stat_batches=args.stat_batches, allocation=allocation,
                                               initial_sparsity=args.initial_sparsity, statistics=statistics,
@@ -127,7 +128,7 @@ def run_row(name: str, args, dense, dm) -> dict:
         "ppl": ppl, "steps": steps, "tokens": steps * args.batch_size * args.block_size, "wall_s": wall,
         "s_per_step": statistics.median(timer.times[2:]) if len(timer.times) > 2 else None,
         "peak_extra_rss_mb": memory.extra_mb, "lr": args.lr, "every": args.every, "end_fraction": args.end_fraction,
-        "stat_batches": args.stat_batches, "start_sparsity": args.start_sparsity, "initial_sparsity": args.initial_sparsity, "nsamples": args.nsamples, "block_size": args.block_size,
+        "stat_batches": args.stat_batches, "schedule": args.schedule, "exponent": args.exponent, "start_sparsity": args.start_sparsity, "initial_sparsity": args.initial_sparsity, "nsamples": args.nsamples, "block_size": args.block_size,
         "batch_size": args.batch_size, "val_tokens": args.val_tokens, "lora": lora,
         "lr_used": args.lora_lr if lora else args.lr,
     }
@@ -144,7 +145,10 @@ def print_table(results: Path) -> None:
     for r in records:
         start = (f"{r['start_sparsity']:.0%} (SparseGPT)" if r["row"].startswith("sparsegpt-")
                  else f"{r.get('initial_sparsity', 0.0):.0%}" if r.get("initial_sparsity") else "0")
-        ramp = (f"{start} -> {r['sparsity_target']:.0%} by step {round(r['end_fraction'] * r['steps'])}, every {r['every']}"
+        schedule = r.get("schedule", "cubic")
+        shape = ("" if (schedule, r.get("exponent", 3.0)) == ("cubic", 3.0) else f", {schedule}" if schedule == "linear"
+                 else f", {schedule} ({'power' if schedule == 'cubic' else 'rate'} {r['exponent']:g})")
+        ramp = (f"{start} -> {r['sparsity_target']:.0%} by step {round(r['end_fraction'] * r['steps'])}, every {r['every']}{shape}"
                 if "gradual" in r["row"] else "-")
         ratio = f"{r['ppl'] / dense[-1]['ppl']:.2f}" if dense else ""
         step = "" if r["s_per_step"] is None else f"{r['s_per_step']:.2f}"
@@ -213,6 +217,10 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=5)
     parser.add_argument("--end-fraction", type=float, default=0.6)
     parser.add_argument("--stat-batches", type=int, default=4)
+    parser.add_argument("--schedule", default="cubic", choices=("cubic", "linear", "exponential"),
+                        help="the gradual rows' schedule (gradprune.schedules)")
+    parser.add_argument("--exponent", type=float, default=3.0,
+                        help="power of the cubic schedule (3 = Zhu & Gupta) or rate of the exponential one")
     parser.add_argument("--start-sparsity", type=float, default=0.3, help="one-shot sparsity of the sparsegpt-gradual row")
     parser.add_argument("--initial-sparsity", type=float, default=0.0,
                         help="the gradual rows' sparsity at step 0 (pruned at step 0 by the calibration rows)")
