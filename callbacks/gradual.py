@@ -415,8 +415,12 @@ class GradualPruningCallback(ScheduledEvents, CalibrationDraw, PruningCallback):
         options = {"scope": self.scope} if "scope" in METHODS[self.scorer].options else {}
         if self._combine is not None:
             options["reduce"] = self._combine
-        if self.pattern == "unstructured":  # every layer at exactly its count, as in the window mode
-            options["counts"] = {t.name: exact_count(target, t.numel) for t in self._targets}
+        if self.pattern == "unstructured":  # every layer at exactly its count, as in the window mode; a layer
+            # that earlier pruning (a one-shot callback of another scope) took past it keeps its masks, and the
+            # others prune that much less, so the total stays exact
+            masks = self.registry(pl_module).current(self._targets)
+            current = {name: int(mask.numel() - mask.sum()) for name, mask in masks.items()}
+            options["counts"] = monotone_counts({t.name: exact_count(target, t.numel) for t in self._targets}, current)
         prune_oneshot(pl_module, self.scorer, target, self.pattern, self._calibration, sequential=True,
                       include=[t.name for t in self._targets], lm=self.lm,
                       progress=None if trainer.is_global_zero else False, **options)

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -122,11 +123,13 @@ def _plan(model, method, sparsity, pattern, calibration, sequential, include, ex
             log.info("sequential mode: pruning the %d targets inside %r, skipping %s", len(targets) - len(outside), stack.name, outside)
             targets = [t for t in targets if stack.contains(t)]
     validate_selection(targets, sparsity, options.get("scope", "layer"), pattern)
-    if counts is not None:
-        _check_counts(problems, counts, targets, options, nm)
     # pruning again: masks only grow, so the new request must be reachable on top of the current masks
     scope = "layer" if options.get("adaptive") else options.get("scope", "layer")
-    check_existing_masks(problems, targets, MaskRegistry.of(model).current(targets), sparsity, scope, nm, pattern)
+    existing = MaskRegistry.of(model).current(targets)
+    if counts is not None:  # the counts, not the sparsity, say what each layer ends at
+        _check_counts(problems, counts, targets, options, nm, existing)
+    else:
+        check_existing_masks(problems, targets, existing, sparsity, scope, nm, pattern)
     problems.raise_if_any()
     batches = as_batches(calibration) if calibrated else []
     if batches:
@@ -138,9 +141,12 @@ def _plan(model, method, sparsity, pattern, calibration, sequential, include, ex
     return Plan(job, targets, sequential and calibrated, stack, batches, runner)
 
 
-def _check_counts(problems: Problems, counts: Any, targets: Sequence[Target], options: dict, nm: NM) -> None:
-    """``counts`` must give every target an int in [0, its size], and replace the per-group counts only
-    where a layer's count has a meaning (layer or row scope, unstructured, uniform allocation)."""
+def _check_counts(problems: Problems, counts: Any, targets: Sequence[Target], options: dict, nm: NM,
+                  existing: Mapping[str, torch.Tensor]) -> None:
+    """``counts`` must give every target an int in [0, its size], replace the per-group counts only where a
+    layer's count has a meaning (layer or row scope, unstructured, uniform allocation), and be reachable on
+    top of the ``existing`` masks (masks only grow: no layer, or with scope "row" no row, may have pruned
+    more already than its count gives it)."""
     if not isinstance(counts, Mapping):
         problems.add(f"counts must be a dict of target name -> weights to prune, got {type(counts).__name__}", type_error=True)
         return
@@ -154,6 +160,25 @@ def _check_counts(problems: Problems, counts: Any, targets: Sequence[Target], op
         problems.add(f"counts has no entry for {missing[:3]}{' ...' if len(missing) > 3 else ''}")
     if bad:
         problems.add(f"counts must be ints in [0, the layer's size]: {bad[:3]}")
+    if missing or bad:
+        return
+    over = []
+    for t in targets:
+        if t.name not in existing:
+            continue
+        pruned = (~t.out_in(existing[t.name])).sum(dim=1)  # per output row
+        k = counts[t.name]
+        if options.get("scope", "layer") == "row":  # the count spread over the rows, one more in the first ones
+            allowed = torch.full_like(pruned, k // pruned.numel())
+            allowed[: k % pruned.numel()] += 1
+            if bool((pruned > allowed).any()):
+                row = int((pruned > allowed).nonzero()[0])
+                over.append(f"{t.name} (row {row}: {int(pruned[row])} pruned, its share of {k} is {int(allowed[row])})")
+        elif int(pruned.sum()) > k:
+            over.append(f"{t.name} ({int(pruned.sum())} pruned, count {k})")
+    if over:
+        problems.add(f"counts ask for fewer pruned weights than earlier pruning already removed in "
+                     f"{', '.join(over[:3])}{' ...' if len(over) > 3 else ''}; masks only grow")
 
 
 def is_pattern_int(pattern: Any) -> bool:
@@ -298,7 +323,8 @@ def prune_oneshot(
             inside ``model`` (``"model"``). Target names and masks stay relative to ``model``.
         counts: per-target prune counts (target name -> weights pruned in that layer, existing masks
             included) instead of ``sparsity``'s count per comparison group; with scope "row" a layer's count is
-            spread over its rows (one more in the first ones). Unstructured, uniform allocation only; the
+            spread over its rows (one more in the first ones). A count below what earlier masks already prune
+            in that layer (or row) is refused, as masks only grow. Unstructured, uniform allocation only; the
             gradual callback's ``statistics="calibration"`` uses it to keep every event's count exact.
         method_options: magnitude: ``scope`` ("layer"); wanda: ``scope`` ("row"), ``adaptive`` (False),
             ``alpha_tolerance`` (0.001); sparsegpt: ``blocksize`` (128), ``percdamp`` (0.01),

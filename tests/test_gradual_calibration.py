@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from gradprune import MaskRegistry, exact_count, prune_oneshot
+from gradprune import MaskRegistry, exact_count, find_targets, prune_oneshot
 from gradprune.callbacks import GradualPruningCallback
 from lightning_helpers import token_loader, trainer
 from test_gradual_scorers import EventCounts, PlainLM, RankShards, no_hooks_left
@@ -99,3 +99,37 @@ def test_oneshot_counts_are_checked_before_anything_changes():
         prune_oneshot(module, "wanda", 0.5, pattern="2:4", calibration=calibration, counts={})
     assert all(torch.equal(v, weights[k]) for k, v in module.state_dict().items())
     assert not MaskRegistry.of(module).masks
+
+
+def test_a_layer_pruned_past_the_target_beforehand_keeps_its_mask_and_the_total_stays_exact(tmp_path):
+    """Earlier pruning of another scope (here one layer at 60%) must not make an event refuse mid-fit: that
+    layer keeps what it has, the other layers prune that much less, and the total is the schedule's."""
+    module = PlainLM(lr=0.0)
+    first = "model.model.layers.0.mlp.down_proj"
+    prune_oneshot(module, "magnitude", 0.6, include=[first], progress=False)
+    before = MaskRegistry.of(module).masks[first].clone()
+    gradual = GradualPruningCallback(0.5, start_step=0, end_step=2, every=2, initial_sparsity=0.3, scorer="sparsegpt",
+                                     statistics="calibration", nsamples=4, seqlen=16)
+    counts = EventCounts(gradual)
+    trainer(tmp_path, max_steps=3, callbacks=[gradual, counts]).fit(module, token_loader())
+    assert counts.events[2]["global"]["zeros"] == sum(exact_count(0.5, t.numel) for t in gradual.targets)
+    after = MaskRegistry.of(module).masks[first]
+    assert not (after & ~before).any()  # nothing pruned earlier came back
+    assert counts.events[2]["layers"][first]["zeros"] == exact_count(0.6, before.numel())
+    assert no_hooks_left(module)
+
+
+def test_counts_below_what_earlier_pruning_removed_are_refused_before_anything_changes():
+    module = PlainLM()
+    name = "model.model.layers.0.self_attn.q_proj"
+    prune_oneshot(module, "magnitude", 0.6, include=[name], progress=False)
+    weights = {k: v.clone() for k, v in module.state_dict().items()}
+    calibration = [torch.randint(0, 128, (2, 8))]
+    targets = {t.name: t.numel for t in find_targets(module)}
+    counts = {n: exact_count(0.5, numel) for n, numel in targets.items()}
+    with pytest.raises(ValueError, match=rf"counts ask for fewer pruned weights than earlier pruning already removed in "
+                                         rf"{name} \({exact_count(0.6, targets[name])} pruned, count {counts[name]}\)"):
+        prune_oneshot(module, "wanda", 0.5, calibration=calibration, scope="layer", counts=counts, progress=False)
+    with pytest.raises(ValueError, match=rf"in {name} \(row 0: \d+ pruned, its share of {counts[name]} is \d+\)"):
+        prune_oneshot(module, "wanda", 0.5, calibration=calibration, scope="row", counts=counts, progress=False)
+    assert all(torch.equal(v, weights[k]) for k, v in module.state_dict().items())
