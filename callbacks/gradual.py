@@ -60,7 +60,7 @@ from gradprune.validation import (Problems, check_choice, check_pattern, check_s
 
 from .base import FSDP2_NOTE, PruningCallback
 from .events import ScheduledEvents, check_end_step, schedule_end
-from .oneshot import CalibrationDraw
+from .calibration import CalibrationDraw
 
 log = logging.getLogger(__name__)
 

@@ -49,7 +49,7 @@ from gradprune.validation import Problems, check_choice, check_sparsity, check_w
 
 from .base import PruningCallback
 from .events import ScheduledEvents, check_end_step, schedule_end
-from .oneshot import CalibrationDraw
+from .calibration import CalibrationDraw
 
 log = logging.getLogger(__name__)
 

@@ -416,7 +416,7 @@ def test_binary_and_utf16_sources_warn_and_bad_json_lines_are_located(tmp_path):
 def test_a_one_shot_callback_warns_when_the_loader_blocks_are_shorter_than_seqlen(tmp_path):
     from lightning_helpers import tiny_module, token_loader, trainer
 
-    with LogRecords("gradprune.callbacks.oneshot") as logs:
+    with LogRecords("gradprune.callbacks.calibration") as logs:
         trainer(tmp_path, max_steps=1, callbacks=[WandaPruningCallback(0.5, nsamples=4, seqlen=512)]).fit(
             tiny_module(), token_loader(length=16))
     assert "seqlen=512, but the train dataloader's sequences have only 16 tokens" in logs.text()
