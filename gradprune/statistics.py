@@ -27,12 +27,25 @@ Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 
 class ActivationWindow:
-    """Sums of squared inputs of ``targets`` over the micro-batches seen while the window is open."""
+    """Sums of squared inputs of ``targets`` over the micro-batches seen while the window is open.
+
+    The subclasses keep other sums from the same hooks; each says where its per-target sums live
+    (:meth:`_sums`), which of their fields are sums (``_FIELDS``: reduced over ranks, saved in checkpoints)
+    and how an empty one is made (:meth:`_empty`)."""
+
+    _FIELDS: tuple[str, ...] = ("sum_sq", "count")
 
     def __init__(self, targets: Sequence[Target]) -> None:
         self.targets = list(targets)
         self._hooks = ActivationHooks(self.targets, l2_only=True)
         self._open = False
+
+    def _sums(self) -> dict:
+        """Target name -> its sums (what the hooks fill)."""
+        return self._hooks.stats
+
+    def _empty(self, target: Target) -> Any:
+        return ChannelStats.empty(target.in_features, target.weight.device, l2_only=True)
 
     @property
     def is_open(self) -> bool:
@@ -55,38 +68,42 @@ class ActivationWindow:
         self._hooks.tokens(mask if isinstance(mask, torch.Tensor) else None)
 
     def tokens_seen(self) -> int:
-        counts = [int(s.count) for s in self._hooks.stats.values()]
+        counts = [int(s.count) for s in self._sums().values()]
         return min(counts) if counts else 0
 
     def missing(self) -> list[str]:
         """Targets that saw no input while the window was open (they never ran in forward)."""
-        return [t.name for t in self.targets if t.name not in self._hooks.stats or float(self._hooks.stats[t.name].count) == 0]
+        sums = self._sums()
+        return [t.name for t in self.targets if t.name not in sums or float(sums[t.name].count) == 0]
 
     def sum_sq(self, name: str) -> torch.Tensor:
         return self._hooks.stats[name].sum_sq
 
     def reduce_(self, fn: Reduce) -> None:
-        for stats in self._hooks.stats.values():
-            stats.sum_sq, stats.count = fn(stats.sum_sq), fn(stats.count)
+        """Replace every sum by ``fn(sum)`` (e.g. a sum over data-parallel ranks), in ``_FIELDS`` order."""
+        for stats in self._sums().values():
+            for key in self._FIELDS:
+                if getattr(stats, key) is not None:
+                    setattr(stats, key, fn(getattr(stats, key)))
 
     def reset(self) -> None:
         """Close the window and forget the sums (after an event)."""
         self.close()
-        self._hooks.stats.clear()
+        self._sums().clear()
 
     def state_dict(self) -> dict:
-        return {name: {"sum_sq": s.sum_sq.cpu(), "count": s.count.cpu()} for name, s in self._hooks.stats.items()}
+        return {name: {k: getattr(s, k).cpu() for k in self._FIELDS if getattr(s, k) is not None}
+                for name, s in self._sums().items()}
 
     def load_state_dict(self, state: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
-
         self.reset()
         by_name = {t.name: t for t in self.targets}
         for name, saved in state.items():
-            target = by_name[name]
-            stats = ChannelStats.empty(target.in_features, target.weight.device, l2_only=True)
-            stats.sum_sq.copy_(saved["sum_sq"])
-            stats.count.copy_(saved["count"])
-            self._hooks.stats[name] = stats
+            stats = self._empty(by_name[name])
+            for key in self._FIELDS:
+                if getattr(stats, key) is not None and key in saved:
+                    getattr(stats, key).copy_(saved[key])
+            self._sums()[name] = stats
 
 
 class ChannelWindow(ActivationWindow):
@@ -94,52 +111,36 @@ class ChannelWindow(ActivationWindow):
     |x| and near-zero counts (|x| <= ``near_zero_eps``) with the token count (:class:`ChannelStats`), what
     the structured importance metrics read; ``l2_only`` keeps only the sums of x^2 and the counts."""
 
+    _FIELDS = ("sum_sq", "sum", "near_zero", "count", "sum_abs")
+
     def __init__(self, targets: Sequence[Target], near_zero_eps: float = 1e-2, l2_only: bool = False) -> None:
         self.targets = list(targets)
         self.near_zero_eps, self.l2_only = near_zero_eps, l2_only
         self._hooks = ActivationHooks(self.targets, near_zero_eps=near_zero_eps, l2_only=l2_only)
         self._open = False
 
+    def _empty(self, target: Target) -> ChannelStats:
+        return ChannelStats.empty(target.in_features, target.weight.device, self.near_zero_eps, self.l2_only)
+
     def stats(self, name: str) -> ChannelStats:
         return self._hooks.stats[name]
-
-    def reduce_(self, fn: Reduce) -> None:
-        for stats in self._hooks.stats.values():
-            stats.reduce_(fn)
-
-    _FIELDS = ("sum_sq", "sum", "near_zero", "count", "sum_abs")
-
-    def state_dict(self) -> dict:
-        return {name: {k: getattr(s, k).cpu() for k in self._FIELDS if getattr(s, k) is not None}
-                for name, s in self._hooks.stats.items()}
-
-    def load_state_dict(self, state: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
-        self.reset()
-        by_name = {t.name: t for t in self.targets}
-        for name, saved in state.items():
-            target = by_name[name]
-            stats = ChannelStats.empty(target.in_features, target.weight.device, self.near_zero_eps, self.l2_only)
-            for key in self._FIELDS:
-                if getattr(stats, key) is not None and key in saved:
-                    getattr(stats, key).copy_(saved[key])
-            self._hooks.stats[name] = stats
 
 
 class HessianWindow(ActivationWindow):
     """Sums ``X X^T`` (and token counts) of the inputs of ``targets`` while the window is open."""
+
+    _FIELDS = ("xtx", "count")
 
     def __init__(self, targets: Sequence[Target]) -> None:
         self.targets = list(targets)
         self._hooks = ActivationHooks(self.targets, hessian=True, channel=False)
         self._open = False
 
-    def tokens_seen(self) -> int:
-        counts = [int(s.count) for s in self._hooks.hessians.values()]
-        return min(counts) if counts else 0
+    def _sums(self) -> dict:
+        return self._hooks.hessians
 
-    def missing(self) -> list[str]:
-        stats = self._hooks.hessians
-        return [t.name for t in self.targets if t.name not in stats or float(stats[t.name].count) == 0]
+    def _empty(self, target: Target) -> HessianStats:
+        return HessianStats.empty(target.in_features, target.weight.device)
 
     def hessian(self, name: str) -> torch.Tensor:
         """SparseGPT's ``2/n X X^T`` of the target's inputs in the window (float64)."""
@@ -148,27 +149,6 @@ class HessianWindow(ActivationWindow):
     def sum_sq(self, name: str) -> torch.Tensor:
         """Per input channel ``sum x^2``: the diagonal of ``X X^T`` (what OWL's Wanda scores need)."""
         return self._hooks.hessians[name].xtx.diagonal().clone()
-
-    def reduce_(self, fn: Reduce) -> None:
-        for stats in self._hooks.hessians.values():
-            stats.xtx, stats.count = fn(stats.xtx), fn(stats.count)
-
-    def reset(self) -> None:
-        self.close()
-        self._hooks.hessians.clear()
-
-    def state_dict(self) -> dict:
-        return {name: {"xtx": s.xtx.cpu(), "count": s.count.cpu()} for name, s in self._hooks.hessians.items()}
-
-    def load_state_dict(self, state: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
-        self.reset()
-        by_name = {t.name: t for t in self.targets}
-        for name, saved in state.items():
-            target = by_name[name]
-            stats = HessianStats.empty(target.in_features, target.weight.device)
-            stats.xtx.copy_(saved["xtx"])
-            stats.count.copy_(saved["count"])
-            self._hooks.hessians[name] = stats
 
 
 class SaliencyAccumulator:
