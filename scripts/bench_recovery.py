@@ -9,7 +9,7 @@ sessions; the table is printed from every row recorded there):
     python scripts/bench_recovery.py --plot docs/recovery.png   # and draw sparsity against perplexity
                                                                 # (needs matplotlib: pip install gradprune[plot])
 
-Every row uses the same data: stdlib code through TextDataModule with the SmolLM2 tokenizer (seed 0), the
+Every row uses the same data: stdlib code through TextDataModule with the SmolLM2 tokenizer (seed --seed, 0), the
 same training batches in the same order, the same number of optimizer steps and tokens, AdamW (PrunableLM,
 lr --lr, 4 warm-up steps, cosine), gradient clipping 1.0, and, for "+ KD", the dense model as teacher
 (alpha 0.5, T 2). Held-out perplexity is PrunableLM's validation perplexity on TextDataModule's validation
@@ -105,7 +105,7 @@ def validate(module: PrunableLM, dm: TextDataModule) -> float:
 def run_row(name: str, args, dense, dm) -> dict:
     label, pruner, distill, *lora = rows(args)[name]
     lora = lora[0] if lora else None
-    pl.seed_everything(0, verbose=False)
+    pl.seed_everything(args.seed, verbose=False)
     module = PrunableLM(model=copy.deepcopy(dense), learning_rate=args.lora_lr if lora else args.lr, weight_decay=0.0,
                         warmup_steps=4, distill=Distillation(**distill) if distill else None, lora=lora)
     start = time.perf_counter()
@@ -130,7 +130,7 @@ def run_row(name: str, args, dense, dm) -> dict:
         "peak_extra_rss_mb": memory.extra_mb, "lr": args.lr, "every": args.every, "end_fraction": args.end_fraction,
         "stat_batches": args.stat_batches, "schedule": args.schedule, "exponent": args.exponent, "start_sparsity": args.start_sparsity, "initial_sparsity": args.initial_sparsity, "nsamples": args.nsamples, "block_size": args.block_size,
         "batch_size": args.batch_size, "val_tokens": args.val_tokens, "lora": lora,
-        "lr_used": args.lora_lr if lora else args.lr,
+        "lr_used": args.lora_lr if lora else args.lr, "seed": args.seed,
     }
 
 
@@ -153,7 +153,8 @@ def print_table(results: Path) -> None:
         ratio = f"{r['ppl'] / dense[-1]['ppl']:.2f}" if dense else ""
         step = "" if r["s_per_step"] is None else f"{r['s_per_step']:.2f}"
         target = "-" if r["row"] == "dense" else f"{r['sparsity_target']:.0%} {r['pattern']}"
-        print(f"| {r['label']} | {target} | {ramp} | {r['ppl']:.3f} | {ratio} | {r['sparsity']:.3f} | {r['steps']} | "
+        label = r["label"] + (f" (seed {r['seed']})" if r.get("seed", 0) else "")
+        print(f"| {label} | {target} | {ramp} | {r['ppl']:.3f} | {ratio} | {r['sparsity']:.3f} | {r['steps']} | "
               f"{r['tokens']} | {r['wall_s']:.0f} | {step} | {r['peak_extra_rss_mb']:.0f} |")
 
 
@@ -181,7 +182,7 @@ def plot(results: Path, out: Path) -> None:
         offset = 0.005 * (group.index(r) - (len(group) - 1) / 2)
         gradual = r["row"].startswith("gradual")
         ax.scatter(r["sparsity"] + offset, r["ppl"], marker="o" if gradual else "s", s=40, color=plt.cm.tab20(rows.index(r) % 20),
-                   label=f"{r['label']}" + (f" (ramp to step {round(r['end_fraction'] * r['steps'])})" if "gradual" in r["row"] else "")
+                   label=f"{r['label']}" + (f" (seed {r['seed']})" if r.get("seed", 0) else "") + (f" (ramp to step {round(r['end_fraction'] * r['steps'])})" if "gradual" in r["row"] else "")
                    + f", {r['pattern']}: {r['ppl']:.2f}")
     ax.set_xlim(0.4, 0.8)
     ax.set_xlabel("sparsity of the targeted weights (markers at one sparsity are spread apart)")
@@ -224,6 +225,9 @@ def main() -> None:
     parser.add_argument("--start-sparsity", type=float, default=0.3, help="one-shot sparsity of the sparsegpt-gradual row")
     parser.add_argument("--initial-sparsity", type=float, default=0.0,
                         help="the gradual rows' sparsity at step 0 (pruned at step 0 by the calibration rows)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="order of the training batches, the calibration windows and the initialisation seed "
+                             "(the held-out files do not change); rows of different seeds are compared seed by seed")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     known = rows(args)
@@ -243,7 +247,7 @@ def main() -> None:
     dense = load_causal_lm("smollm2")
     dm = TextDataModule(sources="stdlib", tokenizer="smollm2", block_size=args.block_size, batch_size=args.batch_size,
                         max_train_tokens=args.steps * args.batch_size * args.block_size * 2,
-                        max_val_tokens=args.val_tokens, seed=0)
+                        max_val_tokens=args.val_tokens, seed=args.seed)
     dm.setup("fit")
     args.results.parent.mkdir(parents=True, exist_ok=True)
     for name in names:
