@@ -38,9 +38,11 @@ With --statistics it measures instead what the gradual scorers' statistics cost 
 small LLaMA trains --stat-steps batches of 1 x 32 tokens with GradualPruningCallback ramping to 50% (row
 scope, cubic, an event every --stat-every steps) under each scorer, interleaved for --reps repetitions;
 the table gives the mean time per batch over the whole run (events and statistics windows included) as a
-ratio to the same run with magnitude scores, and the scorer's extra bytes per targeted weight:
+ratio to the same run with magnitude scores (median, middle half and range of the per-repetition ratios),
+and the scorer's extra bytes per targeted weight; --scorers picks the scorers compared with magnitude:
 
     python scripts/bench_overhead.py --statistics --reps 8
+    python scripts/bench_overhead.py --statistics --scorers wanda --reps 32
 """
 from __future__ import annotations
 
@@ -176,7 +178,7 @@ STATISTICS_BYTES = {"magnitude": 0, "wanda": 0, "ria": 0, "taylor": 4}  # per ta
 
 
 def statistics_overhead(args) -> None:
-    scorers = ["magnitude", "wanda", "ria", "taylor"]
+    scorers = ["magnitude"] + [s for s in args.scorers if s != "magnitude"]  # magnitude: the baseline
     times = {s: [] for s in scorers}
     for rep in range(args.reps):
         order = scorers if rep % 2 == 0 else scorers[::-1]
@@ -186,12 +188,14 @@ def statistics_overhead(args) -> None:
     print(f"\nWhole gradual runs of the small LLaMA: {args.stat_steps} batches of 1 x 32 tokens, an event every "
           f"{args.stat_every} steps, statistics windows of {args.stat_batches} batches, {args.reps} interleaved "
           f"repetitions, {args.threads} threads")
-    print("| scorer | mean batch time over the run (ms) | ratio to magnitude: median | range | extra bytes / targeted weight |")
-    print("|---|---|---|---|---|")
+    print("| scorer | mean batch time over the run (ms) | ratio to magnitude: median | middle half | range | "
+          "extra bytes / targeted weight |")
+    print("|---|---|---|---|---|---|")
     for scorer in scorers:
         ratios = [t / m for t, m in zip(times[scorer], times["magnitude"])]
+        low, _, high = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0], None, ratios[0])
         print(f"| {scorer} | {statistics.median(times[scorer]) * 1e3:.2f} | {statistics.median(ratios):.3f} | "
-              f"{min(ratios):.3f}-{max(ratios):.3f} | {STATISTICS_BYTES[scorer]} |")
+              f"{low:.3f}-{high:.3f} | {min(ratios):.3f}-{max(ratios):.3f} | {STATISTICS_BYTES[scorer]} |")
 
 
 def memory_per_parameter(variant: str, module: PrunableLM) -> float:
@@ -310,6 +314,8 @@ def main() -> None:
     parser.add_argument("--stat-steps", type=int, default=200)
     parser.add_argument("--stat-every", type=int, default=20)
     parser.add_argument("--stat-batches", type=int, default=8)
+    parser.add_argument("--scorers", nargs="+", default=["wanda", "ria", "taylor"], choices=sorted(STATISTICS_BYTES),
+                        help="with --statistics: the scorers to compare with magnitude")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
