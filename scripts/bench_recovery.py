@@ -184,7 +184,9 @@ def plot(results: Path, out: Path) -> None:
         group = groups[(r["sparsity_target"], r["pattern"])]
         offset = 0.005 * (group.index(r) - (len(group) - 1) / 2)
         gradual = r["row"].startswith("gradual")
-        ax.scatter(r["sparsity"] + offset, r["ppl"], marker="o" if gradual else "s", s=40, color=plt.cm.tab20(rows.index(r) % 20),
+        cycle = rows.index(r) // 20  # tab20 has 20 colours: after them the marker shape changes
+        marker = ("o", "^", "v")[cycle % 3] if gradual else ("s", "D", "P")[cycle % 3]
+        ax.scatter(r["sparsity"] + offset, r["ppl"], marker=marker, s=40, color=plt.cm.tab20(rows.index(r) % 20),
                    label=f"{r['label']}" + (f" (seed {r['seed']})" if r.get("seed", 0) else "") + (f" (ramp to step {round(r['end_fraction'] * r['steps'])})" if "gradual" in r["row"] else "")
                    + f", {r['pattern']}: {r['ppl']:.2f}")
     ax.set_xlim(0.4, 0.8)
