@@ -386,7 +386,7 @@ class GradualPruningCallback(ScheduledEvents, CalibrationDraw, PruningCallback):
             self._ready_statistics(trainer)
             counts = self._owl_counts(pl_module, target, masks) if self.allocation == "owl" else None
             if self.statistics == "calibration":
-                self._prune_on_calibration(trainer, pl_module, target)
+                self._prune_on_calibration(trainer, pl_module, target, masks)
                 new = None  # the one-shot pipeline recorded its masks (and new weights) already
             elif self._sharded:
                 new = select_sharded_masks(self._targets, target, self._sharded_score_fn(), self.scope, self.pattern, masks)
@@ -409,7 +409,8 @@ class GradualPruningCallback(ScheduledEvents, CalibrationDraw, PruningCallback):
         pl_module.log("sparsity/target", target, on_step=True, on_epoch=False, sync_dist=False)
         pl_module.log("sparsity/achieved", achieved, on_step=True, on_epoch=False, sync_dist=False)
 
-    def _prune_on_calibration(self, trainer: pl.Trainer, pl_module: pl.LightningModule, target: float) -> None:
+    def _prune_on_calibration(self, trainer: pl.Trainer, pl_module: pl.LightningModule, target: float,
+                              masks: dict) -> None:
         """``statistics="calibration"``: the one-shot method of the scorer's name, sequential, on the
         calibration batches, from the current masks to exactly ``target`` in every comparison group."""
         options = {"scope": self.scope} if "scope" in METHODS[self.scorer].options else {}
@@ -418,9 +419,8 @@ class GradualPruningCallback(ScheduledEvents, CalibrationDraw, PruningCallback):
         if self.pattern == "unstructured":  # every layer at exactly its count, as in the window mode; a layer
             # that earlier pruning (a one-shot callback of another scope) took past it keeps its masks, and the
             # others prune that much less, so the total stays exact
-            masks = self.registry(pl_module).current(self._targets)
-            current = {name: int(mask.numel() - mask.sum()) for name, mask in masks.items()}
-            options["counts"] = monotone_counts({t.name: exact_count(target, t.numel) for t in self._targets}, current)
+            options["counts"] = monotone_counts({t.name: exact_count(target, t.numel) for t in self._targets},
+                                                _pruned_counts(masks))
         prune_oneshot(pl_module, self.scorer, target, self.pattern, self._calibration, sequential=True,
                       include=[t.name for t in self._targets], lm=self.lm,
                       progress=None if trainer.is_global_zero else False, **options)
@@ -433,8 +433,7 @@ class GradualPruningCallback(ScheduledEvents, CalibrationDraw, PruningCallback):
         lam = min(self.owl_lambda, target, 1.0 - target)
         desired, budgets = owl_target_counts(group_by_block(pl_module, self._targets), sum_sq, target, lam)
         log.info("OWL budgets at sparsity %.4f: %s", target, [round(b, 4) for b in budgets])
-        current = {name: int(mask.numel() - mask.sum()) for name, mask in masks.items()}
-        return monotone_counts(desired, current)
+        return monotone_counts(desired, _pruned_counts(masks))
 
     def _ready_statistics(self, trainer: pl.Trainer) -> None:
         """Close the window, check every target has statistics, and sum them over data-parallel ranks."""
@@ -524,3 +523,8 @@ def _statistics_for(needs: str, targets: list[Target]) -> Union[ActivationWindow
     if needs == "gradients":
         return SaliencyAccumulator(targets)
     return None
+
+
+def _pruned_counts(masks: dict) -> dict:
+    """Target name -> weights its keep-mask prunes already."""
+    return {name: int(mask.numel() - mask.sum()) for name, mask in masks.items()}
