@@ -165,6 +165,8 @@ class GradualPruningCallback(ScheduledEvents, CalibrationDraw, PruningCallback):
                              f"at every event: use scorer {calibrated}, got scorer={scorer!r}")
             if allocation != "uniform":
                 problems.add(f"statistics='calibration' supports allocation 'uniform' only, got allocation={allocation!r}")
+            if scope == "global":  # block by block, so the whole model is never ranked at once
+                problems.add("statistics='calibration' prunes block by block: use scope 'layer' or 'row', got scope='global'")
             self.check_calibration_arguments(problems, nsamples, seqlen, lm)
         problems.raise_if_any()
         # Check the remaining schedule arguments now (end_step may still be a fraction of the run).
@@ -378,10 +380,12 @@ class GradualPruningCallback(ScheduledEvents, CalibrationDraw, PruningCallback):
             return
         target = schedule.sparsity_at(step)
         masks = registry.current(self._targets)
+        current = registry.sparsity(self._targets)
         scorer = get_scorer(self.scorer)
         weights = None
-        if step == self.start_step and target <= self.base_sparsity:
-            new = None  # the ramp starts where the model already is: nothing to prune or to score
+        if target <= current and (self.scope == "global" or self.allocation == "owl"
+                                  or _every_layer_at(masks, target, self._targets, self.scope)):
+            new = None  # the model is already at the target (a one-shot callback pruned it): nothing to score
         else:
             self._ready_statistics(trainer)
             counts = self._owl_counts(pl_module, target, masks) if self.allocation == "owl" else None
@@ -419,7 +423,7 @@ class GradualPruningCallback(ScheduledEvents, CalibrationDraw, PruningCallback):
         if self.pattern == "unstructured":  # every layer at exactly its count, as in the window mode; a layer
             # that earlier pruning (a one-shot callback of another scope) took past it keeps its masks, and the
             # others prune that much less, so the total stays exact
-            options["counts"] = monotone_counts({t.name: exact_count(target, t.numel) for t in self._targets},
+            options["counts"] = monotone_counts({t.name: _layer_count(t, target, self.scope) for t in self._targets},
                                                 _pruned_counts(masks))
         prune_oneshot(pl_module, self.scorer, target, self.pattern, self._calibration, sequential=True,
                       include=[t.name for t in self._targets], lm=self.lm,
@@ -523,6 +527,20 @@ def _statistics_for(needs: str, targets: list[Target]) -> Union[ActivationWindow
     if needs == "gradients":
         return SaliencyAccumulator(targets)
     return None
+
+
+def _layer_count(target: Target, sparsity: float, scope: str) -> int:
+    """Weights a target prunes at ``sparsity``: its exact count, or with scope "row" every row's."""
+    if scope == "row":
+        rows = target.out_in(target.weight).shape[0]
+        return rows * exact_count(sparsity, target.numel // rows)
+    return exact_count(sparsity, target.numel)
+
+
+def _every_layer_at(masks: dict, target: float, targets: list[Target], scope: str) -> bool:
+    """Whether every target already prunes at least its exact count at sparsity ``target``."""
+    pruned = _pruned_counts(masks)
+    return all(pruned.get(t.name, 0) >= _layer_count(t, target, scope) for t in targets)
 
 
 def _pruned_counts(masks: dict) -> dict:

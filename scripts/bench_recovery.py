@@ -134,6 +134,7 @@ def run_row(name: str, args, dense, dm) -> dict:
         "stat_batches": args.stat_batches, "schedule": args.schedule, "exponent": args.exponent, "start_sparsity": args.start_sparsity, "initial_sparsity": args.initial_sparsity, "nsamples": args.nsamples, "block_size": args.block_size,
         "batch_size": args.batch_size, "val_tokens": args.val_tokens, "lora": lora,
         "lr_used": args.lora_lr if lora else args.lr, "seed": args.seed,
+        "first_event_prunes": True,  # rows recorded before this key existed skipped an initial_sparsity > 0 event
     }
 
 
@@ -148,6 +149,8 @@ def print_table(results: Path) -> None:
     for r in records:
         start = (f"{r['start_sparsity']:.0%} (SparseGPT)" if r["row"].startswith("sparsegpt-")
                  else f"{r.get('initial_sparsity', 0.0):.0%}" if r.get("initial_sparsity") else "0")
+        if r.get("initial_sparsity") and not r.get("first_event_prunes"):  # recorded before the step-0 fix:
+            start = f"0 (the {start} event at step 0 pruned nothing)"  # that event did not run
         schedule = r.get("schedule", "cubic")
         shape = ("" if (schedule, r.get("exponent", 3.0)) == ("cubic", 3.0) else f", {schedule}" if schedule == "linear"
                  else f", {schedule} ({'power' if schedule == 'cubic' else 'rate'} {r['exponent']:g})")

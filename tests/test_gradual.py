@@ -162,6 +162,8 @@ def test_staged_run_resumed_with_a_larger_budget_finishes_the_schedule_bit_ident
         (dict(final_sparsity=0.5, end_step=10, every=0), ValueError, r"every must be an integer > 0, got 0"),
         (dict(final_sparsity=0.6, pattern="2:4"), ValueError, r"final_sparsity 0.6 is above what pattern '2:4' allows"),
         (dict(final_sparsity=0.5, pattern="3:2"), ValueError, r"pattern '3:2' is not a valid N:M pattern"),
+        (dict(final_sparsity=0.5, scorer="wanda", statistics="calibration", scope="global"), ValueError,
+         r"statistics='calibration' prunes block by block: use scope 'layer' or 'row', got scope='global'"),
     ],
 )
 def test_bad_arguments(kwargs, error, match):

@@ -29,9 +29,11 @@ def test_each_event_is_the_oneshot_pipeline_on_the_calibration_batches(tmp_path)
     calibration[1] = calibration[1][:2]
     for step in (2, 4, 6):
         target = gradual.schedule.sparsity_at(step)
-        assert counts.events[step]["global"]["zeros"] == sum(exact_count(target, t.numel) for t in gradual.targets)
+        # scope row: every output row at exactly its count, as in the window mode
+        row_counts = {t.name: t.weight.shape[0] * exact_count(target, t.weight.shape[1]) for t in gradual.targets}
+        assert counts.events[step]["global"]["zeros"] == sum(row_counts.values())
         prune_oneshot(reference, "wanda", target, calibration=calibration, scope="row", progress=False,
-                      counts={t.name: exact_count(target, t.numel) for t in gradual.targets})
+                      counts=row_counts)
     expected = MaskRegistry.of(reference).masks
     masks = MaskRegistry.of(module).masks
     assert masks.keys() == expected.keys() and masks
