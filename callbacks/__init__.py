@@ -4,14 +4,18 @@ Callbacks decide *when* to prune; the core in :mod:`gradprune` decides *what*.
 """
 from .base import PruningCallback
 from .gradual import GradualPruningCallback
+from .mask_modes import DynamicMasks, LearnedMasks, MaskMode
 from .monitor import SparsityMonitor
 from .oneshot import MagnitudePruningCallback, RIAPruningCallback, SparseGPTPruningCallback, WandaPruningCallback
 from .structured import GradualStructuredPruningCallback, StructuredPruningCallback
 
 __all__ = [
     "GradualPruningCallback",
+    "DynamicMasks",
     "GradualStructuredPruningCallback",
+    "LearnedMasks",
     "MagnitudePruningCallback",
+    "MaskMode",
     "PruningCallback",
     "RIAPruningCallback",
     "SparseGPTPruningCallback",

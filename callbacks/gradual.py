@@ -61,6 +61,7 @@ from gradprune.validation import (Problems, check_choice, check_pattern, check_s
 from .base import FSDP2_NOTE, PruningCallback
 from .events import ScheduledEvents, check_end_step, schedule_end
 from .calibration import CalibrationDraw
+from .mask_modes import DynamicMasks, LearnedMasks, MaskMode
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,10 @@ class GradualPruningCallback(ScheduledEvents, CalibrationDraw, PruningCallback):
         seqlen: tokens per calibration sequence.
         lm: dotted name of the causal LM inside the LightningModule that calibration batches run through
             (default: found, as for the one-shot callbacks).
+        mode: None (masks grow monotonically, chosen by the scorer at each event), or a strategy that lets
+            training choose the masks until ``end_step``, the freeze step (:mod:`gradprune.callbacks.mask_modes`):
+            :class:`LearnedMasks` (MaskLLM: learned N:M masks) or :class:`DynamicMasks` (SR-STE: masks chosen
+            afresh at every event, straight-through gradients).
     """
 
     def __init__(
@@ -131,6 +136,7 @@ class GradualPruningCallback(ScheduledEvents, CalibrationDraw, PruningCallback):
         nsamples: int = 32,
         seqlen: int = 128,
         lm: Optional[str] = None,
+        mode: Optional[MaskMode] = None,
     ) -> None:
         super().__init__()
         problems = Problems()
@@ -158,6 +164,8 @@ class GradualPruningCallback(ScheduledEvents, CalibrationDraw, PruningCallback):
                 problems.add(f"allocation='owl' gives each layer its own budget: use scope 'layer' or 'row' and "
                              f"pattern 'unstructured', got scope={scope!r}, pattern={pattern!r}")
         check_choice(problems, "statistics", statistics, ("window", "calibration"))
+        if mode is not None and not isinstance(mode, MaskMode):
+            problems.add(f"mode must be None, LearnedMasks(...) or DynamicMasks(...), got {mode!r}", type_error=True)
         if statistics == "calibration":
             calibrated = sorted(name for name, method in METHODS.items() if method.statistics != "none")
             if scorer not in calibrated:
@@ -168,6 +176,10 @@ class GradualPruningCallback(ScheduledEvents, CalibrationDraw, PruningCallback):
             if scope == "global":  # block by block, so the whole model is never ranked at once
                 problems.add("statistics='calibration' prunes block by block: use scope 'layer' or 'row', got scope='global'")
             self.check_calibration_arguments(problems, nsamples, seqlen, lm)
+        self.pattern, self.final_sparsity, self.allocation, self.scorer, self.statistics = (
+            pattern, final_sparsity, allocation, scorer, statistics)
+        if isinstance(mode, MaskMode):
+            mode.check(problems, self)
         problems.raise_if_any()
         # Check the remaining schedule arguments now (end_step may still be a fraction of the run).
         SparsitySchedule(
@@ -193,6 +205,7 @@ class GradualPruningCallback(ScheduledEvents, CalibrationDraw, PruningCallback):
         self.nsamples = nsamples
         self.seqlen = seqlen
         self.lm = lm
+        self.mode = mode
         self._calibration: Optional[list] = None  # statistics="calibration": this rank's batches, drawn at fit start
         self._combine = None  # how calibration statistics are summed over ranks (set by CalibrationDraw)
         # resumable state
@@ -235,6 +248,8 @@ class GradualPruningCallback(ScheduledEvents, CalibrationDraw, PruningCallback):
         super().setup(trainer, pl_module, stage)
         if stage == "fit" and isinstance(trainer.strategy, ModelParallelStrategy):
             self._check_sharded_options("strategy ModelParallelStrategy (FSDP2)")
+        if stage == "fit" and isinstance(self.mode, LearnedMasks):  # before the optimizer and DDP see the weights
+            self.mode.setup(find_targets(pl_module, self.include, self.exclude))
 
     def _check_sharded_options(self, where: str) -> None:
         """What sharded weights cannot do, in one error (before anything is pruned)."""
@@ -248,6 +263,9 @@ class GradualPruningCallback(ScheduledEvents, CalibrationDraw, PruningCallback):
         if self.allocation == "owl":
             problems.add(f"allocation='owl' under {where}: OWL's per-block budgets are not implemented on weight "
                          "shards; use allocation='uniform', or strategy='ddp' for OWL")
+        if self.mode is not None:
+            problems.add(f"mode {type(self.mode).__name__} under {where}: learned and dynamic masks compute the masked "
+                         "weight from whole weights; use mode=None, or strategy='ddp'")
         if self.statistics == "calibration":
             problems.add(f"statistics='calibration' under {where}: the one-shot pipeline it runs at each event works on "
                          "whole weights; use statistics='window', or strategy='ddp'")
@@ -299,11 +317,13 @@ class GradualPruningCallback(ScheduledEvents, CalibrationDraw, PruningCallback):
                 "activation scorer ('wanda', 'ria') or 'magnitude', or exclude them"
             )
         end_step = self._resolve_end_step(trainer)  # a resumed run keeps the end step it started with
-        if self.statistics == "calibration":
+        if self.statistics == "calibration" or (self.mode is not None and self.mode.needs_calibration):
             find_causal_lm(pl_module, self.lm)  # nothing to run the batches through: fail before reading data
             self._calibration = self.calibration(trainer)
         # all checks passed: only now does the callback's state change
         self._targets, self.resolved_end_step, self._sharded = targets, end_step, sharded
+        if self.mode is not None:
+            self.mode.start(self, trainer, pl_module)
         self._trainer = trainer
         self._statistics = _statistics_for(needs, targets) if self.statistics == "window" else None
         self._load_pending_statistics(trainer)
@@ -335,6 +355,8 @@ class GradualPruningCallback(ScheduledEvents, CalibrationDraw, PruningCallback):
                 self._statistics.close()
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self.mode is not None:
+            self.mode.before_optimizer_step(trainer)
         if isinstance(self._statistics, SaliencyAccumulator) and self._next_event(trainer.global_step + 1) is not None:
             self._statistics.add()  # before any masking (and pruned weights score |0 * G| = 0 anyway)
         super().on_before_optimizer_step(trainer, pl_module, optimizer)
@@ -347,13 +369,19 @@ class GradualPruningCallback(ScheduledEvents, CalibrationDraw, PruningCallback):
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self._close_window()
+        if self.mode is not None:
+            self.mode.stop()  # the targets' own forward back (a resumed run installs the mode's again)
         super().on_fit_end(trainer, pl_module)
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         self._close_window()
+        if self.mode is not None:
+            self.mode.stop()
 
     def teardown(self, trainer, pl_module, stage) -> None:
         self._close_window()
+        if self.mode is not None and stage == "fit":
+            self.mode.stop()
 
     def _close_window(self) -> None:
         if isinstance(self._statistics, ActivationWindow):
@@ -383,7 +411,11 @@ class GradualPruningCallback(ScheduledEvents, CalibrationDraw, PruningCallback):
         current = registry.sparsity(self._targets)
         scorer = get_scorer(self.scorer)
         weights = None
-        if target <= current and (self.scope == "global" or self.allocation == "owl"
+        if self.mode is not None:
+            self._ready_statistics(trainer)
+            self.mode.event(self, trainer, pl_module, step, target)
+            new = None
+        elif target <= current and (self.scope == "global" or self.allocation == "owl"
                                   or _every_layer_at(masks, target, self._targets, self.scope)):
             new = None  # the model is already at the target (a one-shot callback pruned it): nothing to score
         else:
@@ -408,6 +440,8 @@ class GradualPruningCallback(ScheduledEvents, CalibrationDraw, PruningCallback):
             registry.update(self._targets, new)
         self.last_event_step = step
         achieved = registry.sparsity(self._targets)
+        if self.mode is not None and self.mode.sparsity() is not None:
+            achieved = self.mode.sparsity()  # the masks the mode holds until the freeze step
         if trainer.is_global_zero:  # the same on every rank
             log.info("step %d: pruned to %.4f sparsity (target %.4f)", step, achieved, target)
         pl_module.log("sparsity/target", target, on_step=True, on_epoch=False, sync_dist=False)
@@ -508,6 +542,7 @@ class GradualPruningCallback(ScheduledEvents, CalibrationDraw, PruningCallback):
             "last_event_step": self.last_event_step,
             "statistics": statistics,
             "statistics_summed": summed,  # over the ranks: on resume only rank 0 loads them
+            "mode": self.mode.state_dict() if self.mode is not None else {},
         }
 
     def load_extra_state(self, state: dict) -> None:
@@ -516,6 +551,8 @@ class GradualPruningCallback(ScheduledEvents, CalibrationDraw, PruningCallback):
         self.last_event_step = state.get("last_event_step")
         self._pending_statistics = state.get("statistics")
         self._statistics_summed = bool(state.get("statistics_summed", False))
+        if self.mode is not None:
+            self.mode.load_state_dict(state.get("mode") or {})
 
 
 def _statistics_for(needs: str, targets: list[Target]) -> Union[ActivationWindow, SaliencyAccumulator, None]:

@@ -189,6 +189,15 @@ class MaskRegistry:
         for optimizer in self._optimizers.values():
             self.reset_optimizer_state_(optimizer, names)
 
+    def release(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        """Stop enforcing the masks of these targets and return them (weights are left as they are: a
+        learned or dynamic mask mode takes over the targets while it decides their masks)."""
+        released = {name: self.masks.pop(name) for name in list(names) if name in self.masks}
+        for name in released:
+            self.targets.pop(name, None)
+        self.version += 1
+        return released
+
     def clear(self) -> None:
         """Forget all masks (pruned weights stay zero; nothing is restored)."""
         self.targets.clear()

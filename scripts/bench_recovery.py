@@ -37,8 +37,8 @@ import lightning.pytorch as pl
 import torch
 
 from gradprune import PrunableLM, TextDataModule, sparsity_report
-from gradprune.callbacks import (GradualPruningCallback, RIAPruningCallback, SparseGPTPruningCallback,
-                                 WandaPruningCallback)
+from gradprune.callbacks import (DynamicMasks, GradualPruningCallback, LearnedMasks, RIAPruningCallback,
+                                 SparseGPTPruningCallback, WandaPruningCallback)
 from gradprune.distill import Distillation
 from gradprune.models import load_causal_lm
 
@@ -70,6 +70,21 @@ def rows(args) -> dict:
                                               initial_sparsity=args.initial_sparsity, statistics=statistics,
                                               **calibration)
 
+    def learned(prior):  # MaskLLM-style masks learned from step 0 to the freeze step (--end-fraction of the run)
+        return lambda: GradualPruningCallback(s, pattern=pattern, start_step=0, end_step=args.end_fraction,
+                                              every=args.every, nsamples=args.nsamples, seqlen=args.block_size,
+                                              mode=LearnedMasks(prior=prior, prior_strength=args.prior_strength,
+                                                                logit_scale=tuple(args.logit_scale),
+                                                                temperature=tuple(args.temperature),
+                                                                logit_lr=args.logit_lr, seed=args.seed))
+
+    def dynamic(scorer):  # SR-STE: masks chosen afresh at every event until the freeze step
+        return lambda: GradualPruningCallback(s, schedule=args.schedule, exponent=args.exponent, pattern=pattern,
+                                              start_step=0, end_step=args.end_fraction, every=args.every,
+                                              scorer=scorer, scope="row" if pattern == "unstructured" else "layer",
+                                              stat_batches=args.stat_batches, initial_sparsity=args.initial_sparsity,
+                                              mode=DynamicMasks(decay=args.sr_decay))
+
     def sparsegpt_then_gradual(scorer):  # one-shot SparseGPT to --start-sparsity, then the ramp on from there
         first = oneshot(SparseGPTPruningCallback, sparsity=args.start_sparsity)
         return lambda: [first(), gradual(scorer)()]
@@ -92,6 +107,8 @@ def rows(args) -> dict:
         "gradual-sparsegpt-calibration-squarehead": ("gradual sparsegpt on calibration data + KD + SquareHead",
                                                      gradual("sparsegpt", scope="layer", statistics="calibration"),
                                                      SQUAREHEAD),
+        "learned-sparsegpt-kd": ("learned N:M masks (SparseGPT prior) + KD", learned("sparsegpt"), KD),
+        "dynamic-wanda-kd": ("dynamic masks (SR-STE, wanda scores) + KD", dynamic("wanda"), KD),
         "gradual-wanda-calibration-kd": ("gradual wanda on calibration data + KD",
                                          gradual("wanda", statistics="calibration"), KD),
         "gradual-wanda-squarehead": ("gradual wanda + KD + SquareHead", gradual("wanda"), SQUAREHEAD),
@@ -134,6 +151,8 @@ def run_row(name: str, args, dense, dm) -> dict:
         "stat_batches": args.stat_batches, "schedule": args.schedule, "exponent": args.exponent, "start_sparsity": args.start_sparsity, "initial_sparsity": args.initial_sparsity, "nsamples": args.nsamples, "block_size": args.block_size,
         "batch_size": args.batch_size, "val_tokens": args.val_tokens, "lora": lora,
         "lr_used": args.lora_lr if lora else args.lr, "seed": args.seed,
+        "prior_strength": args.prior_strength, "logit_scale": args.logit_scale, "temperature": args.temperature,
+        "logit_lr": args.logit_lr, "sr_decay": args.sr_decay,
         "first_event_prunes": True,  # rows recorded before this key existed skipped an initial_sparsity > 0 event
     }
 
@@ -236,6 +255,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0,
                         help="order of the training batches, the calibration windows and the initialisation seed "
                              "(the held-out files do not change); rows of different seeds are compared seed by seed")
+    parser.add_argument("--seeds", type=int, nargs="*", default=None,
+                        help="run every row once per seed (e.g. --seeds 0 1 2); the summary gives mean +/- std per row")
+    parser.add_argument("--prior-strength", type=float, default=3.0, help="learned rows: LearnedMasks(prior_strength)")
+    parser.add_argument("--logit-scale", type=float, nargs=2, default=[3.0, 30.0], help="learned rows: start, end")
+    parser.add_argument("--temperature", type=float, nargs=2, default=[1.0, 0.1], help="learned rows: start, end")
+    parser.add_argument("--logit-lr", type=float, default=0.05, help="learned rows: Adam learning rate of the logits")
+    parser.add_argument("--sr-decay", type=float, default=2e-4, help="dynamic rows: SR-STE decay of pruned weights")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     known = rows(args)
@@ -253,16 +279,18 @@ def main() -> None:
     for logger in ("lightning", "lightning.pytorch", "transformers"):
         logging.getLogger(logger).setLevel(logging.ERROR)
     dense = load_causal_lm("smollm2")
-    dm = TextDataModule(sources="stdlib", tokenizer="smollm2", block_size=args.block_size, batch_size=args.batch_size,
-                        max_train_tokens=args.steps * args.batch_size * args.block_size * 2,
-                        max_val_tokens=args.val_tokens, seed=args.seed)
-    dm.setup("fit")
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        record = run_row(name, args, dense, dm)
-        print(json.dumps(record), flush=True)
-        with args.results.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+    for seed in args.seeds if args.seeds else [args.seed]:
+        args.seed = seed
+        dm = TextDataModule(sources="stdlib", tokenizer="smollm2", block_size=args.block_size, batch_size=args.batch_size,
+                            max_train_tokens=args.steps * args.batch_size * args.block_size * 2,
+                            max_val_tokens=args.val_tokens, seed=seed)
+        dm.setup("fit")
+        for name in names:
+            record = run_row(name, args, dense, dm)
+            print(json.dumps(record), flush=True)
+            with args.results.open("a") as f:
+                f.write(json.dumps(record) + "\n")
     print_table(args.results)
     if args.plot is not None:
         plot(args.results, args.plot)

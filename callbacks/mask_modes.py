@@ -1,0 +1,412 @@
+"""How GradualPruningCallback chooses masks while training decides them: the ``mode`` strategies.
+
+With ``mode=None`` the callback grows masks monotonically, picked by its scorer at every event (the
+default). A :class:`MaskMode` instead lets training change which weights are kept until the schedule's
+``end_step``, the *freeze step*:
+
+- :class:`LearnedMasks` (MaskLLM): per-group logits over the N:M candidates, sampled with Gumbel-softmax
+  in every training forward, learned by their own Adam from the loss gradient, started from a prior mask;
+- :class:`DynamicMasks` (SR-STE): dense weights kept, the forward uses the masked weight, the gradient
+  reaches every weight straight through, pruned weights decay, and the masks are chosen afresh by the
+  callback's scorer at every event.
+
+In both, the targets' masks live in the mode, not in the model's :class:`gradprune.MaskRegistry`, until the
+freeze step: there the final masks go to the registry, pruned weights become exactly zero and stay so, as
+after any other pruning. Every mode object answers the same calls from the callback (:class:`MaskMode`):
+``check`` (construction), ``start`` (fit start), ``event`` (each schedule event), ``before_optimizer_step``,
+``stop`` and ``state_dict`` / ``load_state_dict`` (checkpoints).
+
+Logged (``pl_module.log``, so TensorBoard shows them next to ``val/ppl``): ``masks/flip_rate`` (the fraction
+of mask positions that changed since the previous event), per layer ``masks/flip_rate/<target>``,
+``masks/temperature`` and ``masks/logit_scale`` (learned), and the callback's ``sparsity/achieved``.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from typing import TYPE_CHECKING, Literal, Optional, Tuple
+
+import lightning.pytorch as pl
+import torch
+
+from gradprune.learned_masks import (MaskedForward, flip_fraction, groups, hard_mask, linear_anneal, nm_candidates,
+                                     prior_logits, sample_mask, sr_decay_, straight_through, ungroup)
+from gradprune.masks import MaskRegistry, pack_mask, unpack_mask
+from gradprune.oneshot import prune_oneshot
+from gradprune.selection import select_masks
+from gradprune.targets import Target
+from gradprune.validation import Problems, is_int, is_number, parse_pattern
+
+if TYPE_CHECKING:
+    from .gradual import GradualPruningCallback
+
+log = logging.getLogger(__name__)
+
+PRIORS = ("masks", "sparsegpt", "wanda", "magnitude")
+
+
+class MaskMode:
+    """The interface between GradualPruningCallback and a way of choosing masks during training."""
+
+    #: the callback draws calibration batches at fit start for this mode
+    needs_calibration = False
+
+    def check(self, problems: Problems, callback: "GradualPruningCallback") -> None:
+        """Add what does not fit the callback's other arguments to ``problems`` (at construction)."""
+
+    def start(self, callback: "GradualPruningCallback", trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """At fit start, after the callback's checks: refuse what this run cannot do; resume a saved phase."""
+
+    def event(self, callback: "GradualPruningCallback", trainer: pl.Trainer, pl_module: pl.LightningModule,
+              step: int, target: float) -> None:
+        """A schedule event at optimizer step ``step`` with target sparsity ``target``."""
+
+    def before_optimizer_step(self, trainer: pl.Trainer) -> None:
+        """After the backward pass of an optimizer step, before the model's optimizer steps."""
+
+    def stop(self) -> None:
+        """Restore the targets' own forward (fit ended or failed)."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def sparsity(self) -> Optional[float]:
+        """The pruned fraction of the targets under the mode's current masks (None once they are frozen
+        into the registry, or before the first event)."""
+        return None
+
+
+def _pruned_fraction(masks: dict[str, torch.Tensor]) -> Optional[float]:
+    if not masks:
+        return None
+    return sum(int((~keep).sum()) for keep in masks.values()) / sum(keep.numel() for keep in masks.values())
+
+
+def _check_freeze(callback: "GradualPruningCallback", trainer: pl.Trainer, name: str) -> None:
+    total = trainer.estimated_stepping_batches
+    end = callback.resolved_end_step
+    if total != float("inf") and end is not None and end > total:
+        raise ValueError(f"{name} freezes the masks at end_step {end}, after this run's last optimizer step "
+                         f"({int(total)}): the masks would never be final; lower end_step or raise max_steps")
+
+
+def _log_flips(pl_module: pl.LightningModule, flips: dict[str, float], sizes: dict[str, int]) -> float:
+    total = sum(flips[n] * sizes[n] for n in flips) / max(sum(sizes[n] for n in flips), 1)
+    pl_module.log("masks/flip_rate", total, on_step=True, on_epoch=False)
+    for name, value in flips.items():
+        pl_module.log(f"masks/flip_rate/{name}", value, on_step=True, on_epoch=False)
+    return total
+
+
+class LearnedMasks(MaskMode):
+    """Learned N:M masks (MaskLLM) for GradualPruningCallback(pattern="N:M", final_sparsity=N/M, mode=...).
+
+    From ``start_step`` to ``end_step`` (the freeze step) every group of M consecutive input weights carries
+    logits over its candidate masks; each training forward samples a mask per group (Gumbel-softmax), and
+    the logits learn from the loss by their own Adam. Validation uses every group's most likely mask. At
+    ``end_step`` that mask is applied and held: exactly N:M on every target. Events in between log how many
+    mask positions changed since the previous one.
+
+    Args:
+        prior: where the logits start: "masks" (the targets' current masks, e.g. from a one-shot callback;
+            weights they pruned start at zero) or a one-shot method run at the first event on the
+            callback's calibration batches ("sparsegpt", "wanda", "magnitude"): its kept weights (SparseGPT
+            updates them) with the dense values of the weights it pruned, so a flip brings back a real weight.
+        prior_strength: logit of the prior's candidate (candidates sharing part of it get that share), in
+            [0, inf]; inf keeps the prior (the model then equals the one-shot method's).
+        temperature: Gumbel-softmax temperature at the start and at the end of learning (linear), > 0.
+        logit_scale: factor on the logits at the start and at the end (linear), > 0; rising, it makes the
+            sampling settle.
+        logit_lr: Adam learning rate of the logits, > 0.
+        hard: sample exact N:M masks in the forward (straight-through gradient); False: soft masks.
+        train_weights: also train the targets' weights (False: they are frozen for the whole run, set
+            before the optimizer and DDP see them; the rest of the model trains as configured).
+        seed: seed of the Gumbel noise (the same on every rank, so every rank samples the same masks).
+    """
+
+    def __init__(self, prior: Literal["masks", "sparsegpt", "wanda", "magnitude"] = "sparsegpt",
+                 prior_strength: float = 3.0, temperature: Tuple[float, float] = (1.0, 0.1),
+                 logit_scale: Tuple[float, float] = (1.0, 10.0), logit_lr: float = 0.05, hard: bool = True,
+                 train_weights: bool = True, seed: int = 0) -> None:
+        problems = Problems()
+        if prior not in PRIORS:
+            problems.add(f"prior must be one of {list(PRIORS)}, got {prior!r}")
+        if not is_number(prior_strength) or math.isnan(prior_strength) or prior_strength < 0:
+            problems.add(f"prior_strength must be a number in [0, inf], got {prior_strength!r}")
+        for name, pair in (("temperature", temperature), ("logit_scale", logit_scale)):
+            if (not isinstance(pair, (tuple, list)) or len(pair) != 2
+                    or not all(is_number(v) and 0 < v < math.inf for v in pair)):
+                problems.add(f"{name} must be two finite numbers > 0 (start, end), got {pair!r}")
+        if not is_number(logit_lr) or not 0 < logit_lr < math.inf:
+            problems.add(f"logit_lr must be a finite number > 0, got {logit_lr!r}")
+        for name, value in (("hard", hard), ("train_weights", train_weights)):
+            if not isinstance(value, bool):
+                problems.add(f"{name} must be True or False, got {value!r}", type_error=True)
+        if not is_int(seed):
+            problems.add(f"seed must be an int, got {seed!r}", type_error=True)
+        problems.raise_if_any()
+        self.prior, self.prior_strength = prior, float(prior_strength)
+        self.temperature, self.logit_scale = tuple(map(float, temperature)), tuple(map(float, logit_scale))
+        self.logit_lr, self.hard, self.train_weights, self.seed = float(logit_lr), hard, train_weights, int(seed)
+        self.needs_calibration = prior in ("sparsegpt", "wanda")
+        self._targets: list[Target] = []
+        self._nm: Optional[tuple[int, int]] = None
+        self._candidates: Optional[torch.Tensor] = None
+        self._logits: dict[str, torch.Tensor] = {}
+        self._optimizer: Optional[torch.optim.Adam] = None
+        self._generator: Optional[torch.Generator] = None
+        self._previous: dict[str, torch.Tensor] = {}  # hard masks at the previous event (flip rate)
+        self._forward: Optional[MaskedForward] = None
+        self._progress = 0.0
+        self._pending: Optional[dict] = None
+        self._reduce = None  # mean of the logits' gradients over data-parallel ranks
+
+    def __repr__(self) -> str:
+        return (f"LearnedMasks(prior={self.prior!r}, prior_strength={self.prior_strength}, temperature={self.temperature}, "
+                f"logit_scale={self.logit_scale}, logit_lr={self.logit_lr}, hard={self.hard}, "
+                f"train_weights={self.train_weights}, seed={self.seed})")
+
+    # -- the callback's calls ---------------------------------------------------------------------------
+    def check(self, problems: Problems, callback: "GradualPruningCallback") -> None:
+        try:
+            nm = parse_pattern(callback.pattern)
+        except ValueError:
+            return  # the callback names a bad pattern already
+        if nm is None:
+            problems.add("mode LearnedMasks learns N:M masks: give pattern='N:M' (e.g. '2:4'), got 'unstructured'")
+        elif is_number(callback.final_sparsity) and abs(callback.final_sparsity - nm[0] / nm[1]) > 1e-9:
+            problems.add(f"mode LearnedMasks ends exactly N:M: final_sparsity must be {nm[0] / nm[1]:g} for pattern "
+                         f"{callback.pattern!r}, got {callback.final_sparsity!r}")
+        if callback.allocation != "uniform":
+            problems.add(f"mode LearnedMasks needs allocation 'uniform', got {callback.allocation!r}")
+        self._nm = nm
+
+    def setup(self, targets: list[Target]) -> None:
+        """Before the optimizer and DDP exist: freeze the targets' weights if asked."""
+        if not self.train_weights:
+            for t in targets:
+                t.weight.requires_grad_(False)
+
+    def start(self, callback, trainer, pl_module) -> None:
+        _check_freeze(callback, trainer, "mode LearnedMasks")
+        m = self._nm[1]
+        odd = [t.name for t in callback.targets if t.out_in(t.weight).shape[1] % m]
+        if odd:
+            raise ValueError(f"pattern {callback.pattern!r} groups {m} consecutive inputs, but these targets' input "
+                             f"sizes are not multiples of {m}: {odd[:3]}")
+        self._targets = list(callback.targets)
+        self._reduce = ((lambda t: trainer.strategy.reduce(t, reduce_op="mean")) if trainer.world_size > 1 else None)
+        if self._pending is not None:  # resumed inside the learning phase
+            pending, self._pending = self._pending, None
+            self._begin({name: value.to(t.weight.device) for name, value in pending["logits"].items()
+                         for t in self._targets if t.name == name})
+            self._optimizer.load_state_dict(pending["optimizer"])
+            self._generator.set_state(pending["generator"])
+            self._previous = {name: unpack_mask(p["bits"], p["shape"]).to(self._logits[name].device)
+                              for name, p in pending["previous"].items()}
+            self._progress = pending["progress"]
+
+    def event(self, callback, trainer, pl_module, step, target) -> None:
+        schedule = callback.schedule
+        self._progress = schedule.progress(step)
+        if not self._logits:
+            self._begin(self._prior_logits(callback, trainer, pl_module))
+        masks = {t.name: hard_mask(self._logits[t.name].detach(), self._candidates) for t in self._targets}
+        flips = {name: flip_fraction(self._previous[name], mask) for name, mask in masks.items() if name in self._previous}
+        self._previous = masks
+        if flips:
+            rate = _log_flips(pl_module, flips, {t.name: t.numel for t in self._targets})
+            if trainer.is_global_zero:
+                log.info("step %d: learned masks, %.4f of positions changed since the last event", step, rate)
+        pl_module.log("masks/temperature", self._temperature(), on_step=True, on_epoch=False)
+        pl_module.log("masks/logit_scale", self._scale(), on_step=True, on_epoch=False)
+        if step >= schedule.last_step:  # the freeze step: the most likely masks, applied and held
+            final = {t.name: ungroup(t, masks[t.name]) for t in self._targets}
+            self.stop()
+            self._logits, self._optimizer, self._previous = {}, None, {}
+            MaskRegistry.of(pl_module).update(self._targets, final)
+
+    def before_optimizer_step(self, trainer) -> None:
+        if self._optimizer is None:
+            return
+        for logits in self._logits.values():
+            if logits.grad is not None and self._reduce is not None:
+                logits.grad.copy_(self._reduce(logits.grad))
+        self._optimizer.step()
+        self._optimizer.zero_grad(set_to_none=True)
+
+    def stop(self) -> None:
+        if self._forward is not None:
+            self._forward.remove()
+            self._forward = None
+
+    def state_dict(self) -> dict:
+        if not self._logits:
+            return {}
+        return {
+            "logits": {name: value.detach().cpu() for name, value in self._logits.items()},
+            "optimizer": self._optimizer.state_dict(),
+            "generator": self._generator.get_state(),
+            "previous": {name: {"shape": list(mask.shape), "bits": pack_mask(mask)} for name, mask in self._previous.items()},
+            "progress": self._progress,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self._pending = state or None
+
+    def sparsity(self) -> Optional[float]:
+        return _pruned_fraction(self._previous)
+
+    # -- the learning phase -----------------------------------------------------------------------------
+    def _temperature(self) -> float:
+        return linear_anneal(*self.temperature, self._progress)
+
+    def _scale(self) -> float:
+        return linear_anneal(*self.logit_scale, self._progress)
+
+    def _prior_logits(self, callback, trainer, pl_module) -> dict[str, torch.Tensor]:
+        """The prior keep-masks turned into logits; with a one-shot prior the targets' weights become the
+        method's kept weights and the dense values of the ones it pruned."""
+        n, m = self._nm
+        registry = MaskRegistry.of(pl_module)
+        if self.prior != "masks":
+            dense = {t.name: t.weight.detach().clone() for t in self._targets}
+            options = {} if callback._combine is None or self.prior == "magnitude" else {"reduce": callback._combine}
+            prune_oneshot(pl_module, self.prior, n / m, callback.pattern,
+                          callback._calibration if self.prior != "magnitude" else None, sequential=True,
+                          include=[t.name for t in self._targets], lm=callback.lm,
+                          progress=None if trainer.is_global_zero else False, **options)
+        keep = registry.release([t.name for t in self._targets])
+        if self.prior != "masks":
+            with torch.no_grad():
+                for t in self._targets:
+                    t.weight.copy_(torch.where(keep[t.name], t.weight, dense.pop(t.name)))
+        device = self._targets[0].weight.device
+        self._candidates = nm_candidates(n, m, device)
+        logits = {}
+        for t in self._targets:
+            prior = keep.get(t.name)
+            if prior is None:
+                prior = torch.ones_like(t.weight, dtype=torch.bool)
+            grouped = groups(t, prior.to(device), m)
+            if math.isinf(self.prior_strength):  # beyond any Gumbel draw (at most ~46) at any scale
+                logits[t.name] = prior_logits(grouped, self._candidates, 1.0) * 1e6
+            else:
+                logits[t.name] = prior_logits(grouped, self._candidates, self.prior_strength)
+        return logits
+
+    def _begin(self, logits: dict[str, torch.Tensor]) -> None:
+        n, m = self._nm
+        device = self._targets[0].weight.device
+        if self._candidates is None:
+            self._candidates = nm_candidates(n, m, device)
+        self._logits = {name: value.detach().float().clone().requires_grad_(True) for name, value in logits.items()}
+        self._optimizer = torch.optim.Adam(list(self._logits.values()), lr=self.logit_lr)
+        self._generator = torch.Generator(device=device)
+        self._generator.manual_seed(self.seed)
+        self._forward = MaskedForward(self._targets, self._masked_weight)
+
+    def _masked_weight(self, target: Target) -> torch.Tensor:
+        logits = self._logits[target.name]
+        if target.module.training:
+            grouped = sample_mask(logits, self._candidates, self._temperature(), self._scale(), self.hard,
+                                  self._generator)
+        else:
+            grouped = hard_mask(logits.detach(), self._candidates)
+        weight = target.weight
+        return weight * ungroup(target, grouped).to(weight.dtype)
+
+
+class DynamicMasks(MaskMode):
+    """Dynamic masks with straight-through gradients (SR-STE) for GradualPruningCallback(mode=...).
+
+    At every schedule event from ``start_step`` the callback's scorer chooses the masks afresh from the
+    dense weights (and its statistics), at exactly the schedule's sparsity in the callback's pattern and
+    scope; weights pruned at one event may come back at the next. Between events the forward uses the
+    masked weight, the gradient reaches every weight, and pruned weights get ``decay * W`` added to their
+    gradient. At ``end_step`` (the freeze step) the last masks go to the model's registry: pruned weights
+    are zeroed and stay zero, as in the default mode.
+
+    Args:
+        decay: SR-STE's decay of the pruned weights (lambda_W), >= 0 (the paper: 2e-4 with SGD).
+    """
+
+    def __init__(self, decay: float = 2e-4) -> None:
+        if not is_number(decay) or not 0 <= decay < math.inf:
+            raise ValueError(f"decay must be a finite number >= 0, got {decay!r}")
+        self.decay = float(decay)
+        self._targets: list[Target] = []
+        self._keep: dict[str, torch.Tensor] = {}
+        self._forward: Optional[MaskedForward] = None
+        self._pending: Optional[dict] = None
+
+    def __repr__(self) -> str:
+        return f"DynamicMasks(decay={self.decay})"
+
+    def check(self, problems: Problems, callback: "GradualPruningCallback") -> None:
+        from gradprune.scorers import get_scorer, scorer_names
+
+        if callback.scorer in scorer_names() and get_scorer(callback.scorer).prune is not None:
+            problems.add(f"mode DynamicMasks chooses masks from scores; scorer {callback.scorer!r} rewrites weights: "
+                         "use 'magnitude', 'wanda', 'ria' or 'taylor'")
+        if callback.statistics != "window":
+            problems.add(f"mode DynamicMasks scores from the training window: statistics must be 'window', got "
+                         f"{callback.statistics!r}")
+        if callback.allocation != "uniform":
+            problems.add(f"mode DynamicMasks needs allocation 'uniform', got {callback.allocation!r}")
+
+    def start(self, callback, trainer, pl_module) -> None:
+        _check_freeze(callback, trainer, "mode DynamicMasks")
+        self._targets = list(callback.targets)
+        if self._pending is not None:  # resumed between two events
+            pending, self._pending = self._pending, None
+            self._keep = {t.name: unpack_mask(pending[t.name]["bits"], pending[t.name]["shape"]).to(t.weight.device)
+                          for t in self._targets if t.name in pending}
+            if self._keep:
+                self._forward = MaskedForward(self._targets, self._masked_weight)
+
+    def event(self, callback, trainer, pl_module, step, target) -> None:
+        registry = MaskRegistry.of(pl_module)
+        earlier = registry.release([t.name for t in self._targets]) if not self._keep else {}
+        new = select_masks(self._targets, target, callback._score_fn(), callback.scope, callback.pattern)
+        flips = {name: flip_fraction(self._keep[name], keep) for name, keep in new.items() if name in self._keep}
+        if earlier:  # a one-shot callback pruned these targets: its zeros are where the masks start from
+            flips = {name: flip_fraction(earlier[name], keep) for name, keep in new.items() if name in earlier}
+        self._keep = new
+        if flips:
+            rate = _log_flips(pl_module, flips, {t.name: t.numel for t in self._targets})
+            if trainer.is_global_zero:
+                log.info("step %d: dynamic masks, %.4f of positions changed since the last event", step, rate)
+        if step >= callback.schedule.last_step:  # the freeze step
+            self.stop()
+            final, self._keep = self._keep, {}
+            registry.update(self._targets, final)
+        elif self._forward is None:
+            self._forward = MaskedForward(self._targets, self._masked_weight)
+
+    def before_optimizer_step(self, trainer) -> None:
+        if self._forward is None:
+            return
+        for t in self._targets:
+            sr_decay_(t.weight, self._keep[t.name], self.decay)
+
+    def stop(self) -> None:
+        if self._forward is not None:
+            self._forward.remove()
+            self._forward = None
+
+    def state_dict(self) -> dict:
+        return {name: {"shape": list(keep.shape), "bits": pack_mask(keep)} for name, keep in self._keep.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._pending = state or None
+
+    def sparsity(self) -> Optional[float]:
+        return _pruned_fraction(self._keep)
+
+    def _masked_weight(self, target: Target) -> torch.Tensor:
+        return straight_through(target.weight, self._keep[target.name])
