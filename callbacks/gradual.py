@@ -407,6 +407,8 @@ class GradualPruningCallback(ScheduledEvents, CalibrationDraw, PruningCallback):
         if not schedule.is_event(step):
             return
         target = schedule.sparsity_at(step)
+        if self.mode is not None and not self.mode.follows_schedule:
+            target = self.final_sparsity
         masks = registry.current(self._targets)
         current = registry.sparsity(self._targets)
         scorer = get_scorer(self.scorer)

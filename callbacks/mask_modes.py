@@ -51,6 +51,8 @@ class MaskMode:
 
     #: the callback draws calibration batches at fit start for this mode
     needs_calibration = False
+    #: the masks are at the schedule's sparsity at every event (else at final_sparsity from the first one)
+    follows_schedule = True
 
     def check(self, problems: Problems, callback: "GradualPruningCallback") -> None:
         """Add what does not fit the callback's other arguments to ``problems`` (at construction)."""
@@ -153,6 +155,7 @@ class LearnedMasks(MaskMode):
         self.temperature, self.logit_scale = tuple(map(float, temperature)), tuple(map(float, logit_scale))
         self.logit_lr, self.hard, self.train_weights, self.seed = float(logit_lr), hard, train_weights, int(seed)
         self.needs_calibration = prior in ("sparsegpt", "wanda")
+        self.follows_schedule = False  # exactly N:M from the first event on
         self._targets: list[Target] = []
         self._nm: Optional[tuple[int, int]] = None
         self._candidates: Optional[torch.Tensor] = None

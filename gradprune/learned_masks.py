@@ -71,7 +71,8 @@ def sample_mask(logits: torch.Tensor, candidates: torch.Tensor, temperature: flo
     """One Gumbel-softmax draw of grouped float masks ``(..., m)`` from logits ``(..., C)``, differentiable in the
     logits. ``hard``: every group's mask is its sampled candidate exactly (straight-through gradient)."""
     uniform = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
-    gumbel = -torch.log(-torch.log(uniform.clamp_(min=1e-20)).clamp_(min=1e-20))
+    exponential = -torch.log(uniform.clamp_(min=1e-20))  # > 0
+    gumbel = -torch.log(exponential.clamp_(min=1e-20))
     y = torch.softmax((scale * logits + gumbel) / temperature, dim=-1)
     if hard:
         one_hot = F.one_hot(y.argmax(dim=-1), y.shape[-1]).to(y.dtype)
