@@ -25,6 +25,7 @@ pruned (see :func:`check_strategy`).
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any, Optional
 
 import lightning.pytorch as pl
@@ -35,6 +36,26 @@ from lightning.pytorch.strategies import (DDPStrategy, DeepSpeedStrategy, FSDPSt
 from gradprune.masks import MaskRegistry, clips_live_gradients
 
 log = logging.getLogger(__name__)
+
+LOG_FORMAT = "[gradprune] %(message)s"
+
+
+def show_logs() -> None:
+    """Show gradprune's INFO messages (pruning events, one-shot timings, the report, the export) on stderr,
+    the way Lightning shows its own: called when a gradprune callback is set up (and by the ``gradprune``
+    command), so a fit started from Python says what it does exactly as the command does.
+
+    Leaves logging alone where the program configured it: a level already set on the ``gradprune`` logger
+    stays, and the handler is added only while neither that logger nor the root logger has one (as
+    ``lightning.pytorch`` does), so with ``logging.basicConfig`` the messages go to the program's handlers."""
+    logger = logging.getLogger("gradprune")
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
+    if not logger.handlers and not logging.getLogger().hasHandlers():
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        logger.addHandler(handler)
+        logger.propagate = False
 
 
 _SHARDING = (
@@ -109,6 +130,7 @@ class PruningCallback(Callback):
         return self._registry
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        show_logs()
         if stage == "fit":  # before any callback's on_fit_start (where one-shot pruning and resumed masks happen)
             check_strategy(trainer.strategy, type(self).__name__, fsdp2=self.supports_fsdp2)
 

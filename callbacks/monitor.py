@@ -23,6 +23,8 @@ from gradprune.report import sparsity_report
 from gradprune.targets import find_targets
 from gradprune.validation import Problems, check_bool, check_selector
 
+from .base import show_logs
+
 log = logging.getLogger(__name__)
 
 
@@ -65,6 +67,9 @@ class SparsityMonitor(Callback):
 
     def _sparsity(self, pl_module) -> dict:
         return sparsity_report(pl_module, find_targets(pl_module, self.include, self.exclude))
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        show_logs()  # the report at fit end is logged: show it from Python as from the command
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         find_targets(pl_module, self.include, self.exclude)  # bad include/exclude fail before training

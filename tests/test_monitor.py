@@ -33,3 +33,47 @@ def test_tensorboard_has_sparsity_beside_validation_metric(tmp_path):
     assert report["val/ppl final"] == pytest.approx(ppl[-1], rel=1e-5)
     assert set(report["by_type"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert (tmp_path / "tb" / "version_0" / "gradprune_report.json").exists()
+
+
+@pytest.fixture
+def fresh_gradprune_logger(monkeypatch):
+    """The gradprune logger as a new Python process has it: no level, no handler."""
+    import logging
+
+    logger = logging.getLogger("gradprune")
+    monkeypatch.setattr(logger, "level", logging.NOTSET)
+    monkeypatch.setattr(logger, "handlers", [])
+    monkeypatch.setattr(logger, "propagate", True)
+    return logger
+
+
+def test_a_fit_from_python_logs_each_event_and_the_report_and_writes_the_history(tmp_path, caplog,
+                                                                               fresh_gradprune_logger):
+    import json
+
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    gradual = GradualPruningCallback(0.5, schedule="linear", start_step=2, end_step=6, every=2)
+    trainer(tmp_path, max_steps=8, logger=logger, val_check_interval=4, callbacks=[gradual, SparsityMonitor()]).fit(
+        tiny_module(), token_loader(n=48), token_loader(n=8, seed=1))
+
+    text = caplog.text  # nothing set a level: the callbacks show gradprune's INFO messages themselves
+    assert [f"step {s}: pruned to" in text for s in (2, 4, 6)] == [True] * 3
+    assert "gradprune report" in text and "final sparsity 0.5000" in text
+    report = json.loads((tmp_path / "tb" / "version_0" / "gradprune_report.json").read_text())
+    assert [h["step"] for h in report["history"]] == [4, 8]
+    assert report["history"][-1]["sparsity"] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_show_logs_adds_a_handler_only_where_the_program_set_up_none(monkeypatch, fresh_gradprune_logger):
+    import logging
+
+    from gradprune.callbacks.base import LOG_FORMAT, show_logs
+
+    show_logs()  # the root logger has pytest's handlers: messages go there, nothing is added
+    assert fresh_gradprune_logger.level == logging.INFO and fresh_gradprune_logger.handlers == []
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # a plain `python train.py`
+    show_logs()
+    (handler,) = fresh_gradprune_logger.handlers
+    assert handler.formatter._fmt == LOG_FORMAT and fresh_gradprune_logger.propagate is False
+    show_logs()
+    assert len(fresh_gradprune_logger.handlers) == 1
