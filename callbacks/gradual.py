@@ -38,6 +38,7 @@ start, before anything is pruned.
 from __future__ import annotations
 
 import logging
+import time
 from typing import List, Literal, Optional, Union
 
 import lightning.pytorch as pl
@@ -407,6 +408,7 @@ class GradualPruningCallback(ScheduledEvents, CalibrationDraw, PruningCallback):
         if not schedule.is_event(step):
             return
         target = schedule.sparsity_at(step)
+        started = time.perf_counter()
         masks = registry.current(self._targets)
         current = registry.sparsity(self._targets)
         scorer = get_scorer(self.scorer)
@@ -443,7 +445,8 @@ class GradualPruningCallback(ScheduledEvents, CalibrationDraw, PruningCallback):
         if self.mode is not None and self.mode.sparsity() is not None:
             achieved = self.mode.sparsity()  # the masks the mode holds until the freeze step
         if trainer.is_global_zero:  # the same on every rank
-            log.info("step %d: pruned to %.4f sparsity (target %.4f)", step, achieved, target)
+            log.info("step %d: pruned to %.4f sparsity (target %.4f) in %.1fs", step, achieved, target,
+                     time.perf_counter() - started)
         pl_module.log("sparsity/target", target, on_step=True, on_epoch=False, sync_dist=False)
         pl_module.log("sparsity/achieved", achieved, on_step=True, on_epoch=False, sync_dist=False)
 

@@ -357,3 +357,18 @@ def test_validate_stage_tokenises_only_the_validation_side():
     assert set(dm._streams) == {"val"}
     dm.setup("fit")
     assert set(dm._streams) == {"train", "val"}
+
+
+def test_a_long_tokenisation_logs_its_progress(monkeypatch, caplog, tmp_path):
+    import logging
+
+    import gradprune.data as data
+
+    for i in range(3):
+        (tmp_path / f"{i}.txt").write_text(f"document {i} " * 50)
+    monkeypatch.setattr(data, "TOKENIZE_LOG_SECONDS", 0.0)  # a line per document instead of one per 30 s
+    caplog.set_level(logging.INFO, logger="gradprune")
+    module = TextDataModule(sources=[str(tmp_path / "*.txt")], block_size=8, val_fraction=0.34, max_train_tokens=2000)
+    module.train_ids()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("tokenising ")]
+    assert lines and all(" of at most 2000, " in line for line in lines), lines
