@@ -72,6 +72,14 @@ def _yaml_12_ints() -> None:
     set_loader("yaml", load, exceptions=(yaml.YAMLError,))
 
 
+def callback_names() -> list[str]:
+    """gradprune's callbacks a config can name (the concrete Lightning callbacks of gradprune.callbacks)."""
+    from lightning.pytorch.callbacks import Callback
+
+    return [name for name in gradprune_callbacks.__all__ if name != "PruningCallback"
+            and isinstance(getattr(gradprune_callbacks, name), type) and issubclass(getattr(gradprune_callbacks, name), Callback)]
+
+
 # -- short parse errors ------------------------------------------------------------------------------------
 def _parameters(class_path: str) -> list[str]:
     """The keyword arguments of the class at ``class_path`` (empty if it cannot be imported)."""
@@ -168,7 +176,7 @@ def short_error(message: str, parser, args: Sequence[str]) -> list[str]:
     found = re.search(r"Expected a dot import path string: ([\w.]+)", message)
     if found:
         name = found.group(1)
-        names = [n for n in gradprune_callbacks.__all__ if n != "PruningCallback"]
+        names = callback_names()
         lines = [f"unknown class {name!r} ({_where(name, args, value=True)})"]
         close = _closest(name.rsplit(".", 1)[-1], names)
         if close:
@@ -218,7 +226,7 @@ class GradpruneParser(LightningArgumentParser):
 def _callbacks_help(action) -> None:
     """Put gradprune's callbacks first in the help of ``--trainer.callbacks`` (and leave them out of the list
     of other known subclasses that jsonargparse appends)."""
-    names = ", ".join(name for name in gradprune_callbacks.__all__ if name != "PruningCallback")
+    names = ", ".join(callback_names())
     action.help = (f"Add a callback or list of callbacks. gradprune's callbacks (short names work, e.g. "
                    f"class_path: GradualPruningCallback; --trainer.callbacks.help GradualPruningCallback shows one's "
                    f"arguments): {names}")
