@@ -58,6 +58,24 @@ def show_logs() -> None:
         logger.propagate = False
 
 
+def tidy_progress_bar(trainer: pl.Trainer) -> None:
+    """Lightning's rich progress bar reads "Epoch 0/-2" in a run bounded by max_steps only (its max_epochs is
+    -1, no epoch limit): make it read "Epoch 0" there. Called when a gradprune callback is set up."""
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    bar = trainer.progress_bar_callback
+    if not isinstance(bar, RichProgressBar) or getattr(bar, "_gradprune_tidy", False):
+        return
+    describe = bar._get_train_description
+
+    def train_description(current_epoch: int) -> str:
+        text = describe(current_epoch)
+        return text.replace(f"Epoch {current_epoch}/-2", f"Epoch {current_epoch}", 1) if trainer.max_epochs == -1 else text
+
+    bar._get_train_description = train_description
+    bar._gradprune_tidy = True
+
+
 _SHARDING = (
     (DeepSpeedStrategy, "DeepSpeed partitions the optimizer state (ZeRO 1/2) or the weights (ZeRO 3) and runs its own optimizer step"),
     (FSDPStrategy, "FSDP shards every weight across ranks"),
@@ -131,6 +149,7 @@ class PruningCallback(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         show_logs()
+        tidy_progress_bar(trainer)
         if stage == "fit":  # before any callback's on_fit_start (where one-shot pruning and resumed masks happen)
             check_strategy(trainer.strategy, type(self).__name__, fsdp2=self.supports_fsdp2)
 

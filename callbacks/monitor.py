@@ -23,7 +23,7 @@ from gradprune.report import sparsity_report
 from gradprune.targets import find_targets
 from gradprune.validation import Problems, check_bool, check_selector
 
-from .base import show_logs
+from .base import show_logs, tidy_progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ class SparsityMonitor(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         show_logs()  # the report at fit end is logged: show it from Python as from the command
+        tidy_progress_bar(trainer)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         find_targets(pl_module, self.include, self.exclude)  # bad include/exclude fail before training

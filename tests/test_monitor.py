@@ -47,8 +47,8 @@ def fresh_gradprune_logger(monkeypatch):
     return logger
 
 
-def test_a_fit_from_python_logs_each_event_and_the_report_and_writes_the_history(tmp_path, caplog,
-                                                                               fresh_gradprune_logger):
+def test_a_fit_from_python_logs_each_event_and_the_report_and_writes_the_history(tmp_path, fresh_gradprune_logger,
+                                                                               gradprune_logs):
     import json
 
     logger = TensorBoardLogger(tmp_path, name="tb")
@@ -56,7 +56,7 @@ def test_a_fit_from_python_logs_each_event_and_the_report_and_writes_the_history
     trainer(tmp_path, max_steps=8, logger=logger, val_check_interval=4, callbacks=[gradual, SparsityMonitor()]).fit(
         tiny_module(), token_loader(n=48), token_loader(n=8, seed=1))
 
-    text = caplog.text  # nothing set a level: the callbacks show gradprune's INFO messages themselves
+    text = gradprune_logs.text()  # nothing set a level: the callbacks show gradprune's INFO messages themselves
     assert [f"step {s}: pruned to" in text for s in (2, 4, 6)] == [True] * 3
     assert "gradprune report" in text and "final sparsity 0.5000" in text
     report = json.loads((tmp_path / "tb" / "version_0" / "gradprune_report.json").read_text())
@@ -69,7 +69,8 @@ def test_show_logs_adds_a_handler_only_where_the_program_set_up_none(monkeypatch
 
     from gradprune.callbacks.base import LOG_FORMAT, show_logs
 
-    show_logs()  # the root logger has pytest's handlers: messages go there, nothing is added
+    monkeypatch.setattr(logging.getLogger(), "handlers", [logging.NullHandler()])  # the program set up logging
+    show_logs()
     assert fresh_gradprune_logger.level == logging.INFO and fresh_gradprune_logger.handlers == []
     monkeypatch.setattr(logging.getLogger(), "handlers", [])  # a plain `python train.py`
     show_logs()
@@ -77,3 +78,16 @@ def test_show_logs_adds_a_handler_only_where_the_program_set_up_none(monkeypatch
     assert handler.formatter._fmt == LOG_FORMAT and fresh_gradprune_logger.propagate is False
     show_logs()
     assert len(fresh_gradprune_logger.handlers) == 1
+
+
+def test_the_rich_progress_bar_of_a_max_steps_run_reads_epoch_0_not_0_of_minus_2(tmp_path):
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    bar = RichProgressBar()
+    fit = pl.Trainer(default_root_dir=tmp_path, logger=False, enable_checkpointing=False, max_steps=2,
+                     limit_val_batches=0, callbacks=[bar, SparsityMonitor()])
+    fit.fit(tiny_module(), token_loader(n=8))
+    assert fit.max_epochs == -1  # what Lightning sets for a run bounded by max_steps only
+    assert bar._get_train_description(0).strip() == "Epoch 0"
+    assert type(bar)._get_train_description(bar, 0).strip() == "Epoch 0/-2"  # Lightning's own text
