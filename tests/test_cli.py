@@ -268,3 +268,11 @@ def test_fit_help_shows_gradprunes_callbacks_first(capsys):
     section = text[start:text.index("  --trainer.fast_dev_run ", start)]
     assert section.index("GradualPruningCallback") < section.index("lightning.pytorch.callbacks.")
     assert "gradprune.callbacks." not in section  # named once, by short name, not again among the others
+
+
+def test_one_callbacks_help_by_its_short_name(capsys):
+    with pytest.raises(SystemExit) as info:
+        ParseOnlyCLI(PrunableLM, TextDataModule, args=["fit", "--trainer.callbacks.help", "GradualPruningCallback"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--trainer.callbacks.final_sparsity FINAL_SPARSITY" in out and "--trainer.callbacks.scorer" in out
