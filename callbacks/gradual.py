@@ -92,7 +92,8 @@ class GradualPruningCallback(ScheduledEvents, CalibrationDraw, PruningCallback):
             importance and activations), "taylor" (sum of |W * G| since the last event), "sparsegpt"
             (SparseGPT at every event from the window's input Hessians: prunes each layer to its count and
             updates the kept weights; scope "layer", unstructured), or a name added with
-            ``gradprune.scorers.register_scorer``.
+            ``gradprune.scorers.register_scorer``. The default, magnitude, suits a model trained from
+            scratch; on a pretrained LLM it wrecks the model (README): name "wanda" or "sparsegpt" there.
         exponent: power of the cubic schedule, rate of the exponential one.
         stat_batches: for activation and Hessian scorers, how many training micro-batches before each
             event the input statistics are collected over.
