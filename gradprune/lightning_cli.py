@@ -27,8 +27,6 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from gradprune import callbacks as gradprune_callbacks  # imported so that short class names resolve
 
 from .cli import DEBUG_ENV, SUBCOMMANDS
-from .data import TextDataModule  # noqa: F401  (re-exported for callers of the old module)
-from .lightning_module import PrunableLM  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +252,8 @@ class GradpruneCLI(LightningCLI):
         return {name: skip for name, skip in LightningCLI.subcommands().items() if name in SUBCOMMANDS}
 
     def parse_arguments(self, parser, args) -> None:
-        GradpruneParser.args = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
+        given = sys.argv[1:] if args is None else args  # args may also be a dict or a Namespace: no files then
+        GradpruneParser.args = [str(a) for a in given] if isinstance(given, (list, tuple)) else []
         super().parse_arguments(parser, args)
 
     def add_arguments_to_parser(self, parser) -> None:
