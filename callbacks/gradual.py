@@ -38,6 +38,7 @@ start, before anything is pruned.
 from __future__ import annotations
 
 import logging
+import time
 from typing import List, Literal, Optional, Union
 
 import lightning.pytorch as pl
@@ -91,7 +92,8 @@ class GradualPruningCallback(ScheduledEvents, CalibrationDraw, PruningCallback):
             importance and activations), "taylor" (sum of |W * G| since the last event), "sparsegpt"
             (SparseGPT at every event from the window's input Hessians: prunes each layer to its count and
             updates the kept weights; scope "layer", unstructured), or a name added with
-            ``gradprune.scorers.register_scorer``.
+            ``gradprune.scorers.register_scorer``. The default, magnitude, suits a model trained from
+            scratch; on a pretrained LLM it wrecks the model (README): name "wanda" or "sparsegpt" there.
         exponent: power of the cubic schedule, rate of the exponential one.
         stat_batches: for activation and Hessian scorers, how many training micro-batches before each
             event the input statistics are collected over.
@@ -409,6 +411,7 @@ class GradualPruningCallback(ScheduledEvents, CalibrationDraw, PruningCallback):
         target = schedule.sparsity_at(step)
         if self.mode is not None and not self.mode.follows_schedule:
             target = self.final_sparsity
+        started = time.perf_counter()
         masks = registry.current(self._targets)
         current = registry.sparsity(self._targets)
         scorer = get_scorer(self.scorer)
@@ -445,7 +448,8 @@ class GradualPruningCallback(ScheduledEvents, CalibrationDraw, PruningCallback):
         if self.mode is not None and self.mode.sparsity() is not None:
             achieved = self.mode.sparsity()  # the masks the mode holds until the freeze step
         if trainer.is_global_zero:  # the same on every rank
-            log.info("step %d: pruned to %.4f sparsity (target %.4f)", step, achieved, target)
+            log.info("step %d: pruned to %.4f sparsity (target %.4f) in %.1fs", step, achieved, target,
+                     time.perf_counter() - started)
         pl_module.log("sparsity/target", target, on_step=True, on_epoch=False, sync_dist=False)
         pl_module.log("sparsity/achieved", achieved, on_step=True, on_epoch=False, sync_dist=False)
 

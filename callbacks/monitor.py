@@ -17,11 +17,13 @@ from typing import List, Optional, Union
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from gradprune.report import sparsity_report
 from gradprune.targets import find_targets
 from gradprune.validation import Problems, check_bool, check_selector
+
+from .base import show_logs, tidy_progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +68,20 @@ class SparsityMonitor(Callback):
     def _sparsity(self, pl_module) -> dict:
         return sparsity_report(pl_module, find_targets(pl_module, self.include, self.exclude))
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        show_logs()  # the report at fit end is logged: show it from Python as from the command
+        tidy_progress_bar(trainer)
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         find_targets(pl_module, self.include, self.exclude)  # bad include/exclude fail before training
         self._add_layout(trainer)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        problem = validation_problem(trainer)  # the loop's sizes are known from here on
+        if problem:
+            rank_zero_warn(
+                f"SparsityMonitor: {problem}. TensorBoard will get no {self.metric} and no sparsity/global, and "
+                f"the report's {self.metric} values will be null", category=UserWarning)
 
     @rank_zero_only
     def _add_layout(self, trainer: pl.Trainer) -> None:
@@ -134,3 +147,35 @@ class SparsityMonitor(Callback):
             path = Path(log_dir) / "gradprune_report.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(r, indent=1))
+
+
+def validation_problem(trainer: pl.Trainer) -> Optional[str]:
+    """Why no validation will run before this fit ends (None when one will, or when it cannot be told:
+    an unbounded run, an iterable of unknown length). Needs the training loop's sizes (from on_train_start)."""
+    if trainer.limit_val_batches == 0:
+        return "validation is switched off (limit_val_batches=0)"
+    source = getattr(getattr(trainer.fit_loop.epoch_loop, "val_loop", None), "_data_source", None)
+    if source is not None and not source.is_defined():
+        return "there is no validation data (no val_dataloaders, no val_dataloader() in the module or datamodule)"
+    total, accumulate = trainer.estimated_stepping_batches, trainer.accumulate_grad_batches
+    per_epoch, every, every_n = trainer.num_training_batches, trainer.val_check_batch, trainer.check_val_every_n_epoch
+    if total == float("inf") or not isinstance(every, (int, float)) or every == float("inf"):
+        return None
+    batches = int(total) * accumulate  # training batches this run takes
+    if every_n is None:
+        first = every
+    elif per_epoch == float("inf"):
+        return None
+    else:
+        first = (every_n - 1) * per_epoch + min(every, per_epoch)
+    if first <= batches:
+        return None
+    interval = trainer.val_check_interval
+    stop = (f"max_steps={trainer.max_steps}" if trainer.max_steps not in (None, -1) else
+            f"max_epochs={trainer.max_epochs}")
+    return (f"validation will never run: the first comes after {int(first)} training batches "
+            f"(val_check_interval={interval}, check_val_every_n_epoch={every_n}, {per_epoch} batches per epoch), "
+            f"but this run stops after {batches} ({stop}{f', accumulate_grad_batches={accumulate}' if accumulate > 1 else ''}). "
+            f"Set val_check_interval to at most {batches} batches"
+            f"{' with check_val_every_n_epoch=None (count across epochs)' if every_n is not None else ''}, "
+            f"or train longer")

@@ -2,40 +2,60 @@
 
 The core (targets, schedules, mask selection, the mask registry, reports) is pure torch; the Lightning
 pieces live in :mod:`gradprune.callbacks` and the LightningModule / DataModule modules.
+
+Every name below is imported on first use (PEP 562), so ``import gradprune`` costs nothing until a name is
+used, and the ``gradprune`` command starts without torch for ``--help`` (gradprune/cli.py).
 """
-from . import calibration
-from .exports import FORMATS, export, load
-from .masks import MaskRegistry, pack_mask, unpack_mask
-from .methods.magnitude import magnitude_scores
-from .oneshot import prune_oneshot
-from .optim import MaskedAdamW
-from .report import sparsity_report
-from .schedules import SparsitySchedule
-from .selection import exact_count, select_masks
-from .semistructured import accelerate_2of4
-from .structured import prune_structured, remove_zeroed_units
-from .targets import Target, find_targets
+import importlib
 
 __version__ = "0.1.0"
 
-# The Lightning pieces are imported on first use, so `import gradprune` stays a pure-torch import.
-_LAZY = {"PrunableLM": ".lightning_module", "TextDataModule": ".data", "byte_tokenizer": ".tokenizer"}
+# public name -> the module defining it
+_LAZY = {
+    "FORMATS": ".exports", "export": ".exports", "load": ".exports",
+    "MaskRegistry": ".masks", "pack_mask": ".masks", "unpack_mask": ".masks",
+    "magnitude_scores": ".methods.magnitude",
+    "prune_oneshot": ".oneshot",
+    "MaskedAdamW": ".optim",
+    "sparsity_report": ".report",
+    "SparsitySchedule": ".schedules",
+    "exact_count": ".selection", "select_masks": ".selection",
+    "accelerate_2of4": ".semistructured",
+    "prune_structured": ".structured", "remove_zeroed_units": ".structured",
+    "Target": ".targets", "find_targets": ".targets",
+    "PrunableLM": ".lightning_module", "TextDataModule": ".data", "byte_tokenizer": ".tokenizer",
+}
 
 
 def __getattr__(name):
     if name in _LAZY:
-        import importlib
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    else:  # a submodule: gradprune.calibration, gradprune.masks, ...
+        try:
+            value = importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module 'gradprune' has no attribute {name!r}") from None
+    globals()[name] = value
+    return value
 
-        return getattr(importlib.import_module(_LAZY[name], __name__), name)
-    raise AttributeError(f"module 'gradprune' has no attribute {name!r}")
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
 
 
-def prune(model, sparsity, scope="layer", pattern="unstructured", include=None, exclude=None, score_fn=magnitude_scores):
+def prune(model, sparsity, scope="layer", pattern="unstructured", include=None, exclude=None, score_fn=None):
     """Prune ``model`` in place to exactly ``sparsity`` (monotone with any earlier masks) and return the
-    keep-masks. A thin convenience over find_targets -> select_masks -> MaskRegistry.update."""
-    from .selection import validate_selection
+    keep-masks. A thin convenience over find_targets -> select_masks -> MaskRegistry.update; ``score_fn``
+    defaults to :func:`gradprune.magnitude_scores`."""
+    from .masks import MaskRegistry
+    from .methods.magnitude import magnitude_scores
+    from .selection import select_masks, validate_selection
+    from .targets import find_targets
     from .validation import Problems, check_existing_masks, check_weights_usable
 
+    score_fn = magnitude_scores if score_fn is None else score_fn
     targets = find_targets(model, include, exclude)
     registry = MaskRegistry.of(model)
     nm = validate_selection(targets, sparsity, scope, pattern)
@@ -46,7 +66,6 @@ def prune(model, sparsity, scope="layer", pattern="unstructured", include=None, 
     masks = select_masks(targets, sparsity, score_fn, scope, pattern, registry.current(targets))
     registry.update(targets, masks)
     return masks
-
 
 __all__ = [
     "accelerate_2of4",

@@ -4,97 +4,80 @@
     gradprune validate --config configs/quickstart.yaml
     gradprune fit --config configs/quickstart.yaml --print_config
 
-Callbacks (GradualPruningCallback, the one-shot callbacks, StructuredPruningCallback,
-GradualStructuredPruningCallback, SparsityMonitor) are given in YAML by
-class_path under ``trainer.callbacks``. The data module's vocabulary size is linked into the model.
+This module imports nothing heavy: ``gradprune --help`` is answered from :data:`SUBCOMMANDS` without
+torch or Lightning (well under a second, against 15-20 s for LightningCLI's own help on a loaded machine),
+and everything else goes to :class:`gradprune.lightning_cli.GradpruneCLI`. A new subcommand is an entry in
+:data:`SUBCOMMANDS` plus its implementation there.
 """
 from __future__ import annotations
 
 import logging
 import os
-import re
 import sys
-
-from lightning.pytorch.cli import LightningCLI
-
-from .data import TextDataModule
-from .lightning_module import PrunableLM
-
 
 log = logging.getLogger(__name__)
 
-DEBUG_ENV = "GRADPRUNE_DEBUG"  # set to 1 for the full traceback of a bad value
+DEBUG_ENV = "GRADPRUNE_DEBUG"  # set to 1 for the full traceback of a bad value / the whole parse error
+
+#: The subcommands of ``gradprune`` and the line ``gradprune --help`` shows for each (the ones that work:
+#: LightningCLI's test and predict need steps PrunableLM does not have).
+SUBCOMMANDS = {
+    "fit": "train with the configured pruning callbacks; validate, report and export",
+    "validate": "one pass over the validation set: perplexity and sparsity of the configured model",
+}
+
+USAGE = "usage: gradprune [-h] [-c CONFIG] {" + ",".join(SUBCOMMANDS) + "} ..."
 
 
-def _yaml_12_ints() -> None:
-    """Read YAML integers as YAML 1.2 does: no base-60, so an unquoted ``pattern: 2:4`` stays the string
-    '2:4' (YAML 1.1, PyYAML's default, reads it as the integer 124). Installed as jsonargparse's yaml
-    loader for the gradprune command; everything else loads as before."""
-    import yaml
-    from jsonargparse import get_loader, set_loader
-    from jsonargparse._loaders_dumpers import get_yaml_default_loader, yaml_load
-
-    if getattr(get_loader("yaml"), "_gradprune", False):
-        return
-    base = get_yaml_default_loader()
-
-    class Loader(base):
-        pass
-
-    Loader.yaml_implicit_resolvers = {
-        first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:int"]
-        for first, resolvers in base.yaml_implicit_resolvers.items()
-    }
-    Loader.add_implicit_resolver(
-        "tag:yaml.org,2002:int",
-        re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
-        list("-+0123456789"),
-    )
-
-    def load(stream):
-        import jsonargparse._loaders_dumpers as loaders
-
-        saved = loaders.yaml_default_loader
-        loaders.yaml_default_loader = Loader
-        try:
-            return yaml_load(stream)
-        finally:
-            loaders.yaml_default_loader = saved
-
-    load._gradprune = True
-    set_loader("yaml", load, exceptions=(yaml.YAMLError,))
+def help_text() -> str:
+    width = max(len(name) for name in SUBCOMMANDS) + 2
+    lines = [USAGE, "", "Train-time pruning of Hugging Face causal LMs with Lightning.", "", "subcommands:"]
+    lines += [f"  {name:<{width}}{text}" for name, text in SUBCOMMANDS.items()]
+    lines += [
+        "",
+        "options:",
+        "  -h, --help       show this help message and exit",
+        "  -c, --config     a YAML config (e.g. configs/quickstart.yaml); also after the subcommand",
+        "",
+        "`gradprune fit --help` lists every option (gradprune's callbacks first);",
+        "`gradprune fit --trainer.callbacks.help GradualPruningCallback` one callback's arguments.",
+        "Example: gradprune fit --config configs/quickstart.yaml",
+    ]
+    return "\n".join(lines) + "\n"
 
 
-class GradpruneCLI(LightningCLI):
-    def __init__(self, *args, **kwargs) -> None:
-        _yaml_12_ints()  # before any YAML is read
-        super().__init__(*args, **kwargs)
-
-    def add_arguments_to_parser(self, parser) -> None:
-        parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
-
-
-def _show_gradprune_logs() -> None:
-    logger = logging.getLogger("gradprune")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("[gradprune] %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-
-
-def run_cli(args=None) -> GradpruneCLI:
+def run_cli(args=None):
     """Run the CLI (``args`` like the command line's, default sys.argv) and return it, e.g. for tests."""
-    _show_gradprune_logs()
+    from gradprune.callbacks.base import show_logs
+
+    from .data import TextDataModule
+    from .lightning_cli import GradpruneCLI
+    from .lightning_module import PrunableLM
+
+    show_logs()
     return GradpruneCLI(PrunableLM, TextDataModule, save_config_kwargs={"overwrite": True}, args=args)
+
+
+def __getattr__(name):
+    if name == "GradpruneCLI":  # imported on first use: it needs Lightning
+        from .lightning_cli import GradpruneCLI
+
+        return GradpruneCLI
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def main(args=None) -> None:
     """The ``gradprune`` console script (returns nothing, so the exit status is 0 on success).
 
-    A bad value (ValueError/TypeError while the CLI builds the model, data or callbacks) prints its
-    message and a usage hint, not a traceback; the traceback is logged at debug level, and
-    ``GRADPRUNE_DEBUG=1`` re-raises it."""
+    ``gradprune``, ``gradprune -h`` / ``--help`` print :func:`help_text` without importing torch. A bad value
+    (ValueError/TypeError while the CLI builds the model, data or callbacks) prints its message and a usage
+    hint, not a traceback; the traceback is logged at debug level, and ``GRADPRUNE_DEBUG=1`` re-raises it."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv in ([], ["-h"], ["--help"]):
+        (sys.stdout if argv else sys.stderr).write(help_text())
+        if not argv:
+            sys.stderr.write("gradprune: error: choose a subcommand: " + ", ".join(SUBCOMMANDS) + "\n")
+        raise SystemExit(0 if argv else 2)
     try:
         run_cli(args)
     except (ValueError, TypeError) as exc:

@@ -54,9 +54,14 @@ def hash_fraction(seed: int, key: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
+def stdlib_root() -> Path:
+    """The running Python's standard library directory."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
 def stdlib_files() -> list[Path]:
     """All ``.py`` files of the running Python's standard library, sorted, without site-packages."""
-    root = Path(sysconfig.get_paths()["stdlib"])
+    root = stdlib_root()
     files = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in {"site-packages", "dist-packages", "__pycache__"})
@@ -114,10 +119,12 @@ def split_files(files: Sequence[Path], val_fraction: float, seed: int = 0) -> tu
 def read_text(path: Path) -> str:
     """A text file's contents (undecodable bytes replaced, never an error). A file that does not look like
     UTF-8 text (NUL bytes, a UTF-16 byte-order mark, or more than 1% undecodable bytes) gets a warning
-    naming it: it would otherwise train silently on replacement characters."""
+    naming it: it would otherwise train silently on replacement characters. Files of the ``stdlib`` source
+    are read the same way without a warning (the user did not choose them: CPython's tests ship a few
+    deliberately non-UTF-8 modules, read with replacement characters as they always were)."""
     raw = Path(path).read_bytes()
     text = raw.decode("utf-8", errors="replace")
-    if raw:
+    if raw and not Path(path).is_relative_to(stdlib_root()):
         bad = text.count("\ufffd") - raw.decode("utf-8", errors="ignore").count("\ufffd")
         if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
             log.warning("%s looks like UTF-16 text (byte-order mark); gradprune reads UTF-8: convert it "

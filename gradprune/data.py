@@ -11,6 +11,7 @@ use), stops as soon as ``max_train_tokens`` / ``max_val_tokens`` are reached, an
 from __future__ import annotations
 
 import logging
+import time
 from itertools import islice
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
@@ -26,6 +27,9 @@ from .tokenizer import BYTES, byte_tokenizer
 from .validation import TOKENIZER_SOURCE_FORMS, Problems, check_model_source, is_int, is_number
 
 log = logging.getLogger(__name__)
+
+#: seconds between the progress lines of a long tokenisation
+TOKENIZE_LOG_SECONDS = 30.0
 
 
 class TextDataModule(pl.LightningDataModule):
@@ -186,10 +190,15 @@ class TextDataModule(pl.LightningDataModule):
         chunk_size = 1 if self.tokenizer_name == BYTES else 32
         texts = (text for text in documents(items) if text)
         done = False
+        start = last = time.perf_counter()
         while not done:
             chunk = list(islice(texts, chunk_size))
             if not chunk:
                 break
+            if time.perf_counter() - last >= TOKENIZE_LOG_SECONDS:  # a long tokenisation is never silent
+                last = time.perf_counter()
+                log.info("tokenising %s: %d tokens%s, %d documents in %.0fs", self.sources, total,
+                         "" if cap is None else f" of at most {cap}", len(spans), last - start)
             for ids in self._encode(chunk):
                 spans.append((total, total + ids.numel()))
                 pieces.append(ids)

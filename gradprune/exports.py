@@ -326,6 +326,10 @@ def export(
     extra = WRITERS[format](model, out, registries)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
+    else:  # a plain HF model knows no tokenizer: say so, or the directory looks complete and is not
+        log.warning("export to %s writes no tokenizer: %s knows none; pass tokenizer= (e.g. "
+                    "gradprune.models.load_tokenizer(<source>)) or save it there yourself before from_pretrained",
+                    out, type(model_or_module).__name__)
     from . import __version__
 
     info = {"format": format, "gradprune_version": __version__, "sparsity": report, **extra}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
@@ -224,6 +225,27 @@ class Timer:
         self.seconds[f"{phase}_s"] += time.perf_counter() - start
 
 
+#: seconds between the progress lines logged where no bar can be drawn
+PROGRESS_LOG_SECONDS = 30.0
+
+
+def progress(items: Sequence, desc: str, show: Optional[bool]) -> Iterator:
+    """``items`` with progress: ``show=True`` a tqdm bar, ``False`` nothing, ``None`` a bar on a terminal and
+    elsewhere (a log file, a job's output, where tqdm's bar is hidden) an INFO line every
+    :data:`PROGRESS_LOG_SECONDS` and one at the end with the elapsed time, so long work is never silent."""
+    if show is not None or sys.stderr.isatty():
+        yield from tqdm(items, desc=desc, disable=show is False)
+        return
+    start = last = time.perf_counter()
+    total = len(items)
+    for done, item in enumerate(items, 1):
+        yield item
+        now = time.perf_counter()
+        if done == total or now - last >= PROGRESS_LOG_SECONDS:
+            log.info("%s: %d/%d in %.1fs", desc, done, total, now - start)
+            last = now
+
+
 def _calibrate_and_prune(job: Job, targets: Sequence[Target], feed: Callable[[ActivationHooks], None], timer: Timer) -> None:
     """Collect the method's statistics of ``targets`` while ``feed(hooks)`` runs forwards, sum them over
     ranks (option ``reduce``), then prune the targets."""
@@ -252,7 +274,7 @@ def _sequential(model: nn.Module, plan: Plan, timer: Timer) -> None:
     with timer("calibration"):
         inputs = capture_block_inputs(plan.runner, stack, plan.batches, plan.targets[0].weight.device)
     last = len(stack.blocks) - 1
-    for index, block in enumerate(tqdm(stack.blocks, desc=f"{job.method.name} blocks", disable=plan.job.hide_progress)):
+    for index, block in enumerate(progress(stack.blocks, f"{job.method.name} blocks", plan.job.progress)):
         block_targets = stack.targets_of(index, plan.targets)
         if block_targets:
             _calibrate_and_prune(job, block_targets, _block_feed(block, inputs), timer)
@@ -266,7 +288,7 @@ def _owl_counts(model: nn.Module, plan: Plan, timer: Timer) -> tuple[dict, list]
     device = plan.targets[0].weight.device
     with timer("calibration"):
         with ActivationHooks(plan.targets, l2_only=True) as hooks:
-            for batch in tqdm(plan.batches, desc="OWL outlier ratios", disable=plan.job.hide_progress):
+            for batch in progress(plan.batches, "OWL outlier ratios", plan.job.progress):
                 hooks.tokens(batch["attention_mask"])
                 call_model(plan.runner, batch, device)
         if plan.job.options["reduce"] is not None:
@@ -282,7 +304,7 @@ def _whole_model(model: nn.Module, plan: Plan, timer: Timer) -> None:
     device = plan.targets[0].weight.device
 
     def feed(hooks: ActivationHooks) -> None:
-        for batch in tqdm(plan.batches, desc="calibration", disable=plan.job.hide_progress):
+        for batch in progress(plan.batches, "calibration", plan.job.progress):
             hooks.tokens(batch["attention_mask"])
             call_model(plan.runner, batch, device)
 

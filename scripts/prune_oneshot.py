@@ -123,19 +123,26 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)
     options = method_options(args)
 
-    # data first (cheap, and a bad --calib file fails before the model loads)
+    # data first (a bad --calib file fails before the model loads); every phase says what it does and its time
     eval_tokens = args.eval_windows * args.seqlen
     data = data_module("stdlib", args.model, args.seqlen, args.calib_tokens, eval_tokens or None)
     tokenizer = data.tokenizer
     calibration = None
     if args.method != "magnitude":
+        start = time.perf_counter()
+        print(f"calibration data: tokenising up to {args.calib_tokens} training tokens of {args.calib or 'stdlib'} "
+              f"and drawing {args.nsamples} windows of {args.seqlen} tokens ...", flush=True)
         calib_data = data_module(args.calib, args.model, args.seqlen, args.calib_tokens) if args.calib else data
         windows = torch.cat(calib_data.calibration_batches(args.nsamples, args.seqlen, seed=args.seed))
         calibration = list(windows.split(args.batch_size))
+        print(f"calibration data: {len(windows)} windows in {time.perf_counter() - start:.1f}s", flush=True)
     heldout = data.heldout_ids()[:eval_tokens] if args.eval_windows else None
 
+    start = time.perf_counter()
+    print(f"loading {args.model} ...", flush=True)
     model = load_causal_lm(args.model)
     check_context(model, args.seqlen)
+    print(f"loaded in {time.perf_counter() - start:.1f}s", flush=True)
 
     result = {"args": vars(args)}
     if heldout is not None:
@@ -146,6 +153,9 @@ def main(argv=None) -> dict:
         print("before:", result["generation_before"])
 
     start = time.perf_counter()
+    print(f"pruning with {args.method} to {args.sparsity} {args.pattern}"
+          f"{'' if calibration is None else f' on {len(windows)} calibration windows'} (progress per block below) ...",
+          flush=True)
     report = prune_oneshot(model, args.method, args.sparsity, args.pattern, calibration,
                            sequential=not args.whole_model, **options)
     print(f"pruned to {report['global']['sparsity']:.4f} in {time.perf_counter() - start:.1f}s "

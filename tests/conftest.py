@@ -1,4 +1,5 @@
 """Shared fixtures: tiny Hugging Face models built from config objects (nothing is downloaded)."""
+import logging
 import os
 
 import pytest
@@ -19,3 +20,31 @@ def llama():
 @pytest.fixture
 def gpt2():
     return tiny_gpt2()
+
+
+class LogCollector(logging.Handler):
+    """Records of the ``gradprune`` loggers, collected by a handler of their own (works under ``-p no:logging``,
+    where caplog does not)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def messages(self) -> list:
+        return [record.getMessage() for record in self.records]
+
+    def text(self) -> str:
+        return "\n".join(self.messages())
+
+
+@pytest.fixture
+def gradprune_logs(monkeypatch):
+    """Collects gradprune's log records; ``gradprune_logs.at_info()`` lets INFO through for the test."""
+    logger = logging.getLogger("gradprune")
+    collector = LogCollector()
+    collector.at_info = lambda: monkeypatch.setattr(logger, "level", logging.INFO)
+    monkeypatch.setattr(logger, "handlers", [*logger.handlers, collector])
+    return collector

@@ -174,3 +174,105 @@ def test_lora_from_yaml_trains_adapters_and_exports_the_pruned_sparsity(tmp_path
     assert len(lora_layers(cli.model.model)) == 3  # one block: q_proj, v_proj, down_proj
     report = json.loads((tmp_path / "export" / "gradprune.json").read_text())["sparsity"]
     assert report["global"]["sparsity"] == pytest.approx(0.5, abs=1e-3)
+
+
+# -- the command as a new user meets it (issue 25, item 5) --------------------------------------------------
+def _quickstart_with(tmp_path, edit):
+    config = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
+    edit(config)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_a_typo_in_a_callback_key_prints_a_few_lines_with_the_closest_key_and_exits_2(tmp_path, capsys):
+    from gradprune.cli import main
+
+    def typo(config):
+        init_args = config["trainer"]["callbacks"][0]["init_args"]
+        init_args["final_sparsty"] = init_args.pop("final_sparsity")
+
+    path = _quickstart_with(tmp_path, typo)
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", str(path)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) <= 10, err
+    assert "unknown key 'final_sparsty' for gradprune.callbacks.GradualPruningCallback" in lines[0]
+    assert str(path) in lines[0]
+    assert "did you mean final_sparsity?" in err
+    assert "allowed keys: final_sparsity, schedule," in err
+    assert "Given value" not in err and "Subtypes" not in err and "usage:" not in err
+
+
+@pytest.mark.parametrize("section, key, closest", [("model", "learning_rat", "learning_rate"),
+                                                   ("trainer", "max_step", "max_steps")])
+def test_a_typo_in_a_core_key_names_the_closest_key(tmp_path, capsys, section, key, closest):
+    path = _quickstart_with(tmp_path, lambda config: config[section].update({key: 1}))
+    with pytest.raises(SystemExit) as info:
+        parse(path)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"unknown key {key!r} under {section!r} (file {path})" in err and f"did you mean {closest}?" in err
+    assert len(err.strip().splitlines()) <= 10, err
+
+
+def test_a_misspelt_callback_class_names_gradprunes_callbacks(tmp_path, capsys):
+    path = _quickstart_with(tmp_path, lambda c: c["trainer"]["callbacks"][0].update(class_path="GradualPrunigCallback"))
+    with pytest.raises(SystemExit) as info:
+        parse(path)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown class 'GradualPrunigCallback'" in err and "did you mean GradualPruningCallback?" in err
+
+
+def test_short_callback_names_resolve(tmp_path):
+    def short(config):
+        config["trainer"]["callbacks"][0]["class_path"] = "GradualPruningCallback"
+        config["trainer"]["callbacks"][1]["class_path"] = "SparsityMonitor"
+
+    config = parse(_quickstart_with(tmp_path, short))
+    paths = [c.class_path for c in config.trainer.callbacks]
+    assert paths == ["gradprune.callbacks.GradualPruningCallback", "gradprune.callbacks.SparsityMonitor"]
+
+
+def test_help_lists_only_the_working_subcommands_without_importing_torch():
+    import subprocess
+    import sys
+
+    from gradprune.cli import SUBCOMMANDS
+
+    code = ("import sys\nfrom gradprune.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit as e:\n"
+            "    assert e.code == 0\nprint('TORCH' if 'torch' in sys.modules else 'NO TORCH')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    usage = done.stdout.splitlines()[0]
+    assert usage == "usage: gradprune [-h] [-c CONFIG] {fit,validate} ..."
+    assert "test" not in done.stdout.split("subcommands:")[1].split("options:")[0]
+    assert "predict" not in done.stdout and done.stdout.rstrip().endswith("NO TORCH")
+    assert set(GradpruneCLI.subcommands()) == set(SUBCOMMANDS) == {"fit", "validate"}
+
+
+def test_the_test_subcommand_is_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as info:
+        ParseOnlyCLI(PrunableLM, TextDataModule, run=True, args=["test", "--config", str(CONFIGS[0])])
+    assert info.value.code == 2
+    assert "test" in capsys.readouterr().err
+
+
+def test_fit_help_shows_gradprunes_callbacks_first(capsys):
+    with pytest.raises(SystemExit):
+        ParseOnlyCLI(PrunableLM, TextDataModule, args=["fit", "--help"])
+    text = capsys.readouterr().out
+    start = text.index("  --trainer.callbacks CALLBACKS, ")
+    section = text[start:text.index("  --trainer.fast_dev_run ", start)]
+    assert section.index("GradualPruningCallback") < section.index("lightning.pytorch.callbacks.")
+    assert "gradprune.callbacks." not in section  # named once, by short name, not again among the others
+
+
+def test_one_callbacks_help_by_its_short_name(capsys):
+    with pytest.raises(SystemExit) as info:
+        ParseOnlyCLI(PrunableLM, TextDataModule, args=["fit", "--trainer.callbacks.help", "GradualPruningCallback"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--trainer.callbacks.final_sparsity FINAL_SPARSITY" in out and "--trainer.callbacks.scorer" in out

@@ -357,3 +357,29 @@ def test_validate_stage_tokenises_only_the_validation_side():
     assert set(dm._streams) == {"val"}
     dm.setup("fit")
     assert set(dm._streams) == {"train", "val"}
+
+
+def test_a_long_tokenisation_logs_its_progress(monkeypatch, gradprune_logs, tmp_path):
+    import gradprune.data as data
+
+    for i in range(3):
+        (tmp_path / f"{i}.txt").write_text(f"document {i} " * 50)
+    monkeypatch.setattr(data, "TOKENIZE_LOG_SECONDS", 0.0)  # a line per document instead of one per 30 s
+    gradprune_logs.at_info()
+    module = TextDataModule(sources=[str(tmp_path / "*.txt")], block_size=8, val_fraction=0.34, max_train_tokens=2000)
+    module.train_ids()
+    lines = [m for m in gradprune_logs.messages() if m.startswith("tokenising ")]
+    assert lines and all(" of at most 2000, " in line for line in lines), lines
+
+
+def test_the_stdlib_sources_non_utf8_files_are_read_without_a_warning(monkeypatch, tmp_path, gradprune_logs):
+    import gradprune.corpus as corpus
+
+    (tmp_path / "lib").mkdir()
+    for path in (tmp_path / "lib" / "module_koi8_r.py", tmp_path / "mine.py"):
+        path.write_bytes(bytes(range(128, 256)) * 4)
+    monkeypatch.setattr(corpus, "stdlib_root", lambda: tmp_path / "lib")
+    assert "\ufffd" in corpus.read_text(tmp_path / "lib" / "module_koi8_r.py")  # read as before, quietly
+    assert gradprune_logs.messages() == []
+    corpus.read_text(tmp_path / "mine.py")  # a file the user chose still warns
+    assert [f"{tmp_path / 'mine.py'} does not look like UTF-8 text" in m for m in gradprune_logs.messages()] == [True]

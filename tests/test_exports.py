@@ -333,3 +333,16 @@ def test_a_compressed_export_leaves_the_model_config_as_it_was(tmp_path):
     assert model.config.to_dict() == before
     written = json.loads((out / "config.json").read_text())
     assert written["architectures"] == ["LlamaForCausalLM"] and written["dtype"] == "bfloat16"
+
+
+def test_exporting_a_plain_hf_model_says_it_writes_no_tokenizer(tmp_path, gradprune_logs):
+    from gradprune.tokenizer import byte_tokenizer
+
+    model = tiny_llama()
+    gp.export(model, tmp_path / "bare")
+    (warning,) = [m for m in gradprune_logs.messages() if "writes no tokenizer" in m]
+    assert f"export to {tmp_path / 'bare'} writes no tokenizer: LlamaForCausalLM knows none; pass tokenizer=" in warning
+    gradprune_logs.records.clear()
+    gp.export(model, tmp_path / "with", tokenizer=byte_tokenizer())
+    assert not [m for m in gradprune_logs.messages() if "tokenizer" in m]
+    assert (tmp_path / "with" / "tokenizer_config.json").exists()

@@ -364,3 +364,52 @@ def test_reduce_option_sees_every_statistic_and_its_result_is_used():
     hessians = []
     prune_oneshot(tiny_llama(layers=1), "sparsegpt", 0.5, calibration=calib(), reduce=lambda t: hessians.append(t) or t)
     assert len(hessians) == 7 * 2  # 7 targets x (X X^T, n)
+
+
+# -- long work is never silent (issue 25, item 2) ------------------------------------------------------------
+def test_where_no_bar_can_be_drawn_the_blocks_are_logged_with_their_time(gradprune_logs, monkeypatch):
+    import gradprune.oneshot as oneshot
+
+    monkeypatch.setattr(oneshot, "PROGRESS_LOG_SECONDS", 0.0)  # a line per block instead of one per 30 s
+    gradprune_logs.at_info()
+    model = tiny_llama()  # pytest captures stderr: not a terminal, so tqdm's bar would be hidden
+    prune_oneshot(model, "sparsegpt", 0.5, calibration=calib())
+    lines = [m for m in gradprune_logs.messages() if m.startswith("sparsegpt blocks:")]
+    blocks = len(find_block_stack(model).blocks)
+    assert [line.split(" in ")[0] for line in lines] == [f"sparsegpt blocks: {i}/{blocks}" for i in range(1, blocks + 1)]
+    assert all(line.endswith("s") for line in lines)
+    assert "one-shot sparsegpt: global sparsity 0.5000, calibration" in gradprune_logs.text()
+
+
+def test_progress_shows_nothing_when_asked_not_to(gradprune_logs):
+    from gradprune.oneshot import progress
+
+    gradprune_logs.at_info()
+    assert list(progress([1, 2, 3], "work", False)) == [1, 2, 3]
+    assert list(progress([1, 2], "other work", None)) == [1, 2]
+    assert [m.split(" in ")[0] for m in gradprune_logs.messages()] == ["other work: 2/2"]
+
+
+def test_the_one_shot_script_says_what_it_does_and_how_long_each_phase_took(monkeypatch, capsys, gradprune_logs):
+    import gradprune.oneshot as oneshot
+    from test_bad_input import _script
+
+    class Data:  # TextDataModule's part the script uses, without tokenising anything
+        tokenizer = None
+
+        def calibration_batches(self, nsamples, seqlen, seed=None):
+            return [w[:1] for w in calib(n=nsamples, batch=1, length=seqlen, seed=seed)]
+
+    script = _script()
+    monkeypatch.setattr(script, "data_module", lambda *args, **kwargs: Data())
+    monkeypatch.setattr(script, "load_causal_lm", lambda source: tiny_llama())
+    monkeypatch.setattr(oneshot, "PROGRESS_LOG_SECONDS", 0.0)
+    gradprune_logs.at_info()
+    script.main(["--method", "wanda", "--nsamples", "4", "--seqlen", "16", "--batch-size", "2", "--eval-windows", "0",
+                 "--no-generate"])
+    out = capsys.readouterr().out
+    for expected in ("calibration data: tokenising up to 2000000 training tokens of stdlib and drawing 4 windows of 16 tokens",
+                     "calibration data: 4 windows in ", "loading smollm2 ...", "loaded in ",
+                     "pruning with wanda to 0.5 unstructured on 4 calibration windows", "pruned to 0.5000 in "):
+        assert expected in out, (expected, out)
+    assert any(m.startswith("wanda blocks: 1/") for m in gradprune_logs.messages())
