@@ -28,11 +28,14 @@ Embeddings, norms and biases are never targets and stay dense.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import math
 import os
+import shutil
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Union
 
@@ -52,8 +55,7 @@ COMPRESSED_FILE = "model.compressed.safetensors"
 LAYOUT = "bitmask/1"
 BITMASK_SUFFIX = "::bitmask"
 VALUES_SUFFIX = "::values"
-# Weight files a previous export into the same directory may have left; removed before writing, so a
-# directory never holds two exports.
+# The weight files a dense export may hold (the loader looks for the first three).
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", COMPRESSED_FILE)
 
 
@@ -262,12 +264,60 @@ def _jsonable(value: Any) -> Any:
     return repr(value)
 
 
+def _is_export(directory: Path) -> bool:
+    """Whether ``directory`` holds a gradprune export (its gradprune.json names a format)."""
+    try:
+        return isinstance(json.loads((directory / REPORT_FILE).read_text()).get("format"), str)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _check_destination(problems: Problems, out_dir: Any, overwrite: Any) -> None:
+    """``out_dir`` may be new, an empty directory, an earlier gradprune export, or (``overwrite=True``)
+    any directory; never a file."""
+    if not isinstance(overwrite, bool):
+        problems.add(f"overwrite must be True or False, got {overwrite!r}", type_error=True)
+        overwrite = False
+    if not isinstance(out_dir, (str, os.PathLike)):
+        problems.add(f"out_dir must be a directory path (str or os.PathLike), got {out_dir!r}", type_error=True)
+        return
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        problems.add(f"out_dir={str(out_dir)!r} is a file, not a directory")
+    elif out.is_dir() and not overwrite and not _is_export(out):
+        held = sorted(p.name for p in out.iterdir())
+        if held:
+            hf = " (a Hugging Face model)" if "config.json" in held else ""
+            problems.add(f"out_dir={str(out_dir)!r} holds files that are not a gradprune export{hf}: "
+                         f"{held[:5]}{' ...' if len(held) > 5 else ''}; allowed: a new or empty directory or an earlier "
+                         "gradprune export (it is replaced whole), or overwrite=True to replace the directory and "
+                         "everything in it")
+
+
+def _swap_in(new: Path, out: Path) -> None:
+    """Put the complete directory ``new`` at ``out`` (both in the same parent directory): ``out``'s old
+    contents are moved aside, ``new`` renamed in, then the old contents deleted. A failure before the
+    second rename puts the old directory back."""
+    if not out.exists():
+        os.rename(new, out)
+        return
+    old = out.parent / f".{out.name}.gradprune-old-{uuid.uuid4().hex[:8]}"
+    os.rename(out, old)
+    try:
+        os.rename(new, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def export(
     model_or_module: nn.Module,
     out_dir: Union[str, os.PathLike],
     format: str = "dense",
     tokenizer: Any = None,
     recipe: Optional[Mapping[str, Any]] = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write the (pruned) model to ``out_dir`` in ``format`` (see the module docstring) and return the path.
 
@@ -276,20 +326,29 @@ def export(
             :class:`gradprune.PrunableLM`). A module with an ``export_parts()`` method returns
             ``(hf_model, tokenizer, recipe)`` itself (PrunableLM: its data module's tokenizer, its
             hyperparameters and pruning callbacks).
-        out_dir: the directory (created if needed; weight files of an earlier export there are replaced).
+        out_dir: the directory: new, empty, or an earlier gradprune export (replaced whole, so it never
+            holds two models). A directory holding anything else (such as an unrelated Hugging Face model) is
+            refused unless ``overwrite=True``, which replaces it and everything in it.
         format: one of ``FORMATS``.
         tokenizer: saved with the model (anything with ``save_pretrained``); default the one the module knows.
-        recipe: what produced the model, stored in gradprune.json; default the one the module knows.
+        recipe: what produced the model (a dict), stored in gradprune.json; default the one the module knows.
+        overwrite: replace a directory that is not a gradprune export.
+
+    Every argument is checked first. The export is written into a new directory beside ``out_dir`` and
+    swapped in only when complete: when anything fails (a bad argument, a full disk, an interrupt),
+    ``out_dir`` keeps what it held, and a reader never sees a mix of two exports.
 
     The masks of the model's mask registry (and of the wrapping module's) are applied first: pruned
     weights are zeroed in place (a no-op while the masks were enforced).
     """
     problems = Problems()
     check_format(problems, format)
-    if not isinstance(out_dir, (str, os.PathLike)):
-        problems.add(f"out_dir must be a directory path (str or os.PathLike), got {out_dir!r}", type_error=True)
-    elif Path(out_dir).exists() and not Path(out_dir).is_dir():
-        problems.add(f"out_dir={str(out_dir)!r} is a file, not a directory")
+    _check_destination(problems, out_dir, overwrite)
+    if tokenizer is not None and not callable(getattr(tokenizer, "save_pretrained", None)):
+        problems.add(f"tokenizer must be None or a tokenizer with save_pretrained (e.g. from transformers' "
+                     f"AutoTokenizer), got {tokenizer!r} ({type(tokenizer).__name__})", type_error=True)
+    if recipe is not None and not isinstance(recipe, Mapping):
+        problems.add(f"recipe must be None or a dict, got {recipe!r} ({type(recipe).__name__})", type_error=True)
     if isinstance(model_or_module, torch.nn.Module):
         from .sharding import is_sharded
 
@@ -310,6 +369,9 @@ def export(
             known_recipe = {"hparams": dict(hparams)}
     tokenizer = tokenizer if tokenizer is not None else known_tokenizer
     recipe = recipe if recipe is not None else known_recipe
+    if tokenizer is not None and not callable(getattr(tokenizer, "save_pretrained", None)):
+        raise TypeError(f"the tokenizer {type(model_or_module).__name__} knows has no save_pretrained: "
+                        f"{type(tokenizer).__name__}; pass tokenizer= explicitly")
     out = Path(out_dir)
     if format == "structured":  # an architecture it cannot shrink fails here, before anything is changed or deleted
         from .structured.units import find_units
@@ -320,20 +382,31 @@ def export(
     for registry in registries:
         registry.apply_()
     report = sparsity_report(model, _report_targets(model, registries))
-    out.mkdir(parents=True, exist_ok=True)
-    for name in _WEIGHT_FILES:
-        (out / name).unlink(missing_ok=True)
-    extra = WRITERS[format](model, out, registries)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
     from . import __version__
 
-    info = {"format": format, "gradprune_version": __version__, "sparsity": report, **extra}
-    if "sparsity" in extra:  # the writer reported on what it wrote (structured: the smaller model)
-        info["sparsity_before_removal"] = report
-    if recipe is not None:
-        info["recipe"] = _jsonable(recipe)
-    (out / REPORT_FILE).write_text(json.dumps(info, indent=1))
+    info = {"format": format, "gradprune_version": __version__, "sparsity": report}
+    place = out.resolve() if out.is_symlink() else out.absolute()  # a link to a directory: its target is replaced
+    created = [p for p in [place.parent, *place.parent.parents] if not p.exists()]  # parents made here, removed on failure
+    place.parent.mkdir(parents=True, exist_ok=True)
+    staging = place.parent / f".{place.name}.gradprune-new-{uuid.uuid4().hex[:8]}"
+    try:
+        staging.mkdir()
+        extra = WRITERS[format](model, staging, registries)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        info.update(extra)
+        if "sparsity" in extra:  # the writer reported on what it wrote (structured: the smaller model)
+            info["sparsity_before_removal"] = report
+        if recipe is not None:
+            info["recipe"] = _jsonable(recipe)
+        (staging / REPORT_FILE).write_text(json.dumps(info, indent=1))
+        _swap_in(staging, place)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        for parent in created:  # innermost first
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+        raise
     log.info("exported the model to %s as %s (global sparsity %.4f)", out, format, report["global"]["sparsity"])
     return out
 
@@ -354,17 +427,43 @@ def _model_class(config):
 def _read_config(directory: Path):
     from transformers import AutoConfig
 
-    if not (directory / "config.json").is_file():
-        raise ExportError(f"{directory / 'config.json'} is missing: an export keeps the model's config there")
-    return AutoConfig.from_pretrained(directory)
+    path = directory / "config.json"
+    if not path.is_file():
+        raise ExportError(f"{path} is missing: an export keeps the model's config there")
+    try:
+        return AutoConfig.from_pretrained(directory)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ExportError(f"{path} cannot be read as a Hugging Face model config (JSON with a known "
+                          f"model_type): {type(exc).__name__}: {exc}") from exc
 
 
 def _load_dense(directory: Path):
     config = _read_config(directory)
-    if not any((directory / name).is_file() for name in _WEIGHT_FILES[:3]):
+    present = [name for name in _WEIGHT_FILES[:3] if (directory / name).is_file()]
+    if not present:
         raise ExportError(f"{directory} holds no model.safetensors (nor model.safetensors.index.json or "
                           "pytorch_model.bin): the weights of a dense export are missing")
-    return _model_class(config).from_pretrained(directory, config=config)
+    try:
+        model, info = _model_class(config).from_pretrained(directory, config=config, output_loading_info=True)
+    except Exception as exc:  # safetensors, torch and transformers each raise their own kind
+        if "ignore_mismatched_sizes" in str(exc) or "size mismatch" in str(exc):
+            found = "weights whose shapes do not fit the config"
+        else:
+            found = f"{type(exc).__name__}: {exc}"
+        raise ExportError(f"cannot load the weights in {directory / present[0]} into the model that "
+                          f"{directory / 'config.json'} describes ({config.model_type}): {found}") from exc
+    missing = [k for k in info.get("missing_keys", []) if not _tied_alias(model, k)]
+    if missing or info.get("mismatched_keys"):
+        raise ExportError(f"{directory / present[0]} does not fit {directory / 'config.json'}: "
+                          f"missing {sorted(missing)[:5]}, shapes that differ {list(info.get('mismatched_keys', []))[:5]}")
+    return model
+
+
+def _tied_alias(model: nn.Module, name: str) -> bool:
+    """Whether parameter ``name`` of ``model`` is the same tensor as another (a tied head: not stored)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    weight = params.get(name)
+    return weight is not None and any(p is weight for n, p in params.items() if n != name)
 
 
 def read_compressed(path: Union[str, os.PathLike]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -435,7 +534,12 @@ def load(directory: Union[str, os.PathLike]):
     as a plain Hugging Face model directory). The compressed format comes back bit-exactly as exported,
     in eval mode. Raises :class:`ExportError` (a ValueError) naming the file or tensor that is missing or
     corrupted; nothing is returned half-loaded."""
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"directory must be an export directory path (str or os.PathLike), got {directory!r}")
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ExportError(f"{str(directory)!r} is a file; an export is a directory (holding config.json, the weights "
+                          "and gradprune.json)")
     if not directory.is_dir():
         raise ExportError(f"export directory {str(directory)!r} does not exist")
     report = directory / REPORT_FILE

@@ -8,6 +8,7 @@ after. New public arguments join the table when they are added.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from pathlib import Path
 
@@ -452,3 +453,145 @@ def test_prune_follows_the_same_rule_for_earlier_masks_and_bad_weights():
         meta = tiny_llama()
     with pytest.raises(ValueError, match="weights on the meta device"):
         prune(meta, 0.5)
+
+
+# == issue 22: nothing lost ========================================================================================
+# Every public entry point checks everything before the first change and, when it fails, leaves the model, the
+# masks and the files on disk as they were.
+import gradprune as gp  # noqa: E402
+from gradprune.exports import COMPRESSED_FILE, ExportError  # noqa: E402
+
+
+def files_of(directory):
+    """Every file under ``directory`` (relative path -> bytes), for "nothing on disk changed"."""
+    directory = Path(directory)
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def _other_model(seed=1):
+    model = tiny_llama(seed=seed)
+    prune(model, 0.6)
+    return model
+
+
+def _hf_folder(path):
+    tiny_llama(seed=3).save_pretrained(path)  # an unrelated Hugging Face model, not a gradprune export
+    return path
+
+
+# (id, prepare(tmp_path) -> out_dir, call(out_dir), exception, match). The folder's files are compared before
+# and after, and a gradprune export there must still load.
+EXPORT_CASES = [
+    ("export-tokenizer-str", lambda p: gp.export(_other_model(), p / "d", format="compressed"),
+     lambda d: gp.export(_other_model(2), d, tokenizer="bytes"), TypeError,
+     r"tokenizer must be None or a tokenizer with save_pretrained .* got 'bytes' \(str\)"),
+    ("export-recipe-list", lambda p: gp.export(_other_model(), p / "d"),
+     lambda d: gp.export(_other_model(2), d, format="compressed", recipe=["wanda"]), TypeError,
+     r"recipe must be None or a dict, got \['wanda'\] \(list\)"),
+    ("export-overwrite-str", lambda p: gp.export(_other_model(), p / "d"),
+     lambda d: gp.export(_other_model(2), d, overwrite="yes"), TypeError, r"overwrite must be True or False, got 'yes'"),
+    ("export-into-hf-model", lambda p: _hf_folder(p / "hf"),
+     lambda d: gp.export(_other_model(2), d), ValueError,
+     r"out_dir='.*hf' holds files that are not a gradprune export \(a Hugging Face model\): \['config.json', "
+     r"'generation_config.json', 'model.safetensors'\]; .* overwrite=True"),
+]
+
+
+@pytest.mark.parametrize("prepare, call, error, match", [c[1:] for c in EXPORT_CASES], ids=[c[0] for c in EXPORT_CASES])
+def test_exports_refuse_bad_input_and_keep_the_folder(tmp_path, prepare, call, error, match):
+    out = Path(prepare(tmp_path))
+    before = files_of(out)
+    with pytest.raises(error, match=match):
+        call(out)
+    assert files_of(out) == before
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name]  # no temporary folder left beside it
+    if (out / "gradprune.json").exists():
+        gp.load(out)
+
+
+def test_overwrite_replaces_an_unrelated_folder_whole(tmp_path):
+    out = _hf_folder(tmp_path / "hf")
+    (out / "notes.txt").write_text("x")
+    model = _other_model()
+    gp.export(model, out, format="compressed", overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "gradprune.json", COMPRESSED_FILE]
+    assert torch.equal(gp.load(out).lm_head.weight, model.lm_head.weight)
+
+
+def test_a_new_export_leaves_no_file_of_the_previous_one(tmp_path):
+    from gradprune.tokenizer import byte_tokenizer
+
+    out = gp.export(_other_model(), tmp_path / "d", tokenizer=byte_tokenizer())
+    assert (out / "tokenizer.json").exists()
+    (out / "model-00001-of-00002.safetensors").write_bytes(b"shard")  # as a sharded save_pretrained leaves
+    gp.export(_other_model(2), out, format="compressed")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "gradprune.json", COMPRESSED_FILE]
+
+
+def _fail_midway(path_arg):
+    """A writer that writes half a file, then fails as a full disk does."""
+    def write(*args, **kwargs):
+        path = Path(path_arg(*args, **kwargs))
+        (path / "model.safetensors" if path.is_dir() else path).write_bytes(b"half a file")
+        raise OSError(28, "No space left on device")
+    return write
+
+
+@pytest.mark.parametrize("first, second", [("compressed", "dense"), ("dense", "compressed"), ("dense", "structured"),
+                                           ("structured", "compressed")])
+def test_an_export_interrupted_midway_keeps_the_previous_one(tmp_path, monkeypatch, first, second):
+    import safetensors.torch
+    from transformers import PreTrainedModel
+
+    model = _other_model()
+    out = gp.export(model, tmp_path / "d", format=first)
+    before = files_of(out)
+    monkeypatch.setattr(safetensors.torch, "save_file", _fail_midway(lambda tensors, path, **k: path))
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", _fail_midway(lambda self, path, **k: path))
+    with pytest.raises(OSError, match="No space left on device"):
+        gp.export(_other_model(2), out, format=second)
+    assert files_of(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+    monkeypatch.undo()
+    assert torch.equal(gp.load(out).model.layers[0].mlp.up_proj.weight, model.model.layers[0].mlp.up_proj.weight)
+
+
+def test_a_failed_export_into_a_new_folder_leaves_nothing(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    monkeypatch.setattr(safetensors.torch, "save_file", _fail_midway(lambda tensors, path, **k: path))
+    with pytest.raises(OSError, match="No space left on device"):
+        gp.export(_other_model(), tmp_path / "a" / "b" / "d", format="compressed")
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- item 7: a load that fails names the file, what was expected and what was found ----------------------------------
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _edit_config(directory, **changes):
+    config = json.loads((directory / "config.json").read_text())
+    config.update(changes)
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+LOAD_CASES = [
+    ("load-a-file", lambda d: d / "gradprune.json", ExportError, r"'.*gradprune.json' is a file; an export is a directory"),
+    ("load-truncated-dense", lambda d: _truncate(d / "model.safetensors") or d, ExportError,
+     r"cannot load the weights in .*d/model.safetensors into the model that .*config.json describes \(llama\): "),
+    ("load-corrupt-config", lambda d: (d / "config.json").write_text("{not json") and d, ExportError,
+     r"d/config.json cannot be read as a Hugging Face model config"),
+    ("load-other-width", lambda d: _edit_config(d, hidden_size=64) or d, ExportError,
+     r"cannot load the weights in .*model.safetensors .*: weights whose shapes do not fit the config"),
+    ("load-not-a-path", lambda d: 5, TypeError, r"directory must be an export directory path \(str or os.PathLike\), got 5"),
+]
+
+
+@pytest.mark.parametrize("spoil, error, match", [c[1:] for c in LOAD_CASES], ids=[c[0] for c in LOAD_CASES])
+def test_a_load_that_fails_names_the_file(tmp_path, spoil, error, match):
+    out = gp.export(_other_model(), tmp_path / "d")
+    with pytest.raises(error, match=match) as info:
+        gp.load(spoil(out))
+    assert "ignore_mismatched_sizes" not in str(info.value)
