@@ -13,7 +13,9 @@ the recipe that produced the model when known, the gradprune version):
   low bits zero) and ``W::values`` (its nonzero elements in that order, in the tensor's own dtype);
   every other tensor is stored as is under its own name. The file's metadata holds ``gradprune.layout``
   (``"bitmask/1"``), ``gradprune.shapes`` (JSON: the shape of each bitmask-stored tensor) and
-  ``gradprune.tied`` (JSON: tensor names stored once for a tied pair, mapped to the stored name).
+  ``gradprune.tied`` (JSON: tensor names stored once for a tied pair, mapped to the stored name), and the
+  content hashes ``gradprune.sha256`` (every state-dict name -> :func:`tensor_sha256`) and
+  ``gradprune.digest`` (of the other entries), which :func:`load` verifies.
   :func:`load` rebuilds the dense model bit-exactly.
 - ``structured``: the physically smaller model: every MLP neuron, attention head group and decoder layer
   that is all zero (structured pruning masked it) removed from a copy by
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import logging
 import math
@@ -122,6 +125,43 @@ def decompress_tensor(bitmask: torch.Tensor, values: torch.Tensor, shape, name: 
     return torch.from_numpy(dense).view(values.dtype).view(shape)
 
 
+# -- content hashes (pure) -----------------------------------------------------------------------------
+HASHES_KEY = "gradprune.sha256"  # JSON: every state-dict name -> tensor_sha256 of its dense tensor
+DIGEST_KEY = "gradprune.digest"  # sha256 of the other gradprune.* metadata entries
+
+
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    """sha256 of a tensor's dtype, shape and bytes (row-major), as hex."""
+    digest = hashlib.sha256(f"{tensor.dtype}|{list(tensor.shape)}|".encode())
+    digest.update(_as_numpy_bits(tensor.detach().cpu().contiguous().reshape(-1)).data)
+    return digest.hexdigest()
+
+
+def _metadata_digest(metadata: Mapping[str, str]) -> str:
+    entries = {k: v for k, v in metadata.items() if k.startswith("gradprune.") and k != DIGEST_KEY}
+    return hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
+
+
+def _verify_hashes(path: Path, metadata: Mapping[str, str], state: Mapping[str, torch.Tensor]) -> None:
+    """Every tensor of ``state`` against the file's content hashes, then the metadata against its digest;
+    raises ExportError naming the first tensor (or entry) that differs."""
+    try:
+        hashes = json.loads(metadata[HASHES_KEY])
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise ExportError(f"{path} has corrupted metadata ({HASHES_KEY}): {exc}") from exc
+    for name in sorted(set(state) | set(hashes)):
+        if name not in hashes:
+            raise ExportError(f"tensor {name!r} in {path} has no content hash: an entry was added after export")
+        if name not in state:
+            raise ExportError(f"tensor {name!r} is missing from {path} (its content hash is stored)")
+        found = tensor_sha256(state[name])
+        if found != hashes[name]:
+            raise ExportError(f"tensor {name!r} in {path} does not match its content hash (stored sha256 "
+                              f"{hashes[name][:12]}..., found {found[:12]}...): the file was changed or corrupted after export")
+    if metadata.get(DIGEST_KEY) != _metadata_digest(metadata):
+        raise ExportError(f"{path}: the gradprune metadata does not match its digest ({DIGEST_KEY}): it was changed after export")
+
+
 # -- finding what to export ---------------------------------------------------------------------------
 def find_hf_model(model_or_module: nn.Module) -> nn.Module:
     """The Hugging Face model to export: ``model_or_module`` itself when it has ``save_pretrained`` and a
@@ -209,6 +249,10 @@ def _write_compressed(model: nn.Module, out: Path, registries) -> dict:
         tensors[name] = tensor.detach().contiguous().cpu()
     metadata = {"format": "pt", "gradprune.layout": LAYOUT, "gradprune.shapes": json.dumps(shapes),
                 "gradprune.tied": json.dumps(tied)}
+    # content hashes: of every tensor as loaded back (tied names too), and of the metadata with them
+    state = model.state_dict(keep_vars=False)
+    metadata[HASHES_KEY] = json.dumps({name: tensor_sha256(state[name]) for name in sorted(state)})
+    metadata[DIGEST_KEY] = _metadata_digest(metadata)
     save_file(tensors, str(out / COMPRESSED_FILE), metadata=metadata)
     _save_config(model, out)
     return {"compressed": {"file": COMPRESSED_FILE, "layout": LAYOUT, "tied": tied, **stats}}
@@ -506,6 +550,8 @@ def read_compressed(path: Union[str, os.PathLike]) -> tuple[dict[str, torch.Tens
         if source not in state:
             raise ExportError(f"tensor {alias!r} is tied to {source!r}, which is missing from {path}")
         state[alias] = state[source]
+    if HASHES_KEY in metadata or DIGEST_KEY in metadata:  # files written before content hashes existed have none
+        _verify_hashes(path, metadata, state)
     return state, tied
 
 

@@ -595,3 +595,51 @@ def test_a_load_that_fails_names_the_file(tmp_path, spoil, error, match):
     with pytest.raises(error, match=match) as info:
         gp.load(spoil(out))
     assert "ignore_mismatched_sizes" not in str(info.value)
+
+
+# -- item 4: gp.load verifies the compressed file's content hashes -------------------------------------------------
+def _rewrite_compressed(directory, change):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = directory / COMPRESSED_FILE
+    with safe_open(str(path), framework="pt") as f:
+        metadata = dict(f.metadata())
+    tensors = load_file(path)
+    change(tensors, metadata)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def _swap_bits_of_a_byte(tensors, metadata):
+    """A bitmask byte with four bits set turned into its complement: the same count, other positions."""
+    bits = tensors[UP + "::bitmask"]
+    index = next(i for i, b in enumerate(bits.tolist()) if bin(b).count("1") == 4)
+    bits[index] = bits[index] ^ 0xFF
+
+
+def _nan_over_a_value(tensors, metadata):
+    tensors[UP + "::values"][3] = float("nan")
+
+
+def _redirect_tied(tensors, metadata):
+    metadata["gradprune.tied"] = json.dumps({"lm_head.weight": UP})
+
+
+UP = "model.layers.0.mlp.up_proj.weight"
+HASH_CASES = [
+    ("bitmask-byte", _swap_bits_of_a_byte, rf"tensor '{UP}' in .*{COMPRESSED_FILE} does not match its content hash"),
+    ("nan-value", _nan_over_a_value, rf"tensor '{UP}' in .* does not match its content hash"),
+    ("tied-redirected", _redirect_tied, r"tensor 'lm_head.weight' in .* does not match its content hash"),
+    ("shapes-edited", lambda t, m: m.__setitem__("gradprune.shapes", m["gradprune.shapes"].replace(" ", "  ")),
+     r"the gradprune metadata does not match its digest"),
+]
+
+
+@pytest.mark.parametrize("change, match", [c[1:] for c in HASH_CASES], ids=[c[0] for c in HASH_CASES])
+def test_load_verifies_the_content_hash_of_a_compressed_export(tmp_path, change, match):
+    model = tiny_llama(vocab=64)  # the embedding (and the tied head) has up_proj's shape
+    prune(model, 0.5)
+    out = gp.export(model, tmp_path / "c", format="compressed")
+    _rewrite_compressed(out, change)
+    with pytest.raises(ExportError, match=match):
+        gp.load(out)
