@@ -89,6 +89,44 @@ def check_strategy(strategy: Strategy, owner: str = "pruning", fsdp2: bool = Fal
     )
 
 
+def check_event_inputs(step: int, targets: Any, statistics: Any) -> None:
+    """Raise ValueError before a pruning event changes anything when a target's weights or the statistics the
+    scorer reads hold NaN or inf (a diverged run, or activations that overflowed): scores would be NaN and
+    the masks arbitrary."""
+    import torch
+
+    from gradprune.sharding import local
+
+    bad = statistics.non_finite() if statistics is not None and hasattr(statistics, "non_finite") else []
+    bad += [f"{t.name} (weights)" for t in targets if not bool(torch.isfinite(local(t.weight.detach())).all())]
+    if bad:
+        raise ValueError(f"pruning event at step {step}: non-finite (NaN or inf) values in {bad[:5]}"
+                         f"{' ...' if len(bad) > 5 else ''}; nothing was pruned (lower the learning rate, check the "
+                         "data, or resume from an earlier checkpoint)")
+
+
+def apply_event(registry: MaskRegistry, targets: Any, weights: Optional[dict], masks: Optional[dict]) -> None:
+    """Write an event's new ``weights`` (a reconstructing scorer's, by target name; None: unchanged) and record
+    its keep-``masks`` (None: already recorded). A failure at any point puts the weights and masks back."""
+    import torch
+
+    replaced = []
+    try:
+        with registry.transaction():
+            if weights is not None:
+                with torch.no_grad():
+                    for t in targets:
+                        replaced.append((t, t.weight.detach().clone()))
+                        t.weight.copy_(weights.pop(t.name).to(t.weight.dtype))
+            if masks is not None:
+                registry.update(targets, masks)
+    except BaseException:
+        with torch.no_grad():
+            for t, old in replaced:
+                t.weight.copy_(old)
+        raise
+
+
 class PruningCallback(Callback):
     """Base class: registry access, mask enforcement and mask checkpointing for pruning callbacks.
 

@@ -55,10 +55,10 @@ from gradprune.oneshot import prune_oneshot
 from gradprune.methods.owl import check_lambda, monotone_counts, owl_target_counts
 from gradprune.statistics import ActivationWindow, HessianWindow, SaliencyAccumulator
 from gradprune.targets import Target, find_targets
-from gradprune.validation import (Problems, check_choice, check_pattern, check_selector, check_sparsity,
+from gradprune.validation import (Problems, check_choice, check_number, check_pattern, check_selector, check_sparsity,
                                   check_weights_usable, is_int)
 
-from .base import FSDP2_NOTE, PruningCallback
+from .base import FSDP2_NOTE, PruningCallback, apply_event, check_event_inputs
 from .events import ScheduledEvents, check_end_step, schedule_end
 from .calibration import CalibrationDraw
 from .mask_modes import DynamicMasks, LearnedMasks, MaskMode
@@ -422,6 +422,7 @@ class GradualPruningCallback(ScheduledEvents, CalibrationDraw, PruningCallback):
             new = None  # the model is already at the target (a one-shot callback pruned it): nothing to score
         else:
             self._ready_statistics(trainer)
+            check_event_inputs(step, self._targets, self._statistics)
             counts = self._owl_counts(pl_module, target, masks) if self.allocation == "owl" else None
             if self.statistics == "calibration":
                 self._prune_on_calibration(trainer, pl_module, target, masks)
@@ -434,12 +435,7 @@ class GradualPruningCallback(ScheduledEvents, CalibrationDraw, PruningCallback):
                 new = select_masks(self._targets, target, self._score_fn(), self.scope, self.pattern, masks, counts=counts)
         if self._statistics is not None:
             self._statistics.reset()
-        if weights is not None:
-            with torch.no_grad():
-                for t in self._targets:
-                    t.weight.copy_(weights.pop(t.name).to(t.weight.dtype))
-        if new is not None:
-            registry.update(self._targets, new)
+        apply_event(registry, self._targets, weights, new)
         self.last_event_step = step
         achieved = registry.sparsity(self._targets)
         if self.mode is not None and self.mode.sparsity() is not None:

@@ -23,17 +23,18 @@ from tqdm.auto import tqdm
 from .blocks import (
     BlockInputs, BlockStack, call_model, capture_block_inputs, find_block_stack, find_causal_lm, group_by_block, run_block,
 )
-from .calibration import ActivationHooks, as_batches, count_samples, count_tokens, eval_mode
+from .calibration import ActivationHooks, as_batches, check_statistics_finite, count_samples, count_tokens, eval_mode
 from .masks import MaskRegistry
 from .methods import METHODS as _REGISTRY
 from .methods import Job, Method, get_method
 from .methods.base import COMMON_OPTIONS, NM
 from .methods.owl import check_lambda, owl_target_counts
 from .report import sparsity_report
+from .sharding import local
 from .selection import validate_selection
 from .targets import Selector, Target, find_targets
-from .validation import (Problems, check_choice, check_existing_masks, check_pattern, check_selector, check_sparsity,
-                         check_weights_usable, is_int)
+from .validation import (Problems, check_choice, check_existing_masks, check_number, check_pattern, check_selector,
+                         check_sparsity, check_weights_usable, is_int)
 
 log = logging.getLogger(__name__)
 
@@ -224,17 +225,54 @@ class Timer:
         self.seconds[f"{phase}_s"] += time.perf_counter() - start
 
 
-def _calibrate_and_prune(job: Job, targets: Sequence[Target], feed: Callable[[ActivationHooks], None], timer: Timer) -> None:
+class Undo:
+    """Puts weights and masks back when the block it guards fails: the registry's masks as they were on
+    entry, and the weights of every target passed to :meth:`save` (called just before they change; copies
+    are kept in CPU memory until the block ends, at most one copy of the targets' weights)."""
+
+    def __init__(self, registry: MaskRegistry) -> None:
+        self.registry = registry
+        self.weights: dict[str, tuple[Target, torch.Tensor]] = {}
+
+    def save(self, targets: Sequence[Target]) -> None:
+        for t in targets:
+            if t.name not in self.weights:
+                self.weights[t.name] = (t, local(t.weight).detach().to("cpu", copy=True))
+
+    def __enter__(self) -> "Undo":
+        self.masks, self.targets = dict(self.registry.masks), dict(self.registry.targets)
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        if kind is not None:
+            with torch.no_grad():
+                for t, saved in self.weights.values():
+                    local(t.weight).copy_(saved)
+            self.registry.masks.clear()
+            self.registry.masks.update(self.masks)
+            self.registry.targets.clear()
+            self.registry.targets.update(self.targets)
+            self.registry.version += 1
+            if self.weights:
+                log.info("one-shot pruning failed; the weights of %d layers and the masks were put back", len(self.weights))
+        self.weights.clear()
+
+
+def _calibrate_and_prune(job: Job, targets: Sequence[Target], feed: Callable[[ActivationHooks], None], timer: Timer,
+                         undo: "Undo") -> None:
     """Collect the method's statistics of ``targets`` while ``feed(hooks)`` runs forwards, sum them over
-    ranks (option ``reduce``), then prune the targets."""
+    ranks (option ``reduce``), check them finite, then save the targets' weights in ``undo`` and prune them."""
     method = job.method
     with timer("calibration"):
         with method.hooks(targets, job.options) as hooks:
             feed(hooks)
         if job.options["reduce"] is not None:
             hooks.reduce_(job.options["reduce"])
+    stats = method.statistics_of(hooks)
+    check_statistics_finite(stats, f"{method.name} calibration")  # before this group changes
     with timer("pruning"):
-        method.run(job, targets, method.statistics_of(hooks))
+        undo.save(targets)
+        method.run(job, targets, stats)
 
 
 def _block_feed(block: nn.Module, inputs: Sequence[BlockInputs]) -> Callable[[ActivationHooks], None]:
@@ -246,7 +284,7 @@ def _block_feed(block: nn.Module, inputs: Sequence[BlockInputs]) -> Callable[[Ac
     return feed
 
 
-def _sequential(model: nn.Module, plan: Plan, timer: Timer) -> None:
+def _sequential(model: nn.Module, plan: Plan, timer: Timer, undo: "Undo") -> None:
     """Block by block: each block is calibrated on the outputs of the already-pruned blocks before it."""
     stack, job = plan.stack, replace(plan.job, progress=False)  # the blocks' bar is the progress shown
     with timer("calibration"):
@@ -255,7 +293,7 @@ def _sequential(model: nn.Module, plan: Plan, timer: Timer) -> None:
     for index, block in enumerate(tqdm(stack.blocks, desc=f"{job.method.name} blocks", disable=plan.job.hide_progress)):
         block_targets = stack.targets_of(index, plan.targets)
         if block_targets:
-            _calibrate_and_prune(job, block_targets, _block_feed(block, inputs), timer)
+            _calibrate_and_prune(job, block_targets, _block_feed(block, inputs), timer, undo)
         if index < last:  # the next block sees the outputs of this (pruned) block
             with timer("calibration"):
                 inputs = [replace(inp, hidden=run_block(block, inp)) for inp in inputs]
@@ -271,13 +309,14 @@ def _owl_counts(model: nn.Module, plan: Plan, timer: Timer) -> tuple[dict, list]
                 call_model(plan.runner, batch, device)
         if plan.job.options["reduce"] is not None:
             hooks.reduce_(plan.job.options["reduce"])
+    check_statistics_finite(hooks.stats, "OWL calibration")
     options = plan.job.options
     sum_sq = {name: stats.l2_sq for name, stats in hooks.stats.items()}
     return owl_target_counts(group_by_block(model, plan.targets), sum_sq, plan.job.sparsity, options["owl_lambda"],
                              options["owl_m"])
 
 
-def _whole_model(model: nn.Module, plan: Plan, timer: Timer) -> None:
+def _whole_model(model: nn.Module, plan: Plan, timer: Timer, undo: "Undo") -> None:
     """One dense pass over the whole model, then every target is pruned (any architecture)."""
     device = plan.targets[0].weight.device
 
@@ -286,7 +325,7 @@ def _whole_model(model: nn.Module, plan: Plan, timer: Timer) -> None:
             hooks.tokens(batch["attention_mask"])
             call_model(plan.runner, batch, device)
 
-    _calibrate_and_prune(plan.job, plan.targets, feed, timer)
+    _calibrate_and_prune(plan.job, plan.targets, feed, timer, undo)
 
 
 def prune_oneshot(
@@ -349,15 +388,17 @@ def prune_oneshot(
     timer = Timer()
     total_start = time.perf_counter()
     log.info("one-shot %s pruning of %d layers to %s (%s)", method, len(targets), sparsity, pattern)
-    if not plan.calibrated:
-        with timer("pruning"):
-            job.method.run(job, targets, {})
-    else:
-        with eval_mode(model):
-            if job.options["allocation"] == "owl":
-                counts, budgets = _owl_counts(model, plan, timer)
-                plan = replace(plan, job=replace(job, counts=counts))
-            (_sequential if plan.sequential else _whole_model)(model, plan, timer)
+    with Undo(job.registry) as undo:  # a failure anywhere below puts the weights and masks back
+        if not plan.calibrated:
+            with timer("pruning"):
+                undo.save(targets)
+                job.method.run(job, targets, {})
+        else:
+            with eval_mode(model):
+                if job.options["allocation"] == "owl":
+                    counts, budgets = _owl_counts(model, plan, timer)
+                    plan = replace(plan, job=replace(job, counts=counts))
+                (_sequential if plan.sequential else _whole_model)(model, plan, timer, undo)
     times = timer.seconds
     times["total_s"] = time.perf_counter() - total_start
     report = sparsity_report(model, targets)

@@ -597,6 +597,222 @@ def test_a_load_that_fails_names_the_file(tmp_path, spoil, error, match):
     assert "ignore_mismatched_sizes" not in str(info.value)
 
 
+# -- item 3: non-finite values are refused before the first change -------------------------------------------------
+def _overflowing():
+    """Finite weights whose block 0 makes inf activations: block 1's statistics are not finite."""
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.fill_(3e38)
+        model.model.layers[0].mlp.up_proj.weight.mul_(100)
+    return model
+
+
+def _prune_structured(model, **kwargs):
+    from gradprune.structured import prune_structured
+
+    return prune_structured(model, calib(), progress=False, **kwargs)
+
+
+NON_FINITE = r"non-finite \(NaN or inf\) activation statistics in \['model.layers.1.self_attn.q_proj \(sum of squared inputs\)'"
+NON_FINITE_CASES = [
+    ("wanda-sequential", lambda m: prune_oneshot(m, "wanda", 0.5, calibration=calib(), progress=False), NON_FINITE),
+    ("ria-sequential", lambda m: prune_oneshot(m, "ria", 0.5, calibration=calib(), progress=False), NON_FINITE),
+    ("sparsegpt-sequential", lambda m: prune_oneshot(m, "sparsegpt", 0.5, calibration=calib(), progress=False),
+     r"non-finite \(NaN or inf\) activation statistics in \['model.layers.1.self_attn.q_proj \(X\^T X\)'"),
+    ("wanda-owl", lambda m: prune_oneshot(m, "wanda", 0.5, calibration=calib(), allocation="owl", progress=False),
+     r"OWL calibration: non-finite \(NaN or inf\) activation statistics in \['model.layers.1"),
+    ("wanda-whole-model", lambda m: prune_oneshot(m, "wanda", 0.5, calibration=calib(), sequential=False, progress=False),
+     r"wanda calibration: non-finite .* in \['model.layers.1"),
+    ("structured-mlp", lambda m: _prune_structured(m, mlp=0.25),
+     r"prune_structured: non-finite \(NaN or inf\) calibration statistics in \['layer 1 mlp: input \(sum of squared"),
+    ("structured-layers", lambda m: _prune_structured(m, layers=1), r"prune_structured: non-finite .* block influence"),
+]
+
+
+@pytest.mark.parametrize("call, match", [c[1:] for c in NON_FINITE_CASES], ids=[c[0] for c in NON_FINITE_CASES])
+def test_non_finite_activations_are_refused_with_nothing_changed(call, match):
+    model = _overflowing()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        call(model)
+    assert_unchanged(model, before)
+
+
+def test_prune_structured_refuses_non_finite_weights_before_calibrating():
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"non-finite \(NaN or inf\) weights in \['model.layers.1.mlp.up_proj.weight'\]"):
+        _prune_structured(model, mlp=0.25)
+    assert_unchanged(model, before)
+    assert model.config.intermediate_size == 64
+
+
+def test_a_gradual_event_with_non_finite_weights_prunes_nothing(tmp_path):
+    from lightning.pytorch.callbacks import Callback
+
+    from lightning_helpers import tiny_module, token_loader, trainer
+
+    class Spoil(Callback):  # a diverged weight just before the event of step 3
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 3:
+                self.masks = {k: v.clone() for k, v in MaskRegistry.of(pl_module).masks.items()}
+                with torch.no_grad():
+                    pl_module.model.model.layers[1].mlp.up_proj.weight[0, 0] = float("inf")
+
+    spoil = Spoil()
+    module = tiny_module()
+    gradual = GradualPruningCallback(0.6, start_step=1, end_step=6, every=1)
+    with pytest.raises(ValueError, match=r"pruning event at step 3: non-finite \(NaN or inf\) values in "
+                                         r"\['model.model.layers.1.mlp.up_proj \(weights\)'\]; nothing was pruned"):
+        trainer(tmp_path, max_steps=6, callbacks=[spoil, gradual]).fit(module, token_loader())
+    now = MaskRegistry.of(module).masks
+    assert spoil.masks and set(now) == set(spoil.masks) and all(torch.equal(now[k], spoil.masks[k]) for k in now)
+
+
+def test_a_gradual_window_with_non_finite_activations_prunes_nothing(tmp_path):
+    from lightning_helpers import tiny_module, token_loader, trainer
+
+    module = tiny_module()
+    with torch.no_grad():
+        module.model.model.layers[0].mlp.down_proj.weight.fill_(3e38)
+        module.model.model.layers[0].mlp.up_proj.weight.mul_(100)
+    for param in module.parameters():  # the targets stay finite: only the statistics are not
+        param.requires_grad_(False)
+    module.model.model.norm.weight.requires_grad_(True)
+    gradual = GradualPruningCallback(0.5, scorer="wanda", start_step=1, end_step=4, every=1, stat_batches=1)
+    with pytest.raises(ValueError, match=r"pruning event at step 2: non-finite \(NaN or inf\) values in "
+                                         r"\['model.model.layers.1.self_attn.q_proj \(sum_sq\)'"):
+        trainer(tmp_path, max_steps=4, callbacks=[gradual]).fit(module, token_loader())
+    assert not MaskRegistry.of(module).masks
+
+
+# -- the injected-failure test: each entry point fails at its last step and nothing has changed -------------------
+class Injected(RuntimeError):
+    pass
+
+
+def _fail_after(monkeypatch, owner, name, when):
+    """Wrap ``owner.name`` so that it does its work and then raises :class:`Injected` on the call where
+    ``when(call_number)`` is true; returns the list of call numbers seen."""
+    real = getattr(owner, name)
+    calls = []
+
+    def wrapper(*args, **kwargs):
+        result = real(*args, **kwargs)
+        calls.append(len(calls) + 1)
+        if when(len(calls)):
+            raise Injected(f"injected failure after {name} call {len(calls)}")
+        return result
+
+    monkeypatch.setattr(owner, name, wrapper)
+    return calls
+
+
+def _structured_module():
+    import gradprune.structured.prune as module
+
+    return module
+
+
+ONESHOT_LAST_STEP = [
+    ("magnitude", lambda m: prune_oneshot(m, "magnitude", 0.6)),
+    ("wanda", lambda m: prune_oneshot(m, "wanda", 0.6, calibration=calib(), progress=False)),
+    ("sparsegpt", lambda m: prune_oneshot(m, "sparsegpt", 0.6, calibration=calib(), progress=False)),
+    ("ria", lambda m: prune_oneshot(m, "ria", 0.6, calibration=calib(), progress=False)),
+    ("wanda-owl-whole-model", lambda m: prune_oneshot(m, "wanda", 0.6, calibration=calib(), sequential=False,
+                                                      allocation="owl", progress=False)),
+]
+
+
+@pytest.mark.parametrize("call", [c[1] for c in ONESHOT_LAST_STEP], ids=[c[0] for c in ONESHOT_LAST_STEP])
+def test_prune_oneshot_failing_at_its_last_step_changes_nothing(monkeypatch, call):
+    counted = _fail_after(monkeypatch, MaskRegistry, "update", lambda n: False)
+    dry = tiny_llama()
+    prune_oneshot(dry, "magnitude", 0.3, scope="row")
+    counted.clear()
+    call(dry)
+    last = len(counted)  # the number of mask updates of a whole run: the last one fails below
+    monkeypatch.undo()
+    model = tiny_llama()
+    prune_oneshot(model, "magnitude", 0.3, scope="row")  # earlier masks, restored too
+    before = snapshot(model)
+    _fail_after(monkeypatch, MaskRegistry, "update", lambda n: n == last)
+    with pytest.raises(Injected):
+        call(model)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("kwargs", [dict(mlp=0.25, heads=2, layers=1), dict(mlp=0.25, scope="global")], ids=["layer", "global"])
+def test_prune_structured_failing_at_its_last_step_changes_nothing(monkeypatch, kwargs):
+    model = tiny_llama(layers=3)
+    prune(model, 0.3)
+    before = snapshot(model)
+    config = model.config.to_dict()
+    ids = calib()[0]
+    logits = model(ids).logits
+    _fail_after(monkeypatch, _structured_module(), "parameter_count", lambda n: n == 2)  # the report's, after removal
+    with pytest.raises(Injected):
+        _prune_structured(model, **kwargs)
+    assert_unchanged(model, before)
+    assert model.config.to_dict() == config and len(model.model.layers) == 3
+    assert torch.equal(model(ids).logits, logits)
+
+
+@pytest.mark.parametrize("scorer", ["magnitude", "sparsegpt"])
+def test_a_gradual_event_failing_at_its_last_step_changes_nothing(tmp_path, monkeypatch, scorer):
+    from lightning.pytorch.callbacks import Callback
+
+    from lightning_helpers import tiny_module, token_loader, trainer
+
+    class Arm(Callback):  # runs just before the gradual callback's event of step 3
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 3:
+                self.before = snapshot(pl_module)
+                self.armed = True
+
+    arm = Arm()
+    arm.armed = False
+    _fail_after(monkeypatch, MaskRegistry, "update", lambda n: arm.armed)
+    module = tiny_module()
+    gradual = GradualPruningCallback(0.6, scorer=scorer, start_step=1, end_step=6, every=1, stat_batches=1)
+    with pytest.raises(Injected):
+        trainer(tmp_path, max_steps=6, callbacks=[arm, gradual]).fit(module, token_loader())
+    assert_unchanged(module, arm.before)
+
+
+def test_a_resume_failing_at_its_last_step_restores_no_half_of_the_masks(tmp_path, monkeypatch):
+    ckpt = _checkpointed_run(tmp_path)
+    data = ckpt.read_bytes()
+    from lightning_helpers import tiny_module, token_loader, trainer
+
+    module = tiny_module()
+    _fail_after(monkeypatch, MaskRegistry, "apply_", lambda n: n == 1)  # the restore's zeroing, its last step
+    with pytest.raises(Injected):
+        trainer(tmp_path / "r", max_steps=8, callbacks=[GradualPruningCallback(0.6, start_step=1, end_step=8, every=1)]).fit(
+            module, token_loader(), ckpt_path=str(ckpt))
+    assert MaskRegistry.of(module).masks == {} and ckpt.read_bytes() == data
+
+
+@pytest.mark.parametrize("format", ["dense", "compressed", "structured"])
+def test_load_failing_at_its_last_step_returns_nothing_and_changes_no_file(tmp_path, monkeypatch, format):
+    from transformers import PreTrainedModel
+
+    out = gp.export(_other_model(), tmp_path / "d", format=format)
+    before = files_of(out)
+    real = PreTrainedModel.from_pretrained.__func__
+
+    def from_pretrained(cls, *args, **kwargs):
+        real(cls, *args, **kwargs)
+        raise Injected("injected failure after from_pretrained")
+
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(from_pretrained))
+    with pytest.raises((Injected, ExportError), match="injected failure after from_pretrained"):
+        gp.load(out)
+    assert files_of(out) == before
+
+
 # -- item 4: gp.load verifies the compressed file's content hashes -------------------------------------------------
 def _rewrite_compressed(directory, change):
     from safetensors import safe_open
