@@ -335,7 +335,12 @@ class GradualPruningCallback(ScheduledEvents, CalibrationDraw, PruningCallback):
             return
         if self._statistics_summed and trainer.global_rank != 0:
             return  # rank 0 holds every rank's share of the window so far
-        self._statistics.load_state_dict(pending)
+        try:
+            self._statistics.load_state_dict(pending)
+        except (KeyError, ValueError, TypeError, RuntimeError) as exc:  # saved for another scorer: a fresh window
+            self._statistics.reset()
+            log.warning("the checkpoint's statistics window does not fit scorer %r (%s: %s): the window starts afresh",
+                        self.scorer, type(exc).__name__, exc)
 
     def _final_target(self) -> str:
         return f"final_sparsity {self.final_sparsity}"

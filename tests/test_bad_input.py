@@ -688,6 +688,72 @@ def test_a_gradual_window_with_non_finite_activations_prunes_nothing(tmp_path):
     assert not MaskRegistry.of(module).masks
 
 
+# -- item 2: the masks come back on every resume ------------------------------------------------------------------
+def _resume(tmp_path, ckpt, callback, max_steps=8):
+    from lightning.pytorch.callbacks import Callback
+
+    from lightning_helpers import tiny_module, token_loader, trainer
+
+    class AtTrainStart(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if not hasattr(self, "masks"):
+                self.masks = {k: v.clone() for k, v in MaskRegistry.of(pl_module).masks.items()}
+
+    seen = AtTrainStart()
+    module = tiny_module()
+    trainer(tmp_path, max_steps=max_steps, callbacks=[seen, callback]).fit(module, token_loader(), ckpt_path=str(ckpt))
+    return module, seen.masks
+
+
+def _saved_masks(ckpt):
+    from gradprune.masks import unpack_mask
+
+    state = torch.load(ckpt, weights_only=False)
+    (key,) = [k for k in state["callbacks"] if k.startswith("GradualPruningCallback")]
+    return {name: unpack_mask(e["bits"], e["shape"]) for name, e in state["callbacks"][key]["masks"].items()}
+
+
+@pytest.mark.parametrize("callback", [
+    lambda: GradualPruningCallback(0.7, start_step=1, end_step=8, every=1),
+    lambda: GradualPruningCallback(0.6, start_step=1, end_step=10, every=1),
+    lambda: GradualPruningCallback(0.6, schedule="linear", start_step=1, end_step=8, every=1),
+    lambda: GradualPruningCallback(0.6, include=r".*_proj", start_step=1, end_step=8, every=1),
+    lambda: MagnitudePruningCallback(0.6),
+], ids=["final-sparsity", "end-step", "schedule", "include", "other-class"])
+def test_a_resume_with_changed_arguments_keeps_the_checkpoints_masks(tmp_path, callback):
+    ckpt = _checkpointed_run(tmp_path)
+    saved = _saved_masks(ckpt)
+    module, at_start = _resume(tmp_path / "r", ckpt, callback())
+    assert set(at_start) == set(saved)  # restored (and, for a one-shot callback, pruned further at fit start)
+    assert all(not (~saved[k] & at_start[k]).any() for k in saved)
+    final = MaskRegistry.of(module)
+    for name, keep in saved.items():  # nothing pruned at the checkpoint trained back
+        assert not (~keep & final.masks[name]).any()
+        assert (final.targets[name].weight[~keep] == 0).all()
+
+
+def test_a_resume_whose_schedule_cannot_continue_is_refused_naming_both_values(tmp_path):
+    ckpt = _checkpointed_run(tmp_path)
+    with pytest.raises(ValueError, match=r"final_sparsity=0.1 is below the sparsity of the masks restored from checkpoint "
+                                         r"'.*step=4.ckpt' \(0\.\d{4} of this callback's targets\).*set final_sparsity >= 0\.\d{4}"):
+        _resume(tmp_path / "r", ckpt, GradualPruningCallback(0.1, start_step=1, end_step=8, every=1))
+
+
+def test_a_resume_with_another_scorer_starts_a_fresh_window(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_helpers import tiny_module, token_loader, trainer
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1, filename="{step}")
+    taylor = GradualPruningCallback(0.5, scorer="taylor", start_step=2, end_step=8, every=4, stat_batches=2)
+    trainer(tmp_path, max_steps=3, callbacks=[taylor, checkpoint], enable_checkpointing=True).fit(tiny_module(), token_loader())
+    with LogRecords("gradprune.callbacks.gradual") as logs:
+        module, _ = _resume(tmp_path / "r", tmp_path / "ckpt" / "step=3.ckpt",
+                            GradualPruningCallback(0.5, scorer="wanda", start_step=2, end_step=8, every=4, stat_batches=2))
+    assert "does not fit scorer 'wanda'" in logs.text() and "starts afresh" in logs.text()
+    assert MaskRegistry.of(module).sparsity(find_targets(module)) == pytest.approx(0.5, abs=1e-3)
+
+
 # -- the injected-failure test: each entry point fails at its last step and nothing has changed -------------------
 class Injected(RuntimeError):
     pass
