@@ -155,6 +155,8 @@ class GradualPruningCallback(ScheduledEvents, CalibrationDraw, PruningCallback):
         if scorer in scorer_names() and get_scorer(scorer).prune is not None and (scope != "layer" or pattern != "unstructured"):
             problems.add(f"scorer {scorer!r} prunes each layer to its count and updates the kept weights: use scope "
                          f"'layer' and pattern 'unstructured', got scope={scope!r}, pattern={pattern!r}")
+        if allocation != "owl":  # unused options are checked too (issue 22): the range needs the owl mode
+            check_number(problems, "owl_lambda", owl_lambda, low=0, high=0.5)
         if allocation == "owl":
             check_lambda(problems, owl_lambda, final_sparsity)
             if scorer in scorer_names() and get_scorer(scorer).needs not in ("activations", "hessians"):
@@ -175,7 +177,10 @@ class GradualPruningCallback(ScheduledEvents, CalibrationDraw, PruningCallback):
                 problems.add(f"statistics='calibration' supports allocation 'uniform' only, got allocation={allocation!r}")
             if scope == "global":  # block by block, so the whole model is never ranked at once
                 problems.add("statistics='calibration' prunes block by block: use scope 'layer' or 'row', got scope='global'")
-            self.check_calibration_arguments(problems, nsamples, seqlen, lm)
+            if pattern != "unstructured":  # the one-shot methods take N:M only at exactly N/M, and events ramp
+                problems.add(f"statistics='calibration' supports pattern 'unstructured' only, got pattern={pattern!r}; "
+                             "use statistics='window' for N:M")
+        self.check_calibration_arguments(problems, nsamples, seqlen, lm)  # used or not
         self.pattern, self.final_sparsity, self.allocation, self.scorer, self.statistics = (
             pattern, final_sparsity, allocation, scorer, statistics)
         if isinstance(mode, MaskMode):

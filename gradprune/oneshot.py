@@ -80,6 +80,8 @@ def _check_arguments(problems: Problems, method: Any, sparsity: Any, pattern: An
     options = entry.resolve_options(method_options, problems)
     nm = check_pattern(problems, pattern, "sparsity", sparsity, exact=True)
     entry.check(problems, options, nm, pattern)
+    if options.get("allocation") != "owl":  # unused, but checked: its range needs the owl mode's sparsity
+        check_number(problems, "owl_lambda", options["owl_lambda"], low=0, high=0.5)
     if options.get("allocation") == "owl":
         check_lambda(problems, options["owl_lambda"], sparsity)
         if nm is not None:

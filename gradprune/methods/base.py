@@ -119,9 +119,9 @@ class Method:
                              f"{self.name!r} does not collect; use wanda, ria or sparsegpt")
             if options.get("scope") == "global":
                 problems.add("allocation='owl' gives each layer its own budget: use scope 'layer' or 'row', not 'global'")
-            m = options["owl_m"]
-            if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 < m < float("inf"):
-                problems.add(f"owl_m must be a finite number > 0, got {m!r}")
+        m = options["owl_m"]  # checked whatever the allocation: an option is checked whether it is used or not
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 < m < float("inf"):
+            problems.add(f"owl_m must be a finite number > 0, got {m!r}")
         return options
 
     def hooks(self, targets: Sequence[Target], options: Mapping[str, Any]) -> ActivationHooks:
