@@ -30,6 +30,7 @@ Embeddings, norms and biases are never targets and stay dense.
 """
 from __future__ import annotations
 
+import base64
 import contextlib
 import copy
 import hashlib
@@ -131,10 +132,11 @@ DIGEST_KEY = "gradprune.digest"  # sha256 of the other gradprune.* metadata entr
 
 
 def tensor_sha256(tensor: torch.Tensor) -> str:
-    """sha256 of a tensor's dtype, shape and bytes (row-major), as hex."""
+    """The first 128 bits of the sha256 of a tensor's dtype, shape and bytes (row-major), base64 (22
+    characters: plenty against accidental change, and a small header)."""
     digest = hashlib.sha256(f"{tensor.dtype}|{list(tensor.shape)}|".encode())
     digest.update(_as_numpy_bits(tensor.detach().cpu().contiguous().reshape(-1)).data)
-    return digest.hexdigest()
+    return base64.b64encode(digest.digest()[:16]).decode().rstrip("=")
 
 
 def _metadata_digest(metadata: Mapping[str, str]) -> str:
@@ -156,8 +158,8 @@ def _verify_hashes(path: Path, metadata: Mapping[str, str], state: Mapping[str, 
             raise ExportError(f"tensor {name!r} is missing from {path} (its content hash is stored)")
         found = tensor_sha256(state[name])
         if found != hashes[name]:
-            raise ExportError(f"tensor {name!r} in {path} does not match its content hash (stored sha256 "
-                              f"{hashes[name][:12]}..., found {found[:12]}...): the file was changed or corrupted after export")
+            raise ExportError(f"tensor {name!r} in {path} does not match its content hash (stored {hashes[name]}, "
+                              f"found {found}): the file was changed or corrupted after export")
     if metadata.get(DIGEST_KEY) != _metadata_digest(metadata):
         raise ExportError(f"{path}: the gradprune metadata does not match its digest ({DIGEST_KEY}): it was changed after export")
 
