@@ -73,6 +73,16 @@ class GradpruneCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads --ckpt_path here (for its hyperparameters), first of all: a truncated or foreign
+        # file is named before torch or Lightning fail on it
+        from .lightning_module import check_checkpoint_file
+
+        subcommand = self.config.get("subcommand")
+        if subcommand:
+            check_checkpoint_file(self.config[subcommand].get("ckpt_path"))
+        super()._parse_ckpt_path()
+
 
 def _show_gradprune_logs() -> None:
     logger = logging.getLogger("gradprune")

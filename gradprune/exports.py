@@ -318,23 +318,23 @@ def _is_export(directory: Path) -> bool:
         return False
 
 
-def _check_destination(problems: Problems, out_dir: Any, overwrite: Any) -> None:
+def check_destination(problems: Problems, out_dir: Any, overwrite: Any = False, name: str = "out_dir") -> None:
     """``out_dir`` may be new, an empty directory, an earlier gradprune export, or (``overwrite=True``)
-    any directory; never a file."""
+    any directory; never a file. ``name``: what the caller calls the argument."""
     if not isinstance(overwrite, bool):
         problems.add(f"overwrite must be True or False, got {overwrite!r}", type_error=True)
         overwrite = False
     if not isinstance(out_dir, (str, os.PathLike)):
-        problems.add(f"out_dir must be a directory path (str or os.PathLike), got {out_dir!r}", type_error=True)
+        problems.add(f"{name} must be a directory path (str or os.PathLike), got {out_dir!r}", type_error=True)
         return
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
-        problems.add(f"out_dir={str(out_dir)!r} is a file, not a directory")
+        problems.add(f"{name}={str(out_dir)!r} is a file, not a directory")
     elif out.is_dir() and not overwrite and not _is_export(out):
         held = sorted(p.name for p in out.iterdir())
         if held:
             hf = " (a Hugging Face model)" if "config.json" in held else ""
-            problems.add(f"out_dir={str(out_dir)!r} holds files that are not a gradprune export{hf}: "
+            problems.add(f"{name}={str(out_dir)!r} holds files that are not a gradprune export{hf}: "
                          f"{held[:5]}{' ...' if len(held) > 5 else ''}; allowed: a new or empty directory or an earlier "
                          "gradprune export (it is replaced whole), or overwrite=True to replace the directory and "
                          "everything in it")
@@ -389,7 +389,7 @@ def export(
     """
     problems = Problems()
     check_format(problems, format)
-    _check_destination(problems, out_dir, overwrite)
+    check_destination(problems, out_dir, overwrite)
     if tokenizer is not None and not callable(getattr(tokenizer, "save_pretrained", None)):
         problems.add(f"tokenizer must be None or a tokenizer with save_pretrained (e.g. from transformers' "
                      f"AutoTokenizer), got {tokenizer!r} ({type(tokenizer).__name__})", type_error=True)

@@ -159,6 +159,14 @@ def _corrupt_masks(model):
     return {t.name: {"shape": list(t.weight.shape), "bits": pack_mask(torch.ones_like(t.weight, dtype=torch.bool))[:-3]}}
 
 
+def _empty_corpus_setup():
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "notes.rst").write_text("text in a suffix that is not read")
+        TextDataModule(sources=folder, block_size=4).setup("fit")
+
+
 def _pattern(value):
     problems = Problems()
     check_pattern(problems, value, "sparsity", 0.5)
@@ -239,6 +247,8 @@ CASES = [
     ("data-tokenizer-missing", lambda m: TextDataModule(tokenizer=MISSING), ValueError, r"tokenizer='/no/such/dir/model': no such local directory or file; allowed: 'bytes'"),
     ("data-block-size", lambda m: TextDataModule(block_size=0), ValueError, r"block_size must be a positive integer \(>= 1\), got 0"),
     ("data-val-fraction", lambda m: TextDataModule(val_fraction=float("nan")), ValueError, r"val_fraction must be in \(0, 1\)"),
+    ("data-no-documents", lambda m: _empty_corpus_setup(), ValueError,
+     r"contain no documents: a directory is read for files ending in \['.py', '.txt', '.md', '.jsonl', '.json'\]"),
 ]
 
 
@@ -938,3 +948,109 @@ def test_load_verifies_the_content_hash_of_a_compressed_export(tmp_path, change,
     _rewrite_compressed(out, change)
     with pytest.raises(ExportError, match=match):
         gp.load(out)
+
+
+# -- item 7: a resume from a checkpoint that cannot be read or does not fit names the file; nothing is loaded -------
+def _deeper_checkpoint(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_helpers import token_loader, trainer
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "deep", every_n_train_steps=1, save_top_k=-1, filename="{step}")
+    deeper = PrunableLM(model={**TINY_LLAMA, "num_hidden_layers": 3}, vocab_size=128, warmup_steps=0)
+    trainer(tmp_path, max_steps=1, callbacks=[checkpoint], enable_checkpointing=True).fit(deeper, token_loader())
+    return tmp_path / "deep" / "step=1.ckpt"
+
+
+def _truncated_checkpoint(tmp_path):
+    ckpt = _checkpointed_run(tmp_path)
+    half = tmp_path / "half.ckpt"
+    half.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    return half
+
+
+def _foreign_checkpoint(tmp_path):
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"model": tiny_llama().state_dict()}, foreign)
+    return foreign
+
+
+def _wider_checkpoint(tmp_path):
+    ckpt = _checkpointed_run(tmp_path)
+    state = torch.load(ckpt, weights_only=False)
+    name = "model.model.layers.0.mlp.up_proj.weight"
+    state["state_dict"][name] = torch.zeros(96, 32)
+    wider = tmp_path / "wider.ckpt"
+    torch.save(state, wider)
+    return wider
+
+
+RESUME_CASES = [
+    ("deeper", _deeper_checkpoint, r"checkpoint '.*step=1.ckpt' does not fit this model \(LlamaForCausalLM.*weights this model lacks: "
+                                   r"\['model.model.layers.2.self_attn.q_proj.weight'"),
+    ("wider", _wider_checkpoint, r"checkpoint '.*wider.ckpt' does not fit this model .*shapes that differ: "
+                                 r"\['model.model.layers.0.mlp.up_proj.weight \(checkpoint \[96, 32\], model \[64, 32\]\)'\]"),
+]
+
+
+@pytest.mark.parametrize("make, match", [c[1:] for c in RESUME_CASES], ids=[c[0] for c in RESUME_CASES])
+def test_a_resume_from_a_checkpoint_that_does_not_fit_names_it_and_loads_nothing(tmp_path, make, match):
+    from lightning_helpers import tiny_module, token_loader, trainer
+
+    ckpt = make(tmp_path)
+    module = tiny_module(seed=5)
+    before = copy.deepcopy(module.state_dict())
+    with pytest.raises(ValueError, match=match):
+        trainer(tmp_path / "r", max_steps=8, callbacks=[GradualPruningCallback(0.6, start_step=1, end_step=8, every=1)]).fit(
+            module, token_loader(), ckpt_path=str(ckpt))
+    after = module.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("make, match", [
+    (_truncated_checkpoint, r"checkpoint '.*half.ckpt' cannot be read as a torch checkpoint \(truncated, or not one\)"),
+    (_foreign_checkpoint, r"checkpoint '.*foreign.ckpt' is not a Lightning checkpoint \(a dict with 'state_dict'\); found \['model'\]"),
+], ids=["truncated", "foreign"])
+def test_the_command_names_a_checkpoint_it_cannot_resume_from(tmp_path, capsys, make, match):
+    from gradprune.cli import main
+
+    ckpt = make(tmp_path)
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "trainer:\n  max_steps: 4\n  logger: false\n  enable_checkpointing: false\n"
+        "model:\n  model: {model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2,"
+        " num_attention_heads: 4, num_key_value_heads: 2}\ndata:\n  tokenizer: bytes\n"
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--ckpt_path", str(ckpt)])
+    assert exit_info.value.code == 2
+    import re
+
+    assert re.search(match, capsys.readouterr().err)
+
+
+def test_an_export_dir_that_the_export_at_fit_end_would_refuse_fails_before_training(tmp_path):
+    from lightning_helpers import tiny_module, token_loader, trainer
+
+    hf = _hf_folder(tmp_path / "hf")
+    before = files_of(hf)
+    module = tiny_module(export_dir=str(hf))
+    with pytest.raises(ValueError, match=r"export_dir='.*hf' holds files that are not a gradprune export \(a Hugging Face model\)"):
+        trainer(tmp_path, max_steps=2).fit(module, token_loader())
+    assert module.trainer.global_step == 0 and files_of(hf) == before
+
+
+def test_a_gradual_event_on_calibration_data_with_non_finite_activations_prunes_nothing(tmp_path):
+    from lightning_helpers import tiny_module, token_loader, trainer
+
+    module = tiny_module()
+    with torch.no_grad():
+        module.model.model.layers[0].mlp.down_proj.weight.fill_(3e38)
+        module.model.model.layers[0].mlp.up_proj.weight.mul_(100)
+    before = snapshot(module)
+    gradual = GradualPruningCallback(0.5, scorer="wanda", statistics="calibration", nsamples=4, seqlen=16,
+                                     initial_sparsity=0.2, start_step=0, end_step=4, every=1)  # an event before any step
+    with pytest.raises(ValueError, match=r"wanda calibration: non-finite \(NaN or inf\) activation statistics in "
+                                         r"\['model.model.layers.1.self_attn.q_proj \(sum of squared inputs\)'"):
+        trainer(tmp_path, max_steps=4, callbacks=[gradual]).fit(module, token_loader())
+    assert_unchanged(module, before)
