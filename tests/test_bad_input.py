@@ -229,6 +229,8 @@ CASES = [
      r"owl_m must be a finite number > 0, got -1"),
     ("oneshot-cb-unused-owl-lambda", lambda m: WandaPruningCallback(0.5, owl_lambda=float("nan")), ValueError,
      r"owl_lambda must be a finite number >= 0 and <= 0.5, got nan"),
+    ("structured-near-zero-eps-nan", lambda m: _prune_structured(m, mlp=0.25, metric="l2", near_zero_eps=float("nan")),
+     ValueError, r"near_zero_eps must be a finite number >= 0, got nan"),
     # PrunableLM, Distillation, TextDataModule, loading
     ("lm-learning-rate-bool", lambda m: PrunableLM(model=dict(TINY_LLAMA), vocab_size=128, learning_rate=True), TypeError, r"learning_rate must be a finite number > 0, got True \(bool\)"),
     ("lm-learning-rate-inf", lambda m: PrunableLM(model=dict(TINY_LLAMA), vocab_size=128, learning_rate=float("inf")), ValueError, r"learning_rate must be a finite number > 0, got inf"),
