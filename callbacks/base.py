@@ -116,7 +116,7 @@ def apply_event(registry: MaskRegistry, targets: Any, weights: Optional[dict], m
             if weights is not None:
                 with torch.no_grad():
                     for t in targets:
-                        replaced.append((t, t.weight.detach().clone()))
+                        replaced.append((t, t.weight.detach().to("cpu", copy=True)))
                         t.weight.copy_(weights.pop(t.name).to(t.weight.dtype))
             if masks is not None:
                 registry.update(targets, masks)

@@ -189,7 +189,7 @@ class MaskRegistry:
                 weight = local(t.weight).detach()
                 before = self.masks[t.name].to(weight.device) if t.name in self.masks else torch.ones_like(keep)
                 newly = before & ~keep
-                zeroed.append((weight, newly, weight[newly].clone()))
+                zeroed.append((weight, newly.cpu(), weight[newly].cpu()))  # what apply_ zeroes, kept off the device
                 self.targets[t.name] = t
                 self.masks[t.name] = keep.contiguous()
             self.version += 1
@@ -210,7 +210,7 @@ class MaskRegistry:
         self.version += 1
         with torch.no_grad():
             for weight, newly, values in reversed(zeroed):
-                weight[newly] = values
+                weight[newly.to(weight.device)] = values.to(weight.device)
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:

@@ -228,36 +228,37 @@ class Timer:
 
 
 class Undo:
-    """Puts weights and masks back when the block it guards fails: the registry's masks as they were on
-    entry, and the weights of every target passed to :meth:`save` (called just before they change; copies
-    are kept in CPU memory until the block ends, at most one copy of the targets' weights)."""
+    """Puts weights and masks back when the block it guards fails: the registry's masks and the weights its
+    updates zeroed (:meth:`gradprune.MaskRegistry.transaction`: CPU copies of the newly pruned values), and,
+    for a method that rewrites kept weights (SparseGPT), a CPU copy of each target's weights taken by
+    :meth:`save` just before they change, kept until the block ends."""
 
-    def __init__(self, registry: MaskRegistry) -> None:
-        self.registry = registry
+    def __init__(self, registry: MaskRegistry, changes_weights: bool) -> None:
+        self.registry, self.changes_weights = registry, changes_weights
         self.weights: dict[str, tuple[Target, torch.Tensor]] = {}
 
     def save(self, targets: Sequence[Target]) -> None:
+        if not self.changes_weights:
+            return
         for t in targets:
             if t.name not in self.weights:
                 self.weights[t.name] = (t, local(t.weight).detach().to("cpu", copy=True))
 
     def __enter__(self) -> "Undo":
-        self.masks, self.targets = dict(self.registry.masks), dict(self.registry.targets)
+        self._transaction = self.registry.transaction()
+        self._transaction.__enter__()
         return self
 
     def __exit__(self, kind, exc, tb) -> None:
-        if kind is not None:
-            with torch.no_grad():
-                for t, saved in self.weights.values():
-                    local(t.weight).copy_(saved)
-            self.registry.masks.clear()
-            self.registry.masks.update(self.masks)
-            self.registry.targets.clear()
-            self.registry.targets.update(self.targets)
-            self.registry.version += 1
-            if self.weights:
-                log.info("one-shot pruning failed; the weights of %d layers and the masks were put back", len(self.weights))
-        self.weights.clear()
+        try:
+            self._transaction.__exit__(kind, exc, tb)  # on failure: masks and zeroed weights back (first)
+            if kind is not None:
+                with torch.no_grad():
+                    for t, saved in self.weights.values():  # then the weights as they were before any change
+                        local(t.weight).copy_(saved)
+                log.info("one-shot pruning failed; the masks and weights were put back")
+        finally:
+            self.weights.clear()
 
 
 def _calibrate_and_prune(job: Job, targets: Sequence[Target], feed: Callable[[ActivationHooks], None], timer: Timer,
@@ -390,7 +391,7 @@ def prune_oneshot(
     timer = Timer()
     total_start = time.perf_counter()
     log.info("one-shot %s pruning of %d layers to %s (%s)", method, len(targets), sparsity, pattern)
-    with Undo(job.registry) as undo:  # a failure anywhere below puts the weights and masks back
+    with Undo(job.registry, job.method.changes_weights) as undo:  # a failure below puts weights and masks back
         if not plan.calibrated:
             with timer("pruning"):
                 undo.save(targets)
