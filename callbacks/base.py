@@ -89,16 +89,21 @@ def check_strategy(strategy: Strategy, owner: str = "pruning", fsdp2: bool = Fal
     )
 
 
-def check_event_inputs(step: int, targets: Any, statistics: Any) -> None:
+def check_event_inputs(step: int, targets: Any, statistics: Any, trainer: Optional[pl.Trainer] = None) -> None:
     """Raise ValueError before a pruning event changes anything when a target's weights or the statistics the
     scorer reads hold NaN or inf (a diverged run, or activations that overflowed): scores would be NaN and
-    the masks arbitrary."""
+    the masks arbitrary. With several ranks (``trainer``), every rank raises when any finds a problem (a
+    sharded weight's rows differ by rank), so none waits in a collective for the others."""
     import torch
 
     from gradprune.sharding import local
 
     bad = statistics.non_finite() if statistics is not None and hasattr(statistics, "non_finite") else []
     bad += [f"{t.name} (weights)" for t in targets if not bool(torch.isfinite(local(t.weight.detach())).all())]
+    if trainer is not None and trainer.world_size > 1:
+        flag = torch.tensor(float(len(bad)), device=trainer.strategy.root_device)
+        if float(trainer.strategy.reduce(flag, reduce_op="sum")) > 0 and not bad:
+            bad = ["another rank's weights or statistics"]
     if bad:
         raise ValueError(f"pruning event at step {step}: non-finite (NaN or inf) values in {bad[:5]}"
                          f"{' ...' if len(bad) > 5 else ''}; nothing was pruned (lower the learning rate, check the "

@@ -432,7 +432,7 @@ class GradualPruningCallback(ScheduledEvents, CalibrationDraw, PruningCallback):
             new = None  # the model is already at the target (a one-shot callback pruned it): nothing to score
         else:
             self._ready_statistics(trainer)
-            check_event_inputs(step, self._targets, self._statistics)
+            check_event_inputs(step, self._targets, self._statistics, trainer)
             counts = self._owl_counts(pl_module, target, masks) if self.allocation == "owl" else None
             if self.statistics == "calibration":
                 self._prune_on_calibration(trainer, pl_module, target, masks)
