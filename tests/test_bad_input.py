@@ -159,6 +159,21 @@ def _corrupt_masks(model):
     return {t.name: {"shape": list(t.weight.shape), "bits": pack_mask(torch.ones_like(t.weight, dtype=torch.bool))[:-3]}}
 
 
+def _spoiled_hf_folder(how):
+    import tempfile
+
+    global _SPOILED
+    _SPOILED = tempfile.TemporaryDirectory()  # removed when replaced or at exit
+    folder = Path(_SPOILED.name) / "hf"
+    tiny_llama().save_pretrained(folder)
+    if how == "truncate":
+        weights = folder / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
+    else:
+        (folder / "config.json").write_text("{not json")
+    return str(folder)
+
+
 def _empty_corpus_setup():
     import tempfile
 
@@ -231,6 +246,12 @@ CASES = [
      r"owl_lambda must be a finite number >= 0 and <= 0.5, got nan"),
     ("structured-near-zero-eps-nan", lambda m: _prune_structured(m, mlp=0.25, metric="l2", near_zero_eps=float("nan")),
      ValueError, r"near_zero_eps must be a finite number >= 0, got nan"),
+    ("lm-truncated-weights", lambda m: PrunableLM(model=_spoiled_hf_folder("truncate")), ValueError,
+     r"model='.*hf': the Hugging Face model in this directory \(config.json, weights \['model.safetensors'\]\) cannot be "
+     r"loaded: SafetensorError"),
+    ("lm-corrupt-config", lambda m: PrunableLM(model=_spoiled_hf_folder("config")), ValueError,
+     r"model='.*hf': the Hugging Face model in this directory \(config.json, weights \['model.safetensors'\]\) cannot be "
+     r"loaded: OSError: .*config.json"),
     # PrunableLM, Distillation, TextDataModule, loading
     ("lm-learning-rate-bool", lambda m: PrunableLM(model=dict(TINY_LLAMA), vocab_size=128, learning_rate=True), TypeError, r"learning_rate must be a finite number > 0, got True \(bool\)"),
     ("lm-learning-rate-inf", lambda m: PrunableLM(model=dict(TINY_LLAMA), vocab_size=128, learning_rate=float("inf")), ValueError, r"learning_rate must be a finite number > 0, got inf"),
