@@ -128,6 +128,49 @@ def check_strategy(strategy: Strategy, owner: str = "pruning", fsdp2: bool = Fal
     )
 
 
+def check_event_inputs(step: int, targets: Any, statistics: Any, trainer: Optional[pl.Trainer] = None) -> None:
+    """Raise ValueError before a pruning event changes anything when a target's weights or the statistics the
+    scorer reads hold NaN or inf (a diverged run, or activations that overflowed): scores would be NaN and
+    the masks arbitrary. With several ranks (``trainer``), every rank raises when any finds a problem (a
+    sharded weight's rows differ by rank), so none waits in a collective for the others."""
+    import torch
+
+    from gradprune.sharding import local
+
+    bad = statistics.non_finite() if statistics is not None and hasattr(statistics, "non_finite") else []
+    bad += [f"{t.name} (weights)" for t in targets if not bool(torch.isfinite(local(t.weight.detach())).all())]
+    if trainer is not None and trainer.world_size > 1:
+        flag = torch.tensor(float(len(bad)), device=trainer.strategy.root_device)
+        if float(trainer.strategy.reduce(flag, reduce_op="sum")) > 0 and not bad:
+            bad = ["another rank's weights or statistics"]
+    if bad:
+        raise ValueError(f"pruning event at step {step}: non-finite (NaN or inf) values in {bad[:5]}"
+                         f"{' ...' if len(bad) > 5 else ''}; nothing was pruned (lower the learning rate, check the "
+                         "data, or resume from an earlier checkpoint)")
+
+
+def apply_event(registry: MaskRegistry, targets: Any, weights: Optional[dict], masks: Optional[dict]) -> None:
+    """Write an event's new ``weights`` (a reconstructing scorer's, by target name; None: unchanged) and record
+    its keep-``masks`` (None: already recorded). A failure at any point puts the weights and masks back."""
+    import torch
+
+    replaced = []
+    try:
+        with registry.transaction():
+            if weights is not None:
+                with torch.no_grad():
+                    for t in targets:
+                        replaced.append((t, t.weight.detach().to("cpu", copy=True)))
+                        t.weight.copy_(weights.pop(t.name).to(t.weight.dtype))
+            if masks is not None:
+                registry.update(targets, masks)
+    except BaseException:
+        with torch.no_grad():
+            for t, old in replaced:
+                t.weight.copy_(old)
+        raise
+
+
 class PruningCallback(Callback):
     """Base class: registry access, mask enforcement and mask checkpointing for pruning callbacks.
 
@@ -141,6 +184,7 @@ class PruningCallback(Callback):
     def __init__(self) -> None:
         self._pending_masks: Optional[dict] = None
         self._registry: Optional[MaskRegistry] = None
+        self._resumed_from_other_state: Optional[str] = None  # the state key the restored masks were saved under
 
     # -- registry -------------------------------------------------------------------------------------
     def registry(self, pl_module: pl.LightningModule) -> MaskRegistry:
@@ -162,6 +206,7 @@ class PruningCallback(Callback):
 
     def _restore_pending_masks(self, trainer: pl.Trainer, registry: MaskRegistry) -> None:
         if self._pending_masks is not None:  # resuming: weights are restored by now, masks come back too
+            self.check_restored_masks(trainer, self._pending_masks)
             try:
                 registry.load_state_dict(self._pending_masks)  # whole masks, sliced to the rows held here
             except ValueError as exc:  # name the file too
@@ -198,6 +243,50 @@ class PruningCallback(Callback):
     def state_dict(self) -> dict:
         masks = self._registry.state_dict() if self._registry is not None else self._pending_masks
         return {"masks": masks or {}, **self.extra_state()}
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        # The masks are the model's state, not a detail of one callback's arguments: when this callback's state
+        # key is not in the checkpoint (its arguments changed, or another pruning callback saved it), the masks
+        # another pruning callback saved there come back anyway (Lightning then calls load_state_dict only
+        # for callbacks whose key it finds). Every pruning callback saves the whole registry, so any entry will do.
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states:
+            return
+        saved = [key for key, state in states.items() if isinstance(state, dict) and state.get("masks")]
+        if saved:
+            self._pending_masks = states[saved[0]]["masks"]
+            self._resumed_from_other_state = saved[0]
+            log.warning("%s: the checkpoint's masks (%d layers) come back from the state saved as %r; this callback's "
+                        "own arguments differ (its state key %r is not in the checkpoint), so its schedule position starts "
+                        "afresh from the restored masks", type(self).__name__, len(self._pending_masks), saved[0], self.state_key)
+
+    @staticmethod
+    def pending_pruned(pending: dict, names) -> tuple[int, int]:
+        """(pruned weights, weights) of the ``names`` in a checkpoint's bit-packed masks (``pending``)."""
+        from gradprune.masks import unpack_mask
+
+        pruned = total = 0
+        for name in names:
+            entry = pending.get(name)
+            if isinstance(entry, dict) and "bits" in entry and "shape" in entry:
+                mask = unpack_mask(entry["bits"], entry["shape"])
+                pruned, total = pruned + int(mask.numel() - mask.sum()), total + mask.numel()
+        return pruned, total
+
+    def check_restored_masks(self, trainer: pl.Trainer, pending: dict) -> None:
+        """Raise ValueError (before the masks are restored) when this callback cannot continue from the
+        checkpoint's masks ``pending``, which were saved under other arguments: a callback with a
+        ``final_sparsity`` and its ``targets`` chosen (the gradual ones) cannot go below their sparsity."""
+        final, targets = getattr(self, "final_sparsity", None), getattr(self, "targets", None)
+        if self._resumed_from_other_state is None or final is None or not targets:
+            return
+        pruned, _ = self.pending_pruned(pending, [t.name for t in targets])
+        total = sum(t.numel for t in targets)
+        if pruned > final * total + 0.5 * sum(t.out_features for t in targets):  # beyond rounding per row
+            raise ValueError(
+                f"final_sparsity={final} is below the sparsity of the masks restored from checkpoint "
+                f"{trainer.ckpt_path!r} ({pruned / total:.4f} of this callback's targets); masks only grow, so this "
+                f"schedule cannot continue from them: set final_sparsity >= {pruned / total:.4f}")
 
     def load_state_dict(self, state_dict: dict) -> None:
         # The model may not be available yet (Lightning restores callbacks before on_fit_start): keep

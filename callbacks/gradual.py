@@ -56,10 +56,10 @@ from gradprune.oneshot import prune_oneshot
 from gradprune.methods.owl import check_lambda, monotone_counts, owl_target_counts
 from gradprune.statistics import ActivationWindow, HessianWindow, SaliencyAccumulator
 from gradprune.targets import Target, find_targets
-from gradprune.validation import (Problems, check_choice, check_pattern, check_selector, check_sparsity,
+from gradprune.validation import (Problems, check_choice, check_number, check_pattern, check_selector, check_sparsity,
                                   check_weights_usable, is_int)
 
-from .base import FSDP2_NOTE, PruningCallback
+from .base import FSDP2_NOTE, PruningCallback, apply_event, check_event_inputs
 from .events import ScheduledEvents, check_end_step, schedule_end
 from .calibration import CalibrationDraw
 from .mask_modes import DynamicMasks, LearnedMasks, MaskMode
@@ -157,6 +157,8 @@ class GradualPruningCallback(ScheduledEvents, CalibrationDraw, PruningCallback):
         if scorer in scorer_names() and get_scorer(scorer).prune is not None and (scope != "layer" or pattern != "unstructured"):
             problems.add(f"scorer {scorer!r} prunes each layer to its count and updates the kept weights: use scope "
                          f"'layer' and pattern 'unstructured', got scope={scope!r}, pattern={pattern!r}")
+        if allocation != "owl":  # unused options are checked too (issue 22): the range needs the owl mode
+            check_number(problems, "owl_lambda", owl_lambda, low=0, high=0.5)
         if allocation == "owl":
             check_lambda(problems, owl_lambda, final_sparsity)
             if scorer in scorer_names() and get_scorer(scorer).needs not in ("activations", "hessians"):
@@ -177,7 +179,10 @@ class GradualPruningCallback(ScheduledEvents, CalibrationDraw, PruningCallback):
                 problems.add(f"statistics='calibration' supports allocation 'uniform' only, got allocation={allocation!r}")
             if scope == "global":  # block by block, so the whole model is never ranked at once
                 problems.add("statistics='calibration' prunes block by block: use scope 'layer' or 'row', got scope='global'")
-            self.check_calibration_arguments(problems, nsamples, seqlen, lm)
+            if pattern != "unstructured":  # the one-shot methods take N:M only at exactly N/M, and events ramp
+                problems.add(f"statistics='calibration' supports pattern 'unstructured' only, got pattern={pattern!r}; "
+                             "use statistics='window' for N:M")
+        self.check_calibration_arguments(problems, nsamples, seqlen, lm)  # used or not
         self.pattern, self.final_sparsity, self.allocation, self.scorer, self.statistics = (
             pattern, final_sparsity, allocation, scorer, statistics)
         if isinstance(mode, MaskMode):
@@ -337,7 +342,12 @@ class GradualPruningCallback(ScheduledEvents, CalibrationDraw, PruningCallback):
             return
         if self._statistics_summed and trainer.global_rank != 0:
             return  # rank 0 holds every rank's share of the window so far
-        self._statistics.load_state_dict(pending)
+        try:
+            self._statistics.load_state_dict(pending)
+        except (KeyError, ValueError, TypeError, RuntimeError) as exc:  # saved for another scorer: a fresh window
+            self._statistics.reset()
+            log.warning("the checkpoint's statistics window does not fit scorer %r (%s: %s): the window starts afresh",
+                        self.scorer, type(exc).__name__, exc)
 
     def _final_target(self) -> str:
         return f"final_sparsity {self.final_sparsity}"
@@ -425,6 +435,7 @@ class GradualPruningCallback(ScheduledEvents, CalibrationDraw, PruningCallback):
             new = None  # the model is already at the target (a one-shot callback pruned it): nothing to score
         else:
             self._ready_statistics(trainer)
+            check_event_inputs(step, self._targets, self._statistics, trainer)
             counts = self._owl_counts(pl_module, target, masks) if self.allocation == "owl" else None
             if self.statistics == "calibration":
                 self._prune_on_calibration(trainer, pl_module, target, masks)
@@ -437,12 +448,7 @@ class GradualPruningCallback(ScheduledEvents, CalibrationDraw, PruningCallback):
                 new = select_masks(self._targets, target, self._score_fn(), self.scope, self.pattern, masks, counts=counts)
         if self._statistics is not None:
             self._statistics.reset()
-        if weights is not None:
-            with torch.no_grad():
-                for t in self._targets:
-                    t.weight.copy_(weights.pop(t.name).to(t.weight.dtype))
-        if new is not None:
-            registry.update(self._targets, new)
+        apply_event(registry, self._targets, weights, new)
         self.last_event_step = step
         achieved = registry.sparsity(self._targets)
         if self.mode is not None and self.mode.sparsity() is not None:

@@ -158,6 +158,30 @@ def _rows(x: torch.Tensor, tokens: Optional[torch.Tensor]) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def non_finite_statistics(stats: Mapping[str, Any]) -> list[str]:
+    """``"layer (statistic)"`` for every statistics tensor of ``stats`` (target name -> :class:`ChannelStats`
+    or :class:`HessianStats`) that holds NaN or inf: the sign of activations that overflowed."""
+    import dataclasses
+
+    bad = []
+    for name, entry in stats.items():
+        for f in dataclasses.fields(entry):
+            value = getattr(entry, f.name)
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                bad.append(f"{name} ({'sum of squared inputs' if f.name == 'sum_sq' else 'X^T X' if f.name == 'xtx' else f.name})")
+    return bad
+
+
+def check_statistics_finite(stats: Mapping[str, Any], where: str = "calibration") -> None:
+    """Raise ValueError naming the layers and statistics that are not finite (nothing has been changed
+    from them yet)."""
+    bad = non_finite_statistics(stats)
+    if bad:
+        raise ValueError(f"{where}: non-finite (NaN or inf) activation statistics in {bad[:5]}{' ...' if len(bad) > 5 else ''}: "
+                         "the inputs of these layers overflowed or hold NaN (check the weights before them and the "
+                         "calibration data, or use a wider dtype); pruning needs finite statistics")
+
+
 @dataclass
 class ActivationHooks:
     """Forward hooks on ``targets`` that accumulate :class:`ChannelStats` (and, with ``hessian=True``,

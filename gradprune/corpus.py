@@ -327,7 +327,9 @@ def plan_documents(sources: Sequence[str], val_fraction: float, seed: int, text_
     rng.shuffle(plan.val)
     if not plan.val:
         if not plan.train:
-            raise ValueError(f"sources={list(sources)!r} contain no documents")
+            raise ValueError(f"sources={list(sources)!r} contain no documents: a directory is read for files ending in "
+                             f"{list(TEXT_SUFFIXES + JSON_SUFFIXES)} (JSON lines by their text field), and none was found "
+                             "or all were empty")
         plan.position_split = True
         log.info("a single document: holding out the last %.1f%% of its tokens for validation", 100 * val_fraction)
     if not plan.train:

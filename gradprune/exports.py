@@ -13,7 +13,9 @@ the recipe that produced the model when known, the gradprune version):
   low bits zero) and ``W::values`` (its nonzero elements in that order, in the tensor's own dtype);
   every other tensor is stored as is under its own name. The file's metadata holds ``gradprune.layout``
   (``"bitmask/1"``), ``gradprune.shapes`` (JSON: the shape of each bitmask-stored tensor) and
-  ``gradprune.tied`` (JSON: tensor names stored once for a tied pair, mapped to the stored name).
+  ``gradprune.tied`` (JSON: tensor names stored once for a tied pair, mapped to the stored name), and the
+  content hashes ``gradprune.sha256`` (every state-dict name -> :func:`tensor_sha256`) and
+  ``gradprune.digest`` (of the other entries), which :func:`load` verifies.
   :func:`load` rebuilds the dense model bit-exactly.
 - ``structured``: the physically smaller model: every MLP neuron, attention head group and decoder layer
   that is all zero (structured pruning masked it) removed from a copy by
@@ -28,11 +30,16 @@ Embeddings, norms and biases are never targets and stay dense.
 """
 from __future__ import annotations
 
+import base64
+import contextlib
 import copy
+import hashlib
 import json
 import logging
 import math
 import os
+import shutil
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Union
 
@@ -52,8 +59,7 @@ COMPRESSED_FILE = "model.compressed.safetensors"
 LAYOUT = "bitmask/1"
 BITMASK_SUFFIX = "::bitmask"
 VALUES_SUFFIX = "::values"
-# Weight files a previous export into the same directory may have left; removed before writing, so a
-# directory never holds two exports.
+# The weight files a dense export may hold (the loader looks for the first three).
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", COMPRESSED_FILE)
 
 
@@ -118,6 +124,44 @@ def decompress_tensor(bitmask: torch.Tensor, values: torch.Tensor, shape, name: 
     if count:
         np.place(dense, keep, source)
     return torch.from_numpy(dense).view(values.dtype).view(shape)
+
+
+# -- content hashes (pure) -----------------------------------------------------------------------------
+HASHES_KEY = "gradprune.sha256"  # JSON: every state-dict name -> tensor_sha256 of its dense tensor
+DIGEST_KEY = "gradprune.digest"  # sha256 of the other gradprune.* metadata entries
+
+
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    """The first 128 bits of the sha256 of a tensor's dtype, shape and bytes (row-major), base64 (22
+    characters: plenty against accidental change, and a small header)."""
+    digest = hashlib.sha256(f"{tensor.dtype}|{list(tensor.shape)}|".encode())
+    digest.update(_as_numpy_bits(tensor.detach().cpu().contiguous().reshape(-1)).data)
+    return base64.b64encode(digest.digest()[:16]).decode().rstrip("=")
+
+
+def _metadata_digest(metadata: Mapping[str, str]) -> str:
+    entries = {k: v for k, v in metadata.items() if k.startswith("gradprune.") and k != DIGEST_KEY}
+    return hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
+
+
+def _verify_hashes(path: Path, metadata: Mapping[str, str], state: Mapping[str, torch.Tensor]) -> None:
+    """Every tensor of ``state`` against the file's content hashes, then the metadata against its digest;
+    raises ExportError naming the first tensor (or entry) that differs."""
+    try:
+        hashes = json.loads(metadata[HASHES_KEY])
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise ExportError(f"{path} has corrupted metadata ({HASHES_KEY}): {exc}") from exc
+    for name in sorted(set(state) | set(hashes)):
+        if name not in hashes:
+            raise ExportError(f"tensor {name!r} in {path} has no content hash: an entry was added after export")
+        if name not in state:
+            raise ExportError(f"tensor {name!r} is missing from {path} (its content hash is stored)")
+        found = tensor_sha256(state[name])
+        if found != hashes[name]:
+            raise ExportError(f"tensor {name!r} in {path} does not match its content hash (stored {hashes[name]}, "
+                              f"found {found}): the file was changed or corrupted after export")
+    if metadata.get(DIGEST_KEY) != _metadata_digest(metadata):
+        raise ExportError(f"{path}: the gradprune metadata does not match its digest ({DIGEST_KEY}): it was changed after export")
 
 
 # -- finding what to export ---------------------------------------------------------------------------
@@ -207,6 +251,10 @@ def _write_compressed(model: nn.Module, out: Path, registries) -> dict:
         tensors[name] = tensor.detach().contiguous().cpu()
     metadata = {"format": "pt", "gradprune.layout": LAYOUT, "gradprune.shapes": json.dumps(shapes),
                 "gradprune.tied": json.dumps(tied)}
+    # content hashes: of every tensor as loaded back (tied names too), and of the metadata with them
+    state = model.state_dict(keep_vars=False)
+    metadata[HASHES_KEY] = json.dumps({name: tensor_sha256(state[name]) for name in sorted(state)})
+    metadata[DIGEST_KEY] = _metadata_digest(metadata)
     save_file(tensors, str(out / COMPRESSED_FILE), metadata=metadata)
     _save_config(model, out)
     return {"compressed": {"file": COMPRESSED_FILE, "layout": LAYOUT, "tied": tied, **stats}}
@@ -262,12 +310,60 @@ def _jsonable(value: Any) -> Any:
     return repr(value)
 
 
+def _is_export(directory: Path) -> bool:
+    """Whether ``directory`` holds a gradprune export (its gradprune.json names a format)."""
+    try:
+        return isinstance(json.loads((directory / REPORT_FILE).read_text()).get("format"), str)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_destination(problems: Problems, out_dir: Any, overwrite: Any = False, name: str = "out_dir") -> None:
+    """``out_dir`` may be new, an empty directory, an earlier gradprune export, or (``overwrite=True``)
+    any directory; never a file. ``name``: what the caller calls the argument."""
+    if not isinstance(overwrite, bool):
+        problems.add(f"overwrite must be True or False, got {overwrite!r}", type_error=True)
+        overwrite = False
+    if not isinstance(out_dir, (str, os.PathLike)):
+        problems.add(f"{name} must be a directory path (str or os.PathLike), got {out_dir!r}", type_error=True)
+        return
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        problems.add(f"{name}={str(out_dir)!r} is a file, not a directory")
+    elif out.is_dir() and not overwrite and not _is_export(out):
+        held = sorted(p.name for p in out.iterdir())
+        if held:
+            hf = " (a Hugging Face model)" if "config.json" in held else ""
+            problems.add(f"{name}={str(out_dir)!r} holds files that are not a gradprune export{hf}: "
+                         f"{held[:5]}{' ...' if len(held) > 5 else ''}; allowed: a new or empty directory or an earlier "
+                         "gradprune export (it is replaced whole), or overwrite=True to replace the directory and "
+                         "everything in it")
+
+
+def _swap_in(new: Path, out: Path) -> None:
+    """Put the complete directory ``new`` at ``out`` (both in the same parent directory): ``out``'s old
+    contents are moved aside, ``new`` renamed in, then the old contents deleted. A failure before the
+    second rename puts the old directory back."""
+    if not out.exists():
+        os.rename(new, out)
+        return
+    old = out.parent / f".{out.name}.gradprune-old-{uuid.uuid4().hex[:8]}"
+    os.rename(out, old)
+    try:
+        os.rename(new, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def export(
     model_or_module: nn.Module,
     out_dir: Union[str, os.PathLike],
     format: str = "dense",
     tokenizer: Any = None,
     recipe: Optional[Mapping[str, Any]] = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write the (pruned) model to ``out_dir`` in ``format`` (see the module docstring) and return the path.
 
@@ -276,20 +372,29 @@ def export(
             :class:`gradprune.PrunableLM`). A module with an ``export_parts()`` method returns
             ``(hf_model, tokenizer, recipe)`` itself (PrunableLM: its data module's tokenizer, its
             hyperparameters and pruning callbacks).
-        out_dir: the directory (created if needed; weight files of an earlier export there are replaced).
+        out_dir: the directory: new, empty, or an earlier gradprune export (replaced whole, so it never
+            holds two models). A directory holding anything else (such as an unrelated Hugging Face model) is
+            refused unless ``overwrite=True``, which replaces it and everything in it.
         format: one of ``FORMATS``.
         tokenizer: saved with the model (anything with ``save_pretrained``); default the one the module knows.
-        recipe: what produced the model, stored in gradprune.json; default the one the module knows.
+        recipe: what produced the model (a dict), stored in gradprune.json; default the one the module knows.
+        overwrite: replace a directory that is not a gradprune export.
+
+    Every argument is checked first. The export is written into a new directory beside ``out_dir`` and
+    swapped in only when complete: when anything fails (a bad argument, a full disk, an interrupt),
+    ``out_dir`` keeps what it held, and a reader never sees a mix of two exports.
 
     The masks of the model's mask registry (and of the wrapping module's) are applied first: pruned
     weights are zeroed in place (a no-op while the masks were enforced).
     """
     problems = Problems()
     check_format(problems, format)
-    if not isinstance(out_dir, (str, os.PathLike)):
-        problems.add(f"out_dir must be a directory path (str or os.PathLike), got {out_dir!r}", type_error=True)
-    elif Path(out_dir).exists() and not Path(out_dir).is_dir():
-        problems.add(f"out_dir={str(out_dir)!r} is a file, not a directory")
+    check_destination(problems, out_dir, overwrite)
+    if tokenizer is not None and not callable(getattr(tokenizer, "save_pretrained", None)):
+        problems.add(f"tokenizer must be None or a tokenizer with save_pretrained (e.g. from transformers' "
+                     f"AutoTokenizer), got {tokenizer!r} ({type(tokenizer).__name__})", type_error=True)
+    if recipe is not None and not isinstance(recipe, Mapping):
+        problems.add(f"recipe must be None or a dict, got {recipe!r} ({type(recipe).__name__})", type_error=True)
     if isinstance(model_or_module, torch.nn.Module):
         from .sharding import is_sharded
 
@@ -310,6 +415,9 @@ def export(
             known_recipe = {"hparams": dict(hparams)}
     tokenizer = tokenizer if tokenizer is not None else known_tokenizer
     recipe = recipe if recipe is not None else known_recipe
+    if tokenizer is not None and not callable(getattr(tokenizer, "save_pretrained", None)):
+        raise TypeError(f"the tokenizer {type(model_or_module).__name__} knows has no save_pretrained: "
+                        f"{type(tokenizer).__name__}; pass tokenizer= explicitly")
     out = Path(out_dir)
     if format == "structured":  # an architecture it cannot shrink fails here, before anything is changed or deleted
         from .structured.units import find_units
@@ -320,24 +428,35 @@ def export(
     for registry in registries:
         registry.apply_()
     report = sparsity_report(model, _report_targets(model, registries))
-    out.mkdir(parents=True, exist_ok=True)
-    for name in _WEIGHT_FILES:
-        (out / name).unlink(missing_ok=True)
-    extra = WRITERS[format](model, out, registries)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    else:  # a plain HF model knows no tokenizer: say so, or the directory looks complete and is not
-        log.warning("export to %s writes no tokenizer: %s knows none; pass tokenizer= (e.g. "
-                    "gradprune.models.load_tokenizer(<source>)) or save it there yourself before from_pretrained",
-                    out, type(model_or_module).__name__)
     from . import __version__
 
-    info = {"format": format, "gradprune_version": __version__, "sparsity": report, **extra}
-    if "sparsity" in extra:  # the writer reported on what it wrote (structured: the smaller model)
-        info["sparsity_before_removal"] = report
-    if recipe is not None:
-        info["recipe"] = _jsonable(recipe)
-    (out / REPORT_FILE).write_text(json.dumps(info, indent=1))
+    info = {"format": format, "gradprune_version": __version__, "sparsity": report}
+    place = out.resolve() if out.is_symlink() else out.absolute()  # a link to a directory: its target is replaced
+    created = [p for p in [place.parent, *place.parent.parents] if not p.exists()]  # parents made here, removed on failure
+    place.parent.mkdir(parents=True, exist_ok=True)
+    staging = place.parent / f".{place.name}.gradprune-new-{uuid.uuid4().hex[:8]}"
+    try:
+        staging.mkdir()
+        extra = WRITERS[format](model, staging, registries)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        else:  # a plain HF model knows no tokenizer: say so, or the directory looks complete and is not
+            log.warning("export to %s writes no tokenizer: %s knows none; pass tokenizer= (e.g. "
+                        "gradprune.models.load_tokenizer(<source>)) or save it there yourself before from_pretrained",
+                        out, type(model_or_module).__name__)
+        info.update(extra)
+        if "sparsity" in extra:  # the writer reported on what it wrote (structured: the smaller model)
+            info["sparsity_before_removal"] = report
+        if recipe is not None:
+            info["recipe"] = _jsonable(recipe)
+        (staging / REPORT_FILE).write_text(json.dumps(info, indent=1))
+        _swap_in(staging, place)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        for parent in created:  # innermost first
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+        raise
     log.info("exported the model to %s as %s (global sparsity %.4f)", out, format, report["global"]["sparsity"])
     return out
 
@@ -358,17 +477,43 @@ def _model_class(config):
 def _read_config(directory: Path):
     from transformers import AutoConfig
 
-    if not (directory / "config.json").is_file():
-        raise ExportError(f"{directory / 'config.json'} is missing: an export keeps the model's config there")
-    return AutoConfig.from_pretrained(directory)
+    path = directory / "config.json"
+    if not path.is_file():
+        raise ExportError(f"{path} is missing: an export keeps the model's config there")
+    try:
+        return AutoConfig.from_pretrained(directory)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ExportError(f"{path} cannot be read as a Hugging Face model config (JSON with a known "
+                          f"model_type): {type(exc).__name__}: {exc}") from exc
 
 
 def _load_dense(directory: Path):
     config = _read_config(directory)
-    if not any((directory / name).is_file() for name in _WEIGHT_FILES[:3]):
+    present = [name for name in _WEIGHT_FILES[:3] if (directory / name).is_file()]
+    if not present:
         raise ExportError(f"{directory} holds no model.safetensors (nor model.safetensors.index.json or "
                           "pytorch_model.bin): the weights of a dense export are missing")
-    return _model_class(config).from_pretrained(directory, config=config)
+    try:
+        model, info = _model_class(config).from_pretrained(directory, config=config, output_loading_info=True)
+    except Exception as exc:  # safetensors, torch and transformers each raise their own kind
+        if "ignore_mismatched_sizes" in str(exc) or "size mismatch" in str(exc):
+            found = "weights whose shapes do not fit the config"
+        else:
+            found = f"{type(exc).__name__}: {exc}"
+        raise ExportError(f"cannot load the weights in {directory / present[0]} into the model that "
+                          f"{directory / 'config.json'} describes ({config.model_type}): {found}") from exc
+    missing = [k for k in info.get("missing_keys", []) if not _tied_alias(model, k)]
+    if missing or info.get("mismatched_keys"):
+        raise ExportError(f"{directory / present[0]} does not fit {directory / 'config.json'}: "
+                          f"missing {sorted(missing)[:5]}, shapes that differ {list(info.get('mismatched_keys', []))[:5]}")
+    return model
+
+
+def _tied_alias(model: nn.Module, name: str) -> bool:
+    """Whether parameter ``name`` of ``model`` is the same tensor as another (a tied head: not stored)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    weight = params.get(name)
+    return weight is not None and any(p is weight for n, p in params.items() if n != name)
 
 
 def read_compressed(path: Union[str, os.PathLike]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -411,6 +556,8 @@ def read_compressed(path: Union[str, os.PathLike]) -> tuple[dict[str, torch.Tens
         if source not in state:
             raise ExportError(f"tensor {alias!r} is tied to {source!r}, which is missing from {path}")
         state[alias] = state[source]
+    if HASHES_KEY in metadata or DIGEST_KEY in metadata:  # files written before content hashes existed have none
+        _verify_hashes(path, metadata, state)
     return state, tied
 
 
@@ -439,7 +586,12 @@ def load(directory: Union[str, os.PathLike]):
     as a plain Hugging Face model directory). The compressed format comes back bit-exactly as exported,
     in eval mode. Raises :class:`ExportError` (a ValueError) naming the file or tensor that is missing or
     corrupted; nothing is returned half-loaded."""
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"directory must be an export directory path (str or os.PathLike), got {directory!r}")
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ExportError(f"{str(directory)!r} is a file; an export is a directory (holding config.json, the weights "
+                          "and gradprune.json)")
     if not directory.is_dir():
         raise ExportError(f"export directory {str(directory)!r} does not exist")
     report = directory / REPORT_FILE

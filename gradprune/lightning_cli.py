@@ -256,6 +256,16 @@ class GradpruneCLI(LightningCLI):
         GradpruneParser.args = [str(a) for a in given] if isinstance(given, (list, tuple)) else []
         super().parse_arguments(parser, args)
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads --ckpt_path here (for its hyperparameters), first of all: a truncated or foreign
+        # file is named before torch or Lightning fail on it
+        from .lightning_module import check_checkpoint_file
+
+        subcommand = self.config.get("subcommand")
+        if subcommand:
+            check_checkpoint_file(self.config[subcommand].get("ckpt_path"))
+        super()._parse_ckpt_path()
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
         for action in parser._actions:

@@ -14,7 +14,7 @@ import math
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict, Literal, Optional, Union
+from typing import Any, Dict, Literal, Mapping, Optional, Union
 
 import lightning.pytorch as pl
 import torch
@@ -259,6 +259,12 @@ class PrunableLM(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         self._check_vocabulary()
+        if stage == "fit" and self.export_dir:  # a folder the export at fit end would refuse: say so before training
+            from .exports import check_destination
+
+            problems = Problems()
+            check_destination(problems, self.export_dir, name="export_dir")
+            problems.raise_if_any()
         # Runs before on_fit_start, where one-shot callbacks prune, and before a checkpoint is restored:
         # the "self" teacher is therefore always the dense model as built from its source.
         if self.distill is not None and self.distill.teacher == "self" and self._teacher is None:
@@ -285,9 +291,34 @@ class PrunableLM(pl.LightningModule):
                 "use the model's own tokenizer"
             )
 
+    def _check_checkpoint_fits(self, checkpoint: dict) -> None:
+        """Every weight of the checkpoint has this model's name and shape, checked before Lightning loads any
+        (torch's load_state_dict copies the tensors that fit before it raises about the others): a
+        checkpoint of another width or depth, or not of a PrunableLM, is refused naming the file."""
+        trainer = self._trainer
+        path = getattr(trainer, "ckpt_path", None) if trainer is not None else None
+        state = checkpoint.get("state_dict")
+        if not isinstance(state, Mapping):
+            raise ValueError(f"checkpoint {path!r} holds no 'state_dict' (found keys {sorted(checkpoint)[:8]}): "
+                             "it is not a Lightning checkpoint of this module; nothing was loaded")
+        own = self.state_dict()
+        shapes = [f"{k} (checkpoint {list(v.shape)}, model {list(own[k].shape)})" for k, v in state.items()
+                  if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)]
+        strict = getattr(self, "strict_loading", True)
+        missing = [k for k in own if k not in state] if strict else []
+        unexpected = [k for k in state if k not in own] if strict else []
+        if shapes or missing or unexpected:
+            found = "; ".join(f"{what}: {items[:3]}{' ...' if len(items) > 3 else ''} ({len(items)})"
+                              for what, items in (("shapes that differ", shapes), ("weights the checkpoint lacks", missing),
+                                                  ("weights this model lacks", unexpected)) if items)
+            raise ValueError(f"checkpoint {path!r} does not fit this model ({type(self.model).__name__}, "
+                             f"{sum(1 for _ in own)} tensors): {found}. Resume with the model configuration the "
+                             "checkpoint was trained with (width, depth); nothing was loaded")
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """A checkpoint with pruning masks resumed without a pruning callback would train the pruned weights
         back: say so specifically (Lightning's own warning names no consequence)."""
+        self._check_checkpoint_fits(checkpoint)
         callbacks = checkpoint.get("callbacks") or {}
         saved = [key for key, state in callbacks.items() if isinstance(state, dict) and state.get("masks")]
         trainer = self._trainer
@@ -429,6 +460,29 @@ class PrunableLM(pl.LightningModule):
             recipe["global_step"] = trainer.global_step
             recipe["callbacks"] = describe_callbacks(trainer.callbacks)
         return model, tokenizer, recipe
+
+
+def check_checkpoint_file(path: Any) -> None:
+    """Read a checkpoint that fit is to resume from (memory-mapped: the tensors are not loaded) and raise
+    ValueError naming it when it is truncated or not a Lightning checkpoint, instead of an error from deep
+    inside torch or Lightning that names no file. The ``gradprune`` command calls it before fit; Lightning
+    reads the file before any hook of a module or callback could."""
+    if not path or not os.path.isfile(path):
+        return
+    try:
+        try:
+            checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        except RuntimeError as exc:  # not a zip file: the legacy format, or a truncated one, read whole
+            if "mmap can only be used with files saved with" not in str(exc):
+                raise
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch's zip reader, pickle and the filesystem raise their own kinds
+        raise ValueError(f"checkpoint {str(path)!r} cannot be read as a torch checkpoint (truncated, or not one): "
+                         f"{type(exc).__name__}: {exc}") from exc
+    if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint:
+        found = sorted(map(str, checkpoint))[:8] if isinstance(checkpoint, Mapping) else type(checkpoint).__name__
+        raise ValueError(f"checkpoint {str(path)!r} is not a Lightning checkpoint (a dict with 'state_dict'); found "
+                         f"{found}. Pass a .ckpt saved by a Trainer (ModelCheckpoint)")
 
 
 def describe_callbacks(callbacks) -> list[dict]:

@@ -34,8 +34,9 @@ counts over all shards; with sharded masks these three are collectives (every ra
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -138,6 +139,7 @@ class MaskRegistry:
         self._floors: dict[int, _Floors] = {}  # optimizers whose pruned second moments are kept at a floor
         self.masked_step: Optional[int] = None  # the last ``step`` given to mask_gradients_
         self.version = 0  # changes whenever a mask tensor is replaced, for caches keyed on it
+        self._journals: list[list] = []  # open transactions: what update() zeroed, to put back on failure
 
     @classmethod
     def of(cls, model: nn.Module) -> "MaskRegistry":
@@ -177,17 +179,54 @@ class MaskRegistry:
                 raise ValueError(
                     f"mask for {t.name!r} has shape {tuple(masks[t.name].shape)}, weight has {local_shape(t.weight)}{held}"
                 )
-        for t in targets:
-            keep = masks[t.name].to(device=t.weight.device, dtype=torch.bool)
-            if t.name in self.masks:
-                keep = keep & self.masks[t.name]
-            self.targets[t.name] = t
-            self.masks[t.name] = keep.contiguous()
+        old_masks, old_targets = dict(self.masks), dict(self.targets)
+        zeroed = []  # (weight, newly pruned positions, their values): what apply_ changes, to put back on failure
+        try:
+            for t in targets:
+                keep = masks[t.name].to(device=t.weight.device, dtype=torch.bool)
+                if t.name in self.masks:
+                    keep = keep & self.mask_of(t.name)
+                weight = local(t.weight).detach()
+                before = self.masks[t.name].to(weight.device) if t.name in self.masks else torch.ones_like(keep)
+                newly = before & ~keep
+                zeroed.append((weight, newly.cpu(), weight[newly].cpu()))  # what apply_ zeroes, kept off the device
+                self.targets[t.name] = t
+                self.masks[t.name] = keep.contiguous()
+            self.version += 1
+            names = [t.name for t in targets]
+            self.apply_(names=names)
+            for optimizer in self._optimizers.values():
+                self.reset_optimizer_state_(optimizer, names)
+        except BaseException:  # masks and weights as they were (optimizer state reset so far stays reset)
+            self._put_back(old_masks, old_targets, zeroed)
+            raise
+        for journal in self._journals:
+            journal.extend(zeroed)
+
+    def _put_back(self, masks: dict, targets: dict, zeroed: list) -> None:
+        for held, saved in ((self.masks, masks), (self.targets, targets)):
+            held.clear()
+            held.update(saved)
         self.version += 1
-        names = [t.name for t in targets]
-        self.apply_(names=names)
-        for optimizer in self._optimizers.values():
-            self.reset_optimizer_state_(optimizer, names)
+        with torch.no_grad():
+            for weight, newly, values in reversed(zeroed):
+                weight[newly.to(weight.device)] = values.to(weight.device)
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Masks, and the weights that :meth:`update` zeroes, as they were on entry if the block raises
+        (the values of newly pruned weights are kept until the block ends). Optimizer state that was reset
+        stays reset; weights changed other than by the masks are the caller's to put back."""
+        journal: list = []
+        self._journals.append(journal)
+        masks, targets = dict(self.masks), dict(self.targets)
+        try:
+            yield
+        except BaseException:
+            self._put_back(masks, targets, journal)
+            raise
+        finally:
+            self._journals.remove(journal)
 
     def release(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
         """Stop enforcing the masks of these targets and return them (weights are left as they are: a

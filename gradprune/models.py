@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from pathlib import Path
 from typing import Any, Mapping, Union
 
@@ -112,7 +113,17 @@ def load_causal_lm(source: ModelSource, dtype: torch.dtype = torch.float32):
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         return model
-    return AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    if not os.path.isdir(os.path.expanduser(source)):
+        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    try:
+        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except Exception as exc:  # safetensors, torch, json and transformers raise their own kinds, naming no file
+        held = sorted(os.listdir(os.path.expanduser(source)))
+        weights = [f for f in held if f.endswith((".safetensors", ".bin", ".safetensors.index.json"))]
+        config = "config.json" if "config.json" in held else "no config.json"
+        found = "weights whose shapes do not fit the config" if "ignore_mismatched_sizes" in str(exc) else f"{type(exc).__name__}: {exc}"
+        raise ValueError(f"model={source!r}: the Hugging Face model in this directory ({config}, weights {weights}) "
+                         f"cannot be loaded: {found}") from exc
 
 
 def load_tokenizer(source: str):

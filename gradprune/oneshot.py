@@ -24,17 +24,18 @@ from tqdm.auto import tqdm
 from .blocks import (
     BlockInputs, BlockStack, call_model, capture_block_inputs, find_block_stack, find_causal_lm, group_by_block, run_block,
 )
-from .calibration import ActivationHooks, as_batches, count_samples, count_tokens, eval_mode
+from .calibration import ActivationHooks, as_batches, check_statistics_finite, count_samples, count_tokens, eval_mode
 from .masks import MaskRegistry
 from .methods import METHODS as _REGISTRY
 from .methods import Job, Method, get_method
 from .methods.base import COMMON_OPTIONS, NM
 from .methods.owl import check_lambda, owl_target_counts
 from .report import sparsity_report
+from .sharding import local
 from .selection import validate_selection
 from .targets import Selector, Target, find_targets
-from .validation import (Problems, check_choice, check_existing_masks, check_pattern, check_selector, check_sparsity,
-                         check_weights_usable, is_int)
+from .validation import (Problems, check_choice, check_existing_masks, check_number, check_pattern, check_selector,
+                         check_sparsity, check_weights_usable, is_int)
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,8 @@ def _check_arguments(problems: Problems, method: Any, sparsity: Any, pattern: An
     options = entry.resolve_options(method_options, problems)
     nm = check_pattern(problems, pattern, "sparsity", sparsity, exact=True)
     entry.check(problems, options, nm, pattern)
+    if options.get("allocation") != "owl":  # unused, but checked: its range needs the owl mode's sparsity
+        check_number(problems, "owl_lambda", options["owl_lambda"], low=0, high=0.5)
     if options.get("allocation") == "owl":
         check_lambda(problems, options["owl_lambda"], sparsity)
         if nm is not None:
@@ -246,17 +249,55 @@ def progress(items: Sequence, desc: str, show: Optional[bool]) -> Iterator:
             last = now
 
 
-def _calibrate_and_prune(job: Job, targets: Sequence[Target], feed: Callable[[ActivationHooks], None], timer: Timer) -> None:
+class Undo:
+    """Puts weights and masks back when the block it guards fails: the registry's masks and the weights its
+    updates zeroed (:meth:`gradprune.MaskRegistry.transaction`: CPU copies of the newly pruned values), and,
+    for a method that rewrites kept weights (SparseGPT), a CPU copy of each target's weights taken by
+    :meth:`save` just before they change, kept until the block ends."""
+
+    def __init__(self, registry: MaskRegistry, changes_weights: bool) -> None:
+        self.registry, self.changes_weights = registry, changes_weights
+        self.weights: dict[str, tuple[Target, torch.Tensor]] = {}
+
+    def save(self, targets: Sequence[Target]) -> None:
+        if not self.changes_weights:
+            return
+        for t in targets:
+            if t.name not in self.weights:
+                self.weights[t.name] = (t, local(t.weight).detach().to("cpu", copy=True))
+
+    def __enter__(self) -> "Undo":
+        self._transaction = self.registry.transaction()
+        self._transaction.__enter__()
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        try:
+            self._transaction.__exit__(kind, exc, tb)  # on failure: masks and zeroed weights back (first)
+            if kind is not None:
+                with torch.no_grad():
+                    for t, saved in self.weights.values():  # then the weights as they were before any change
+                        local(t.weight).copy_(saved)
+                log.info("one-shot pruning failed; the masks and weights were put back")
+        finally:
+            self.weights.clear()
+
+
+def _calibrate_and_prune(job: Job, targets: Sequence[Target], feed: Callable[[ActivationHooks], None], timer: Timer,
+                         undo: "Undo") -> None:
     """Collect the method's statistics of ``targets`` while ``feed(hooks)`` runs forwards, sum them over
-    ranks (option ``reduce``), then prune the targets."""
+    ranks (option ``reduce``), check them finite, then save the targets' weights in ``undo`` and prune them."""
     method = job.method
     with timer("calibration"):
         with method.hooks(targets, job.options) as hooks:
             feed(hooks)
         if job.options["reduce"] is not None:
             hooks.reduce_(job.options["reduce"])
+    stats = method.statistics_of(hooks)
+    check_statistics_finite(stats, f"{method.name} calibration")  # before this group changes
     with timer("pruning"):
-        method.run(job, targets, method.statistics_of(hooks))
+        undo.save(targets)
+        method.run(job, targets, stats)
 
 
 def _block_feed(block: nn.Module, inputs: Sequence[BlockInputs]) -> Callable[[ActivationHooks], None]:
@@ -268,7 +309,7 @@ def _block_feed(block: nn.Module, inputs: Sequence[BlockInputs]) -> Callable[[Ac
     return feed
 
 
-def _sequential(model: nn.Module, plan: Plan, timer: Timer) -> None:
+def _sequential(model: nn.Module, plan: Plan, timer: Timer, undo: "Undo") -> None:
     """Block by block: each block is calibrated on the outputs of the already-pruned blocks before it."""
     stack, job = plan.stack, replace(plan.job, progress=False)  # the blocks' bar is the progress shown
     with timer("calibration"):
@@ -277,7 +318,7 @@ def _sequential(model: nn.Module, plan: Plan, timer: Timer) -> None:
     for index, block in enumerate(progress(stack.blocks, f"{job.method.name} blocks", plan.job.progress)):
         block_targets = stack.targets_of(index, plan.targets)
         if block_targets:
-            _calibrate_and_prune(job, block_targets, _block_feed(block, inputs), timer)
+            _calibrate_and_prune(job, block_targets, _block_feed(block, inputs), timer, undo)
         if index < last:  # the next block sees the outputs of this (pruned) block
             with timer("calibration"):
                 inputs = [replace(inp, hidden=run_block(block, inp)) for inp in inputs]
@@ -293,13 +334,14 @@ def _owl_counts(model: nn.Module, plan: Plan, timer: Timer) -> tuple[dict, list]
                 call_model(plan.runner, batch, device)
         if plan.job.options["reduce"] is not None:
             hooks.reduce_(plan.job.options["reduce"])
+    check_statistics_finite(hooks.stats, "OWL calibration")
     options = plan.job.options
     sum_sq = {name: stats.l2_sq for name, stats in hooks.stats.items()}
     return owl_target_counts(group_by_block(model, plan.targets), sum_sq, plan.job.sparsity, options["owl_lambda"],
                              options["owl_m"])
 
 
-def _whole_model(model: nn.Module, plan: Plan, timer: Timer) -> None:
+def _whole_model(model: nn.Module, plan: Plan, timer: Timer, undo: "Undo") -> None:
     """One dense pass over the whole model, then every target is pruned (any architecture)."""
     device = plan.targets[0].weight.device
 
@@ -308,7 +350,7 @@ def _whole_model(model: nn.Module, plan: Plan, timer: Timer) -> None:
             hooks.tokens(batch["attention_mask"])
             call_model(plan.runner, batch, device)
 
-    _calibrate_and_prune(plan.job, plan.targets, feed, timer)
+    _calibrate_and_prune(plan.job, plan.targets, feed, timer, undo)
 
 
 def prune_oneshot(
@@ -371,15 +413,17 @@ def prune_oneshot(
     timer = Timer()
     total_start = time.perf_counter()
     log.info("one-shot %s pruning of %d layers to %s (%s)", method, len(targets), sparsity, pattern)
-    if not plan.calibrated:
-        with timer("pruning"):
-            job.method.run(job, targets, {})
-    else:
-        with eval_mode(model):
-            if job.options["allocation"] == "owl":
-                counts, budgets = _owl_counts(model, plan, timer)
-                plan = replace(plan, job=replace(job, counts=counts))
-            (_sequential if plan.sequential else _whole_model)(model, plan, timer)
+    with Undo(job.registry, job.method.changes_weights) as undo:  # a failure below puts weights and masks back
+        if not plan.calibrated:
+            with timer("pruning"):
+                undo.save(targets)
+                job.method.run(job, targets, {})
+        else:
+            with eval_mode(model):
+                if job.options["allocation"] == "owl":
+                    counts, budgets = _owl_counts(model, plan, timer)
+                    plan = replace(plan, job=replace(job, counts=counts))
+                (_sequential if plan.sequential else _whole_model)(model, plan, timer, undo)
     times = timer.seconds
     times["total_s"] = time.perf_counter() - total_start
     report = sparsity_report(model, targets)

@@ -91,6 +91,11 @@ class ActivationWindow:
         self.close()
         self._sums().clear()
 
+    def non_finite(self) -> list[str]:
+        """``"layer (sum)"`` for every sum of the window that holds NaN or inf."""
+        return [f"{name} ({key})" for name, s in self._sums().items() for key in self._FIELDS
+                if getattr(s, key) is not None and not bool(torch.isfinite(getattr(s, key)).all())]
+
     def state_dict(self) -> dict:
         return {name: {k: getattr(s, k).cpu() for k in self._FIELDS if getattr(s, k) is not None}
                 for name, s in self._sums().items()}
@@ -183,6 +188,10 @@ class SaliencyAccumulator:
     def reset(self) -> None:
         self.sums.clear()
         self.steps = 0
+
+    def non_finite(self) -> list[str]:
+        """``"layer (saliency)"`` for every sum that holds NaN or inf."""
+        return [f"{name} (saliency)" for name, s in self.sums.items() if not bool(torch.isfinite(s).all())]
 
     def state_dict(self) -> dict:
         return {"steps": self.steps, "sums": {name: s.cpu() for name, s in self.sums.items()}}

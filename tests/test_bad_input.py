@@ -8,6 +8,7 @@ after. New public arguments join the table when they are added.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from pathlib import Path
 
@@ -158,6 +159,29 @@ def _corrupt_masks(model):
     return {t.name: {"shape": list(t.weight.shape), "bits": pack_mask(torch.ones_like(t.weight, dtype=torch.bool))[:-3]}}
 
 
+def _spoiled_hf_folder(how):
+    import tempfile
+
+    global _SPOILED
+    _SPOILED = tempfile.TemporaryDirectory()  # removed when replaced or at exit
+    folder = Path(_SPOILED.name) / "hf"
+    tiny_llama().save_pretrained(folder)
+    if how == "truncate":
+        weights = folder / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
+    else:
+        (folder / "config.json").write_text("{not json")
+    return str(folder)
+
+
+def _empty_corpus_setup():
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "notes.rst").write_text("text in a suffix that is not read")
+        TextDataModule(sources=folder, block_size=4).setup("fit")
+
+
 def _pattern(value):
     problems = Problems()
     check_pattern(problems, value, "sparsity", 0.5)
@@ -207,6 +231,27 @@ CASES = [
     ("wanda-cb-seqlen", lambda m: WandaPruningCallback(0.5, seqlen=0), ValueError, r"seqlen must be a positive integer, got 0"),
     ("magnitude-cb-include", lambda m: MagnitudePruningCallback(0.5, include=3.0), TypeError, r"include must be None"),
     ("sparsegpt-cb-blocksize", lambda m: SparseGPTPruningCallback(0.5, blocksize=0), ValueError, r"blocksize must be a positive int, got 0"),
+    # issue 22 item 6: options the chosen mode does not use are checked too, and combinations that cannot work
+    ("gradual-unused-owl-lambda", lambda m: GradualPruningCallback(0.5, owl_lambda=float("inf")), ValueError,
+     r"owl_lambda must be a finite number >= 0 and <= 0.5, got inf"),
+    ("gradual-unused-nsamples", lambda m: GradualPruningCallback(0.5, nsamples=0), ValueError, r"nsamples must be a positive integer, got 0"),
+    ("gradual-unused-seqlen", lambda m: GradualPruningCallback(0.5, seqlen="128"), ValueError, r"seqlen must be a positive integer, got '128'"),
+    ("gradual-calibration-nm", lambda m: GradualPruningCallback(0.5, scorer="wanda", statistics="calibration", pattern="2:4"),
+     ValueError, r"statistics='calibration' supports pattern 'unstructured' only, got pattern='2:4'"),
+    ("oneshot-unused-owl-lambda", lambda m: prune_oneshot(m, "wanda", 0.6, calibration=calib(), owl_lambda=float("inf")),
+     ValueError, r"owl_lambda must be a finite number >= 0 and <= 0.5, got inf"),
+    ("oneshot-unused-owl-m", lambda m: prune_oneshot(m, "wanda", 0.6, calibration=calib(), owl_m=-1), ValueError,
+     r"owl_m must be a finite number > 0, got -1"),
+    ("oneshot-cb-unused-owl-lambda", lambda m: WandaPruningCallback(0.5, owl_lambda=float("nan")), ValueError,
+     r"owl_lambda must be a finite number >= 0 and <= 0.5, got nan"),
+    ("structured-near-zero-eps-nan", lambda m: _prune_structured(m, mlp=0.25, metric="l2", near_zero_eps=float("nan")),
+     ValueError, r"near_zero_eps must be a finite number >= 0, got nan"),
+    ("lm-truncated-weights", lambda m: PrunableLM(model=_spoiled_hf_folder("truncate")), ValueError,
+     r"model='.*hf': the Hugging Face model in this directory \(config.json, weights \['model.safetensors'\]\) cannot be "
+     r"loaded: SafetensorError"),
+    ("lm-corrupt-config", lambda m: PrunableLM(model=_spoiled_hf_folder("config")), ValueError,
+     r"model='.*hf': the Hugging Face model in this directory \(config.json, weights \['model.safetensors'\]\) cannot be "
+     r"loaded: OSError: .*config.json"),
     # PrunableLM, Distillation, TextDataModule, loading
     ("lm-learning-rate-bool", lambda m: PrunableLM(model=dict(TINY_LLAMA), vocab_size=128, learning_rate=True), TypeError, r"learning_rate must be a finite number > 0, got True \(bool\)"),
     ("lm-learning-rate-inf", lambda m: PrunableLM(model=dict(TINY_LLAMA), vocab_size=128, learning_rate=float("inf")), ValueError, r"learning_rate must be a finite number > 0, got inf"),
@@ -225,6 +270,8 @@ CASES = [
     ("data-tokenizer-missing", lambda m: TextDataModule(tokenizer=MISSING), ValueError, r"tokenizer='/no/such/dir/model': no such local directory or file; allowed: 'bytes'"),
     ("data-block-size", lambda m: TextDataModule(block_size=0), ValueError, r"block_size must be a positive integer \(>= 1\), got 0"),
     ("data-val-fraction", lambda m: TextDataModule(val_fraction=float("nan")), ValueError, r"val_fraction must be in \(0, 1\)"),
+    ("data-no-documents", lambda m: _empty_corpus_setup(), ValueError,
+     r"contain no documents: a directory is read for files ending in \['.py', '.txt', '.md', '.jsonl', '.json'\]"),
 ]
 
 
@@ -452,3 +499,581 @@ def test_prune_follows_the_same_rule_for_earlier_masks_and_bad_weights():
         meta = tiny_llama()
     with pytest.raises(ValueError, match="weights on the meta device"):
         prune(meta, 0.5)
+
+
+# == issue 22: nothing lost ========================================================================================
+# Every public entry point checks everything before the first change and, when it fails, leaves the model, the
+# masks and the files on disk as they were.
+import gradprune as gp  # noqa: E402
+from gradprune.exports import COMPRESSED_FILE, ExportError  # noqa: E402
+
+
+def files_of(directory):
+    """Every file under ``directory`` (relative path -> bytes), for "nothing on disk changed"."""
+    directory = Path(directory)
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def _other_model(seed=1):
+    model = tiny_llama(seed=seed)
+    prune(model, 0.6)
+    return model
+
+
+def _hf_folder(path):
+    tiny_llama(seed=3).save_pretrained(path)  # an unrelated Hugging Face model, not a gradprune export
+    return path
+
+
+# (id, prepare(tmp_path) -> out_dir, call(out_dir), exception, match). The folder's files are compared before
+# and after, and a gradprune export there must still load.
+EXPORT_CASES = [
+    ("export-tokenizer-str", lambda p: gp.export(_other_model(), p / "d", format="compressed"),
+     lambda d: gp.export(_other_model(2), d, tokenizer="bytes"), TypeError,
+     r"tokenizer must be None or a tokenizer with save_pretrained .* got 'bytes' \(str\)"),
+    ("export-recipe-list", lambda p: gp.export(_other_model(), p / "d"),
+     lambda d: gp.export(_other_model(2), d, format="compressed", recipe=["wanda"]), TypeError,
+     r"recipe must be None or a dict, got \['wanda'\] \(list\)"),
+    ("export-overwrite-str", lambda p: gp.export(_other_model(), p / "d"),
+     lambda d: gp.export(_other_model(2), d, overwrite="yes"), TypeError, r"overwrite must be True or False, got 'yes'"),
+    ("export-into-hf-model", lambda p: _hf_folder(p / "hf"),
+     lambda d: gp.export(_other_model(2), d), ValueError,
+     r"out_dir='.*hf' holds files that are not a gradprune export \(a Hugging Face model\): \['config.json', "
+     r"'generation_config.json', 'model.safetensors'\]; .* overwrite=True"),
+]
+
+
+@pytest.mark.parametrize("prepare, call, error, match", [c[1:] for c in EXPORT_CASES], ids=[c[0] for c in EXPORT_CASES])
+def test_exports_refuse_bad_input_and_keep_the_folder(tmp_path, prepare, call, error, match):
+    out = Path(prepare(tmp_path))
+    before = files_of(out)
+    with pytest.raises(error, match=match):
+        call(out)
+    assert files_of(out) == before
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name]  # no temporary folder left beside it
+    if (out / "gradprune.json").exists():
+        gp.load(out)
+
+
+def test_overwrite_replaces_an_unrelated_folder_whole(tmp_path):
+    out = _hf_folder(tmp_path / "hf")
+    (out / "notes.txt").write_text("x")
+    model = _other_model()
+    gp.export(model, out, format="compressed", overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "gradprune.json", COMPRESSED_FILE]
+    assert torch.equal(gp.load(out).lm_head.weight, model.lm_head.weight)
+
+
+def test_a_new_export_leaves_no_file_of_the_previous_one(tmp_path):
+    from gradprune.tokenizer import byte_tokenizer
+
+    out = gp.export(_other_model(), tmp_path / "d", tokenizer=byte_tokenizer())
+    assert (out / "tokenizer.json").exists()
+    (out / "model-00001-of-00002.safetensors").write_bytes(b"shard")  # as a sharded save_pretrained leaves
+    gp.export(_other_model(2), out, format="compressed")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "gradprune.json", COMPRESSED_FILE]
+
+
+def _fail_midway(path_arg):
+    """A writer that writes half a file, then fails as a full disk does."""
+    def write(*args, **kwargs):
+        path = Path(path_arg(*args, **kwargs))
+        (path / "model.safetensors" if path.is_dir() else path).write_bytes(b"half a file")
+        raise OSError(28, "No space left on device")
+    return write
+
+
+@pytest.mark.parametrize("first, second", [("compressed", "dense"), ("dense", "compressed"), ("dense", "structured"),
+                                           ("structured", "compressed")])
+def test_an_export_interrupted_midway_keeps_the_previous_one(tmp_path, monkeypatch, first, second):
+    import safetensors.torch
+    from transformers import PreTrainedModel
+
+    model = _other_model()
+    out = gp.export(model, tmp_path / "d", format=first)
+    before = files_of(out)
+    monkeypatch.setattr(safetensors.torch, "save_file", _fail_midway(lambda tensors, path, **k: path))
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", _fail_midway(lambda self, path, **k: path))
+    with pytest.raises(OSError, match="No space left on device"):
+        gp.export(_other_model(2), out, format=second)
+    assert files_of(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+    monkeypatch.undo()
+    assert torch.equal(gp.load(out).model.layers[0].mlp.up_proj.weight, model.model.layers[0].mlp.up_proj.weight)
+
+
+def test_a_failed_export_into_a_new_folder_leaves_nothing(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    monkeypatch.setattr(safetensors.torch, "save_file", _fail_midway(lambda tensors, path, **k: path))
+    with pytest.raises(OSError, match="No space left on device"):
+        gp.export(_other_model(), tmp_path / "a" / "b" / "d", format="compressed")
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- item 7: a load that fails names the file, what was expected and what was found ----------------------------------
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _edit_config(directory, **changes):
+    config = json.loads((directory / "config.json").read_text())
+    config.update(changes)
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+LOAD_CASES = [
+    ("load-a-file", lambda d: d / "gradprune.json", ExportError, r"'.*gradprune.json' is a file; an export is a directory"),
+    ("load-truncated-dense", lambda d: _truncate(d / "model.safetensors") or d, ExportError,
+     r"cannot load the weights in .*d/model.safetensors into the model that .*config.json describes \(llama\): "),
+    ("load-corrupt-config", lambda d: (d / "config.json").write_text("{not json") and d, ExportError,
+     r"d/config.json cannot be read as a Hugging Face model config"),
+    ("load-other-width", lambda d: _edit_config(d, hidden_size=64) or d, ExportError,
+     r"cannot load the weights in .*model.safetensors .*: weights whose shapes do not fit the config"),
+    ("load-not-a-path", lambda d: 5, TypeError, r"directory must be an export directory path \(str or os.PathLike\), got 5"),
+]
+
+
+@pytest.mark.parametrize("spoil, error, match", [c[1:] for c in LOAD_CASES], ids=[c[0] for c in LOAD_CASES])
+def test_a_load_that_fails_names_the_file(tmp_path, spoil, error, match):
+    out = gp.export(_other_model(), tmp_path / "d")
+    with pytest.raises(error, match=match) as info:
+        gp.load(spoil(out))
+    assert "ignore_mismatched_sizes" not in str(info.value)
+
+
+# -- item 3: non-finite values are refused before the first change -------------------------------------------------
+def _overflowing():
+    """Finite weights whose block 0 makes inf activations: block 1's statistics are not finite."""
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.fill_(3e38)
+        model.model.layers[0].mlp.up_proj.weight.mul_(100)
+    return model
+
+
+def _prune_structured(model, **kwargs):
+    from gradprune.structured import prune_structured
+
+    return prune_structured(model, calib(), progress=False, **kwargs)
+
+
+NON_FINITE = r"non-finite \(NaN or inf\) activation statistics in \['model.layers.1.self_attn.q_proj \(sum of squared inputs\)'"
+NON_FINITE_CASES = [
+    ("wanda-sequential", lambda m: prune_oneshot(m, "wanda", 0.5, calibration=calib(), progress=False), NON_FINITE),
+    ("ria-sequential", lambda m: prune_oneshot(m, "ria", 0.5, calibration=calib(), progress=False), NON_FINITE),
+    ("sparsegpt-sequential", lambda m: prune_oneshot(m, "sparsegpt", 0.5, calibration=calib(), progress=False),
+     r"non-finite \(NaN or inf\) activation statistics in \['model.layers.1.self_attn.q_proj \(X\^T X\)'"),
+    ("wanda-owl", lambda m: prune_oneshot(m, "wanda", 0.5, calibration=calib(), allocation="owl", progress=False),
+     r"OWL calibration: non-finite \(NaN or inf\) activation statistics in \['model.layers.1"),
+    ("wanda-whole-model", lambda m: prune_oneshot(m, "wanda", 0.5, calibration=calib(), sequential=False, progress=False),
+     r"wanda calibration: non-finite .* in \['model.layers.1"),
+    ("structured-mlp", lambda m: _prune_structured(m, mlp=0.25),
+     r"prune_structured: non-finite \(NaN or inf\) calibration statistics in \['layer 1 mlp: input \(sum of squared"),
+    ("structured-layers", lambda m: _prune_structured(m, layers=1), r"prune_structured: non-finite .* block influence"),
+]
+
+
+@pytest.mark.parametrize("call, match", [c[1:] for c in NON_FINITE_CASES], ids=[c[0] for c in NON_FINITE_CASES])
+def test_non_finite_activations_are_refused_with_nothing_changed(call, match):
+    model = _overflowing()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        call(model)
+    assert_unchanged(model, before)
+
+
+def test_prune_structured_refuses_non_finite_weights_before_calibrating():
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"non-finite \(NaN or inf\) weights in \['model.layers.1.mlp.up_proj.weight'\]"):
+        _prune_structured(model, mlp=0.25)
+    assert_unchanged(model, before)
+    assert model.config.intermediate_size == 64
+
+
+def test_a_gradual_event_with_non_finite_weights_prunes_nothing(tmp_path):
+    from lightning.pytorch.callbacks import Callback
+
+    from lightning_helpers import tiny_module, token_loader, trainer
+
+    class Spoil(Callback):  # a diverged weight just before the event of step 3
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 3:
+                self.masks = {k: v.clone() for k, v in MaskRegistry.of(pl_module).masks.items()}
+                with torch.no_grad():
+                    pl_module.model.model.layers[1].mlp.up_proj.weight[0, 0] = float("inf")
+
+    spoil = Spoil()
+    module = tiny_module()
+    gradual = GradualPruningCallback(0.6, start_step=1, end_step=6, every=1)
+    with pytest.raises(ValueError, match=r"pruning event at step 3: non-finite \(NaN or inf\) values in "
+                                         r"\['model.model.layers.1.mlp.up_proj \(weights\)'\]; nothing was pruned"):
+        trainer(tmp_path, max_steps=6, callbacks=[spoil, gradual]).fit(module, token_loader())
+    now = MaskRegistry.of(module).masks
+    assert spoil.masks and set(now) == set(spoil.masks) and all(torch.equal(now[k], spoil.masks[k]) for k in now)
+
+
+def test_a_gradual_window_with_non_finite_activations_prunes_nothing(tmp_path):
+    from lightning_helpers import tiny_module, token_loader, trainer
+
+    module = tiny_module()
+    with torch.no_grad():
+        module.model.model.layers[0].mlp.down_proj.weight.fill_(3e38)
+        module.model.model.layers[0].mlp.up_proj.weight.mul_(100)
+    for param in module.parameters():  # the targets stay finite: only the statistics are not
+        param.requires_grad_(False)
+    module.model.model.norm.weight.requires_grad_(True)
+    gradual = GradualPruningCallback(0.5, scorer="wanda", start_step=1, end_step=4, every=1, stat_batches=1)
+    with pytest.raises(ValueError, match=r"pruning event at step 2: non-finite \(NaN or inf\) values in "
+                                         r"\['model.model.layers.1.self_attn.q_proj \(sum_sq\)'"):
+        trainer(tmp_path, max_steps=4, callbacks=[gradual]).fit(module, token_loader())
+    assert not MaskRegistry.of(module).masks
+
+
+# -- item 2: the masks come back on every resume ------------------------------------------------------------------
+def _resume(tmp_path, ckpt, callback, max_steps=8):
+    from lightning.pytorch.callbacks import Callback
+
+    from lightning_helpers import tiny_module, token_loader, trainer
+
+    class AtTrainStart(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if not hasattr(self, "masks"):
+                self.masks = {k: v.clone() for k, v in MaskRegistry.of(pl_module).masks.items()}
+
+    seen = AtTrainStart()
+    module = tiny_module()
+    trainer(tmp_path, max_steps=max_steps, callbacks=[seen, callback]).fit(module, token_loader(), ckpt_path=str(ckpt))
+    return module, seen.masks
+
+
+def _saved_masks(ckpt):
+    from gradprune.masks import unpack_mask
+
+    state = torch.load(ckpt, weights_only=False)
+    (key,) = [k for k in state["callbacks"] if k.startswith("GradualPruningCallback")]
+    return {name: unpack_mask(e["bits"], e["shape"]) for name, e in state["callbacks"][key]["masks"].items()}
+
+
+@pytest.mark.parametrize("callback", [
+    lambda: GradualPruningCallback(0.7, start_step=1, end_step=8, every=1),
+    lambda: GradualPruningCallback(0.6, start_step=1, end_step=10, every=1),
+    lambda: GradualPruningCallback(0.6, schedule="linear", start_step=1, end_step=8, every=1),
+    lambda: GradualPruningCallback(0.6, include=r".*_proj", start_step=1, end_step=8, every=1),
+    lambda: MagnitudePruningCallback(0.6),
+], ids=["final-sparsity", "end-step", "schedule", "include", "other-class"])
+def test_a_resume_with_changed_arguments_keeps_the_checkpoints_masks(tmp_path, callback):
+    ckpt = _checkpointed_run(tmp_path)
+    saved = _saved_masks(ckpt)
+    module, at_start = _resume(tmp_path / "r", ckpt, callback())
+    assert set(at_start) == set(saved)  # restored (and, for a one-shot callback, pruned further at fit start)
+    assert all(not (~saved[k] & at_start[k]).any() for k in saved)
+    final = MaskRegistry.of(module)
+    for name, keep in saved.items():  # nothing pruned at the checkpoint trained back
+        assert not (~keep & final.masks[name]).any()
+        assert (final.targets[name].weight[~keep] == 0).all()
+
+
+def test_a_resume_whose_schedule_cannot_continue_is_refused_naming_both_values(tmp_path):
+    ckpt = _checkpointed_run(tmp_path)
+    with pytest.raises(ValueError, match=r"final_sparsity=0.1 is below the sparsity of the masks restored from checkpoint "
+                                         r"'.*step=4.ckpt' \(0\.\d{4} of this callback's targets\).*set final_sparsity >= 0\.\d{4}"):
+        _resume(tmp_path / "r", ckpt, GradualPruningCallback(0.1, start_step=1, end_step=8, every=1))
+
+
+def test_a_resume_with_another_scorer_starts_a_fresh_window(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_helpers import tiny_module, token_loader, trainer
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1, filename="{step}")
+    taylor = GradualPruningCallback(0.5, scorer="taylor", start_step=2, end_step=8, every=4, stat_batches=2)
+    trainer(tmp_path, max_steps=3, callbacks=[taylor, checkpoint], enable_checkpointing=True).fit(tiny_module(), token_loader())
+    with LogRecords("gradprune.callbacks.gradual") as logs:
+        module, _ = _resume(tmp_path / "r", tmp_path / "ckpt" / "step=3.ckpt",
+                            GradualPruningCallback(0.5, scorer="wanda", start_step=2, end_step=8, every=4, stat_batches=2))
+    assert "does not fit scorer 'wanda'" in logs.text() and "starts afresh" in logs.text()
+    assert MaskRegistry.of(module).sparsity(find_targets(module)) == pytest.approx(0.5, abs=1e-3)
+
+
+# -- the injected-failure test: each entry point fails at its last step and nothing has changed -------------------
+class Injected(RuntimeError):
+    pass
+
+
+def _fail_after(monkeypatch, owner, name, when):
+    """Wrap ``owner.name`` so that it does its work and then raises :class:`Injected` on the call where
+    ``when(call_number)`` is true; returns the list of call numbers seen."""
+    real = getattr(owner, name)
+    calls = []
+
+    def wrapper(*args, **kwargs):
+        result = real(*args, **kwargs)
+        calls.append(len(calls) + 1)
+        if when(len(calls)):
+            raise Injected(f"injected failure after {name} call {len(calls)}")
+        return result
+
+    monkeypatch.setattr(owner, name, wrapper)
+    return calls
+
+
+def _structured_module():
+    import gradprune.structured.prune as module
+
+    return module
+
+
+ONESHOT_LAST_STEP = [
+    ("magnitude", lambda m: prune_oneshot(m, "magnitude", 0.6)),
+    ("wanda", lambda m: prune_oneshot(m, "wanda", 0.6, calibration=calib(), progress=False)),
+    ("sparsegpt", lambda m: prune_oneshot(m, "sparsegpt", 0.6, calibration=calib(), progress=False)),
+    ("ria", lambda m: prune_oneshot(m, "ria", 0.6, calibration=calib(), progress=False)),
+    ("wanda-owl-whole-model", lambda m: prune_oneshot(m, "wanda", 0.6, calibration=calib(), sequential=False,
+                                                      allocation="owl", progress=False)),
+]
+
+
+@pytest.mark.parametrize("call", [c[1] for c in ONESHOT_LAST_STEP], ids=[c[0] for c in ONESHOT_LAST_STEP])
+def test_prune_oneshot_failing_at_its_last_step_changes_nothing(monkeypatch, call):
+    counted = _fail_after(monkeypatch, MaskRegistry, "update", lambda n: False)
+    dry = tiny_llama()
+    prune_oneshot(dry, "magnitude", 0.3, scope="row")
+    counted.clear()
+    call(dry)
+    last = len(counted)  # the number of mask updates of a whole run: the last one fails below
+    monkeypatch.undo()
+    model = tiny_llama()
+    prune_oneshot(model, "magnitude", 0.3, scope="row")  # earlier masks, restored too
+    before = snapshot(model)
+    _fail_after(monkeypatch, MaskRegistry, "update", lambda n: n == last)
+    with pytest.raises(Injected):
+        call(model)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("kwargs", [dict(mlp=0.25, heads=2, layers=1), dict(mlp=0.25, scope="global")], ids=["layer", "global"])
+def test_prune_structured_failing_at_its_last_step_changes_nothing(monkeypatch, kwargs):
+    model = tiny_llama(layers=3)
+    prune(model, 0.3)
+    before = snapshot(model)
+    config = model.config.to_dict()
+    ids = calib()[0]
+    logits = model(ids).logits
+    _fail_after(monkeypatch, _structured_module(), "parameter_count", lambda n: n == 2)  # the report's, after removal
+    with pytest.raises(Injected):
+        _prune_structured(model, **kwargs)
+    assert_unchanged(model, before)
+    assert model.config.to_dict() == config and len(model.model.layers) == 3
+    assert torch.equal(model(ids).logits, logits)
+
+
+@pytest.mark.parametrize("scorer", ["magnitude", "sparsegpt"])
+def test_a_gradual_event_failing_at_its_last_step_changes_nothing(tmp_path, monkeypatch, scorer):
+    from lightning.pytorch.callbacks import Callback
+
+    from lightning_helpers import tiny_module, token_loader, trainer
+
+    class Arm(Callback):  # runs just before the gradual callback's event of step 3
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 3:
+                self.before = snapshot(pl_module)
+                self.armed = True
+
+    arm = Arm()
+    arm.armed = False
+    _fail_after(monkeypatch, MaskRegistry, "update", lambda n: arm.armed)
+    module = tiny_module()
+    gradual = GradualPruningCallback(0.6, scorer=scorer, start_step=1, end_step=6, every=1, stat_batches=1)
+    with pytest.raises(Injected):
+        trainer(tmp_path, max_steps=6, callbacks=[arm, gradual]).fit(module, token_loader())
+    assert_unchanged(module, arm.before)
+
+
+def test_a_resume_failing_at_its_last_step_restores_no_half_of_the_masks(tmp_path, monkeypatch):
+    ckpt = _checkpointed_run(tmp_path)
+    data = ckpt.read_bytes()
+    from lightning_helpers import tiny_module, token_loader, trainer
+
+    module = tiny_module()
+    _fail_after(monkeypatch, MaskRegistry, "apply_", lambda n: n == 1)  # the restore's zeroing, its last step
+    with pytest.raises(Injected):
+        trainer(tmp_path / "r", max_steps=8, callbacks=[GradualPruningCallback(0.6, start_step=1, end_step=8, every=1)]).fit(
+            module, token_loader(), ckpt_path=str(ckpt))
+    assert MaskRegistry.of(module).masks == {} and ckpt.read_bytes() == data
+
+
+@pytest.mark.parametrize("format", ["dense", "compressed", "structured"])
+def test_load_failing_at_its_last_step_returns_nothing_and_changes_no_file(tmp_path, monkeypatch, format):
+    from transformers import PreTrainedModel
+
+    out = gp.export(_other_model(), tmp_path / "d", format=format)
+    before = files_of(out)
+    real = PreTrainedModel.from_pretrained.__func__
+
+    def from_pretrained(cls, *args, **kwargs):
+        real(cls, *args, **kwargs)
+        raise Injected("injected failure after from_pretrained")
+
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(from_pretrained))
+    with pytest.raises((Injected, ExportError), match="injected failure after from_pretrained"):
+        gp.load(out)
+    assert files_of(out) == before
+
+
+# -- item 4: gp.load verifies the compressed file's content hashes -------------------------------------------------
+def _rewrite_compressed(directory, change):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = directory / COMPRESSED_FILE
+    with safe_open(str(path), framework="pt") as f:
+        metadata = dict(f.metadata())
+    tensors = load_file(path)
+    change(tensors, metadata)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def _swap_bits_of_a_byte(tensors, metadata):
+    """A bitmask byte with four bits set turned into its complement: the same count, other positions."""
+    bits = tensors[UP + "::bitmask"]
+    index = next(i for i, b in enumerate(bits.tolist()) if bin(b).count("1") == 4)
+    bits[index] = bits[index] ^ 0xFF
+
+
+def _nan_over_a_value(tensors, metadata):
+    tensors[UP + "::values"][3] = float("nan")
+
+
+def _redirect_tied(tensors, metadata):
+    metadata["gradprune.tied"] = json.dumps({"lm_head.weight": UP})
+
+
+UP = "model.layers.0.mlp.up_proj.weight"
+HASH_CASES = [
+    ("bitmask-byte", _swap_bits_of_a_byte, rf"tensor '{UP}' in .*{COMPRESSED_FILE} does not match its content hash"),
+    ("nan-value", _nan_over_a_value, rf"tensor '{UP}' in .* does not match its content hash"),
+    ("tied-redirected", _redirect_tied, r"tensor 'lm_head.weight' in .* does not match its content hash"),
+    ("shapes-edited", lambda t, m: m.__setitem__("gradprune.shapes", m["gradprune.shapes"].replace(" ", "  ")),
+     r"the gradprune metadata does not match its digest"),
+]
+
+
+@pytest.mark.parametrize("change, match", [c[1:] for c in HASH_CASES], ids=[c[0] for c in HASH_CASES])
+def test_load_verifies_the_content_hash_of_a_compressed_export(tmp_path, change, match):
+    model = tiny_llama(vocab=64)  # the embedding (and the tied head) has up_proj's shape
+    prune(model, 0.5)
+    out = gp.export(model, tmp_path / "c", format="compressed")
+    _rewrite_compressed(out, change)
+    with pytest.raises(ExportError, match=match):
+        gp.load(out)
+
+
+# -- item 7: a resume from a checkpoint that cannot be read or does not fit names the file; nothing is loaded -------
+def _deeper_checkpoint(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_helpers import token_loader, trainer
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "deep", every_n_train_steps=1, save_top_k=-1, filename="{step}")
+    deeper = PrunableLM(model={**TINY_LLAMA, "num_hidden_layers": 3}, vocab_size=128, warmup_steps=0)
+    trainer(tmp_path, max_steps=1, callbacks=[checkpoint], enable_checkpointing=True).fit(deeper, token_loader())
+    return tmp_path / "deep" / "step=1.ckpt"
+
+
+def _truncated_checkpoint(tmp_path):
+    ckpt = _checkpointed_run(tmp_path)
+    half = tmp_path / "half.ckpt"
+    half.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    return half
+
+
+def _foreign_checkpoint(tmp_path):
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"model": tiny_llama().state_dict()}, foreign)
+    return foreign
+
+
+def _wider_checkpoint(tmp_path):
+    ckpt = _checkpointed_run(tmp_path)
+    state = torch.load(ckpt, weights_only=False)
+    name = "model.model.layers.0.mlp.up_proj.weight"
+    state["state_dict"][name] = torch.zeros(96, 32)
+    wider = tmp_path / "wider.ckpt"
+    torch.save(state, wider)
+    return wider
+
+
+RESUME_CASES = [
+    ("deeper", _deeper_checkpoint, r"checkpoint '.*step=1.ckpt' does not fit this model \(LlamaForCausalLM.*weights this model lacks: "
+                                   r"\['model.model.layers.2.self_attn.q_proj.weight'"),
+    ("wider", _wider_checkpoint, r"checkpoint '.*wider.ckpt' does not fit this model .*shapes that differ: "
+                                 r"\['model.model.layers.0.mlp.up_proj.weight \(checkpoint \[96, 32\], model \[64, 32\]\)'\]"),
+]
+
+
+@pytest.mark.parametrize("make, match", [c[1:] for c in RESUME_CASES], ids=[c[0] for c in RESUME_CASES])
+def test_a_resume_from_a_checkpoint_that_does_not_fit_names_it_and_loads_nothing(tmp_path, make, match):
+    from lightning_helpers import tiny_module, token_loader, trainer
+
+    ckpt = make(tmp_path)
+    module = tiny_module(seed=5)
+    before = copy.deepcopy(module.state_dict())
+    with pytest.raises(ValueError, match=match):
+        trainer(tmp_path / "r", max_steps=8, callbacks=[GradualPruningCallback(0.6, start_step=1, end_step=8, every=1)]).fit(
+            module, token_loader(), ckpt_path=str(ckpt))
+    after = module.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("make, match", [
+    (_truncated_checkpoint, r"checkpoint '.*half.ckpt' cannot be read as a torch checkpoint \(truncated, or not one\)"),
+    (_foreign_checkpoint, r"checkpoint '.*foreign.ckpt' is not a Lightning checkpoint \(a dict with 'state_dict'\); found \['model'\]"),
+], ids=["truncated", "foreign"])
+def test_the_command_names_a_checkpoint_it_cannot_resume_from(tmp_path, capsys, make, match):
+    from gradprune.cli import main
+
+    ckpt = make(tmp_path)
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "trainer:\n  max_steps: 4\n  logger: false\n  enable_checkpointing: false\n"
+        "model:\n  model: {model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2,"
+        " num_attention_heads: 4, num_key_value_heads: 2}\ndata:\n  tokenizer: bytes\n"
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--ckpt_path", str(ckpt)])
+    assert exit_info.value.code == 2
+    import re
+
+    assert re.search(match, capsys.readouterr().err)
+
+
+def test_an_export_dir_that_the_export_at_fit_end_would_refuse_fails_before_training(tmp_path):
+    from lightning_helpers import tiny_module, token_loader, trainer
+
+    hf = _hf_folder(tmp_path / "hf")
+    before = files_of(hf)
+    module = tiny_module(export_dir=str(hf))
+    with pytest.raises(ValueError, match=r"export_dir='.*hf' holds files that are not a gradprune export \(a Hugging Face model\)"):
+        trainer(tmp_path, max_steps=2).fit(module, token_loader())
+    assert module.trainer.global_step == 0 and files_of(hf) == before
+
+
+def test_a_gradual_event_on_calibration_data_with_non_finite_activations_prunes_nothing(tmp_path):
+    from lightning_helpers import tiny_module, token_loader, trainer
+
+    module = tiny_module()
+    with torch.no_grad():
+        module.model.model.layers[0].mlp.down_proj.weight.fill_(3e38)
+        module.model.model.layers[0].mlp.up_proj.weight.mul_(100)
+    before = snapshot(module)
+    gradual = GradualPruningCallback(0.5, scorer="wanda", statistics="calibration", nsamples=4, seqlen=16,
+                                     initial_sparsity=0.2, start_step=0, end_step=4, every=1)  # an event before any step
+    with pytest.raises(ValueError, match=r"wanda calibration: non-finite \(NaN or inf\) activation statistics in "
+                                         r"\['model.model.layers.1.self_attn.q_proj \(sum of squared inputs\)'"):
+        trainer(tmp_path, max_steps=4, callbacks=[gradual]).fit(module, token_loader())
+    assert_unchanged(module, before)

@@ -86,6 +86,8 @@ class Method:
         score: how it scores a target (see ``ScoreFn``); used by the default ``prune``.
         prune: how it prunes a group of targets (see ``PruneFn``); None = :func:`prune_by_scores`.
         check: its own argument checks (see ``CheckFn``).
+        changes_weights: whether ``prune`` also rewrites kept weights (SparseGPT): the pipeline then keeps a
+            copy of the weights until it returns, to put back on failure.
     """
 
     name: str
@@ -94,6 +96,7 @@ class Method:
     score: Optional[ScoreFn] = None
     prune: Optional[PruneFn] = None
     check: CheckFn = no_checks
+    changes_weights: bool = False  # its prune also rewrites kept weights (SparseGPT), not only masks
 
     def __post_init__(self) -> None:
         if self.statistics not in STATISTICS:
@@ -119,9 +122,9 @@ class Method:
                              f"{self.name!r} does not collect; use wanda, ria or sparsegpt")
             if options.get("scope") == "global":
                 problems.add("allocation='owl' gives each layer its own budget: use scope 'layer' or 'row', not 'global'")
-            m = options["owl_m"]
-            if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 < m < float("inf"):
-                problems.add(f"owl_m must be a finite number > 0, got {m!r}")
+        m = options["owl_m"]  # checked whatever the allocation: an option is checked whether it is used or not
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 < m < float("inf"):
+            problems.add(f"owl_m must be a finite number > 0, got {m!r}")
         return options
 
     def hooks(self, targets: Sequence[Target], options: Mapping[str, Any]) -> ActivationHooks:

@@ -152,5 +152,5 @@ def _check(problems: Problems, options: Mapping[str, Any], nm: NM, pattern: str)
 
 SPARSEGPT = Method(
     "sparsegpt", statistics="hessian", options={"blocksize": 128, "percdamp": 0.01, "hessian_dtype": "float32"},
-    prune=prune_sparsegpt, check=_check,
+    prune=prune_sparsegpt, check=_check, changes_weights=True,
 )

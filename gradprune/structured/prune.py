@@ -28,9 +28,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..blocks import call_model, find_causal_lm
-from ..calibration import ActivationHooks, as_batches, count_tokens, eval_mode
+from ..calibration import ActivationHooks, as_batches, count_tokens, eval_mode, non_finite_statistics
 from ..targets import Target
-from ..validation import Problems, check_choice, is_int, is_number
+from ..validation import Problems, check_choice, check_weights_usable, is_int, is_number
 from . import metrics
 from .masking import mask_units_
 from .remove import Removal, apply_removal, check_removal, sizes
@@ -100,8 +100,8 @@ def check_metric_options(problems: Problems, metric: str, scope: str, metric_wei
     weights = _metric_weights(problems, metric_weights)
     if metric_weights is not None and metric != "combined":
         problems.add(f"metric_weights is only used by metric='combined', got metric={metric!r}")
-    if not is_number(near_zero_eps) or near_zero_eps < 0:
-        problems.add(f"near_zero_eps must be a number >= 0, got {near_zero_eps!r}")
+    if not is_number(near_zero_eps) or not math.isfinite(near_zero_eps) or near_zero_eps < 0:
+        problems.add(f"near_zero_eps must be a finite number >= 0, got {near_zero_eps!r}")
     return weights
 
 
@@ -246,6 +246,50 @@ def _mask_extra(model: nn.Module, units: Units, mlp_extra: dict, head_extra: dic
     return mask_units_(model, units, mlp_extra, head_extra)
 
 
+class _Undo:
+    """Puts a model back as it was on entry when the block it guards fails: every module's parameters,
+    submodules, buffers and plain attributes (the sizes), the config's attributes and the mask registry.
+    Replaced weights stay referenced until the block ends; with ``copy_values`` (weights zeroed in place) a
+    CPU copy of every parameter is kept too."""
+
+    _PLAIN = (int, float, str, bool, type(None), tuple)
+
+    def __init__(self, model: nn.Module, copy_values: bool = False) -> None:
+        self.model, self.copy_values = model, copy_values
+
+    def __enter__(self) -> "_Undo":
+        from ..masks import MaskRegistry
+
+        self.modules = [(m, dict(m._parameters), dict(m._modules), dict(m._buffers),
+                         {k: v for k, v in vars(m).items() if not k.startswith("_") and isinstance(v, self._PLAIN)})
+                        for m in self.model.modules()]
+        configs = {id(c): c for m in self.model.modules() if (c := getattr(m, "config", None)) is not None and hasattr(c, "__dict__")}
+        self.configs = [(c, dict(vars(c))) for c in configs.values()]
+        self.registry = MaskRegistry.existing(self.model)
+        self.masks = None if self.registry is None else (dict(self.registry.masks), dict(self.registry.targets))
+        self.values = ([(p, p.detach().to("cpu", copy=True)) for p in self.model.parameters()] if self.copy_values else [])
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        if kind is not None:
+            for module, params, children, buffers, plain in self.modules:
+                for held, saved in ((module._parameters, params), (module._modules, children), (module._buffers, buffers)):
+                    held.clear()
+                    held.update(saved)
+                module.__dict__.update(plain)
+            for config, attributes in self.configs:
+                config.__dict__.clear()
+                config.__dict__.update(attributes)
+            if self.masks is not None:
+                self.registry.masks, self.registry.targets = self.masks
+                self.registry.version += 1
+            with torch.no_grad():
+                for param, saved in self.values:
+                    param.copy_(saved)
+            log.info("structured pruning failed; the model was put back as it was")
+        self.modules = self.configs = self.values = []
+
+
 def parameter_count(model: nn.Module) -> int:
     """Parameters of ``model``, tied tensors counted once."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
@@ -318,6 +362,7 @@ def prune_structured(
     elif calibration is None:
         problems.add("calibration data is required (an iterable of input_ids tensors or batch dicts), or statistics= "
                      "from gradprune.structured.unit_statistics")
+    check_weights_usable(problems, model)
     problems.raise_if_any()
     before_sizes, before_params = sizes(model), parameter_count(model)
 
@@ -327,6 +372,13 @@ def prune_structured(
                                      near_zero_eps, lm, reduce, progress)
     mlp_stats, head_stats, bi = statistics.mlp, statistics.heads, statistics.block_influence
     calibration_s = time.perf_counter() - t0
+    bad = [f"layer {i} {kind}: {entry}" for kind, per_layer in (("mlp", mlp_stats), ("heads", head_stats))
+           for i, stats in per_layer.items() for entry in non_finite_statistics({"input": stats})]
+    bad += [f"layer {i}: block influence {v}" for i, v in enumerate(bi) if not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"prune_structured: non-finite (NaN or inf) calibration statistics in {bad[:5]}"
+                         f"{' ...' if len(bad) > 5 else ''}: the activations overflowed or hold NaN (check the weights and "
+                         "the calibration data); units would be chosen by NaN scores, so nothing was removed")
 
     removal = Removal()
     if drop_layers:
@@ -352,38 +404,39 @@ def prune_structured(
                              f"scope='layer' or a smaller amount")
     check_removal(units, removal)
 
-    t0 = time.perf_counter()
-    apply_removal(model, removal, units)
-    masked_units = find_units(model) if (mlp_extra or head_extra) else None
-    renumber = {old: new for new, old in enumerate(b.index for b in kept)}
-    masked_mlp = int(sum(int(e.sum()) for e in mlp_extra.values()))
-    masked_heads = int(sum(int(e.sum()) for e in head_extra.values()))
-    if masked_units is not None:
-        _mask_extra(model, masked_units, {renumber[b]: e for b, e in mlp_extra.items()},
-                    {renumber[b]: e for b, e in head_extra.items()})
-    removal_s = time.perf_counter() - t0
+    with _Undo(model, copy_values=bool(mlp_extra or head_extra)):  # any failure below puts the model back
+        t0 = time.perf_counter()
+        apply_removal(model, removal, units)
+        masked_units = find_units(model) if (mlp_extra or head_extra) else None
+        renumber = {old: new for new, old in enumerate(b.index for b in kept)}
+        masked_mlp = int(sum(int(e.sum()) for e in mlp_extra.values()))
+        masked_heads = int(sum(int(e.sum()) for e in head_extra.values()))
+        if masked_units is not None:
+            _mask_extra(model, masked_units, {renumber[b]: e for b, e in mlp_extra.items()},
+                        {renumber[b]: e for b, e in head_extra.items()})
+        removal_s = time.perf_counter() - t0
 
-    after = sizes(model)
-    report = {
-        "removed": {
-            "mlp_per_layer": before_sizes["intermediate_size"] - after["intermediate_size"] if drop_neurons else 0,
-            "mlp_masked": masked_mlp,
-            "head_groups_per_layer": (before_sizes["num_key_value_heads"] or 0) - (after["num_key_value_heads"] or 0)
-            if drop_groups else 0,
-            "query_heads_per_layer": before_sizes["num_attention_heads"] - after["num_attention_heads"] if drop_groups else 0,
-            "heads_masked": masked_heads,
-            "layers": list(removal.layers),
-        },
-        "sizes_before": before_sizes,
-        "sizes_after": after,
-        "parameters_before": before_params,
-        "parameters_after": parameter_count(model),
-        "block_influence": list(bi),
-        "metric": metric,
-        "scope": scope,
-        "calibration": {"tokens": statistics.tokens},
-        "time": {"calibration_s": calibration_s, "removal_s": removal_s, "total_s": time.perf_counter() - start},
-    }
+        after = sizes(model)
+        report = {
+            "removed": {
+                "mlp_per_layer": before_sizes["intermediate_size"] - after["intermediate_size"] if drop_neurons else 0,
+                "mlp_masked": masked_mlp,
+                "head_groups_per_layer": (before_sizes["num_key_value_heads"] or 0) - (after["num_key_value_heads"] or 0)
+                if drop_groups else 0,
+                "query_heads_per_layer": before_sizes["num_attention_heads"] - after["num_attention_heads"] if drop_groups else 0,
+                "heads_masked": masked_heads,
+                "layers": list(removal.layers),
+            },
+            "sizes_before": before_sizes,
+            "sizes_after": after,
+            "parameters_before": before_params,
+            "parameters_after": parameter_count(model),
+            "block_influence": list(bi),
+            "metric": metric,
+            "scope": scope,
+            "calibration": {"tokens": statistics.tokens},
+            "time": {"calibration_s": calibration_s, "removal_s": removal_s, "total_s": time.perf_counter() - start},
+        }
     log.info("structured pruning: %s -> %s, parameters %d -> %d", before_sizes, after, before_params,
              report["parameters_after"])
     return report
