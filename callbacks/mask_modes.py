@@ -132,7 +132,7 @@ class LearnedMasks(MaskMode):
 
     def __init__(self, prior: Literal["masks", "sparsegpt", "wanda", "magnitude"] = "sparsegpt",
                  prior_strength: float = 3.0, temperature: Tuple[float, float] = (1.0, 0.1),
-                 logit_scale: Tuple[float, float] = (1.0, 10.0), logit_lr: float = 0.05, hard: bool = True,
+                 logit_scale: Tuple[float, float] = (3.0, 30.0), logit_lr: float = 0.05, hard: bool = True,
                  train_weights: bool = True, seed: int = 0) -> None:
         problems = Problems()
         if prior not in PRIORS:

@@ -276,3 +276,12 @@ def test_one_callbacks_help_by_its_short_name(capsys):
     assert info.value.code == 0
     out = capsys.readouterr().out
     assert "--trainer.callbacks.final_sparsity FINAL_SPARSITY" in out and "--trainer.callbacks.scorer" in out
+
+
+def test_learned_2of4_config_gives_the_gradual_callback_a_learned_masks_mode():
+    config = parse(ROOT / "configs" / "smollm2-learned-2of4-kd.yaml")
+    (gradual,) = [c for c in config.trainer.callbacks if c.class_path.endswith("GradualPruningCallback")]
+    assert gradual.init_args.pattern == "2:4" and gradual.init_args.final_sparsity == 0.5
+    assert gradual.init_args.mode.class_path == "gradprune.callbacks.LearnedMasks"
+    assert gradual.init_args.mode.init_args.prior == "sparsegpt"
+    assert tuple(gradual.init_args.mode.init_args.logit_scale) == (3.0, 30.0)

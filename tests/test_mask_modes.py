@@ -202,13 +202,17 @@ def test_resume_inside_the_learning_phase_is_bit_identical(tmp_path, make_mode):
     assert masks_a and all(torch.equal(masks_a[k], masks_b[k]) for k in masks_a)
 
 
-def test_two_ddp_processes_learn_identical_logits_and_masks(tmp_path):
-    class SaveLogits(SaveState):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if trainer.global_step == 3:
-                torch.save({k: v.detach().clone() for k, v in gradual.mode._logits.items()},
-                           self.directory / f"logits{trainer.global_rank}.pt")
+class SaveLogits(SaveState):
+    """Each rank's logits after optimizer step 3 (inside the learning phase), and its weights and masks at the end."""
 
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == 3:
+            (gradual,) = [c for c in trainer.callbacks if isinstance(c, GradualPruningCallback)]
+            torch.save({k: v.detach().clone() for k, v in gradual.mode._logits.items()},
+                       self.directory / f"logits{trainer.global_rank}.pt")
+
+
+def test_two_ddp_processes_learn_identical_logits_and_masks(tmp_path):
     gradual = GradualPruningCallback(0.5, pattern="2:4", schedule="constant", start_step=1, end_step=5, every=2,
                                      mode=LearnedMasks(prior="magnitude", logit_lr=0.5))
     ddp = trainer(tmp_path, max_steps=6, strategy="ddp_spawn", devices=2, use_distributed_sampler=False,
