@@ -183,6 +183,53 @@ def print_table(results: Path) -> None:
               f"{r['tokens']} | {r['wall_s']:.0f} | {step} | {r['peak_extra_rss_mb']:.0f} |")
 
 
+def summarize(records: list[dict]) -> list[dict]:
+    """Rows run with several seeds, grouped by row, target, pattern and steps (and for learned rows their
+    settings): mean and sample std of the held-out perplexity, and each train-time group's margin over the
+    best one-shot + KD group at the same target, in percent and in units of the larger of the two stds."""
+    groups: dict = {}
+    for r in records:
+        if r["row"] == "dense":
+            continue
+        ramp = ("every", "end_fraction", "schedule", "exponent", "initial_sparsity", "first_event_prunes", "stat_batches")
+        learned = ("prior_strength", "logit_scale", "temperature", "logit_lr")
+        keys = () if r["row"].startswith("oneshot") else ramp + (learned if r["row"].startswith("learned") else ())
+        extra = tuple(str(r.get(k)) for k in keys)
+        group = groups.setdefault((r["row"], r["sparsity_target"], r["pattern"], r["steps"], extra), {})
+        group[r.get("seed", 0)] = r  # a seed measured again: its latest record
+    summary = []
+    for (row, target, pattern, steps, _), by_seed in groups.items():
+        rs = list(by_seed.values())
+        ppl = [r["ppl"] for r in rs]
+        summary.append({"label": rs[0]["label"], "row": row, "target": target, "pattern": pattern, "steps": steps,
+                        "seeds": sorted(r.get("seed", 0) for r in rs), "mean": statistics.mean(ppl),
+                        "std": statistics.stdev(ppl) if len(ppl) > 1 else float("nan")})
+    for g in summary:
+        baselines = [b for b in summary if b["row"].startswith("oneshot") and b["row"].endswith("-kd")
+                     and (b["target"], b["pattern"], b["steps"]) == (g["target"], g["pattern"], g["steps"])]
+        if g["row"].startswith("oneshot") or not baselines:
+            continue
+        best = min(baselines, key=lambda b: b["mean"])
+        g["margin_pct"] = 100 * (best["mean"] - g["mean"]) / best["mean"]
+        g["margin_std"] = (best["mean"] - g["mean"]) / max(g["std"], best["std"])
+        g["baseline"] = best["label"]
+    return summary
+
+
+def print_summary(results: Path) -> None:
+    """Mean +/- std over seeds per row (rows with at least two seeds), and the margin over the best one-shot + KD."""
+    records = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    rows = [g for g in summarize(records) if len(g["seeds"]) > 1]
+    if not rows:
+        return
+    print("\n| run | target | steps | seeds | held-out ppl, mean +/- std | margin over the best one-shot + KD |")
+    print("|---|---|---|---|---|---|")
+    for g in rows:
+        margin = (f"{g['margin_pct']:+.1f}% ({g['margin_std']:+.1f} std)" if "margin_pct" in g else "-")
+        print(f"| {g['label']} | {g['target']:.0%} {g['pattern']} | {g['steps']} | {', '.join(map(str, g['seeds']))} | "
+              f"{g['mean']:.2f} +/- {g['std']:.2f} | {margin} |")
+
+
 def plot(results: Path, out: Path) -> None:
     """Held-out perplexity against sparsity, one marker per recorded row (the dense model as a line)."""
     try:
@@ -271,6 +318,7 @@ def main() -> None:
         parser.error(f"unknown rows {unknown}; choose from {list(known)} or 'all'")
     if not names:
         print_table(args.results)
+        print_summary(args.results)
         if args.plot is not None:
             plot(args.results, args.plot)
         return
@@ -292,6 +340,7 @@ def main() -> None:
             with args.results.open("a") as f:
                 f.write(json.dumps(record) + "\n")
     print_table(args.results)
+    print_summary(args.results)
     if args.plot is not None:
         plot(args.results, args.plot)
 
