@@ -1,0 +1,89 @@
+"""Benchmark: what a step of the learned and dynamic mask modes costs against a plain KD step, on SmolLM2-135M.
+
+    python scripts/bench_mask_modes.py --reps 3 --steps 6
+
+Every repetition runs the three set-ups one after another in this process (interleaved, so a slower spell of a
+shared machine hits all of them): PrunableLM with the dense teacher (KD, alpha 0.5, T 2) and
+
+- "plain KD": GradualPruningCallback at 2:4 with one event at step 0 (magnitude), then ordinary masked steps;
+- "learned": the same callback with mode=LearnedMasks(prior="magnitude") learning from step 0 to the last step (its freeze);
+- "dynamic": mode=DynamicMasks() with events every 2 steps (the magnitude scores, SR-STE decay).
+
+The median step time of each over the steps after the first two of every repetition (and before the last), and the ratio to plain KD,
+are printed as a table; with the peak resident memory of each set-up over its plain-KD run.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import statistics
+import warnings
+
+import lightning.pytorch as pl
+import torch
+
+from gradprune import PrunableLM, TextDataModule
+from gradprune.callbacks import DynamicMasks, GradualPruningCallback, LearnedMasks
+from gradprune.distill import Distillation
+from gradprune.models import load_causal_lm
+
+from benchtools import PeakRSS, StepTimer
+
+
+def callback(kind: str, steps: int) -> GradualPruningCallback:
+    common = dict(pattern="2:4", start_step=0, every=2)
+    if kind == "plain KD":
+        return GradualPruningCallback(0.5, schedule="constant", end_step=1, **common)
+    if kind == "learned":
+        return GradualPruningCallback(0.5, end_step=steps, mode=LearnedMasks(prior="magnitude"), **common)
+    return GradualPruningCallback(0.5, schedule="constant", end_step=steps, mode=DynamicMasks(), **common)
+
+
+def run(kind: str, dense, dm, steps: int) -> tuple[list[float], float]:
+    pl.seed_everything(0, verbose=False)
+    module = PrunableLM(model=copy.deepcopy(dense), learning_rate=5e-5, weight_decay=0.0, warmup_steps=0,
+                        distill=Distillation(alpha=0.5, temperature=2.0))
+    timer = StepTimer()
+    gradual = callback(kind, steps)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         limit_val_batches=0, gradient_clip_val=1.0, callbacks=[gradual, timer])
+    with PeakRSS() as memory:
+        trainer.fit(module, datamodule=dm)
+    return timer.times[2:-1], memory.extra_mb  # not the first two, nor the last (the freeze step)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    for name in ("lightning", "lightning.pytorch", "transformers", "gradprune"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    dense = load_causal_lm("smollm2")
+    dm = TextDataModule(sources="stdlib", tokenizer="smollm2", block_size=128, batch_size=4,
+                        max_train_tokens=args.steps * 4 * 128 * 2, max_val_tokens=2048, seed=0)
+    dm.setup("fit")
+    kinds = ("plain KD", "learned", "dynamic")
+    times = {k: [] for k in kinds}
+    memory = {k: [] for k in kinds}
+    for rep in range(args.reps):
+        for kind in kinds:
+            t, m = run(kind, dense, dm, args.steps)
+            times[kind] += t
+            memory[kind].append(m)
+            print(f"rep {rep} {kind}: median {statistics.median(t):.2f} s/step, peak extra RSS {m:.0f} MB", flush=True)
+    base = statistics.median(times["plain KD"])
+    print("\n| set-up | s / step (median) | x plain KD | peak extra RSS (MB, max over reps) |")
+    print("|---|---|---|---|")
+    for kind in kinds:
+        median = statistics.median(times[kind])
+        print(f"| {kind} | {median:.2f} | {median / base:.2f} | {max(memory[kind]):.0f} |")
+
+
+if __name__ == "__main__":
+    main()
