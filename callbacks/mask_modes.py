@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PRIORS = ("masks", "sparsegpt", "wanda", "magnitude")
+LOGIT_ADAM_EPS = 1e-12
 
 
 class MaskMode:
@@ -131,8 +132,8 @@ class LearnedMasks(MaskMode):
     """
 
     def __init__(self, prior: Literal["masks", "sparsegpt", "wanda", "magnitude"] = "sparsegpt",
-                 prior_strength: float = 3.0, temperature: Tuple[float, float] = (1.0, 0.1),
-                 logit_scale: Tuple[float, float] = (3.0, 30.0), logit_lr: float = 0.05, hard: bool = True,
+                 prior_strength: float = 3.0, temperature: Tuple[float, float] = (1.0, 0.5),
+                 logit_scale: Tuple[float, float] = (2.0, 6.0), logit_lr: float = 0.1, hard: bool = True,
                  train_weights: bool = True, seed: int = 0) -> None:
         problems = Problems()
         if prior not in PRIORS:
@@ -308,7 +309,9 @@ class LearnedMasks(MaskMode):
         if self._candidates is None:
             self._candidates = nm_candidates(n, m, device)
         self._logits = {name: value.detach().float().clone().requires_grad_(True) for name, value in logits.items()}
-        self._optimizer = torch.optim.Adam(list(self._logits.values()), lr=self.logit_lr)
+        # eps far below Adam's 1e-8: a logit's gradient is the loss gradient times a softmax slope, 1e-9 and
+        # less on an LLM, and an eps above it would freeze every logit
+        self._optimizer = torch.optim.Adam(list(self._logits.values()), lr=self.logit_lr, eps=LOGIT_ADAM_EPS)
         self._generator = torch.Generator(device=device)
         self._generator.manual_seed(self.seed)
         self._forward = MaskedForward(self._targets, self._masked_weight)

@@ -108,7 +108,7 @@ def test_learned_masks_are_exactly_n_m_at_every_event_and_held_after_the_freeze(
         assert (t.weight[~registry.masks[t.name]] == 0).all()
     assert "forward" not in gradual.targets[0].module.__dict__ and no_hooks_left(module)
     assert 0.0 < events.metrics[4]["masks/flip_rate"] < 1.0  # logits learned: some masks changed
-    assert events.metrics[2]["masks/temperature"] == pytest.approx(1.0 + (0.1 - 1.0) * 2 / 6)
+    assert events.metrics[2]["masks/temperature"] == pytest.approx(1.0 + (0.5 - 1.0) * 2 / 6)
 
 
 def test_prior_of_infinite_strength_with_frozen_weights_is_the_oneshot_model(tmp_path):
