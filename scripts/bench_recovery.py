@@ -175,6 +175,10 @@ def print_table(results: Path) -> None:
                  else f", {schedule} ({'power' if schedule == 'cubic' else 'rate'} {r['exponent']:g})")
         ramp = (f"{start} -> {r['sparsity_target']:.0%} by step {round(r['end_fraction'] * r['steps'])}, every {r['every']}{shape}"
                 if "gradual" in r["row"] else "-")
+        if r["row"].startswith(("learned", "dynamic")):
+            settings = (f", scale {r['logit_scale'][0]:g}->{r['logit_scale'][1]:g}, temperature {r['temperature'][0]:g}->"
+                        f"{r['temperature'][1]:g}, logit lr {r['logit_lr']:g}" if r["row"].startswith("learned") else "")
+            ramp = f"masks chosen by training to step {round(r['end_fraction'] * r['steps'])}, then frozen{settings}"
         ratio = f"{r['ppl'] / dense[-1]['ppl']:.2f}" if dense else ""
         step = "" if r["s_per_step"] is None else f"{r['s_per_step']:.2f}"
         target = "-" if r["row"] == "dense" else f"{r['sparsity_target']:.0%} {r['pattern']}"
