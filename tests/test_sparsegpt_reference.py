@@ -86,8 +86,8 @@ def test_prune_oneshot_runs_each_layer_through_the_reference_step(monkeypatch, p
     calls = []
     real = sparsegpt_module.sparsegpt_prune
 
-    def spy(weight, hessian, sparsity, nm=None, blocksize=128, percdamp=0.01, keep=None):
-        out = real(weight, hessian, sparsity, nm, blocksize, percdamp, keep)
+    def spy(weight, hessian, sparsity, nm=None, blocksize=128, percdamp=0.01, keep=None, **kwargs):
+        out = real(weight, hessian, sparsity, nm, blocksize, percdamp, keep, **kwargs)
         calls.append((weight.clone(), hessian.clone(), sparsity, nm, blocksize, percdamp, out))
         return out
 
@@ -106,3 +106,51 @@ def test_prune_oneshot_runs_each_layer_through_the_reference_step(monkeypatch, p
     pruned = sum(int((~k).sum()) for k in registry_masks)
     total = sum(k.numel() for k in registry_masks)
     assert pruned == total * (0.25 if pattern == "1:4" else 0.5)
+
+
+@pytest.mark.parametrize("n", [1, 7, 96])
+def test_inverse_factor_is_the_references_three_step_factor(n):
+    """One Cholesky of the reversed matrix and one triangular inverse give the reference's upper factor of
+    the damped inverse (Cholesky, cholesky_inverse, Cholesky again) to float64 rounding."""
+    from gradprune.methods.sparsegpt import inverse_hessian_factor
+    from sparsegpt_reference import reference_inverse_factor
+
+    x = torch.randn(3 * n + 5, n, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    h = 2 / x.shape[0] * x.t() @ x
+    ours = inverse_hessian_factor(h, 0.01)
+    torch.testing.assert_close(ours, reference_inverse_factor(h, 0.01, torch.float64), rtol=1e-10, atol=1e-12)
+    assert torch.equal(ours, ours.triu())
+    damped = h + 0.01 * h.diagonal().mean() * torch.eye(n, dtype=torch.float64)
+    torch.testing.assert_close(ours.t() @ ours @ damped, torch.eye(n, dtype=torch.float64), rtol=0, atol=1e-9)
+
+
+def test_layers_that_read_one_input_share_one_inverse(monkeypatch):
+    """q/k/v read one input and so do gate/up: one inverse each, four per LLaMA block (qkv, o, gate/up,
+    down), and the result is what separate inverses give."""
+    model = tiny_llama(layers=2, hidden=64, intermediate=128)
+    twin = tiny_llama(layers=2, hidden=64, intermediate=128)
+    ids = list(torch.randint(0, 128, (8, 48), generator=torch.Generator().manual_seed(2)).split(4))
+    prepared = []
+    real = sparsegpt_module.prepare_hessian
+    monkeypatch.setattr(sparsegpt_module, "prepare_hessian", lambda h, p: prepared.append(1) or real(h, p))
+    prune_oneshot(model, "sparsegpt", 0.5, "2:4", ids, progress=False)
+    assert len(prepared) == 8
+    monkeypatch.undo()
+    real_prune = sparsegpt_module.sparsegpt_prune
+    monkeypatch.setattr(sparsegpt_module, "sparsegpt_prune", lambda *a, prepared=None, **k: real_prune(*a, **k))
+    prune_oneshot(twin, "sparsegpt", 0.5, "2:4", ids, progress=False)
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_a_singular_hessian_gets_more_damping_with_a_warning(caplog):
+    from gradprune.methods.sparsegpt import inverse_hessian_factor
+
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    h = x.t() @ x  # rank 3 of 8: no Cholesky without damping
+    with caplog.at_level("WARNING"):
+        u = inverse_hessian_factor(h, 0.0)
+    assert "not positive definite" in caplog.text
+    assert bool(torch.isfinite(u).all()) and torch.equal(u, u.triu())
+    with pytest.raises(RuntimeError, match="not positive definite even with damping"):
+        inverse_hessian_factor(torch.full((4, 4), float("nan"), dtype=torch.float64), 0.01)
