@@ -154,3 +154,20 @@ def test_a_singular_hessian_gets_more_damping_with_a_warning(caplog):
     assert bool(torch.isfinite(u).all()) and torch.equal(u, u.triu())
     with pytest.raises(RuntimeError, match="not positive definite even with damping"):
         inverse_hessian_factor(torch.full((4, 4), float("nan"), dtype=torch.float64), 0.01)
+
+
+@pytest.mark.parametrize("nm", [(2, 4), (4, 8), (3, 4)])
+def test_n_m_ties_go_to_the_lower_column(nm):
+    """Equal scores in a group (equal weights, identity Hessian): the first N columns of each group go, the
+    rule of drop_lowest_per_row; weights an earlier mask pruned go first."""
+    rows, columns = 3, 16
+    weight = torch.ones(rows, columns)
+    new, keep = sparsegpt_prune(weight, torch.eye(columns), nm[0] / nm[1], nm, blocksize=8)
+    expected = (torch.arange(columns) % nm[1] >= nm[0]).expand(rows, -1)
+    assert torch.equal(keep, expected)
+    earlier = torch.ones(rows, columns, dtype=torch.bool)
+    earlier[:, nm[1] - 1] = False  # the last column of the first group was pruned before
+    _, keep = sparsegpt_prune(weight, torch.eye(columns), nm[0] / nm[1], nm, blocksize=8, keep=earlier)
+    assert not keep[:, nm[1] - 1].any()
+    assert torch.equal((~keep).reshape(rows, -1, nm[1]).sum(-1), torch.full((rows, columns // nm[1]), nm[0]))
+    assert torch.equal(keep[:, nm[1]:], expected[:, nm[1]:])

@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..calibration import HessianStats
-from ..selection import drop_lowest, drop_lowest_per_row, exact_count
+from ..selection import drop_lowest, exact_count
 from ..targets import Target
 from ..validation import Problems, check_choice, is_int
 from .base import HESSIAN_DTYPES, NM, Job, Method
@@ -119,7 +119,10 @@ def sparsegpt_prune(
         for i in range(i2 - i1):
             if nm is not None and i % nm[1] == 0:
                 group = slice(i, i + nm[1])
-                keep1[:, group] = drop_lowest_per_row(block_scores(W1[:, group], d[group], slice(i1 + i, i1 + i + nm[1])), nm[0])
+                # the N lowest of each row, ties to the lower column (drop_lowest_per_row's rule, by a stable
+                # sort: three small operations per group, as cheap as the unstructured path's one per block)
+                lowest = block_scores(W1[:, group], d[group], slice(i1 + i, i1 + i + nm[1])).sort(dim=1, stable=True).indices
+                keep1[:, group].scatter_(1, lowest[:, :nm[0]], False)
             w = W1[:, i]
             q = torch.where(keep1[:, i], w, 0.0)
             err = (w - q) / d[i]
