@@ -106,31 +106,36 @@ def sparsegpt_prune(
               [int((~keep_before[:, i:i + blocksize]).sum()) for i in range(0, columns, blocksize)])
     for b, i1 in enumerate(range(0, columns, blocksize)):
         i2 = min(i1 + blocksize, columns)
-        W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
+        # the block transposed, so that column i is the contiguous row W1[i] and the update of the columns after
+        # it is one contiguous rank-1 update: two operations per column
+        W1 = W[:, i1:i2].t().contiguous()
+        Err1 = torch.empty_like(W1)  # Err1[i]: column i's pruned weights over Hinv1[i, i], 0 where kept
         Hinv1 = hinv[i1:i2, i1:i2]
         d = Hinv1.diagonal()
         if nm is None:
             k = block_count(exact_count(sparsity, rows * i2) - done, before[b], total - done - sum(before[b + 1:]))
-            keep1 = drop_lowest(block_scores(W1, d, slice(i1, i2)), k)
+            pruned1 = ~drop_lowest(block_scores(W1.t(), d, slice(i1, i2)), k).t()
+            scale = pruned1 / d.unsqueeze(1)
         else:
-            keep1 = torch.ones_like(W1, dtype=torch.bool)
+            pruned1 = torch.zeros_like(W1, dtype=torch.bool)  # transposed too: pruned1[i] is column i
+            scale = torch.empty_like(W1)
+            inv_d2 = d.square().reciprocal().unsqueeze(1)
+            buffer = torch.empty(nm[1], rows, dtype=W.dtype, device=W.device)
         for i in range(i2 - i1):
             if nm is not None and i % nm[1] == 0:
+                # each row's N lowest w^2 / d^2 of the group, on the weights as updated so far, ties to the
+                # lower column (drop_lowest_per_row's rule, by a stable sort); earlier-pruned weights first
                 group = slice(i, i + nm[1])
-                # the N lowest of each row, ties to the lower column (drop_lowest_per_row's rule, by a stable
-                # sort: three small operations per group, as cheap as the unstructured path's one per block)
-                lowest = block_scores(W1[:, group], d[group], slice(i1 + i, i1 + i + nm[1])).sort(dim=1, stable=True).indices
-                keep1[:, group].scatter_(1, lowest[:, :nm[0]], False)
-            w = W1[:, i]
-            q = torch.where(keep1[:, i], w, 0.0)
-            err = (w - q) / d[i]
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
-            Q1[:, i] = q
-            Err1[:, i] = err
-        W[:, i1:i2] = Q1
-        W[:, i2:] -= Err1 @ hinv[i1:i2, i2:]
+                scores = torch.square(W1[group], out=buffer).mul_(inv_d2[group])
+                if keep_before is not None:
+                    scores.masked_fill_(~keep_before[:, i1 + i:i1 + i + nm[1]].t(), float("-inf"))
+                pruned1[group].scatter_(0, scores.sort(dim=0, stable=True).indices[:nm[0]], True)
+                torch.div(pruned1[group], d[group].unsqueeze(1), out=scale[group])
+            err = torch.mul(W1[i], scale[i], out=Err1[i])
+            W1[i:].addr_(Hinv1[i, i:], err, alpha=-1)  # W1[:, i:] -= err Hinv1[i, i:], in the transposed layout
+        keep1 = ~pruned1.t()
+        W[:, i1:i2] = W1.t().masked_fill(~keep1, 0.0)
+        W[:, i2:].addmm_(Err1.t(), hinv[i1:i2, i2:], alpha=-1)
         kept[:, i1:i2] = keep1
         done += keep1.numel() - int(keep1.count_nonzero())
     return W, kept
