@@ -5,6 +5,11 @@ calibration samples. Prints a markdown table (rows are also appended to --out as
 
     python scripts/bench_oneshot.py --nsamples 32 --seqlen 512 --eval-windows 16 --more-samples 128
 
+Calibration draws: ``--seeds 0 1 2`` repeats every calibrated configuration on the windows drawn with each seed
+(the seeds are interleaved, so a slow spell of a shared machine does not hit one draw only) and the table gives
+the mean and the spread (min..max) over the draws. ``--calib-seqlen`` sets the calibration windows' length
+apart from the evaluation windows' (``--seqlen``); ``--threads`` fixes torch's thread count.
+
 Data as in prune_oneshot.py, all from TextDataModule (stdlib, seed 0): calibration windows from
 calibration_batches over the first --calib-tokens training tokens, perplexity (gradprune.evaluate) on
 heldout_ids. The model is loaded once; before each configuration the dense weights are restored and the mask
@@ -42,32 +47,44 @@ def main(argv=None) -> None:
     p.add_argument("--eval-windows", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--calib-tokens", type=int, default=2_000_000, help="calibration windows come from the first N training tokens")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="calibration draw (ignored when --seeds is given)")
+    p.add_argument("--seeds", type=int, nargs="*", default=None, help="several calibration draws: mean and spread")
+    p.add_argument("--calib-seqlen", type=int, default=None, help="calibration window length (default: --seqlen)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--no-dense", action="store_true", help="skip the dense row")
     p.add_argument("--patterns", nargs="*", default=["unstructured", "2:4", "4:8"])
     p.add_argument("--methods", nargs="*", default=["magnitude", "wanda", "sparsegpt"])
     p.add_argument("--out", default="bench_oneshot.jsonl")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    seeds = args.seeds if args.seeds else [args.seed]
+    calib_seqlen = args.calib_seqlen or args.seqlen
 
     model = load_causal_lm(args.model)
     dense = {k: v.detach().clone() for k, v in model.state_dict().items()}
     data = TextDataModule(sources="stdlib", tokenizer=args.model, block_size=args.seqlen, seed=0,
-                          max_train_tokens=max(args.calib_tokens, args.seqlen), max_val_tokens=args.eval_windows * args.seqlen)
+                          max_train_tokens=max(args.calib_tokens, calib_seqlen), max_val_tokens=args.eval_windows * args.seqlen)
     heldout = data.heldout_ids()
-    windows = torch.cat(data.calibration_batches(max(args.nsamples, args.more_samples), args.seqlen, seed=args.seed))
+    draws = {seed: torch.cat(data.calibration_batches(max(args.nsamples, args.more_samples), calib_seqlen, seed=seed))
+             for seed in seeds}
     print(f"torch threads: {torch.get_num_threads()}, held-out tokens: {heldout.numel()}, model RSS {rss_mb():.0f} MB", flush=True)
 
-    configs = [("dense", "-", 0)]
+    configs = [] if args.no_dense else [("dense", "-", 0)]
     for pattern in args.patterns:
         configs += [(m, pattern, args.nsamples) for m in args.methods]
         if args.more_samples and pattern == "unstructured":  # early, so a stopped run still has it
             configs.append(("wanda", "unstructured", args.more_samples))
+    runs = [(c, seed) for seed in seeds for c in configs if seed == seeds[0] or c[0] not in ("dense", "magnitude")]
     rows = []
-    for method, pattern, nsamples in configs:
+    for (method, pattern, nsamples), seed in runs:
         model.load_state_dict(dense)
         MaskRegistry.of(model).clear()
-        row = {"method": method, "pattern": pattern, "nsamples": nsamples}
+        row = {"method": method, "pattern": pattern, "nsamples": nsamples, "seed": seed, "calib_seqlen": calib_seqlen,
+               "threads": torch.get_num_threads()}
         if method != "dense":
+            windows = draws[seed]
             calibration = list(windows[:nsamples].split(args.batch_size)) if method != "magnitude" else None
             with PeakRSS() as mem:
                 report = prune_oneshot(model, method, 0.5, pattern, calibration, progress=False)
@@ -81,15 +98,32 @@ def main(argv=None) -> None:
             f.write(json.dumps(row) + "\n")
 
     print()
-    print("| method | pattern | calib samples | held-out ppl | sparsity | prune wall time (s) | of which calibration (s) | peak RSS (MB) | extra RSS (MB) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(table(rows))
+
+
+def table(rows: list) -> str:
+    """Markdown table, one line per configuration: the mean over its calibration draws, with min..max when
+    there are several."""
+    def spread(values: list, fmt: str) -> str:
+        mean = sum(values) / len(values)
+        return format(mean, fmt) if len(values) == 1 else f"{mean:{fmt}} ({min(values):{fmt}}..{max(values):{fmt}})"
+
+    lines = ["| method | pattern | calib samples | draws | held-out ppl | sparsity | prune wall time (s) | of which "
+             "calibration (s) | of which pruning (s) | peak RSS (MB) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    groups: dict = {}
     for r in rows:
-        if r["method"] == "dense":
-            print(f"| dense | - | - | {r['perplexity']:.2f} | 0 | - | - | - | - |")
+        groups.setdefault((r["method"], r["pattern"], r["nsamples"]), []).append(r)
+    for (method, pattern, nsamples), rs in groups.items():
+        ppl = spread([r["perplexity"] for r in rs], ".3f")
+        if method == "dense":
+            lines.append(f"| dense | - | - | - | {ppl} | 0 | - | - | - | - |")
             continue
-        samples = r["nsamples"] if r["method"] != "magnitude" else "-"
-        print(f"| {r['method']} | {r['pattern']} | {samples} | {r['perplexity']:.2f} | {r['sparsity']:.3f} | "
-              f"{r['total_s']:.1f} | {r['calibration_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['extra_rss_mb']:.0f} |")
+        samples = nsamples if method != "magnitude" else "-"
+        lines.append(
+            f"| {method} | {pattern} | {samples} | {len(rs)} | {ppl} | {rs[0]['sparsity']:.3f} | "
+            f"{spread([r['total_s'] for r in rs], '.1f')} | {spread([r['calibration_s'] for r in rs], '.1f')} | "
+            f"{spread([r['pruning_s'] for r in rs], '.1f')} | {max(r['peak_rss_mb'] for r in rs):.0f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
