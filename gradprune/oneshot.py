@@ -31,11 +31,11 @@ from .methods import Job, Method, get_method
 from .methods.base import COMMON_OPTIONS, NM
 from .methods.owl import check_lambda, owl_target_counts
 from .report import sparsity_report
-from .sharding import local
-from .selection import validate_selection
+from .selection import check_existing_masks, validate_selection
+from .shards import local
 from .targets import Selector, Target, find_targets
-from .validation import (Problems, check_choice, check_existing_masks, check_number, check_pattern, check_selector,
-                         check_sparsity, check_weights_usable, is_int)
+from .validation import (Problems, check_choice, check_number, check_pattern, check_selector, check_sparsity,
+                         check_weights_usable, is_int)
 
 log = logging.getLogger(__name__)
 

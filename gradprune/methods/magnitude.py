@@ -6,13 +6,11 @@ from typing import Any
 
 import torch
 
+from ..selection import magnitude_scores
 from ..targets import Target
 from .base import Method
 
-
-def magnitude_scores(target: Target) -> torch.Tensor:
-    """|W|, shaped like the stored weight."""
-    return target.weight.detach().abs()
+__all__ = ["MAGNITUDE", "magnitude_scores"]
 
 
 def _score(target: Target, stats: Any) -> torch.Tensor:

@@ -11,7 +11,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..calibration import HessianStats
-from ..selection import drop_lowest, drop_lowest_per_row, exact_count
+from ..kselect import drop_lowest, drop_lowest_per_row
+from ..selection import exact_count
 from ..targets import Target
 from ..validation import Problems, check_choice, is_int
 from .base import HESSIAN_DTYPES, NM, Job, Method
