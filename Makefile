@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 BASE_STAMP := $(VENV)/.gradprune-base-installed
 STAMP := $(VENV)/.gradprune-installed
 
-.PHONY: demo test test-numerics install clean
+.PHONY: demo test test-numerics lint-imports install clean
 
 install: $(STAMP)
 
@@ -32,6 +32,10 @@ demo: $(BASE_STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The import layers stated in setup.cfg ([importlinter]) and the README's layout section.
+lint-imports: $(STAMP)
+	$(VENV)/bin/lint-imports
 
 # The tests marked `numerics` again, under torch's scalar CPU kernels (available on every CPU) and one thread:
 # float rounding then differs from the AVX2 / AVX-512 / ARM kernels a normal run uses, so a test that holds
