@@ -26,8 +26,7 @@ from .blocks import (
 )
 from .calibration import ActivationHooks, as_batches, check_statistics_finite, count_samples, count_tokens, eval_mode
 from .masks import MaskRegistry
-from .methods import METHODS as _REGISTRY
-from .methods import Job, Method, get_method
+from .methods import METHODS, Job, Method, get_method
 from .methods.base import COMMON_OPTIONS, NM
 from .methods.owl import check_lambda, owl_target_counts
 from .report import sparsity_report
@@ -39,7 +38,7 @@ from .validation import (Problems, check_choice, check_number, check_pattern, ch
 
 log = logging.getLogger(__name__)
 
-METHODS = tuple(_REGISTRY)  # the method names, in registry order
+# METHODS (imported above): the one-shot methods by name, a live view of the method table
 
 
 # -- checking: once, before anything changes ---------------------------------------------------------------

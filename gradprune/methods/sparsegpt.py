@@ -151,7 +151,16 @@ def _check(problems: Problems, options: Mapping[str, Any], nm: NM, pattern: str)
         problems.add(f"blocksize {blocksize} must be a multiple of M={nm[1]} for pattern {pattern!r}")
 
 
+def sparsegpt_train_prune(target: Target, hessian: torch.Tensor, count: int, keep: Optional[torch.Tensor]) -> tuple:
+    """The train-time rule: :func:`sparsegpt_prune` of one target to exactly ``count`` pruned weights
+    (monotone with ``keep``), from a training window's Hessian; (new weight, keep-mask), stored layout."""
+    # a count k is sparsity k / numel, which the exact rounding turns back into exactly k
+    weight, kept = sparsegpt_prune(target.out_in(target.weight), hessian, count / target.numel,
+                                   keep=None if keep is None else target.out_in(keep))
+    return target.stored(weight), target.stored(kept).contiguous()
+
+
 SPARSEGPT = Method(
     "sparsegpt", statistics="hessian", options={"blocksize": 128, "percdamp": 0.01, "hessian_dtype": "float32"},
-    prune=prune_sparsegpt, check=_check, changes_weights=True,
+    prune=prune_sparsegpt, check=_check, changes_weights=True, train_prune=sparsegpt_train_prune,
 )
