@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 BASE_STAMP := $(VENV)/.gradprune-base-installed
 STAMP := $(VENV)/.gradprune-installed
 
-.PHONY: demo test test-numerics lint-imports install clean
+.PHONY: demo test test-numerics lint-imports docs install clean
 
 install: $(STAMP)
 
@@ -33,6 +33,16 @@ demo: $(BASE_STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The documentation site (mkdocs.yml, docs/) into site/, strictly: a broken link or a reference to a missing
+# name fails. The docs extra comes from the package registry; the build itself fetches nothing.
+DOCS_STAMP := $(VENV)/.gradprune-docs-installed
+$(DOCS_STAMP): $(STAMP) setup.cfg
+	$(PY) -m pip install -e ".[docs]"
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	$(VENV)/bin/mkdocs build --strict
+
 # The import layers stated in setup.cfg ([importlinter]) and the README's layout section.
 lint-imports: $(STAMP)
 	$(VENV)/bin/lint-imports
@@ -46,4 +56,4 @@ test-numerics: $(STAMP)
 	ATEN_CPU_CAPABILITY=$(KERNELS) OMP_NUM_THREADS=$(THREADS) $(PY) -m pytest -q -m numerics
 
 clean:
-	rm -rf $(VENV) build *.egg-info lightning_logs
+	rm -rf $(VENV) build site *.egg-info lightning_logs

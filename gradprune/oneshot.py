@@ -378,8 +378,9 @@ def prune_oneshot(
         sequential: calibrate and prune one block at a time, each block seeing the outputs of the
             already-pruned blocks (the Wanda/SparseGPT reference protocol); False: one dense pass over the
             whole model, then prune everything (any architecture).
-        include, exclude: target selection, as in :func:`gradprune.find_targets`. In sequential mode the
+        include: target selection, as in :func:`gradprune.find_targets`. In sequential mode the
             default targets are the layers inside the block stack.
+        exclude: targets left out, as in :func:`gradprune.find_targets`.
         lm: what calibration batches are run through: None = ``model`` when its forward takes
             ``input_ids``, else the causal LM found inside it (:func:`gradprune.blocks.find_causal_lm`: the
             module owning the decoder blocks, or the one child with such a forward); or its dotted name
