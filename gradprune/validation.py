@@ -136,6 +136,22 @@ def check_number(problems: Problems, name: str, value: object, *, low: Optional[
     return True
 
 
+def options_dataclass(name: str, cls: type, value: object) -> object:
+    """An options argument given as an instance of the dataclass ``cls``, the dict of its fields (as saved in
+    a checkpoint's hyperparameters, so ``load_from_checkpoint`` rebuilds it), or None; returned as an instance
+    or None. ValueError for unknown keys, TypeError for anything else (each names ``name``)."""
+    if value is None or isinstance(value, cls):
+        return value
+    fields = sorted(cls.__dataclass_fields__)
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - set(fields))
+        if unknown:
+            raise ValueError(f"{name} has unknown keys {unknown}; allowed: {fields}")
+        return cls(**value)
+    raise TypeError(f"{name} must be a {cls.__module__}.{cls.__qualname__} or a dict of its fields, "
+                    f"got {type(value).__name__}")
+
+
 def check_bool(problems: Problems, name: str, value: object) -> None:
     if not isinstance(value, bool):
         problems.add(f"{name} must be True or False, got {value!r} ({type(value).__name__})", type_error=True)
