@@ -41,7 +41,7 @@ $(DOCS_STAMP): $(STAMP) setup.cfg
 	touch $(DOCS_STAMP)
 
 docs: $(DOCS_STAMP)
-	$(VENV)/bin/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 # The import layers stated in setup.cfg ([importlinter]) and the README's layout section.
 lint-imports: $(STAMP)

@@ -1,7 +1,9 @@
 """gradprune: train-time pruning for PyTorch and Hugging Face models with Lightning.
 
-The core (targets, schedules, mask selection, the mask registry, reports) is pure torch; the Lightning
-pieces live in :mod:`gradprune.callbacks` and the LightningModule / DataModule modules.
+The core (targets, schedules, mask selection, the mask registry, reports, the pruning methods) needs only
+torch; the pipelines around it also use transformers (finding and rebuilding models) and safetensors
+(exports). The Lightning pieces live in :mod:`gradprune.callbacks` and the LightningModule / DataModule
+modules.
 
 Every name below is imported on first use (PEP 562), so ``import gradprune`` costs nothing until a name is
 used, and the ``gradprune`` command starts without torch for ``--help`` (gradprune/cli.py).

@@ -128,7 +128,7 @@ def prune_sparsegpt(job: Job, targets: Sequence[Target], stats: MutableMapping[s
             t.out_in(t.weight), stats[t.name].hessian(), sparsity, job.nm, job.options["blocksize"],
             job.options["percdamp"], t.out_in(current[t.name]) if t.name in current else None,
         )
-        if not bool(torch.isfinite(new_weight).all()):  # checked before this layer changes (issue 14)
+        if not bool(torch.isfinite(new_weight).all()):  # checked before this layer changes: NaN must not spread
             raise ValueError(
                 f"SparseGPT produced non-finite weights for {t.name!r} (from non-finite calibration activations or "
                 f"Hessian); this layer was left unchanged. Check the model's weights and the calibration data"
