@@ -91,45 +91,9 @@ class PrunableLM(pl.LightningModule):
         lora: Optional[LoRA] = None,
     ) -> None:
         super().__init__()
-        problems = Problems()
-        check_number(problems, "learning_rate", learning_rate, low=0, low_open=True)
-        check_number(problems, "weight_decay", weight_decay, low=0)
-        if not isinstance(betas, (list, tuple)) or len(betas) != 2:
-            problems.add(f"betas must be a pair of numbers in [0, 1), got {betas!r}", type_error=not isinstance(betas, (list, tuple)))
-        else:
-            for i, beta in enumerate(betas):
-                check_number(problems, f"betas[{i}]", beta, low=0, high=1, high_open=True)
-        if isinstance(warmup_steps, bool) or not is_number(warmup_steps) or not math.isfinite(warmup_steps) or warmup_steps < 0 or (
-            not is_int(warmup_steps) and warmup_steps >= 1
-        ):
-            problems.add(f"warmup_steps must be an int >= 0 or a fraction in [0, 1), got {warmup_steps!r}")
-        check_number(problems, "min_lr_ratio", min_lr_ratio, low=0, high=1)
-        if dtype not in DTYPES:
-            problems.add(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
-        if vocab_size is not None:
-            check_number(problems, "vocab_size", vocab_size, low=1, integer=True)
-        check_bool(problems, "fused_adamw", fused_adamw)
-        if export_dir is not None and not isinstance(export_dir, (str, os.PathLike)):
-            problems.add(f"export_dir must be None or a directory path (str), got {export_dir!r} ({type(export_dir).__name__})", type_error=True)
-        check_choice(problems, "export_format", export_format, FORMATS)
-        if tokenizer is not None and not isinstance(tokenizer, str):
-            problems.add(f"tokenizer must be None or a tokenizer source (str), got {tokenizer!r}", type_error=True)
-        elif tokenizer is not None:
-            check_model_source(problems, "tokenizer", tokenizer, special=("smollm2",))
-        if not isinstance(model, (str, dict, nn.Module)):
-            problems.add(f"model must be a model source (path, hub id, .gguf file, 'smollm2'), a config dict or an "
-                         f"nn.Module, got {type(model).__name__}", type_error=True)
-        elif isinstance(model, str):  # a missing local path fails now, not after hub retries
-            check_model_source(problems, "model", model, special=("smollm2",))
-        try:
-            distill = distill_options(distill)
-        except (ValueError, TypeError) as exc:
-            problems.add(str(exc), type_error=isinstance(exc, TypeError))
-        try:
-            lora = lora_options(lora)
-        except (ValueError, TypeError) as exc:
-            problems.add(str(exc), type_error=isinstance(exc, TypeError))
-        problems.raise_if_any()
+        distill, lora = _checked_arguments(model, vocab_size, learning_rate, weight_decay, betas, warmup_steps,
+                                           min_lr_ratio, dtype, fused_adamw, export_dir, export_format, tokenizer,
+                                           distill, lora)
         if lora is not None:  # before loading anything
             require_peft()
         self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else None)
@@ -408,6 +372,52 @@ def check_checkpoint_file(path: Any) -> None:
         found = sorted(map(str, checkpoint))[:8] if isinstance(checkpoint, Mapping) else type(checkpoint).__name__
         raise ValueError(f"checkpoint {str(path)!r} is not a Lightning checkpoint (a dict with 'state_dict'); found "
                          f"{found}. Pass a .ckpt saved by a Trainer (ModelCheckpoint)")
+
+
+def _checked_arguments(model, vocab_size, learning_rate, weight_decay, betas, warmup_steps, min_lr_ratio, dtype,
+                       fused_adamw, export_dir, export_format, tokenizer, distill, lora) -> tuple:
+    """Every check of :class:`PrunableLM`'s arguments that needs no model, all problems raised together;
+    returns ``distill`` and ``lora`` as their dataclasses (or None)."""
+    problems = Problems()
+    check_number(problems, "learning_rate", learning_rate, low=0, low_open=True)
+    check_number(problems, "weight_decay", weight_decay, low=0)
+    if not isinstance(betas, (list, tuple)) or len(betas) != 2:
+        problems.add(f"betas must be a pair of numbers in [0, 1), got {betas!r}", type_error=not isinstance(betas, (list, tuple)))
+    else:
+        for i, beta in enumerate(betas):
+            check_number(problems, f"betas[{i}]", beta, low=0, high=1, high_open=True)
+    if isinstance(warmup_steps, bool) or not is_number(warmup_steps) or not math.isfinite(warmup_steps) or warmup_steps < 0 or (
+        not is_int(warmup_steps) and warmup_steps >= 1
+    ):
+        problems.add(f"warmup_steps must be an int >= 0 or a fraction in [0, 1), got {warmup_steps!r}")
+    check_number(problems, "min_lr_ratio", min_lr_ratio, low=0, high=1)
+    if dtype not in DTYPES:
+        problems.add(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    if vocab_size is not None:
+        check_number(problems, "vocab_size", vocab_size, low=1, integer=True)
+    check_bool(problems, "fused_adamw", fused_adamw)
+    if export_dir is not None and not isinstance(export_dir, (str, os.PathLike)):
+        problems.add(f"export_dir must be None or a directory path (str), got {export_dir!r} ({type(export_dir).__name__})", type_error=True)
+    check_choice(problems, "export_format", export_format, FORMATS)
+    if tokenizer is not None and not isinstance(tokenizer, str):
+        problems.add(f"tokenizer must be None or a tokenizer source (str), got {tokenizer!r}", type_error=True)
+    elif tokenizer is not None:
+        check_model_source(problems, "tokenizer", tokenizer, special=("smollm2",))
+    if not isinstance(model, (str, dict, nn.Module)):
+        problems.add(f"model must be a model source (path, hub id, .gguf file, 'smollm2'), a config dict or an "
+                     f"nn.Module, got {type(model).__name__}", type_error=True)
+    elif isinstance(model, str):  # a missing local path fails now, not after hub retries
+        check_model_source(problems, "model", model, special=("smollm2",))
+    try:
+        distill = distill_options(distill)
+    except (ValueError, TypeError) as exc:
+        problems.add(str(exc), type_error=isinstance(exc, TypeError))
+    try:
+        lora = lora_options(lora)
+    except (ValueError, TypeError) as exc:
+        problems.add(str(exc), type_error=isinstance(exc, TypeError))
+    problems.raise_if_any()
+    return distill, lora
 
 
 def describe_callbacks(callbacks) -> list[dict]:
