@@ -36,3 +36,16 @@ def test_function_level_imports_of_our_modules_say_why(path):
             if ours and "#" not in lines[node.lineno - 1]:
                 bad.append(f"line {node.lineno}: {lines[node.lineno - 1].strip()}")
     assert not bad, f"{path.name} imports gradprune modules inside functions without a comment saying why: {bad}"
+
+
+def test_the_import_graph_has_no_cycle(monkeypatch):
+    """Every import counts, those inside functions too; one under ``if TYPE_CHECKING:`` never runs."""
+    grimp = pytest.importorskip("grimp")  # installed with import-linter (the dev extra)
+    monkeypatch.syspath_prepend(str(ROOT))  # callbacks/ is a top-level package in the source tree
+    graph = grimp.build_graph("gradprune", "callbacks", exclude_type_checking_imports=True, cache_dir=None)
+    cycles = []
+    for module in sorted(graph.modules):
+        for imported in graph.find_modules_directly_imported_by(module):
+            if module < imported and graph.find_shortest_chain(importer=imported, imported=module):
+                cycles.append(f"{module} <-> {imported}")
+    assert not cycles, f"import cycles: {cycles}"
