@@ -1,4 +1,4 @@
-"""The examples the README and the documentation show (docs/examples/, included into the pages with
+"""The examples the documentation shows (docs/examples/, included into the pages with
 snippets) run here as they are, so they cannot drift from the code."""
 import runpy
 from pathlib import Path
