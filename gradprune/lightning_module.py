@@ -23,7 +23,7 @@ from torch import nn
 from torchmetrics.text import Perplexity
 
 from .distill import Distillation, Distiller, distill_options
-from .exports import FORMATS
+from .exports import FORMATS, check_destination
 from .exports import export as export_model
 from .lora import LoRA, add_lora, lora_options, merge_lora, require_peft
 from .losses import IGNORE_INDEX, next_token_loss, shifted_targets
@@ -172,8 +172,6 @@ class PrunableLM(pl.LightningModule):
     def setup(self, stage: str) -> None:
         self._check_vocabulary()
         if stage == "fit" and self.export_dir:  # a folder the export at fit end would refuse: say so before training
-            from .exports import check_destination
-
             problems = Problems()
             check_destination(problems, self.export_dir, name="export_dir")
             problems.raise_if_any()
