@@ -76,8 +76,8 @@ def check_metric_options(problems: Problems, metric: str, scope: str, metric_wei
     weights = _metric_weights(problems, metric_weights)
     if metric_weights is not None and metric != "combined":
         problems.add(f"metric_weights is only used by metric='combined', got metric={metric!r}")
-    if not is_number(near_zero_eps) or near_zero_eps < 0:
-        problems.add(f"near_zero_eps must be a number >= 0, got {near_zero_eps!r}")
+    if not is_number(near_zero_eps) or not math.isfinite(near_zero_eps) or near_zero_eps < 0:
+        problems.add(f"near_zero_eps must be a finite number >= 0, got {near_zero_eps!r}")
     return weights
 
 
