@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 BASE_STAMP := $(VENV)/.gradprune-base-installed
 STAMP := $(VENV)/.gradprune-installed
 
-.PHONY: demo test test-numerics install clean
+.PHONY: demo test test-numerics lint-imports docs install clean
 
 install: $(STAMP)
 
@@ -33,6 +33,20 @@ demo: $(BASE_STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The documentation site (mkdocs.yml, docs/) into site/, strictly: a broken link or a reference to a missing
+# name fails. The docs extra comes from the package registry; the build itself fetches nothing.
+DOCS_STAMP := $(VENV)/.gradprune-docs-installed
+$(DOCS_STAMP): $(STAMP) setup.cfg
+	$(PY) -m pip install -e ".[docs]"
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+# The import layers stated in setup.cfg ([importlinter]) and the README's layout section.
+lint-imports: $(STAMP)
+	$(VENV)/bin/lint-imports
+
 # The tests marked `numerics` again, under torch's scalar CPU kernels (available on every CPU) and one thread:
 # float rounding then differs from the AVX2 / AVX-512 / ARM kernels a normal run uses, so a test that holds
 # only for one rounding fails here. `make test-numerics KERNELS=avx2 THREADS=2` picks others.
@@ -42,4 +56,4 @@ test-numerics: $(STAMP)
 	ATEN_CPU_CAPABILITY=$(KERNELS) OMP_NUM_THREADS=$(THREADS) $(PY) -m pytest -q -m numerics
 
 clean:
-	rm -rf $(VENV) build *.egg-info lightning_logs
+	rm -rf $(VENV) build site *.egg-info lightning_logs

@@ -33,7 +33,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import (DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy,
                                           SingleDeviceStrategy, Strategy)
 
+from gradprune.bits import unpack_mask
 from gradprune.masks import MaskRegistry, clips_live_gradients
+from gradprune.shards import local
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +136,6 @@ def check_event_inputs(step: int, targets: Any, statistics: Any, trainer: Option
     the masks arbitrary. With several ranks (``trainer``), every rank raises when any finds a problem (a
     sharded weight's rows differ by rank), so none waits in a collective for the others."""
     import torch
-
-    from gradprune.sharding import local
 
     bad = statistics.non_finite() if statistics is not None and hasattr(statistics, "non_finite") else []
     bad += [f"{t.name} (weights)" for t in targets if not bool(torch.isfinite(local(t.weight.detach())).all())]
@@ -263,8 +263,6 @@ class PruningCallback(Callback):
     @staticmethod
     def pending_pruned(pending: dict, names) -> tuple[int, int]:
         """(pruned weights, weights) of the ``names`` in a checkpoint's bit-packed masks (``pending``)."""
-        from gradprune.masks import unpack_mask
-
         pruned = total = 0
         for name in names:
             entry = pending.get(name)

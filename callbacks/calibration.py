@@ -70,7 +70,7 @@ class CalibrationDraw:
             if samples >= self.nsamples:
                 break
         shortest = min((b["input_ids"].shape[1] for b in batches), default=self.seqlen)
-        if shortest < self.seqlen:  # the loader's blocks are shorter than asked: say so (issue 14)
+        if shortest < self.seqlen:  # the loader's blocks are shorter than asked: a silent shorter calibration would surprise
             log.warning("%s: seqlen=%d, but the train dataloader's sequences have only %d tokens: calibrating on "
                         "%d-token sequences", type(self).__name__, self.seqlen, shortest, shortest)
         if samples < self.nsamples:

@@ -12,6 +12,9 @@
   (:meth:`_resolve_end_step`);
 - the resumable position: ``resolved_end_step`` and ``last_event_step``.
 
+:class:`WindowLifecycle` holds the other thing they share: a statistics window (forward hooks on the
+targets) is closed at validation, when fit ends or fails, and at teardown.
+
 The class using it sets ``start_step``, ``every``, ``end_step``, ``resolved_end_step`` and ``last_event_step``
 and may override :meth:`_final_target` and ``_ramp_goal`` (the words the warnings use for the end of the ramp).
 """
@@ -26,6 +29,32 @@ from lightning.pytorch.utilities import rank_zero_warn
 from gradprune.validation import Problems, is_int, is_number
 
 log = logging.getLogger(__name__)
+
+
+class WindowLifecycle:
+    """Closes a callback's statistics window wherever training batches stop: at validation (its batches are
+    not training data; the next training batch reopens the window), when fit ends, on any exception and at
+    teardown, so no forward hook outlives a window. The class using it defines ``_close_window()`` (a no-op
+    when no window is open) and opens the window itself, in ``on_train_batch_start``."""
+
+    def _close_window(self) -> None:
+        raise NotImplementedError
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._close_window()
+        super().on_validation_start(trainer, pl_module)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._close_window()
+        super().on_fit_end(trainer, pl_module)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._close_window()
+        super().on_exception(trainer, pl_module, exception)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._close_window()
+        super().teardown(trainer, pl_module, stage)
 
 
 def check_end_step(problems: Problems, end_step: object) -> None:

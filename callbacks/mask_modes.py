@@ -34,6 +34,7 @@ from gradprune.learned_masks import (MaskedForward, flip_fraction, groups, hard_
                                      prior_logits, sample_mask, sr_decay_, straight_through, ungroup)
 from gradprune.masks import MaskRegistry, pack_mask, unpack_mask
 from gradprune.oneshot import prune_oneshot
+from gradprune.scorers import get_scorer, scorer_names
 from gradprune.selection import select_masks
 from gradprune.targets import Target
 from gradprune.validation import Problems, is_int, is_number, parse_pattern
@@ -354,8 +355,6 @@ class DynamicMasks(MaskMode):
         return f"DynamicMasks(decay={self.decay})"
 
     def check(self, problems: Problems, callback: "GradualPruningCallback") -> None:
-        from gradprune.scorers import get_scorer, scorer_names
-
         if callback.scorer in scorer_names() and get_scorer(callback.scorer).prune is not None:
             problems.add(f"mode DynamicMasks chooses masks from scores; scorer {callback.scorer!r} rewrites weights: "
                          "use 'magnitude', 'wanda', 'ria' or 'taylor'")

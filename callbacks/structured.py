@@ -48,7 +48,7 @@ from gradprune.targets import Target
 from gradprune.validation import Problems, check_choice, check_sparsity, check_weights_usable, is_int
 
 from .base import PruningCallback
-from .events import ScheduledEvents, check_end_step, schedule_end
+from .events import ScheduledEvents, WindowLifecycle, check_end_step, schedule_end
 from .calibration import CalibrationDraw
 
 log = logging.getLogger(__name__)
@@ -160,7 +160,7 @@ class StructuredPruningCallback(CalibrationDraw, PruningCallback):
 GRADUAL_SCHEDULES = ("cubic", "linear", "exponential")
 
 
-class GradualStructuredPruningCallback(ScheduledEvents, PruningCallback):
+class GradualStructuredPruningCallback(WindowLifecycle, ScheduledEvents, PruningCallback):
     """Mask whole MLP neurons and attention head groups along a schedule during fit, by activation importance;
     a structured export (``gradprune.export(..., format="structured")``, ``PrunableLM(export_format=
     "structured")``) then removes them physically.
@@ -355,20 +355,7 @@ class GradualStructuredPruningCallback(ScheduledEvents, PruningCallback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._maybe_prune(trainer, pl_module)
 
-    def on_validation_start(self, trainer, pl_module) -> None:
-        self._close_window()  # validation batches are not training data; the next training batch reopens it
-
-    def on_fit_end(self, trainer, pl_module) -> None:
-        self._close_window()
-        super().on_fit_end(trainer, pl_module)
-
-    def on_exception(self, trainer, pl_module, exception) -> None:
-        self._close_window()
-
-    def teardown(self, trainer, pl_module, stage) -> None:
-        self._close_window()
-
-    def _close_window(self) -> None:
+    def _close_window(self) -> None:  # at validation, fit end, on an exception, at teardown (WindowLifecycle)
         if self._window is not None:
             self._window.close()
 

@@ -1,19 +1,21 @@
 """gradprune: train-time pruning for PyTorch and Hugging Face models with Lightning.
 
-The core (targets, schedules, mask selection, the mask registry, reports) is pure torch; the Lightning
-pieces live in :mod:`gradprune.callbacks` and the LightningModule / DataModule modules.
+The core (targets, schedules, mask selection, the mask registry, reports, the pruning methods) needs only
+torch; the pipelines around it also use transformers (finding and rebuilding models) and safetensors
+(exports). The Lightning pieces live in :mod:`gradprune.callbacks` and the LightningModule / DataModule
+modules.
 
 Every name below is imported on first use (PEP 562), so ``import gradprune`` costs nothing until a name is
 used, and the ``gradprune`` command starts without torch for ``--help`` (gradprune/cli.py).
 """
 import importlib
 
-__version__ = "0.1.0"
+from .version import __version__  # a leaf module: it imports nothing
 
 # public name -> the module defining it
 _LAZY = {
     "FORMATS": ".exports", "export": ".exports", "load": ".exports",
-    "MaskRegistry": ".masks", "pack_mask": ".masks", "unpack_mask": ".masks",
+    "MaskRegistry": ".masks", "pack_mask": ".bits", "unpack_mask": ".bits",
     "magnitude_scores": ".methods.magnitude",
     "prune_oneshot": ".oneshot",
     "MaskedAdamW": ".optim",
@@ -49,11 +51,11 @@ def prune(model, sparsity, scope="layer", pattern="unstructured", include=None, 
     """Prune ``model`` in place to exactly ``sparsity`` (monotone with any earlier masks) and return the
     keep-masks. A thin convenience over find_targets -> select_masks -> MaskRegistry.update; ``score_fn``
     defaults to :func:`gradprune.magnitude_scores`."""
-    from .masks import MaskRegistry
-    from .methods.magnitude import magnitude_scores
-    from .selection import select_masks, validate_selection
-    from .targets import find_targets
-    from .validation import Problems, check_existing_masks, check_weights_usable
+    from .masks import MaskRegistry  # these imports are lazy so that `import gradprune` stays light
+    from .methods.magnitude import magnitude_scores  # (lazy, as above)
+    from .selection import check_existing_masks, select_masks, validate_selection  # (lazy, as above)
+    from .targets import find_targets  # (lazy, as above)
+    from .validation import Problems, check_weights_usable  # (lazy, as above)
 
     score_fn = magnitude_scores if score_fn is None else score_fn
     targets = find_targets(model, include, exclude)

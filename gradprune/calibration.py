@@ -30,7 +30,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequenc
 import torch
 from torch import nn
 
-from .targets import Target
+from .blocks import call_model, find_causal_lm
+from .targets import Target, find_targets
 
 log = logging.getLogger(__name__)
 
@@ -384,9 +385,6 @@ def collect_activation_stats(model: nn.Module, calibration: Any, targets: Option
     The metrics people ask for when choosing what to remove: per input channel ``l2_sq``, ``mean``,
     ``variance`` and ``near_zero_fraction`` of each target's inputs, padding excluded.
     """
-    from .blocks import call_model, find_causal_lm
-    from .targets import find_targets
-
     targets = list(targets) if targets is not None else find_targets(model)
     batches = as_batches(calibration)
     runner = find_causal_lm(model)

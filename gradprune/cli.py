@@ -15,16 +15,10 @@ import logging
 import os
 import sys
 
+from .subcommands import DEBUG_ENV, SUBCOMMANDS  # a leaf module, shared with gradprune.lightning_cli
+
 log = logging.getLogger(__name__)
 
-DEBUG_ENV = "GRADPRUNE_DEBUG"  # set to 1 for the full traceback of a bad value / the whole parse error
-
-#: The subcommands of ``gradprune`` and the line ``gradprune --help`` shows for each (the ones that work:
-#: LightningCLI's test and predict need steps PrunableLM does not have).
-SUBCOMMANDS = {
-    "fit": "train with the configured pruning callbacks; validate, report and export",
-    "validate": "one pass over the validation set: perplexity and sparsity of the configured model",
-}
 
 USAGE = "usage: gradprune [-h] [-c CONFIG] {" + ",".join(SUBCOMMANDS) + "} ..."
 
@@ -48,11 +42,11 @@ def help_text() -> str:
 
 def run_cli(args=None):
     """Run the CLI (``args`` like the command line's, default sys.argv) and return it, e.g. for tests."""
-    from gradprune.callbacks.base import show_logs
+    from gradprune.callbacks.base import show_logs  # lazy: `gradprune --help` must not import torch
 
-    from .data import TextDataModule
-    from .lightning_cli import GradpruneCLI
-    from .lightning_module import PrunableLM
+    from .data import TextDataModule  # (lazy, as above)
+    from .lightning_cli import GradpruneCLI  # (lazy, as above)
+    from .lightning_module import PrunableLM  # (lazy, as above)
 
     show_logs()
     return GradpruneCLI(PrunableLM, TextDataModule, save_config_kwargs={"overwrite": True}, args=args)
@@ -60,7 +54,7 @@ def run_cli(args=None):
 
 def __getattr__(name):
     if name == "GradpruneCLI":  # imported on first use: it needs Lightning
-        from .lightning_cli import GradpruneCLI
+        from .lightning_cli import GradpruneCLI  # lazy: this module must not import Lightning
 
         return GradpruneCLI
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

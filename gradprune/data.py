@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from .calibration import sample_windows, window_fits
 from .corpus import VAL_FRACTION, Plan, documents, is_local, local_missing, plan_documents
 from .loaders import BlockDataset, ResumableDataLoader, TokenStream
+from .models import load_tokenizer
 from .tokenizer import BYTES, byte_tokenizer
 from .validation import TOKENIZER_SOURCE_FORMS, Problems, check_model_source, is_int, is_number
 
@@ -155,8 +156,6 @@ class TextDataModule(pl.LightningDataModule):
     def _load_tokenizer(name: str):
         if name == BYTES:
             return byte_tokenizer()
-        from .models import load_tokenizer
-
         try:
             return load_tokenizer(name)
         except Exception as exc:

@@ -9,19 +9,25 @@ The hidden term (on ``hidden_layers``) is one of
 
 Every term is averaged over non-padding target tokens. T^2 keeps the gradient scale of the soft term
 independent of the temperature (Hinton et al. 2015).
+
+:class:`Distiller` holds the teacher itself for :class:`gradprune.PrunableLM`: it loads or snapshots it,
+freezes it, checks it against the student, pairs their hidden states and computes the loss of a batch.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import List, Literal, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .losses import next_token_loss
-from .models import DTYPES
-from .validation import Problems, check_model_source, is_int, is_number
+from .masks import MaskRegistry
+from .models import DTYPES, load_causal_lm
+from .validation import Problems, check_model_source, is_int, is_number, options_dataclass
 
 HIDDEN_LOSSES = ("mse", "squarehead")
 #: Guard of SquareHead's denominator: a teacher layer whose mean square is below this counts as this.
@@ -112,14 +118,15 @@ class Distillation:
 def distill_options(value: Union["Distillation", dict, None]) -> Optional["Distillation"]:
     """``distill`` as PrunableLM takes it: a :class:`Distillation`, or the dict of its fields (as saved in a
     checkpoint's hyperparameters, so ``PrunableLM.load_from_checkpoint`` rebuilds it), or None."""
-    if value is None or isinstance(value, Distillation):
-        return value
-    if isinstance(value, dict):
-        unknown = sorted(set(value) - set(Distillation.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"distill has unknown keys {unknown}; allowed: {sorted(Distillation.__dataclass_fields__)}")
-        return Distillation(**value)
-    raise TypeError(f"distill must be a gradprune.distill.Distillation or a dict of its fields, got {type(value).__name__}")
+    return options_dataclass("distill", Distillation, value)
+
+
+def token_mean(values: torch.Tensor, weight: Optional[torch.Tensor]) -> torch.Tensor:
+    """The mean of per-token ``values`` over the counted tokens: weighted by ``weight`` (1 for a counted
+    token, 0 for padding; the sum of weights floored at 1), or over all tokens without one."""
+    if weight is None:
+        return values.mean()
+    return (values * weight).sum() / weight.sum().clamp_min(1)
 
 def kd_loss(
     student_logits: torch.Tensor,
@@ -132,8 +139,7 @@ def kd_loss(
     s = F.log_softmax(student_logits[:, :-1].float() / temperature, dim=-1)
     t = F.log_softmax(teacher_logits[:, :-1].float() / temperature, dim=-1)
     per_token = (t.exp() * (t - s)).sum(-1)
-    weight = _target_weight(student_logits, attention_mask)
-    return temperature**2 * (per_token * weight).sum() / weight.sum().clamp_min(1)
+    return temperature**2 * token_mean(per_token, _target_weight(student_logits, attention_mask))
 
 
 def hidden_loss(
@@ -150,11 +156,8 @@ def hidden_loss(
         if normalize:
             s, t = F.layer_norm(s, s.shape[-1:]), F.layer_norm(t, t.shape[-1:])
         per_token = (s - t).pow(2).mean(-1)
-        if attention_mask is None:
-            total = total + per_token.mean()
-        else:
-            weight = attention_mask.to(per_token.dtype)
-            total = total + (per_token * weight).sum() / weight.sum().clamp_min(1)
+        weight = None if attention_mask is None else attention_mask.to(per_token.dtype)
+        total = total + token_mean(per_token, weight)
     return total / max(1, len(layers))
 
 
@@ -176,12 +179,7 @@ def squarehead_loss(
     for i in layers:
         s, t = student_hidden[i].float(), teacher_hidden[i].float()
         error, energy = (s - t).pow(2).mean(-1), t.pow(2).mean(-1)  # per token
-        if weight is None:
-            error, energy = error.mean(), energy.mean()
-        else:
-            count = weight.sum().clamp_min(1)
-            error, energy = (error * weight).sum() / count, (energy * weight).sum() / count
-        total = total + error / energy.clamp_min(eps)
+        total = total + token_mean(error, weight) / token_mean(energy, weight).clamp_min(eps)
     return total
 
 
@@ -221,3 +219,166 @@ def distillation_loss(
     kd = kd_loss(student_logits, teacher_logits, temperature, attention_mask)
     return {"loss": alpha * ce + (1 - alpha) * kd, "ce": ce, "kd": kd}
 
+
+class Distiller:
+    """The frozen dense teacher of a distilling student, and how the two are compared.
+
+    It loads the teacher (a model source) or snapshots it (``"self"``: a copy of the student's weights before
+    any pruning), freezes it (eval mode, no gradients), checks it against the student (vocabulary, hidden
+    sizes, the hidden states ``hidden_layers`` asks for), pairs their hidden states (also after decoder
+    layers were removed from the student) and computes the distillation loss of a batch.
+
+    It is not an ``nn.Module``, so the teacher stays out of the student's module tree: never in the
+    optimizer, in checkpoints or in exports.
+    """
+
+    def __init__(self, options: Distillation, student: nn.Module) -> None:
+        self.options = options
+        self.model: Optional[nn.Module] = None  # the teacher, once loaded or snapshot
+        self.hidden_indices: list[int] = []  # distill.hidden_layers resolved ("all" -> 1..L)
+        self.teacher_hidden: Optional[dict[int, int]] = None  # student hidden index -> teacher's, after layer removal
+        num_layers = getattr(getattr(student, "config", None), "num_hidden_layers", None)
+        if options.hidden_layers:
+            if num_layers is None:
+                raise ValueError(
+                    f"distill.hidden_layers={options.hidden_layers!r} needs a model that returns hidden states "
+                    f"(a Hugging Face model with config.num_hidden_layers and output_hidden_states), got "
+                    f"{type(student).__name__}; use hidden_layers=[] for logit distillation only"
+                )
+            options.check_hidden_layers(num_layers)
+            self.hidden_indices = options.layer_indices(num_layers)
+
+    def load(self, student: nn.Module) -> None:
+        """Load a teacher given by its source (not ``"self"``), so a wrong teacher fails before training."""
+        self.set(load_causal_lm(self.options.teacher, DTYPES[self.options.teacher_dtype]), student)
+
+    def snapshot(self, student: nn.Module, lora: bool = False) -> None:
+        """The ``"self"`` teacher: a copy of ``student`` as it is now (dense, before the pruning callbacks),
+        with ``lora`` the base model without the adapters."""
+        teacher = copy.deepcopy(student)
+        if lora:
+            teacher = teacher.unload()
+        self.set(teacher.to(DTYPES[self.options.teacher_dtype]), student)
+
+    def set(self, teacher: nn.Module, student: nn.Module) -> None:
+        """Freeze ``teacher`` and check it against ``student``; ValueError if they cannot be compared."""
+        options = self.options
+        MaskRegistry.remove_from(teacher)  # a copied model must not share the student's masks
+        teacher.eval().requires_grad_(False)
+        student_vocab = _logit_size(student)
+        teacher_vocab = _logit_size(teacher)
+        if student_vocab is not None and teacher_vocab is not None and student_vocab != teacher_vocab:
+            raise ValueError(
+                f"the teacher {options.teacher!r} has a vocabulary of {teacher_vocab} tokens, the student "
+                f"{student_vocab}: distillation needs the same tokenizer"
+            )
+        if options.hidden_layers:
+            sizes = [getattr(getattr(m, "config", None), "hidden_size", None) for m in (student, teacher)]
+            if sizes[0] != sizes[1]:
+                raise ValueError(f"hidden-state distillation needs equal hidden sizes, student {sizes[0]}, teacher {sizes[1]}")
+            teacher_layers = teacher.config.num_hidden_layers
+            student_layers = student.config.num_hidden_layers
+            if options.hidden_layers == "all" and teacher_layers != student_layers:
+                raise ValueError(
+                    f"distill.hidden_layers='all' pairs every block of the student with the teacher's, but the "
+                    f"student has {student_layers} blocks and the teacher {teacher_layers}: list the indices instead"
+                )
+            options.check_hidden_layers(teacher_layers)
+            _check_hidden_states(student, "model", options.hidden_layers, self.hidden_indices)
+            if options.teacher != "self":  # "self" is a copy of the model just checked
+                _check_hidden_states(teacher, "teacher", options.hidden_layers, self.hidden_indices)
+        self.model = teacher
+
+    def check_layer_removal(self) -> None:
+        """Raise ValueError if decoder layers cannot be removed from the student: hidden-state distillation
+        with a list of block indices (they name blocks of the unpruned model)."""
+        layers = self.options.hidden_layers
+        if layers and layers != "all":
+            raise ValueError(
+                f"distill.hidden_layers={layers!r} lists blocks of the unpruned model, so decoder "
+                f"layers cannot be removed: use hidden_layers='all' (each kept block is paired with the teacher block it "
+                f"came from) or [] (logit distillation only)"
+            )
+
+    def map_hidden_layers(self, removed: list[int]) -> None:
+        """Decoder layers ``removed`` (indices of the teacher's blocks) were dropped from the student: pair
+        each student hidden state with the teacher's of the block it came from (the last, after the final
+        norm, with the teacher's last). Nothing to do without hidden terms."""
+        if not self.options.hidden_layers:
+            return
+        self.check_layer_removal()
+        total = self.model.config.num_hidden_layers if self.model is not None else len(self.hidden_indices)
+        kept = [i for i in range(total) if i not in set(removed)]
+        self.hidden_indices = list(range(1, len(kept) + 1))
+        self.teacher_hidden = {j + 1: kept[j] + 1 for j in range(len(kept))}
+        self.teacher_hidden[len(kept)] = total  # the final norm's output on both sides
+
+    def _paired_teacher_hidden(self, states):
+        if self.teacher_hidden is None:
+            return states
+        return [states[self.teacher_hidden.get(i, i)] for i in range(max(self.teacher_hidden) + 1)]
+
+    def outputs(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]):
+        """The teacher's outputs on a batch (no grad; the teacher follows the batch to its device)."""
+        teacher = self.model
+        if teacher is None:
+            raise RuntimeError("distill is set but the teacher is missing: was setup() called?")
+        first = next(teacher.parameters())
+        if first.device != input_ids.device:
+            teacher.to(input_ids.device)
+        with torch.no_grad():
+            return teacher(input_ids=input_ids, attention_mask=attention_mask,
+                           output_hidden_states=bool(self.options.hidden_layers))
+
+    def loss(self, student: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> dict:
+        """The terms of one batch: ``{"loss", "ce", "kd"}`` and, with hidden layers, ``"hidden"``; ``loss``
+        is ``alpha * ce + (1 - alpha) * kd [+ hidden_weight * hidden]``."""
+        options = self.options
+        hidden = bool(options.hidden_layers)
+        teacher_out = self.outputs(input_ids, attention_mask)
+        student_out = student(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=hidden)
+        parts = distillation_loss(student_out.logits, teacher_out.logits, input_ids, attention_mask,
+                                  options.alpha, options.temperature)
+        if hidden:
+            parts["hidden"] = hidden_state_loss(options.hidden_loss, student_out.hidden_states,
+                                                self._paired_teacher_hidden(teacher_out.hidden_states),
+                                                self.hidden_indices, options.normalize_hidden, attention_mask)
+            parts["loss"] = parts["loss"] + options.hidden_weight * parts["hidden"]
+        return parts
+
+
+def _check_hidden_states(model: nn.Module, role: str, hidden_layers, indices: list[int]) -> None:
+    """One forward of two tokens (eval mode, no_grad, so no dropout draws from the RNG) to make sure the
+    model returns the hidden states that distill.hidden_layers asks for, before any weight changes."""
+    first = next(model.parameters(), None)
+    if first is None or first.device.type == "meta":
+        return
+    ids = torch.zeros(1, 2, dtype=torch.long, device=first.device)
+    modes = [(module, module.training) for module in model.modules()]  # restored one by one below
+    try:
+        model.eval()
+        with torch.no_grad():
+            out = model(input_ids=ids, output_hidden_states=True)
+        states = getattr(out, "hidden_states", None)
+    except TypeError as error:  # forward has no output_hidden_states argument
+        states, cause = None, error
+    else:
+        cause = None
+    finally:
+        for module, training in modes:
+            module.training = training
+    if states is None or len(states) <= max(indices, default=0):
+        got = "none" if states is None else f"{len(states)}"
+        raise ValueError(
+            f"distill.hidden_layers={hidden_layers!r} needs hidden states {indices} from the {role} "
+            f"({type(model).__name__}), but its forward(output_hidden_states=True) returned {got}; use a model "
+            f"that returns hidden states, or hidden_layers=[] for logit distillation only"
+        ) from cause
+
+
+def _logit_size(model: nn.Module) -> Optional[int]:
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    if head is not None and getattr(head, "weight", None) is not None:
+        return head.weight.shape[0]
+    return getattr(getattr(model, "config", None), "vocab_size", None)

@@ -47,10 +47,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from .masks import _SAME_WIDTH_INT, MaskRegistry, pack_mask, unpack_mask
+from .bits import SAME_WIDTH_INT, pack_mask, unpack_mask
+from .masks import MaskRegistry
 from .report import sparsity_report
+from .shards import is_sharded
+from .structured import remove_zeroed_units
+from .structured.units import find_units
 from .targets import Target, find_targets
 from .validation import Problems
+from .version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +88,8 @@ def _as_numpy_bits(tensor: torch.Tensor) -> np.ndarray:
     """A CPU tensor's elements as a numpy array of integers of the same width (numpy has no bfloat16);
     shares memory with the tensor."""
     width = tensor.element_size()
-    if tensor.is_floating_point() and width in _SAME_WIDTH_INT:
-        tensor = tensor.view(_SAME_WIDTH_INT[width])
+    if tensor.is_floating_point() and width in SAME_WIDTH_INT:
+        tensor = tensor.view(SAME_WIDTH_INT[width])
     return tensor.numpy()
 
 
@@ -276,8 +281,6 @@ def _write_structured(model: nn.Module, out: Path, registries) -> dict:
     """The physically smaller model: a copy of ``model`` without its all-zero MLP neurons, head groups and
     decoder layers (:func:`gradprune.remove_zeroed_units`, the uniform rule per layer), saved like ``dense``.
     The model itself is left as it is; the copy costs one more model in memory while it is written."""
-    from .structured import remove_zeroed_units
-
     smaller = copy.deepcopy(model)
     removed = remove_zeroed_units(smaller)
     smaller.save_pretrained(out, safe_serialization=True)
@@ -396,8 +399,6 @@ def export(
     if recipe is not None and not isinstance(recipe, Mapping):
         problems.add(f"recipe must be None or a dict, got {recipe!r} ({type(recipe).__name__})", type_error=True)
     if isinstance(model_or_module, torch.nn.Module):
-        from .sharding import is_sharded
-
         sharded = [n for n, p in model_or_module.named_parameters() if is_sharded(p)]
         if sharded:
             problems.add(f"export needs whole weights, but {len(sharded)} are sharded across ranks (FSDP2 DTensors, e.g. "
@@ -420,16 +421,12 @@ def export(
                         f"{type(tokenizer).__name__}; pass tokenizer= explicitly")
     out = Path(out_dir)
     if format == "structured":  # an architecture it cannot shrink fails here, before anything is changed or deleted
-        from .structured.units import find_units
-
         find_units(model)
 
     registries = _registries(model_or_module, model)
     for registry in registries:
         registry.apply_()
     report = sparsity_report(model, _report_targets(model, registries))
-    from . import __version__
-
     info = {"format": format, "gradprune_version": __version__, "sparsity": report}
     place = out.resolve() if out.is_symlink() else out.absolute()  # a link to a directory: its target is replaced
     created = [p for p in [place.parent, *place.parent.parents] if not p.exists()]  # parents made here, removed on failure

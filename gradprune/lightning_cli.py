@@ -26,7 +26,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from gradprune import callbacks as gradprune_callbacks  # imported so that short class names resolve
 
-from .cli import DEBUG_ENV, SUBCOMMANDS
+from .lightning_module import check_checkpoint_file
+from .subcommands import DEBUG_ENV, SUBCOMMANDS
 
 log = logging.getLogger(__name__)
 
@@ -259,8 +260,6 @@ class GradpruneCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads --ckpt_path here (for its hyperparameters), first of all: a truncated or foreign
         # file is named before torch or Lightning fail on it
-        from .lightning_module import check_checkpoint_file
-
         subcommand = self.config.get("subcommand")
         if subcommand:
             check_checkpoint_file(self.config[subcommand].get("ckpt_path"))

@@ -22,12 +22,11 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from torchmetrics.text import Perplexity
 
-from .distill import Distillation, distill_options, distillation_loss, hidden_state_loss
-from .exports import FORMATS
+from .distill import Distillation, Distiller, distill_options
+from .exports import FORMATS, check_destination
 from .exports import export as export_model
 from .lora import LoRA, add_lora, lora_options, merge_lora, require_peft
 from .losses import IGNORE_INDEX, next_token_loss, shifted_targets
-from .masks import MaskRegistry
 from .models import DTYPES, load_causal_lm, load_tokenizer
 from .optim import MaskedAdamW
 from .structured.units import find_units
@@ -92,45 +91,9 @@ class PrunableLM(pl.LightningModule):
         lora: Optional[LoRA] = None,
     ) -> None:
         super().__init__()
-        problems = Problems()
-        check_number(problems, "learning_rate", learning_rate, low=0, low_open=True)
-        check_number(problems, "weight_decay", weight_decay, low=0)
-        if not isinstance(betas, (list, tuple)) or len(betas) != 2:
-            problems.add(f"betas must be a pair of numbers in [0, 1), got {betas!r}", type_error=not isinstance(betas, (list, tuple)))
-        else:
-            for i, beta in enumerate(betas):
-                check_number(problems, f"betas[{i}]", beta, low=0, high=1, high_open=True)
-        if isinstance(warmup_steps, bool) or not is_number(warmup_steps) or not math.isfinite(warmup_steps) or warmup_steps < 0 or (
-            not is_int(warmup_steps) and warmup_steps >= 1
-        ):
-            problems.add(f"warmup_steps must be an int >= 0 or a fraction in [0, 1), got {warmup_steps!r}")
-        check_number(problems, "min_lr_ratio", min_lr_ratio, low=0, high=1)
-        if dtype not in DTYPES:
-            problems.add(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
-        if vocab_size is not None:
-            check_number(problems, "vocab_size", vocab_size, low=1, integer=True)
-        check_bool(problems, "fused_adamw", fused_adamw)
-        if export_dir is not None and not isinstance(export_dir, (str, os.PathLike)):
-            problems.add(f"export_dir must be None or a directory path (str), got {export_dir!r} ({type(export_dir).__name__})", type_error=True)
-        check_choice(problems, "export_format", export_format, FORMATS)
-        if tokenizer is not None and not isinstance(tokenizer, str):
-            problems.add(f"tokenizer must be None or a tokenizer source (str), got {tokenizer!r}", type_error=True)
-        elif tokenizer is not None:
-            check_model_source(problems, "tokenizer", tokenizer, special=("smollm2",))
-        if not isinstance(model, (str, dict, nn.Module)):
-            problems.add(f"model must be a model source (path, hub id, .gguf file, 'smollm2'), a config dict or an "
-                         f"nn.Module, got {type(model).__name__}", type_error=True)
-        elif isinstance(model, str):  # a missing local path fails now, not after hub retries
-            check_model_source(problems, "model", model, special=("smollm2",))
-        try:
-            distill = distill_options(distill)
-        except (ValueError, TypeError) as exc:
-            problems.add(str(exc), type_error=isinstance(exc, TypeError))
-        try:
-            lora = lora_options(lora)
-        except (ValueError, TypeError) as exc:
-            problems.add(str(exc), type_error=isinstance(exc, TypeError))
-        problems.raise_if_any()
+        distill, lora = _checked_arguments(model, vocab_size, learning_rate, weight_decay, betas, warmup_steps,
+                                           min_lr_ratio, dtype, fused_adamw, export_dir, export_format, tokenizer,
+                                           distill, lora)
         if lora is not None:  # before loading anything
             require_peft()
         self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else None)
@@ -161,22 +124,13 @@ class PrunableLM(pl.LightningModule):
         self.tokenizer_source = tokenizer if tokenizer is not None else (model if isinstance(model, str) else None)
         self.val_perplexity = Perplexity(ignore_index=IGNORE_INDEX)
         self.distill = distill
-        self._teacher: Optional[nn.Module] = None  # kept out of the module tree: never in checkpoints
-        self._hidden_indices: list[int] = []  # distill.hidden_layers resolved ("all" -> 1..L)
-        self._teacher_hidden: Optional[dict[int, int]] = None  # student hidden index -> teacher's, after layer removal
+        # the teacher and its pairing with this model (gradprune.distill): a plain object, so the teacher is
+        # kept out of the module tree and never in checkpoints
+        self.distiller: Optional[Distiller] = None
         if distill is not None:
-            num_layers = getattr(getattr(self.model, "config", None), "num_hidden_layers", None)
-            if distill.hidden_layers:
-                if num_layers is None:
-                    raise ValueError(
-                        f"distill.hidden_layers={distill.hidden_layers!r} needs a model that returns hidden states "
-                        f"(a Hugging Face model with config.num_hidden_layers and output_hidden_states), got "
-                        f"{type(self.model).__name__}; use hidden_layers=[] for logit distillation only"
-                    )
-                distill.check_hidden_layers(num_layers)
-                self._hidden_indices = distill.layer_indices(num_layers)
+            self.distiller = Distiller(distill, self.model)
             if distill.teacher != "self":  # load now, so a wrong teacher fails before training
-                self._set_teacher(load_causal_lm(distill.teacher, DTYPES[distill.teacher_dtype]))
+                self.distiller.load(self.model)
 
     @staticmethod
     def _build(source, vocab_size: Optional[int], dtype: torch.dtype) -> nn.Module:
@@ -195,83 +149,36 @@ class PrunableLM(pl.LightningModule):
             raise ValueError(f"the tokenizer has {vocab_size} tokens but the model {source!r} only embeds {size}")
         return model
 
-    # -- teacher --------------------------------------------------------------------------------------
+    # -- teacher (gradprune.distill.Distiller) ----------------------------------------------------------
     @property
     def teacher(self) -> Optional[nn.Module]:
         """The frozen distillation teacher (None without ``distill``, or before fit sets up for "self")."""
-        return self._teacher
-
-    def _set_teacher(self, teacher: nn.Module) -> None:
-        MaskRegistry.remove_from(teacher)  # a copied model must not share the student's masks
-        teacher.eval().requires_grad_(False)
-        student_vocab = _logit_size(self.model)
-        teacher_vocab = _logit_size(teacher)
-        if student_vocab is not None and teacher_vocab is not None and student_vocab != teacher_vocab:
-            raise ValueError(
-                f"the teacher {self.distill.teacher!r} has a vocabulary of {teacher_vocab} tokens, the student "
-                f"{student_vocab}: distillation needs the same tokenizer"
-            )
-        if self.distill.hidden_layers:
-            sizes = [getattr(getattr(m, "config", None), "hidden_size", None) for m in (self.model, teacher)]
-            if sizes[0] != sizes[1]:
-                raise ValueError(f"hidden-state distillation needs equal hidden sizes, student {sizes[0]}, teacher {sizes[1]}")
-            teacher_layers = teacher.config.num_hidden_layers
-            student_layers = self.model.config.num_hidden_layers
-            if self.distill.hidden_layers == "all" and teacher_layers != student_layers:
-                raise ValueError(
-                    f"distill.hidden_layers='all' pairs every block of the student with the teacher's, but the "
-                    f"student has {student_layers} blocks and the teacher {teacher_layers}: list the indices instead"
-                )
-            self.distill.check_hidden_layers(teacher_layers)
-            _check_hidden_states(self.model, "model", self.distill.hidden_layers, self._hidden_indices)
-            if self.distill.teacher != "self":  # "self" is a copy of the model just checked
-                _check_hidden_states(teacher, "teacher", self.distill.hidden_layers, self._hidden_indices)
-        object.__setattr__(self, "_teacher", teacher)
+        return None if self.distiller is None else self.distiller.model
 
     def map_hidden_layers(self, removed: list[int]) -> None:
         """Decoder layers ``removed`` (indices of the teacher's blocks) were dropped from the student by
-        structured pruning: pair each student hidden state with the teacher's of the block it came from (the
-        last, after the final norm, with the teacher's last). Only for ``hidden_layers="all"``; a list of
+        structured pruning: pair each student hidden state with the teacher's of the block it came from
+        (:meth:`gradprune.distill.Distiller.map_hidden_layers`). Only for ``hidden_layers="all"``; a list of
         indices named blocks of the unpruned model, so it is an error. Nothing to do without hidden terms."""
-        if self.distill is None or not self.distill.hidden_layers:
-            return
-        self.check_layer_removal()
-        total = self._teacher.config.num_hidden_layers if self._teacher is not None else len(self._hidden_indices)
-        kept = [i for i in range(total) if i not in set(removed)]
-        self._hidden_indices = list(range(1, len(kept) + 1))
-        self._teacher_hidden = {j + 1: kept[j] + 1 for j in range(len(kept))}
-        self._teacher_hidden[len(kept)] = total  # the final norm's output on both sides
+        if self.distiller is not None:
+            self.distiller.map_hidden_layers(removed)
 
     def check_layer_removal(self) -> None:
         """Raise ValueError if decoder layers cannot be removed from the student: hidden-state distillation
         with a list of block indices (they name blocks of the unpruned model)."""
-        if self.distill is not None and self.distill.hidden_layers and self.distill.hidden_layers != "all":
-            raise ValueError(
-                f"distill.hidden_layers={self.distill.hidden_layers!r} lists blocks of the unpruned model, so decoder "
-                f"layers cannot be removed: use hidden_layers='all' (each kept block is paired with the teacher block it "
-                f"came from) or [] (logit distillation only)"
-            )
-
-    def _paired_teacher_hidden(self, states):
-        if self._teacher_hidden is None:
-            return states
-        return [states[self._teacher_hidden.get(i, i)] for i in range(max(self._teacher_hidden) + 1)]
+        if self.distiller is not None:
+            self.distiller.check_layer_removal()
 
     def setup(self, stage: str) -> None:
         self._check_vocabulary()
         if stage == "fit" and self.export_dir:  # a folder the export at fit end would refuse: say so before training
-            from .exports import check_destination
-
             problems = Problems()
             check_destination(problems, self.export_dir, name="export_dir")
             problems.raise_if_any()
         # Runs before on_fit_start, where one-shot callbacks prune, and before a checkpoint is restored:
         # the "self" teacher is therefore always the dense model as built from its source.
-        if self.distill is not None and self.distill.teacher == "self" and self._teacher is None:
-            teacher = copy.deepcopy(self.model)
-            if self.lora is not None:  # the base model, without the adapters
-                teacher = teacher.unload()
-            self._set_teacher(teacher.to(DTYPES[self.distill.teacher_dtype]))
+        if self.distiller is not None and self.distill.teacher == "self" and self.distiller.model is None:
+            self.distiller.snapshot(self.model, lora=self.lora is not None)  # with lora: the base, no adapters
 
     def _check_vocabulary(self) -> None:
         """The data module's tokenizer must not produce ids the model cannot embed (the CLI links the two;
@@ -333,17 +240,6 @@ class PrunableLM(pl.LightningModule):
                 "non-zero values. Add the same pruning callback to resume the pruned run", layers, saved[0].split("{")[0],
             )
 
-    def _teacher_outputs(self, input_ids, attention_mask):
-        teacher = self._teacher
-        if teacher is None:
-            raise RuntimeError("distill is set but the teacher is missing: was setup() called?")
-        first = next(teacher.parameters())
-        if first.device != input_ids.device:
-            teacher.to(input_ids.device)
-        with torch.no_grad():
-            return teacher(input_ids=input_ids, attention_mask=attention_mask,
-                           output_hidden_states=bool(self.distill.hidden_layers))
-
     # -- forward and losses ---------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits [B, T, V]."""
@@ -365,17 +261,8 @@ class PrunableLM(pl.LightningModule):
             loss = next_token_loss(self(input_ids, attention_mask), input_ids, attention_mask)
             self.log("train/loss", loss, prog_bar=True, batch_size=size)
             return loss
-        hidden = bool(self.distill.hidden_layers)
-        teacher_out = self._teacher_outputs(input_ids, attention_mask)
-        student_out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=hidden)
-        parts = distillation_loss(student_out.logits, teacher_out.logits, input_ids, attention_mask,
-                                  self.distill.alpha, self.distill.temperature)
+        parts = self.distiller.loss(self.model, input_ids, attention_mask)
         loss = parts["loss"]
-        if hidden:
-            parts["hidden"] = hidden_state_loss(self.distill.hidden_loss, student_out.hidden_states,
-                                                self._paired_teacher_hidden(teacher_out.hidden_states), self._hidden_indices,
-                                                self.distill.normalize_hidden, attention_mask)
-            loss = loss + self.distill.hidden_weight * parts["hidden"]
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         self.log_dict({f"train/{k}": v for k, v in parts.items() if k != "loss"}, batch_size=size)
         return loss
@@ -485,6 +372,52 @@ def check_checkpoint_file(path: Any) -> None:
                          f"{found}. Pass a .ckpt saved by a Trainer (ModelCheckpoint)")
 
 
+def _checked_arguments(model, vocab_size, learning_rate, weight_decay, betas, warmup_steps, min_lr_ratio, dtype,
+                       fused_adamw, export_dir, export_format, tokenizer, distill, lora) -> tuple:
+    """Every check of :class:`PrunableLM`'s arguments that needs no model, all problems raised together;
+    returns ``distill`` and ``lora`` as their dataclasses (or None)."""
+    problems = Problems()
+    check_number(problems, "learning_rate", learning_rate, low=0, low_open=True)
+    check_number(problems, "weight_decay", weight_decay, low=0)
+    if not isinstance(betas, (list, tuple)) or len(betas) != 2:
+        problems.add(f"betas must be a pair of numbers in [0, 1), got {betas!r}", type_error=not isinstance(betas, (list, tuple)))
+    else:
+        for i, beta in enumerate(betas):
+            check_number(problems, f"betas[{i}]", beta, low=0, high=1, high_open=True)
+    if isinstance(warmup_steps, bool) or not is_number(warmup_steps) or not math.isfinite(warmup_steps) or warmup_steps < 0 or (
+        not is_int(warmup_steps) and warmup_steps >= 1
+    ):
+        problems.add(f"warmup_steps must be an int >= 0 or a fraction in [0, 1), got {warmup_steps!r}")
+    check_number(problems, "min_lr_ratio", min_lr_ratio, low=0, high=1)
+    if dtype not in DTYPES:
+        problems.add(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    if vocab_size is not None:
+        check_number(problems, "vocab_size", vocab_size, low=1, integer=True)
+    check_bool(problems, "fused_adamw", fused_adamw)
+    if export_dir is not None and not isinstance(export_dir, (str, os.PathLike)):
+        problems.add(f"export_dir must be None or a directory path (str), got {export_dir!r} ({type(export_dir).__name__})", type_error=True)
+    check_choice(problems, "export_format", export_format, FORMATS)
+    if tokenizer is not None and not isinstance(tokenizer, str):
+        problems.add(f"tokenizer must be None or a tokenizer source (str), got {tokenizer!r}", type_error=True)
+    elif tokenizer is not None:
+        check_model_source(problems, "tokenizer", tokenizer, special=("smollm2",))
+    if not isinstance(model, (str, dict, nn.Module)):
+        problems.add(f"model must be a model source (path, hub id, .gguf file, 'smollm2'), a config dict or an "
+                     f"nn.Module, got {type(model).__name__}", type_error=True)
+    elif isinstance(model, str):  # a missing local path fails now, not after hub retries
+        check_model_source(problems, "model", model, special=("smollm2",))
+    try:
+        distill = distill_options(distill)
+    except (ValueError, TypeError) as exc:
+        problems.add(str(exc), type_error=isinstance(exc, TypeError))
+    try:
+        lora = lora_options(lora)
+    except (ValueError, TypeError) as exc:
+        problems.add(str(exc), type_error=isinstance(exc, TypeError))
+    problems.raise_if_any()
+    return distill, lora
+
+
 def describe_callbacks(callbacks) -> list[dict]:
     """The gradprune callbacks among ``callbacks`` as ``{"class_path", "init_args"}`` (the LightningCLI
     form, which rebuilds them): each ``__init__`` argument read back from the attribute of the same name, or
@@ -515,43 +448,6 @@ def describe_callbacks(callbacks) -> list[dict]:
                         break
         described.append({"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": args})
     return described
-
-
-def _check_hidden_states(model: nn.Module, role: str, hidden_layers, indices: list[int]) -> None:
-    """One forward of two tokens (eval mode, no_grad, so no dropout draws from the RNG) to make sure the
-    model returns the hidden states that distill.hidden_layers asks for, before any weight changes."""
-    first = next(model.parameters(), None)
-    if first is None or first.device.type == "meta":
-        return
-    ids = torch.zeros(1, 2, dtype=torch.long, device=first.device)
-    modes = [(module, module.training) for module in model.modules()]  # restored one by one below
-    try:
-        model.eval()
-        with torch.no_grad():
-            out = model(input_ids=ids, output_hidden_states=True)
-        states = getattr(out, "hidden_states", None)
-    except TypeError as error:  # forward has no output_hidden_states argument
-        states, cause = None, error
-    else:
-        cause = None
-    finally:
-        for module, training in modes:
-            module.training = training
-    if states is None or len(states) <= max(indices, default=0):
-        got = "none" if states is None else f"{len(states)}"
-        raise ValueError(
-            f"distill.hidden_layers={hidden_layers!r} needs hidden states {indices} from the {role} "
-            f"({type(model).__name__}), but its forward(output_hidden_states=True) returned {got}; use a model "
-            f"that returns hidden states, or hidden_layers=[] for logit distillation only"
-        ) from cause
-
-
-def _logit_size(model: nn.Module) -> Optional[int]:
-    get_out = getattr(model, "get_output_embeddings", None)
-    head = get_out() if callable(get_out) else None
-    if head is not None and getattr(head, "weight", None) is not None:
-        return head.weight.shape[0]
-    return getattr(getattr(model, "config", None), "vocab_size", None)
 
 
 def warmup_cosine(warmup: int, total: int, min_ratio: float):

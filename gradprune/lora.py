@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .targets import find_targets
-from .validation import Problems, check_number, check_selector
+from .validation import Problems, check_number, check_selector, options_dataclass
 
 log = logging.getLogger(__name__)
 
@@ -170,14 +170,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
 def lora_options(value: Union[LoRA, dict, None]) -> Optional[LoRA]:
     """``lora`` as PrunableLM takes it: a :class:`LoRA`, or the dict of its fields (as saved in a
     checkpoint's hyperparameters), or None."""
-    if value is None or isinstance(value, LoRA):
-        return value
-    if isinstance(value, dict):
-        unknown = sorted(set(value) - set(LoRA.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"lora has unknown keys {unknown}; allowed: {sorted(LoRA.__dataclass_fields__)}")
-        return LoRA(**value)
-    raise TypeError(f"lora must be a gradprune.lora.LoRA or a dict of its fields, got {type(value).__name__}")
+    return options_dataclass("lora", LoRA, value)
 
 
 __all__ = ["LoRA", "add_lora", "keep_mask", "lora_layers", "merge_lora", "require_peft"]

@@ -35,15 +35,19 @@ counts over all shards; with sharded masks these three are collectives (every ra
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
-from .sharding import count_pruned, full_mask, local, local_rows, local_shape
+from .bits import fill_pruned_, pack_mask, unpack_mask, zero_pruned_
+from .optimizer_state import SecondMomentFloors
+from .shards import count_pruned, full_mask, local, local_rows, local_shape
 from .targets import Target
+
+# the bit operations are importable from here too, where they were first
+__all__ = ["MaskRegistry", "ZERO_PRESERVING_OPTIMIZERS", "clips_live_gradients", "fill_pruned_", "pack_mask",
+           "unpack_mask", "zero_pruned_"]
 
 _ATTRIBUTE = "_gradprune_mask_registry"
 
@@ -66,67 +70,6 @@ def clips_live_gradients(module: Any) -> bool:
     return bool(getattr(module, "clips_live_gradients", False))
 
 
-# Integer dtypes as wide as each floating dtype, for :func:`zero_pruned_`.
-_SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def zero_pruned_(tensor: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Set the entries of ``tensor`` where the bool mask ``keep`` is False to +0.0, in place; the other
-    entries keep their exact bits.
-
-    A floating tensor's bits, read as integers of the same width, are multiplied by the mask's bytes (0
-    or 1). That is exact, gives +0.0 also where the tensor held -0.0, inf or NaN (a float multiply by
-    zero would keep -0.0 and NaN), and PyTorch's CPU kernel for it is faster than its float x bool
-    multiply (scripts/bench_overhead.py measures both).
-    Other dtypes are multiplied by the mask directly.
-    """
-    width = tensor.element_size()
-    if tensor.is_floating_point() and width in _SAME_WIDTH_INT:
-        tensor.view(_SAME_WIDTH_INT[width]).mul_(keep.view(torch.uint8))
-    else:
-        tensor.mul_(keep)
-    return tensor
-
-
-def fill_pruned_(tensor: torch.Tensor, keep: torch.Tensor, value: float) -> torch.Tensor:
-    """Set the entries of the floating ``tensor`` where ``keep`` is False to ``value``, in place; the others
-    keep their exact bits. Integer arithmetic on the bits (zero them, then add ``value``'s bits where pruned),
-    several times faster than ``masked_fill_`` on CPU."""
-    zero_pruned_(tensor, keep)
-    if value != 0:
-        ints = tensor.view(_SAME_WIDTH_INT[tensor.element_size()])
-        bits = int(torch.tensor(value, dtype=tensor.dtype).view(ints.dtype))
-        ints.add_(keep.logical_not().view(torch.uint8), alpha=bits)
-    return tensor
-
-
-def pack_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Bit-pack a bool tensor into uint8 (8 elements per byte in row-major order, first element in the
-    high bit, the last byte's unused low bits zero). numpy's packbits does it, 30x faster than torch ops."""
-    flat = mask.detach().flatten().cpu().to(torch.bool).numpy()
-    return torch.from_numpy(np.packbits(flat))
-
-
-def unpack_mask(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """Inverse of :func:`pack_mask`."""
-    numel = 1
-    for dim in shape:
-        numel *= int(dim)
-    packed = packed.detach().cpu().to(torch.uint8).reshape(-1)
-    if packed.numel() * 8 < numel:
-        raise ValueError(f"a bit-packed mask of {packed.numel()} bytes cannot hold {numel} elements (shape {list(shape)})")
-    bits = np.unpackbits(packed.numpy(), count=numel)
-    return torch.from_numpy(bits.view(np.bool_)).view(*[int(d) for d in shape])
-
-
-@dataclass
-class _Floors:
-    """When the second-moment floors of one optimizer are due again."""
-    interval: Optional[int] = None  # steps between writes (None: none needed so far)
-    since: int = 0  # steps since the last write of all of them
-    first_step: bool = True  # the state may not exist before the first step
-
-
 class MaskRegistry:
     """Keep-masks of one model's targets, by target name (module name relative to the model)."""
 
@@ -136,7 +79,7 @@ class MaskRegistry:
         self.masks: dict[str, torch.Tensor] = {}
         self._hooks: dict[int, list] = {}
         self._optimizers: dict[int, torch.optim.Optimizer] = {}
-        self._floors: dict[int, _Floors] = {}  # optimizers whose pruned second moments are kept at a floor
+        self._floors = SecondMomentFloors()  # optimizers whose pruned second moments are kept at a floor
         self.masked_step: Optional[int] = None  # the last ``step`` given to mask_gradients_
         self.version = 0  # changes whenever a mask tensor is replaced, for caches keyed on it
         self._journals: list[list] = []  # open transactions: what update() zeroed, to put back on failure
@@ -283,24 +226,13 @@ class MaskRegistry:
         stale state pushes a pruned weight away from zero: second moments of the optimizers
         :mod:`gradprune.optimizer_state` knows to the floor value (unless attached with
         ``floor_second_moments=False``), everything else (momentum, first moments) to zero."""
-        from .optimizer_state import reset_pruned_state_  # it builds on this module
-
-        floors = self._floors.get(id(optimizer))
         pairs = [(self.targets[name].weight, self.mask_of(name)) for name in (self.masks if names is None else names)]
-        interval = reset_pruned_state_(optimizer, pairs, floor_second_moments=floors is not None)
-        if floors is not None and interval is not None:
-            if names is None:  # every floor written now: count afresh
-                floors.interval, floors.since = interval, 0
-            elif floors.interval is None or interval < floors.interval:
-                floors.interval = interval
+        self._floors.reset_(optimizer, pairs, every_mask=names is None)
 
     def _refresh_floors(self, optimizer: torch.optim.Optimizer) -> None:
-        """Step post-hook: write the second-moment floors after the first step (an optimizer attached
-        before it has state creates it zeroed there) and again whenever they are due."""
-        floors = self._floors[id(optimizer)]
-        floors.since += 1
-        if floors.first_step or (floors.interval is not None and floors.since >= floors.interval):
-            floors.first_step = False
+        """Step post-hook: write the second-moment floors whenever they are due
+        (:meth:`gradprune.optimizer_state.SecondMomentFloors.step_done`)."""
+        if self._floors.step_done(optimizer):
             self.reset_optimizer_state_(optimizer)
 
     def attach(
@@ -327,12 +259,8 @@ class MaskRegistry:
         """
         if id(optimizer) in self._hooks:
             return
-        from .optimizer_state import second_moment_keys
-
         self._optimizers[id(optimizer)] = optimizer
-        floors = floor_second_moments and bool(second_moment_keys(optimizer))
-        if floors:
-            self._floors[id(optimizer)] = _Floors()
+        floors = floor_second_moments and self._floors.track(optimizer)
         self.reset_optimizer_state_(optimizer)
         if remask_weights is None:
             remask_weights = not isinstance(optimizer, ZERO_PRESERVING_OPTIMIZERS)

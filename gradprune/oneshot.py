@@ -26,20 +26,19 @@ from .blocks import (
 )
 from .calibration import ActivationHooks, as_batches, check_statistics_finite, count_samples, count_tokens, eval_mode
 from .masks import MaskRegistry
-from .methods import METHODS as _REGISTRY
-from .methods import Job, Method, get_method
+from .methods import METHODS, Job, Method, get_method
 from .methods.base import COMMON_OPTIONS, NM
 from .methods.owl import check_lambda, owl_target_counts
 from .report import sparsity_report
-from .sharding import local
-from .selection import validate_selection
+from .selection import check_existing_masks, validate_selection
+from .shards import local
 from .targets import Selector, Target, find_targets
-from .validation import (Problems, check_choice, check_existing_masks, check_number, check_pattern, check_selector,
-                         check_sparsity, check_weights_usable, is_int)
+from .validation import (Problems, check_choice, check_number, check_pattern, check_selector, check_sparsity,
+                         check_weights_usable, is_int)
 
 log = logging.getLogger(__name__)
 
-METHODS = tuple(_REGISTRY)  # the method names, in registry order
+# METHODS (imported above): the one-shot methods by name, a live view of the method table
 
 
 # -- checking: once, before anything changes ---------------------------------------------------------------
@@ -379,8 +378,9 @@ def prune_oneshot(
         sequential: calibrate and prune one block at a time, each block seeing the outputs of the
             already-pruned blocks (the Wanda/SparseGPT reference protocol); False: one dense pass over the
             whole model, then prune everything (any architecture).
-        include, exclude: target selection, as in :func:`gradprune.find_targets`. In sequential mode the
+        include: target selection, as in :func:`gradprune.find_targets`. In sequential mode the
             default targets are the layers inside the block stack.
+        exclude: targets left out, as in :func:`gradprune.find_targets`.
         lm: what calibration batches are run through: None = ``model`` when its forward takes
             ``input_ids``, else the causal LM found inside it (:func:`gradprune.blocks.find_causal_lm`: the
             module owning the decoder blocks, or the one child with such a forward); or its dotted name

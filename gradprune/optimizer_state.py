@@ -24,16 +24,20 @@ torch's keys, shapes and dtypes, so checkpoints load into the plain optimizer.
 Which optimizers: those listed in :data:`SECOND_MOMENTS` (by exact class, since a subclass may change the
 update), and any optimizer class that declares ``second_moment_keys`` itself (:class:`gradprune.MaskedAdamW`
 does). Any other state tensor shaped like the weight is zeroed.
+
+:class:`SecondMomentFloors` keeps the bookkeeping of when each optimizer's floors are due again; the mask
+registry (:class:`gradprune.MaskRegistry`) holds one and calls it from its optimizer step hooks.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Optional
 
 import torch
 
-from .masks import fill_pruned_, zero_pruned_
-from .sharding import local
+from .bits import fill_pruned_, zero_pruned_
+from .shards import local
 
 # state key -> the per-step decay factor of that state under a parameter group's options (1: no decay)
 _ADAM = {"exp_avg_sq": lambda group: float(group["betas"][1]), "max_exp_avg_sq": lambda group: 1.0}
@@ -109,3 +113,52 @@ def reset_pruned_state_(optimizer: torch.optim.Optimizer, weight_masks: Iterable
             if every is not None:
                 interval = every if interval is None else min(interval, every)
     return interval
+
+
+@dataclass
+class _Due:
+    """When the second-moment floors of one optimizer are due again."""
+    interval: Optional[int] = None  # steps between writes (None: none needed so far)
+    since: int = 0  # steps since the last write of all of them
+    first_step: bool = True  # the state may not exist before the first step
+
+
+class SecondMomentFloors:
+    """The optimizers whose pruned second moments are kept at :func:`moment_floor`, and when each one's
+    floors must be written again (before they decay into the subnormal range)."""
+
+    def __init__(self) -> None:
+        self._due: dict[int, _Due] = {}
+
+    def track(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Keep ``optimizer``'s pruned second moments at the floor from now on, if it has any
+        (:func:`second_moment_keys`); returns whether it does."""
+        if not second_moment_keys(optimizer):
+            return False
+        self._due[id(optimizer)] = _Due()
+        return True
+
+    def reset_(self, optimizer: torch.optim.Optimizer, weight_masks: Iterable[tuple[torch.Tensor, torch.Tensor]],
+               every_mask: bool) -> None:
+        """:func:`reset_pruned_state_` of these (weight, keep-mask) pairs, second moments floored if
+        ``optimizer`` is tracked; ``every_mask``: the pairs are all the masks, so the count starts afresh."""
+        due = self._due.get(id(optimizer))
+        interval = reset_pruned_state_(optimizer, weight_masks, floor_second_moments=due is not None)
+        if due is not None and interval is not None:
+            if every_mask:  # every floor written now: count afresh
+                due.interval, due.since = interval, 0
+            elif due.interval is None or interval < due.interval:
+                due.interval = interval
+
+    def step_done(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Count one step of ``optimizer``; whether all its floors are due now: after the first step (an
+        optimizer tracked before it has state creates the state zeroed there), then every interval."""
+        due = self._due[id(optimizer)]
+        due.since += 1
+        if due.first_step or (due.interval is not None and due.since >= due.interval):
+            due.first_step = False
+            return True
+        return False
+
+    def clear(self) -> None:
+        self._due.clear()

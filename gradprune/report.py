@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .sharding import count_zeros
+from .shards import count_zeros
 from .targets import Target, find_targets
 
 

@@ -18,16 +18,22 @@ the k-th smallest score by radix selection over float32's ordered bit patterns (
 16 bits each), then marks the pruned weights in a third pass, each pass reading a target's scores as the
 score function returned them, in chunks of 2^17 elements prepared one at a time (no float32 copy of a
 whole tensor), so its extra memory is the masks plus the largest target's scores and about a MB, with no sort and no torch.quantile size
-limit; the time is linear in the number of weights (scripts/bench_scale.py).
+limit; the time is linear in the number of weights (scripts/bench_scale.py). The k-selection itself is
+:mod:`gradprune.kselect`.
+
+Also here: the default score ``|W|`` (:func:`magnitude_scores`) and the rule for pruning on top of
+earlier masks (:func:`check_existing_masks`).
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator, Literal, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Literal, Mapping, Optional, Sequence
 
 import torch
 
-from .masks import fill_pruned_
+from . import kselect
+from .bits import fill_pruned_
+from .kselect import drop_lowest, drop_lowest_over, drop_lowest_per_row
 from .targets import Target
 from .validation import Problems, check_choice, check_pattern, check_sparsity
 
@@ -38,6 +44,12 @@ ScoreFn = Callable[[Target], torch.Tensor]
 
 Rounding = Literal["nearest", "floor"]
 ROUNDINGS = ("nearest", "floor")
+
+
+def magnitude_scores(target: Target) -> torch.Tensor:
+    """|W|, shaped like the stored weight: the default score of every selection, and the magnitude
+    method's (:mod:`gradprune.methods.magnitude`)."""
+    return target.weight.detach().abs()
 
 
 def exact_count(sparsity: float, size: int, rounding: Rounding = "nearest") -> int:
@@ -105,22 +117,11 @@ def prepare_scores(name: str, view: torch.Tensor, keep: Optional[torch.Tensor], 
     return scores
 
 
-# Elements per chunk of the radix passes: their temporaries (about 9 bytes per element, 1.2 MB) stay small
-# next to any weight worth pruning, and chunks are large enough that the per-chunk overhead is negligible.
-_CHUNK = 1 << 17
-
-
-def _order_keys(scores: torch.Tensor) -> torch.Tensor:
-    """int32 keys whose integer order is the float order of ``scores`` (float32, no NaN): the bits of
-    non-negative floats as they are, those of negative floats with all but the sign bit flipped."""
-    bits = scores.view(torch.int32)
-    return ((bits >> 31) & 0x7FFFFFFF).bitwise_xor_(bits)
-
-
-class _ChunkedScores:
+class ChunkedScores:
     """A target's raw scores (as the score function returned them, stored (out, in)) prepared chunk by
     chunk as :func:`_prepared_scores` prepares a whole tensor: float32, -0.0 as +0.0, NaN refused, pruned
-    weights at -inf. The global scope's way to avoid a float32 copy of each target's scores."""
+    weights at -inf. The global scope's way to avoid a float32 copy of each target's scores (a lazy score
+    source for :func:`gradprune.kselect.drop_lowest_over`)."""
 
     def __init__(self, target: Target, score_fn: ScoreFn, keep: Optional[torch.Tensor]) -> None:
         raw = score_fn(target)
@@ -131,107 +132,25 @@ class _ChunkedScores:
 
     def chunks(self) -> Iterator[torch.Tensor]:
         keep = self.keep.reshape(-1) if self.keep is not None else None
-        for start in range(0, self.raw.numel(), _CHUNK):
-            chunk = self.raw[start:start + _CHUNK].to(torch.float32, copy=True)
+        for start in range(0, self.raw.numel(), kselect.CHUNK):
+            chunk = self.raw[start:start + kselect.CHUNK].to(torch.float32, copy=True)
             chunk += 0.0  # -0.0 -> +0.0 so that equal scores compare equal bit for bit
             if chunk.isnan().any():
                 raise ValueError(f"scores for {self.name!r} contain NaN")
             if keep is not None:
-                fill_pruned_(chunk, keep[start:start + _CHUNK], float("-inf"))
+                fill_pruned_(chunk, keep[start:start + kselect.CHUNK], float("-inf"))
             yield chunk
-
-
-def _chunks(scores) -> Iterator[torch.Tensor]:
-    if isinstance(scores, _ChunkedScores):
-        yield from scores.chunks()
-        return
-    flat = scores.reshape(-1)
-    for start in range(0, flat.numel(), _CHUNK):
-        yield flat[start:start + _CHUNK]
-
-
-def _drop_lowest(score_tensors: Callable[[], Iterator[torch.Tensor]], k: int) -> list[torch.Tensor]:
-    """Keep-masks (bool) that drop exactly the k lowest elements over all tensors yielded by
-    ``score_tensors()`` (called up to three times); ties go to the earlier tensor and lower flat index.
-    Each tensor is read in chunks of :data:`_CHUNK` elements, so the temporaries do not grow with it."""
-    if k <= 0:
-        return [torch.ones(s.shape, dtype=torch.bool, device=s.device) for s in score_tensors()]
-    # Passes 1 and 2: histograms of the high, then (within the chosen bucket) the low 16 bits of the keys
-    # locate the k-th smallest key exactly.
-    high_counts = None
-    for scores in score_tensors():
-        for chunk in _chunks(scores):
-            high = _order_keys(chunk).bitwise_right_shift_(16).add_(32768)
-            counts = torch.bincount(high, minlength=65536)
-            high_counts = counts if high_counts is None else high_counts.add_(counts.to(high_counts.device))
-        del scores
-    cum = high_counts.cumsum(0)
-    high_bucket = int(torch.searchsorted(cum, torch.tensor(k, device=cum.device)))
-    below = int(cum[high_bucket - 1]) if high_bucket > 0 else 0
-    low_counts = None
-    for scores in score_tensors():
-        for chunk in _chunks(scores):
-            keys = _order_keys(chunk)
-            low = keys[(keys >> 16) == high_bucket - 32768].bitwise_and_(0xFFFF)
-            counts = torch.bincount(low, minlength=65536)
-            low_counts = counts if low_counts is None else low_counts.add_(counts.to(low_counts.device))
-        del scores
-    cum = low_counts.cumsum(0)
-    low_bucket = int(torch.searchsorted(cum, torch.tensor(k - below, device=cum.device)))
-    below += int(cum[low_bucket - 1]) if low_bucket > 0 else 0
-    threshold = (high_bucket - 32768) * 65536 + low_bucket
-    # Pass 3: drop everything below the k-th key, and the first `ties` elements equal to it.
-    ties = k - below
-    keeps = []
-    for scores in score_tensors():
-        keep = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
-        for chunk, kept in zip(_chunks(scores), _chunks(keep)):
-            keys = _order_keys(chunk)
-            torch.gt(keys, threshold, out=kept)
-            equal = keys == threshold
-            if ties > 0:
-                positions = equal.nonzero().flatten()
-                kept[positions[ties:]] = True
-                ties -= min(ties, positions.numel())
-            else:
-                kept |= equal
-        keeps.append(keep)
-        del scores
-    return keeps
-
-
-def drop_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep-mask dropping exactly the ``k`` lowest elements of one float32 tensor (ties to the lower flat
-    index): the layer rule, for callers that select inside their own groups (SparseGPT's column blocks)."""
-    return _drop_lowest(lambda: iter([scores]), k)[0]
-
-
-def drop_lowest_per_row(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep-mask dropping exactly the ``k`` lowest of every row (ties to the lower column): the row rule."""
-    return _drop_lowest_per_row(scores, k)
-
-
-def _drop_lowest_per_row(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep-mask dropping exactly the k lowest of every row (ties to the lower column)."""
-    if k <= 0:
-        return torch.ones_like(scores, dtype=torch.bool)
-    kth = scores.kthvalue(k, dim=1, keepdim=True).values
-    pruned = scores < kth
-    equal = scores == kth
-    missing = k - pruned.sum(dim=1, keepdim=True)
-    pruned |= equal & (equal.cumsum(dim=1) <= missing)
-    return pruned.logical_not_()
 
 
 def _drop_count(scores: torch.Tensor, k: int, scope: Scope) -> torch.Tensor:
     """Keep-mask of one (out, in) score matrix dropping exactly ``k``: the lowest of the layer, or spread
     over the rows (``k // out`` each, one more in the first ``k % out`` rows)."""
     if scope != "row":
-        return _drop_lowest(lambda: iter([scores]), k)[0]
+        return drop_lowest(scores, k)
     per_row, extra = divmod(k, scores.shape[0])
     if extra == 0:
-        return _drop_lowest_per_row(scores, per_row)
-    return torch.cat([_drop_lowest_per_row(scores[:extra], per_row + 1), _drop_lowest_per_row(scores[extra:], per_row)])
+        return drop_lowest_per_row(scores, per_row)
+    return torch.cat([drop_lowest_per_row(scores[:extra], per_row + 1), drop_lowest_per_row(scores[extra:], per_row)])
 
 
 def select_masks(
@@ -250,7 +169,7 @@ def select_masks(
         targets: from :func:`gradprune.find_targets`.
         sparsity: fraction of each comparison group to prune, in [0, 1).
         score_fn: maps a target to scores shaped like its stored weight; low scores are pruned first.
-            Default: ``|W|`` (:func:`gradprune.methods.magnitude.magnitude_scores`).
+            Default: ``|W|`` (:func:`magnitude_scores`).
         scope: comparison group: "layer", "global" or "row".
         pattern: "unstructured" or "N:M" (e.g. "2:4").
         masks: current keep-masks by target name; the result only ever removes more weights.
@@ -262,9 +181,7 @@ def select_masks(
     Nothing is modified: the caller applies the masks (see :class:`gradprune.MaskRegistry`).
     """
     nm = validate_selection(targets, sparsity, scope, pattern, rounding)
-    if score_fn is None:
-        from .methods.magnitude import magnitude_scores as score_fn  # the methods build on this module
-    return select_masks_unchecked(targets, sparsity, score_fn, scope, nm, masks, rounding, counts)
+    return select_masks_unchecked(targets, sparsity, score_fn or magnitude_scores, scope, nm, masks, rounding, counts)
 
 
 def select_masks_unchecked(
@@ -291,27 +208,49 @@ def select_masks_unchecked(
     def prepared(t: Target) -> torch.Tensor:
         return _prepared_scores(t, score_fn, masks.get(t.name), nm)
 
+    def drop_layer(t: Target, k: int) -> torch.Tensor:
+        return drop_lowest(prepared(t), k)
+
+    def drop_global(k: int) -> list[torch.Tensor]:
+        def scores(t: Target):  # unstructured, stored (out, in): prepared chunk by chunk, no float32 copy
+            if nm is None and not t.transposed:
+                return ChunkedScores(t, score_fn, masks.get(t.name))
+            return prepared(t)
+
+        return drop_lowest_over(lambda: (scores(t) for t in targets), k)
+
+    return keep_masks_by_scope(targets, sparsity, scope, rounding, masks, prepared, drop_layer, drop_global, counts)
+
+
+def keep_masks_by_scope(
+    targets: Sequence[Target],
+    sparsity: float,
+    scope: Scope,
+    rounding: Rounding,
+    masks: Mapping[str, torch.Tensor],
+    prepared: Callable[[Target], torch.Tensor],
+    drop_layer: Callable[[Target, int], torch.Tensor],
+    drop_global: Callable[[int], list[torch.Tensor]],
+    counts: Optional[Mapping[str, int]] = None,
+) -> dict[str, torch.Tensor]:
+    """The scope dispatch and monotone tail shared by :func:`select_masks_unchecked` and
+    :func:`gradprune.sharding.select_sharded_masks`: the exact count of each comparison group, dropped by
+    ``drop_layer(target, k)`` (one target's (out, in) keep-mask), ``drop_global(k)`` (all targets' keep-masks,
+    in order) or the row rule on ``prepared(target)`` (its (out, in) float32 scores); with ``counts``, each
+    target's own count (:func:`_drop_count`). The keep-masks are returned in each target's stored layout,
+    intersected with its current mask in ``masks``."""
     keep_by_name: dict[str, torch.Tensor] = {}
     if scope == "global":
         k = exact_count(sparsity, sum(t.numel for t in targets), rounding)
-        def scores(t: Target):  # unstructured, stored (out, in): prepared chunk by chunk, no float32 copy
-            if nm is None and not t.transposed:
-                return _ChunkedScores(t, score_fn, masks.get(t.name))
-            return prepared(t)
-
-        keeps = _drop_lowest(lambda: (scores(t) for t in targets), k)
-        keep_by_name = {t.name: keep for t, keep in zip(targets, keeps)}
-        del keeps
+        keep_by_name = {t.name: keep for t, keep in zip(targets, drop_global(k))}
     else:
         for t in targets:
-            scores = prepared(t)
             if counts is not None:
-                keep_by_name[t.name] = _drop_count(scores, counts[t.name], scope)
+                keep_by_name[t.name] = _drop_count(prepared(t), counts[t.name], scope)
             elif scope == "row":
-                keep_by_name[t.name] = _drop_lowest_per_row(scores, exact_count(sparsity, t.in_features, rounding))
+                keep_by_name[t.name] = drop_lowest_per_row(prepared(t), exact_count(sparsity, t.in_features, rounding))
             else:
-                keep_by_name[t.name] = _drop_lowest(lambda: iter([scores]), exact_count(sparsity, t.numel, rounding))[0]
-            del scores
+                keep_by_name[t.name] = drop_layer(t, exact_count(sparsity, t.numel, rounding))
 
     result = {}
     for t in targets:
@@ -320,3 +259,40 @@ def select_masks_unchecked(
             keep &= masks[t.name].to(keep.device)
         result[t.name] = keep
     return result
+
+
+def check_existing_masks(problems: Problems, targets: Sequence[Any], masks: Mapping[str, Any], sparsity: float,
+                         scope: str, nm: Optional[tuple[int, int]], pattern: str, rounding: str = "nearest") -> None:
+    """The rule for pruning a model that already has masks: pruning is monotone (earlier masks are kept),
+    so the new request must still be satisfiable on top of them. Refused when the current masks already
+    prune more than ``sparsity`` in some comparison group (layer, row, or all targets for 'global') or
+    break the N:M pattern (more than N pruned in a group of M)."""
+    masked = [t for t in targets if t.name in masks]
+    if not masked:
+        return
+    over, broken_nm = [], []
+    if scope == "global":
+        pruned = sum(int(masks[t.name].numel() - masks[t.name].count_nonzero()) for t in masked)
+        total = sum(t.numel for t in targets)
+        if pruned > exact_count(sparsity, total, rounding):
+            over.append(f"all targets ({pruned / total:.4f})")
+    for t in masked:
+        keep = t.out_in(masks[t.name])
+        pruned_rows = (~keep).sum(dim=1)
+        if scope == "layer" and int(pruned_rows.sum()) > exact_count(sparsity, keep.numel(), rounding):
+            over.append(f"{t.name} ({int(pruned_rows.sum()) / keep.numel():.4f})")
+        elif scope == "row" and int(pruned_rows.max()) > exact_count(sparsity, keep.shape[1], rounding):
+            over.append(f"{t.name} (a row at {int(pruned_rows.max()) / keep.shape[1]:.4f})")
+        if nm is not None and keep.shape[1] % nm[1] == 0:
+            groups = (~keep).reshape(keep.shape[0], -1, nm[1]).sum(dim=-1)
+            broken = int((groups > nm[0]).sum())
+            if broken:
+                broken_nm.append(f"{t.name} ({broken} groups)")
+    if broken_nm:
+        problems.add(f"pattern={pattern!r}: earlier pruning left groups of {nm[1]} with more than {nm[0]} pruned weights "
+                     f"in {', '.join(broken_nm[:3])}{' ...' if len(broken_nm) > 3 else ''}; masks only grow, so they "
+                     f"cannot satisfy {pattern!r}. Prune a fresh copy of the model instead")
+    if over:
+        problems.add(f"sparsity={sparsity} (scope={scope!r}) is below what earlier pruning already removed in "
+                     f"{', '.join(over[:5])}{' ...' if len(over) > 5 else ''}; masks only grow, so the result would not "
+                     "be at the requested sparsity. Ask for at least the current sparsity, or prune a fresh copy")

@@ -11,7 +11,11 @@ import numbers
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
+
+import torch
+
+from .shards import local
 
 
 class Problems:
@@ -104,7 +108,7 @@ def check_pattern(problems: Problems, pattern: object, sparsity_name: str, spars
     return nm
 
 
-# -- added for issue 14: numbers, selectors, sources, weights and masks a call would act on --------------
+# -- numbers, selectors, model sources, and the weights a call would act on ----------------------------------
 def is_number(value: object) -> bool:
     """A real number and not a bool (numpy scalars count)."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and type(value).__name__ != "bool_"
@@ -130,6 +134,22 @@ def check_number(problems: Problems, name: str, value: object, *, low: Optional[
         problems.add(f"{name} must be {allowed}, got {value!r}")
         return False
     return True
+
+
+def options_dataclass(name: str, cls: type, value: object) -> object:
+    """An options argument given as an instance of the dataclass ``cls``, the dict of its fields (as saved in
+    a checkpoint's hyperparameters, so ``load_from_checkpoint`` rebuilds it), or None; returned as an instance
+    or None. ValueError for unknown keys, TypeError for anything else (each names ``name``)."""
+    if value is None or isinstance(value, cls):
+        return value
+    fields = sorted(cls.__dataclass_fields__)
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - set(fields))
+        if unknown:
+            raise ValueError(f"{name} has unknown keys {unknown}; allowed: {fields}")
+        return cls(**value)
+    raise TypeError(f"{name} must be a {cls.__module__}.{cls.__qualname__} or a dict of its fields, "
+                    f"got {type(value).__name__}")
 
 
 def check_bool(problems: Problems, name: str, value: object) -> None:
@@ -206,10 +226,6 @@ def check_model_source(problems: Problems, name: str, source: object, special: S
 def check_weights_usable(problems: Problems, model: Any, what: str = "model") -> None:
     """Every parameter of ``model`` is materialised (not on the meta device) and finite: pruning scores,
     statistics and SparseGPT updates would otherwise fail half-way or spread NaN."""
-    import torch
-
-    from .sharding import local
-
     meta, bad = [], []
     for pname, param in model.named_parameters():
         if param.device.type == "meta":
@@ -222,42 +238,3 @@ def check_weights_usable(problems: Problems, model: Any, what: str = "model") ->
     if bad:
         problems.add(f"{what} has non-finite (NaN or inf) weights in {bad[:5]}{' ...' if len(bad) > 5 else ''}; "
                      "pruning needs finite weights (nothing was changed)")
-
-
-def check_existing_masks(problems: Problems, targets: Sequence[Any], masks: Mapping[str, Any], sparsity: float,
-                         scope: str, nm: Optional[tuple[int, int]], pattern: str, rounding: str = "nearest") -> None:
-    """The rule for pruning a model that already has masks: pruning is monotone (earlier masks are kept),
-    so the new request must still be satisfiable on top of them. Refused when the current masks already
-    prune more than ``sparsity`` in some comparison group (layer, row, or all targets for 'global') or
-    break the N:M pattern (more than N pruned in a group of M)."""
-    from .selection import exact_count
-
-    masked = [t for t in targets if t.name in masks]
-    if not masked:
-        return
-    over, broken_nm = [], []
-    if scope == "global":
-        pruned = sum(int(masks[t.name].numel() - masks[t.name].count_nonzero()) for t in masked)
-        total = sum(t.numel for t in targets)
-        if pruned > exact_count(sparsity, total, rounding):
-            over.append(f"all targets ({pruned / total:.4f})")
-    for t in masked:
-        keep = t.out_in(masks[t.name])
-        pruned_rows = (~keep).sum(dim=1)
-        if scope == "layer" and int(pruned_rows.sum()) > exact_count(sparsity, keep.numel(), rounding):
-            over.append(f"{t.name} ({int(pruned_rows.sum()) / keep.numel():.4f})")
-        elif scope == "row" and int(pruned_rows.max()) > exact_count(sparsity, keep.shape[1], rounding):
-            over.append(f"{t.name} (a row at {int(pruned_rows.max()) / keep.shape[1]:.4f})")
-        if nm is not None and keep.shape[1] % nm[1] == 0:
-            groups = (~keep).reshape(keep.shape[0], -1, nm[1]).sum(dim=-1)
-            broken = int((groups > nm[0]).sum())
-            if broken:
-                broken_nm.append(f"{t.name} ({broken} groups)")
-    if broken_nm:
-        problems.add(f"pattern={pattern!r}: earlier pruning left groups of {nm[1]} with more than {nm[0]} pruned weights "
-                     f"in {', '.join(broken_nm[:3])}{' ...' if len(broken_nm) > 3 else ''}; masks only grow, so they "
-                     f"cannot satisfy {pattern!r}. Prune a fresh copy of the model instead")
-    if over:
-        problems.add(f"sparsity={sparsity} (scope={scope!r}) is below what earlier pruning already removed in "
-                     f"{', '.join(over[:5])}{' ...' if len(over) > 5 else ''}; masks only grow, so the result would not "
-                     "be at the requested sparsity. Ask for at least the current sparsity, or prune a fresh copy")

@@ -20,32 +20,17 @@ from __future__ import annotations
 
 import argparse
 import copy
-import logging
 import statistics
-import warnings
 
 import lightning.pytorch as pl
-import torch
 
-from gradprune import PrunableLM, TextDataModule, sparsity_report
+from gradprune import PrunableLM, sparsity_report
 from gradprune.callbacks import GradualPruningCallback, WandaPruningCallback
 from gradprune.distill import Distillation
 from gradprune.models import load_causal_lm
 from gradprune.oneshot import prune_oneshot
 
-from benchtools import PeakRSS, StepTimer
-
-
-def make_trainer(steps: int, callbacks) -> pl.Trainer:
-    return pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                      limit_val_batches=0, gradient_clip_val=1.0, callbacks=callbacks)
-
-
-def validate(module: PrunableLM, dm: TextDataModule) -> float:
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False)
-    return float(trainer.validate(module, datamodule=dm, verbose=False)[0]["val/ppl"])
+from benchtools import PeakRSS, StepTimer, quiet, recovery_data, recovery_trainer, validation_ppl
 
 
 def main() -> None:
@@ -58,16 +43,10 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
-    for name in ("lightning", "lightning.pytorch", "transformers"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    quiet(args.threads)
 
     dense = load_causal_lm("smollm2")
-    dm = TextDataModule(sources="stdlib", tokenizer="smollm2", block_size=args.block_size, batch_size=args.batch_size,
-                        max_train_tokens=args.steps * args.batch_size * args.block_size * 2,
-                        max_val_tokens=args.val_tokens, seed=0)
-    dm.setup("fit")
+    dm = recovery_data(args.steps, args.batch_size, args.block_size, args.val_tokens, seed=0)
 
     def module(distill=None) -> PrunableLM:
         pl.seed_everything(0, verbose=False)
@@ -78,14 +57,14 @@ def main() -> None:
         return WandaPruningCallback(sparsity=0.5, nsamples=args.nsamples, seqlen=args.block_size)
 
     rows = []
-    ppl_dense = validate(module(), dm)
+    ppl_dense = validation_ppl(module(), dm)
     rows.append(("(a) dense", ppl_dense, 0.0, None, None))
     print(f"(a) dense: {ppl_dense:.3f}", flush=True)
 
     pruned = module()
     calibration = dm.calibration_batches(args.nsamples, args.block_size)
     prune_oneshot(pruned.model, "wanda", 0.5, calibration=calibration)
-    ppl_oneshot = validate(pruned, dm)
+    ppl_oneshot = validation_ppl(pruned, dm)
     rows.append(("(b) Wanda 50%, no fine-tuning", ppl_oneshot, sparsity_report(pruned.model)["global"]["sparsity"], None, None))
     print(f"(b) wanda: {ppl_oneshot:.3f}", flush=True)
     del pruned
@@ -100,8 +79,8 @@ def main() -> None:
         m = module(distill)
         timer = StepTimer()
         with PeakRSS() as memory:
-            make_trainer(args.steps, [pruner(), timer]).fit(m, datamodule=dm)
-        ppl = validate(m, dm)
+            recovery_trainer(args.steps, [pruner(), timer]).fit(m, datamodule=dm)
+        ppl = validation_ppl(m, dm)
         step = statistics.median(timer.times[2:])
         timings[label] = step
         rows.append((label, ppl, sparsity_report(m.model)["global"]["sparsity"], step, memory.extra_mb))

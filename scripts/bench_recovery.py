@@ -27,22 +27,19 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import logging
 import statistics
 import time
-import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
-import torch
 
-from gradprune import PrunableLM, TextDataModule, sparsity_report
+from gradprune import PrunableLM, sparsity_report
 from gradprune.callbacks import (DynamicMasks, GradualPruningCallback, LearnedMasks, RIAPruningCallback,
                                  SparseGPTPruningCallback, WandaPruningCallback)
 from gradprune.distill import Distillation
 from gradprune.models import load_causal_lm
 
-from benchtools import PeakRSS, StepTimer
+from benchtools import PeakRSS, StepTimer, quiet, recovery_data, recovery_trainer, validation_ppl
 
 KD = dict(alpha=0.5, temperature=2.0)
 SQUAREHEAD = dict(KD, hidden_layers="all", hidden_loss="squarehead", hidden_weight=1.0)
@@ -117,11 +114,6 @@ def rows(args) -> dict:
     }
 
 
-def validate(module: PrunableLM, dm: TextDataModule) -> float:
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
-    return float(trainer.validate(module, datamodule=dm, verbose=False)[0]["val/ppl"])
-
-
 def run_row(name: str, args, dense, dm) -> dict:
     label, pruner, distill, *lora = rows(args)[name]
     lora = lora[0] if lora else None
@@ -132,14 +124,11 @@ def run_row(name: str, args, dense, dm) -> dict:
     timer = StepTimer()
     with PeakRSS() as memory:
         if pruner is not None:
-            trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=args.steps, logger=False,
-                                 enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                                 num_sanity_val_steps=0, limit_val_batches=0, gradient_clip_val=1.0,
-                                 callbacks=[*(lambda c: c if isinstance(c, list) else [c])(pruner()), timer])
+            trainer = recovery_trainer(args.steps, [*(lambda c: c if isinstance(c, list) else [c])(pruner()), timer])
             trainer.fit(module, datamodule=dm)
     if lora:  # what is exported: the merged model (the masked adapters' function, the pruned base's zeros)
         module.model = module.merged_model()
-    ppl = validate(module, dm)
+    ppl = validation_ppl(module, dm)
     wall = time.perf_counter() - start
     steps = args.steps if pruner is not None else 0
     return {
@@ -326,18 +315,12 @@ def main() -> None:
         if args.plot is not None:
             plot(args.results, args.plot)
         return
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
-    for logger in ("lightning", "lightning.pytorch", "transformers"):
-        logging.getLogger(logger).setLevel(logging.ERROR)
+    quiet(args.threads)
     dense = load_causal_lm("smollm2")
     args.results.parent.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds if args.seeds else [args.seed]:
         args.seed = seed
-        dm = TextDataModule(sources="stdlib", tokenizer="smollm2", block_size=args.block_size, batch_size=args.batch_size,
-                            max_train_tokens=args.steps * args.batch_size * args.block_size * 2,
-                            max_val_tokens=args.val_tokens, seed=seed)
-        dm.setup("fit")
+        dm = recovery_data(args.steps, args.batch_size, args.block_size, args.val_tokens, seed=seed)
         for name in names:
             record = run_row(name, args, dense, dm)
             print(json.dumps(record), flush=True)

@@ -35,12 +35,14 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchtools import quiet, recovery_data, recovery_trainer  # noqa: E402
 
 from gradprune import prune_oneshot, prune_structured  # noqa: E402
 from gradprune.data import TextDataModule  # noqa: E402
@@ -120,9 +122,7 @@ def kd_finetune(name: str, options, args, dm) -> float:
         callbacks.append(WandaPruningCallback(sparsity=0.5, nsamples=args.nsamples, seqlen=args.seqlen))
     elif options is not None:
         callbacks.append(StructuredPruningCallback(nsamples=args.nsamples, seqlen=args.seqlen, **options))
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=args.kd_steps, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         limit_val_batches=0, gradient_clip_val=1.0, callbacks=callbacks)
+    trainer = recovery_trainer(args.kd_steps, callbacks)
     trainer.fit(module, datamodule=dm)
     return module.model
 
@@ -190,11 +190,8 @@ def main() -> None:
     if args.table:
         print_table(args.results, args.metric)
         return
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.WARNING)
-    for name in ("transformers", "lightning", "lightning.pytorch"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    quiet(args.threads)
     args.results.parent.mkdir(parents=True, exist_ok=True)
     known = rows(args.metric)
     names = args.rows or list(known)
@@ -227,10 +224,7 @@ def main() -> None:
         for name, values in speed(models, prompt, args.repeats).items():
             record(args.results, name, repeats=args.repeats, prompt_tokens=args.prompt_tokens, threads=args.threads, **values)
     if args.kd_steps:
-        dm = TextDataModule(sources="stdlib", tokenizer="smollm2", block_size=args.block_size, batch_size=args.batch_size,
-                            max_train_tokens=args.kd_steps * args.batch_size * args.block_size * 2,
-                            max_val_tokens=args.eval_windows * args.seqlen, seed=0)
-        dm.setup("fit")
+        dm = recovery_data(args.kd_steps, args.batch_size, args.block_size, args.eval_windows * args.seqlen, seed=0)
         for name in names:
             model = kd_finetune(name, known[name][1], args, dm)
             record(args.results, name, ppl_kd=perplexity(model.eval(), heldout, args.seqlen), kd_steps=args.kd_steps,

@@ -1,12 +1,51 @@
-"""Small measuring tools shared by the benchmark scripts (run them as `python scripts/<bench>.py`)."""
+"""Small measuring tools and the set-up shared by the benchmark scripts (run them as
+`python scripts/<bench>.py`)."""
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import logging
 import threading
 import time
+import warnings
 
+import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
+
+
+def quiet(threads: int) -> None:
+    """The benchmarks' process set-up: ``threads`` torch threads, warnings off, and only errors from
+    Lightning's and transformers' loggers, so the tables are all that is printed."""
+    torch.set_num_threads(threads)
+    warnings.filterwarnings("ignore")
+    for name in ("lightning", "lightning.pytorch", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def recovery_data(steps: int, batch_size: int, block_size: int, val_tokens: int, seed: int = 0):
+    """The stdlib corpus with SmolLM2's tokenizer, twice the training tokens ``steps`` batches read, set up
+    for fit: the data of every recovery run (distillation, recovery, structured + KD)."""
+    from gradprune import TextDataModule
+
+    dm = TextDataModule(sources="stdlib", tokenizer="smollm2", block_size=block_size, batch_size=batch_size,
+                        max_train_tokens=steps * batch_size * block_size * 2, max_val_tokens=val_tokens, seed=seed)
+    dm.setup("fit")
+    return dm
+
+
+def recovery_trainer(steps: int, callbacks) -> pl.Trainer:
+    """The Trainer of a recovery run: CPU, ``steps`` optimizer steps, gradient clipping at 1.0, no logger,
+    checkpoints, progress bar or validation."""
+    return pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                      limit_val_batches=0, gradient_clip_val=1.0, callbacks=callbacks)
+
+
+def validation_ppl(module, dm) -> float:
+    """The module's perplexity on the data module's validation set (``val/ppl``)."""
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    return float(trainer.validate(module, datamodule=dm, verbose=False)[0]["val/ppl"])
 
 
 def return_freed_memory_to_os() -> bool:

@@ -1,6 +1,6 @@
-"""Issue 14: bad input fails fast, with a named error, and changes nothing.
+"""Bad input fails fast, with a named error, and changes nothing.
 
-Each item of the issue has a test here (or next to the code it concerns, as noted), and
+Each kind of bad input has a test here (or next to the code it concerns, as noted), and
 ``test_public_entries_reject_bad_input`` is the table over the public entries: for every case the
 exception type, a ``match=`` on the message, and the model's state dict and masks compared before and
 after. New public arguments join the table when they are added.

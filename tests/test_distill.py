@@ -223,7 +223,7 @@ def test_squarehead_trains_a_tiny_llama_and_logs_hidden(tmp_path):
 
     fit = trainer(tmp_path, max_steps=4, log_every_n_steps=1, callbacks=[PruneAtFitStart(), Record()])
     fit.fit(module, token_loader())
-    assert fit.global_step == 4 and module._hidden_indices == [1, 2]
+    assert fit.global_step == 4 and module.distiller.hidden_indices == [1, 2]
     assert {"train/ce", "train/kd", "train/hidden"} <= set(fit.callback_metrics)
     assert len(values) == 4 and all(math.isfinite(v) and v > 0 for v in values)  # pruned: student != teacher
     batch = next(iter(token_loader()))[0]

@@ -121,7 +121,7 @@ def test_global_reads_scores_in_chunks_with_exact_counts_and_the_sort_reference(
     """Chunk boundaries inside tensors and inside runs of ties (chunk 7 and 64), with earlier masks (the
     already-pruned at -inf), negative, zero and infinite scores: the exact count, and the masks of a
     stable full sort of all scores together."""
-    monkeypatch.setattr(gp.selection, "_CHUNK", chunk)
+    monkeypatch.setattr(gp.kselect, "CHUNK", chunk)
     torch.manual_seed(2)
     model = nn.Sequential(nn.Linear(40, 24), nn.Linear(24, 24), nn.Linear(24, 8))
     with torch.no_grad():

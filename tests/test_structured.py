@@ -1,4 +1,4 @@
-"""Structured pruning (issue 13, section 1): metric formulas by hand, physical removal that keeps outputs when
+"""Structured pruning: metric formulas by hand, physical removal that keeps outputs when
 the removed units were already zero, reloading the smaller model, GQA consistency, the callback, bad input."""
 from __future__ import annotations
 
@@ -345,7 +345,7 @@ def test_callback_prunes_at_fit_start_rebuilds_the_optimizer_and_distills(tmp_pa
     assert {id(p) for group in optimizer.param_groups for p in group["params"]} <= params
     assert all(optimizer.state[p] for group in optimizer.param_groups for p in group["params"])  # they trained
     assert callback.done and callback.report["removed"]["layers"] in ([0], [1])
-    assert module._teacher_hidden == {1: 2}  # the student's last (normed) hidden state against the teacher's last
+    assert module.distiller.teacher_hidden == {1: 2}  # the student's last (normed) hidden state against the teacher's last
 
 
 def test_callback_refuses_bad_arguments_at_construction():

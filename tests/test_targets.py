@@ -53,7 +53,7 @@ def test_include_can_select_an_untied_head_explicitly():
 
 
 def test_a_head_tied_to_the_embedding_is_never_a_target(llama):
-    """Issue 14 item 7: pruning a tied head would zero the input embedding too."""
+    """Pruning a tied head would zero the input embedding too."""
     with pytest.raises(ValueError, match=r"include=\['lm_head'\] selects only \['lm_head'\].*tied embeddings"):
         find_targets(llama, include=["lm_head"])
     import logging

@@ -1,10 +1,12 @@
-"""What a pruning method is to the one-shot pipeline: one :class:`Method` entry, and the core mask rule
-that turns its scores into masks (:func:`prune_by_scores`).
+"""What a pruning method is: one :class:`Method` entry, read by the one-shot pipeline and by the gradual
+callback, and the core mask rule that turns its scores into masks (:func:`prune_by_scores`).
 
-A method module holds its maths as pure functions plus one ``Method`` entry, listed in
-:mod:`gradprune.methods`. A score-based method gives ``score`` and gets the core rule (exact counts per
-layer / global / row, N:M, monotone); a method with a rule of its own, or one that also changes the
-weights (SparseGPT), gives ``prune``. Masks are keep-masks throughout (True = kept, the torch convention).
+A method module holds its maths as pure functions plus one ``Method`` entry, registered in
+:mod:`gradprune.methods.registry`. One-shot (on calibration data): a score-based method gives ``score``
+and gets the core rule (exact counts per layer / global / row, N:M, monotone); a method with a rule of
+its own, or one that also changes the weights (SparseGPT), gives ``prune``. Train-time (the gradual
+callback, on statistics of a training window): ``train_score``, or ``train_prune`` for a rule that also
+changes the weights. Masks are keep-masks throughout (True = kept, the torch convention).
 """
 from __future__ import annotations
 
@@ -19,8 +21,10 @@ from ..selection import SCOPES, Rounding, select_masks_unchecked
 from ..targets import Target
 from ..validation import Problems, check_choice
 
-Statistics = Literal["none", "channel", "hessian"]
-STATISTICS = ("none", "channel", "hessian")
+Statistics = Literal["none", "channel", "hessian", "gradient"]
+STATISTICS = ("none", "channel", "hessian", "gradient")
+# what each kind of statistics is called by the gradual callback (``Scorer.needs``)
+NEEDS = {"none": "weights", "channel": "activations", "hessian": "hessians", "gradient": "gradients"}
 NM = Optional[tuple[int, int]]
 # Per-batch X X^T dtypes of the "hessian" statistics (an option of every Hessian method; sums are float64).
 HESSIAN_DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -57,6 +61,12 @@ ScoreFn = Callable[[Target, Any], torch.Tensor]
 PruneFn = Callable[[Job, Sequence[Target], MutableMapping[str, Any]], None]
 # check(problems, options with defaults, parsed N:M or None, pattern): the method's own argument checks
 CheckFn = Callable[[Problems, Mapping[str, Any], NM, str], None]
+# train-time: train_score(target, statistic) -> scores shaped like the stored weight; the statistic is None
+# ("none"), the target's float64 per-input-channel sum of x^2 ("channel") or its accumulated |W * G| ("gradient")
+TrainScoreFn = Callable[[Target, Optional[torch.Tensor]], torch.Tensor]
+# train-time: train_prune(target, hessian, count, keep) -> (new weight, keep-mask), both shaped like the
+# stored weight: exactly ``count`` pruned, monotone with ``keep`` ("hessian")
+TrainPruneFn = Callable[[Target, torch.Tensor, int, Optional[torch.Tensor]], tuple]
 
 
 def no_checks(problems: Problems, options: Mapping[str, Any], nm: NM, pattern: str) -> None:
@@ -76,18 +86,27 @@ def prune_by_scores(job: Job, targets: Sequence[Target], stats: Mapping[str, Any
 
 @dataclass(frozen=True)
 class Method:
-    """A pruning method as the one-shot pipeline reads it.
+    """A pruning method, as the one-shot pipeline and the gradual callback read it.
 
     Attributes:
-        name: what ``prune_oneshot(method=...)`` and the scripts call it.
-        statistics: what it needs from calibration: "none", "channel" (per-input-channel sums,
-            :class:`gradprune.calibration.ChannelStats`) or "hessian" (``X X^T``, :class:`~gradprune.calibration.HessianStats`).
-        options: its own options and their defaults (``reduce`` and ``progress`` are common to all).
-        score: how it scores a target (see ``ScoreFn``); used by the default ``prune``.
-        prune: how it prunes a group of targets (see ``PruneFn``); None = :func:`prune_by_scores`.
+        name: what ``prune_oneshot(method=...)``, ``GradualPruningCallback(scorer=...)`` and the scripts
+            call it.
+        statistics: what it needs besides the weights: "none", "channel" (per-input-channel sums,
+            :class:`gradprune.calibration.ChannelStats`), "hessian" (``X X^T``,
+            :class:`~gradprune.calibration.HessianStats`) or "gradient" (``|W * G|`` summed over training
+            steps: train-time only).
+        options: its own one-shot options and their defaults (``reduce`` and ``progress`` are common to all).
+        score: how it scores a target one-shot (see ``ScoreFn``); used by the default ``prune``.
+        prune: how it prunes a group of targets one-shot (see ``PruneFn``); None = :func:`prune_by_scores`.
         check: its own argument checks (see ``CheckFn``).
         changes_weights: whether ``prune`` also rewrites kept weights (SparseGPT): the pipeline then keeps a
             copy of the weights until it returns, to put back on failure.
+        train_score: how it scores a target during training (see ``TrainScoreFn``).
+        train_prune: how it prunes a target during training when it also changes the weights (see
+            ``TrainPruneFn``); then no ``train_score``.
+
+    A method with ``score`` or ``prune`` is a one-shot method (:data:`gradprune.methods.METHODS`); one with
+    ``train_score`` or ``train_prune`` a train-time scorer (:func:`gradprune.scorers.get_scorer`).
     """
 
     name: str
@@ -97,12 +116,40 @@ class Method:
     prune: Optional[PruneFn] = None
     check: CheckFn = no_checks
     changes_weights: bool = False  # its prune also rewrites kept weights (SparseGPT), not only masks
+    train_score: Optional[TrainScoreFn] = None
+    train_prune: Optional[TrainPruneFn] = None
 
     def __post_init__(self) -> None:
         if self.statistics not in STATISTICS:
             raise ValueError(f"statistics must be one of {list(STATISTICS)}, got {self.statistics!r}")
-        if self.score is None and self.prune is None:
-            raise ValueError(f"method {self.name!r} needs a score or a prune function")
+        if not self.one_shot and not self.train_time:
+            raise ValueError(f"method {self.name!r} needs a score or a prune function (one-shot), or a train_score "
+                             "or a train_prune function (train-time)")
+        if self.statistics == "gradient" and self.one_shot:
+            raise ValueError(f"method {self.name!r}: gradient statistics exist only during training, so it can "
+                             "have train_score but no one-shot score or prune")
+        if self.train_score is not None and self.train_prune is not None:
+            raise ValueError(f"method {self.name!r} gives train_score and train_prune: give one")
+        for name in ("score", "prune", "check", "train_score", "train_prune"):
+            value = getattr(self, name)
+            if value is not None and not callable(value):
+                raise TypeError(f"method {self.name!r}: {name} must be callable, got {value!r}")
+
+    @property
+    def one_shot(self) -> bool:
+        """Whether ``prune_oneshot`` can run it (it has ``score`` or ``prune``)."""
+        return self.score is not None or self.prune is not None
+
+    @property
+    def train_time(self) -> bool:
+        """Whether the gradual callback can run it (it has ``train_score`` or ``train_prune``)."""
+        return self.train_score is not None or self.train_prune is not None
+
+    @property
+    def needs(self) -> str:
+        """Its statistics as the gradual callback names them: "weights", "activations", "hessians" or
+        "gradients"."""
+        return NEEDS[self.statistics]
 
     def resolve_options(self, given: Mapping[str, Any], problems: Problems) -> dict:
         """The options with defaults filled in; unknown names, a bad ``scope`` or ``reduce`` go to ``problems``."""

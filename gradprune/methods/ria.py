@@ -92,4 +92,11 @@ def _check(problems: Problems, options: Mapping[str, Any], nm: NM, pattern: str)
         problems.add(f"a (RIA's activation exponent) must be a finite number >= 0, got {a!r}")
 
 
-RIA = Method("ria", statistics="channel", options={"scope": "row", "a": DEFAULT_A}, prune=prune_ria, check=_check)
+def ria_sum_sq_scores(target: Target, sum_sq: torch.Tensor) -> torch.Tensor:
+    """:func:`ria_scores` (exponent :data:`DEFAULT_A`) of a target from its per-input-channel ``sum x^2``,
+    shaped like its stored weight (the train-time score, on a training window's sums)."""
+    return target.stored(ria_scores(target.out_in(target.weight), sum_sq))
+
+
+RIA = Method("ria", statistics="channel", options={"scope": "row", "a": DEFAULT_A}, prune=prune_ria, check=_check,
+             train_score=ria_sum_sq_scores)

@@ -11,7 +11,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..calibration import HessianStats
-from ..selection import drop_lowest, exact_count
+from ..kselect import drop_lowest, drop_lowest_per_row
+from ..selection import exact_count
 from ..targets import Target
 from ..validation import Problems, check_choice, is_int
 from .base import HESSIAN_DTYPES, NM, Job, Method
@@ -157,7 +158,7 @@ def prune_sparsegpt(job: Job, targets: Sequence[Target], stats: MutableMapping[s
             t.out_in(t.weight), hessian, sparsity, job.nm, job.options["blocksize"],
             job.options["percdamp"], t.out_in(current[t.name]) if t.name in current else None, prepared=last[1],
         )
-        if not bool(torch.isfinite(new_weight).all()):  # checked before this layer changes (issue 14)
+        if not bool(torch.isfinite(new_weight).all()):  # checked before this layer changes: NaN must not spread
             raise ValueError(
                 f"SparseGPT produced non-finite weights for {t.name!r} (from non-finite calibration activations or "
                 f"Hessian); this layer was left unchanged. Check the model's weights and the calibration data"
@@ -180,7 +181,16 @@ def _check(problems: Problems, options: Mapping[str, Any], nm: NM, pattern: str)
         problems.add(f"blocksize {blocksize} must be a multiple of M={nm[1]} for pattern {pattern!r}")
 
 
+def sparsegpt_train_prune(target: Target, hessian: torch.Tensor, count: int, keep: Optional[torch.Tensor]) -> tuple:
+    """The train-time rule: :func:`sparsegpt_prune` of one target to exactly ``count`` pruned weights
+    (monotone with ``keep``), from a training window's Hessian; (new weight, keep-mask), stored layout."""
+    # a count k is sparsity k / numel, which the exact rounding turns back into exactly k
+    weight, kept = sparsegpt_prune(target.out_in(target.weight), hessian, count / target.numel,
+                                   keep=None if keep is None else target.out_in(keep))
+    return target.stored(weight), target.stored(kept).contiguous()
+
+
 SPARSEGPT = Method(
     "sparsegpt", statistics="hessian", options={"blocksize": 128, "percdamp": 0.01, "hessian_dtype": "float32"},
-    prune=prune_sparsegpt, check=_check, changes_weights=True,
+    prune=prune_sparsegpt, check=_check, changes_weights=True, train_prune=sparsegpt_train_prune,
 )

@@ -26,9 +26,15 @@ def wanda_scores(weight: torch.Tensor, sum_sq: torch.Tensor) -> torch.Tensor:
     return weight.detach().abs().to(torch.float32) * sum_sq.sqrt().to(device=weight.device, dtype=torch.float32).unsqueeze(0)
 
 
+def wanda_sum_sq_scores(target: Target, sum_sq: torch.Tensor) -> torch.Tensor:
+    """:func:`wanda_scores` of a target from its per-input-channel ``sum x^2``, shaped like its stored
+    weight (the train-time score, on a training window's sums)."""
+    return target.stored(wanda_scores(target.out_in(target.weight), sum_sq))
+
+
 def wanda_target_scores(target: Target, stats: ChannelStats) -> torch.Tensor:
-    """:func:`wanda_scores` of a target, shaped like its stored weight."""
-    return target.stored(wanda_scores(target.out_in(target.weight), stats.l2_sq))
+    """:func:`wanda_scores` of a target from its calibration statistics, shaped like its stored weight."""
+    return wanda_sum_sq_scores(target, stats.l2_sq)
 
 
 def wanda_adaptive_keep(scores: torch.Tensor, sparsity: float, tolerance: float = 0.001) -> torch.Tensor:
@@ -92,5 +98,5 @@ def _check(problems: Problems, options: Mapping[str, Any], nm: NM, pattern: str)
 
 WANDA = Method(
     "wanda", statistics="channel", options={"scope": "row", "adaptive": False, "alpha_tolerance": 0.001},
-    score=wanda_target_scores, prune=prune_wanda, check=_check,
+    score=wanda_target_scores, prune=prune_wanda, check=_check, train_score=wanda_sum_sq_scores,
 )

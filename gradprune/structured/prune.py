@@ -1,7 +1,7 @@
 """One-shot structured pruning: score MLP neurons, head groups and decoder layers on one calibration pass,
 then remove the least important ones physically (:func:`prune_structured`).
 
-The order is: check every argument against the model (nothing changes on an error); one whole-model
+The order (one function each) is: check every argument against the model (nothing changes on an error); one whole-model
 calibration pass with forward hooks (inputs of the MLP output projections and of ``o_proj``, and every
 block's input and output hidden states; padding excluded); scores (:mod:`gradprune.structured.metrics`);
 choice of the units; removal (:mod:`gradprune.structured.remove`). Layers are ranked on the dense model,
@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
@@ -29,100 +29,15 @@ from tqdm.auto import tqdm
 
 from ..blocks import call_model, find_causal_lm
 from ..calibration import ActivationHooks, as_batches, count_tokens, eval_mode, non_finite_statistics
+from ..masks import MaskRegistry
 from ..targets import Target
-from ..validation import Problems, check_choice, check_weights_usable, is_int, is_number
 from . import metrics
+from .checks import Amount, UnitCounts, check_arguments, check_metric_options, check_request  # noqa: F401 (re-exported)
 from .masking import mask_units_
 from .remove import Removal, apply_removal, check_removal, sizes
 from .units import Units, find_units, is_conv1d, output_rows
 
 log = logging.getLogger(__name__)
-
-SCOPES = ("layer", "global")
-Amount = Union[float, int, None]
-
-
-def _count(problems: Problems, name: str, value: Amount, total: int, unit: str) -> int:
-    """How many of ``total`` units ``value`` removes (a fraction in [0, 1] or an int count)."""
-    if value is None:
-        return 0
-    if is_int(value):
-        count = int(value)
-    elif is_number(value) and not math.isnan(value) and 0 <= value <= 1:
-        count = int(math.floor(value * total + 0.5))
-    else:
-        problems.add(f"{name} must be a fraction in [0, 1] or an int count of {unit}, got {value!r}")
-        return 0
-    if count < 0:
-        problems.add(f"{name}={value!r} is negative")
-    elif count >= total:
-        problems.add(f"{name}={value!r} would remove all {total} {unit}{' of a layer' if name != 'layers' else ''}; "
-                     f"at least one must stay")
-    return count
-
-
-def _head_groups(problems: Problems, units: Units, heads: Amount) -> int:
-    """Head groups to remove per layer: ``heads`` counts query heads, in whole groups (GQA)."""
-    if heads is None:
-        return 0
-    if units.arch.attention is None:
-        problems.add(f"heads={heads!r}: attention heads of {units.arch.name} cannot be removed: {units.arch.heads_why_not}. "
-                     f"Heads are supported for LLaMA-style models (llama, mistral, qwen2, qwen3)")
-        return 0
-    q = _count(problems, "heads", heads, units.num_heads, "attention heads")
-    r = units.group_size
-    if q % r:
-        valid = [f"{g * r} (= {g * r}/{units.num_heads})" for g in range(1, units.num_kv_heads)]
-        problems.add(f"heads={heads!r} removes {q} of {units.num_heads} query heads, which breaks grouped-query attention: "
-                     f"{units.num_heads} query heads share {units.num_kv_heads} key/value heads ({r} per KV head), so "
-                     f"whole groups of {r} must go; valid counts: {valid}")
-    return q // r
-
-
-def _metric_weights(problems: Problems, weights: Optional[Mapping[str, float]]) -> Optional[dict]:
-    if weights is None:
-        return None
-    if not isinstance(weights, Mapping):
-        problems.add(f"metric_weights must be a dict of {list(metrics.COMBINED_PARTS)} to numbers, got {weights!r}")
-        return None
-    bad = {k: v for k, v in weights.items() if k not in metrics.COMBINED_PARTS or not is_number(v) or v < 0}
-    if bad:
-        problems.add(f"metric_weights: keys must be among {list(metrics.COMBINED_PARTS)} with numbers >= 0, got {bad}")
-    return dict(weights)
-
-
-def check_metric_options(problems: Problems, metric: str, scope: str, metric_weights: Optional[Mapping[str, float]],
-                         near_zero_eps: float) -> Optional[dict]:
-    """Add the problems of the importance options (shared with the gradual structured callback); returns the
-    combined metric's weights as a dict (None: the default)."""
-    check_choice(problems, "metric", metric, metrics.NEURON_METRICS)
-    check_choice(problems, "scope", scope, SCOPES)
-    weights = _metric_weights(problems, metric_weights)
-    if metric_weights is not None and metric != "combined":
-        problems.add(f"metric_weights is only used by metric='combined', got metric={metric!r}")
-    if not is_number(near_zero_eps) or not math.isfinite(near_zero_eps) or near_zero_eps < 0:
-        problems.add(f"near_zero_eps must be a finite number >= 0, got {near_zero_eps!r}")
-    return weights
-
-
-def _check_options(problems: Problems, mlp, heads, layers, metric, scope, metric_weights, near_zero_eps) -> Optional[dict]:
-    weights = check_metric_options(problems, metric, scope, metric_weights, near_zero_eps)
-    if mlp is None and heads is None and layers is None:
-        problems.add("nothing to remove: give mlp, heads and/or layers (a fraction or a count)")
-    for name, value in (("mlp", mlp), ("heads", heads), ("layers", layers)):
-        if value is not None and not is_int(value) and not (is_number(value) and 0 <= value <= 1):
-            problems.add(f"{name} must be a fraction in [0, 1] or an int count, got {value!r}")
-    return weights
-
-
-def check_arguments(mlp: Amount = None, heads: Amount = None, layers: Amount = None, metric: str = "l2",
-                    scope: str = "layer", metric_weights: Optional[Mapping[str, float]] = None,
-                    near_zero_eps: float = 1e-2) -> None:
-    """The checks of :func:`prune_structured` that need no model (the callback's ``__init__`` runs them)."""
-    problems = Problems()
-    _check_options(problems, mlp, heads, layers, metric, scope, metric_weights, near_zero_eps)
-    problems.raise_if_any()
-
 
 @dataclass
 class UnitStatistics:
@@ -258,8 +173,6 @@ class _Undo:
         self.model, self.copy_values = model, copy_values
 
     def __enter__(self) -> "_Undo":
-        from ..masks import MaskRegistry
-
         self.modules = [(m, dict(m._parameters), dict(m._modules), dict(m._buffers),
                          {k: v for k, v in vars(m).items() if not k.startswith("_") and isinstance(v, self._PLAIN)})
                         for m in self.model.modules()]
@@ -344,99 +257,119 @@ def prune_structured(
     grouped-query attention, bad metric / scope / weights, missing calibration data.
     """
     start = time.perf_counter()
-    problems = Problems()
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    units = find_units(model)
-    weights = _check_options(problems, mlp, heads, layers, metric, scope, metric_weights, near_zero_eps)
-    n_layers = len(units.blocks)
-    drop_layers = _count(problems, "layers", layers, n_layers, "decoder layers")
-    drop_neurons = _count(problems, "mlp", mlp, units.blocks[0].neurons, "MLP neurons")
-    drop_groups = _head_groups(problems, units, heads)
-    if statistics is not None:
-        missing = [kind for kind, need, have in (("mlp", drop_neurons, statistics.mlp), ("heads", drop_groups, statistics.heads),
-                                                 ("block_influence", drop_layers, statistics.block_influence)) if need and not have]
-        if missing or statistics.layers != n_layers:
-            problems.add(f"statistics= do not fit this call: missing {missing}, taken on a model of {statistics.layers} "
-                         f"layers, this one has {n_layers}")
-    elif calibration is None:
-        problems.add("calibration data is required (an iterable of input_ids tensors or batch dicts), or statistics= "
-                     "from gradprune.structured.unit_statistics")
-    check_weights_usable(problems, model)
-    problems.raise_if_any()
+    units, weights, counts = check_request(model, calibration, mlp, heads, layers, metric, scope, metric_weights,
+                                            near_zero_eps, statistics)
     before_sizes, before_params = sizes(model), parameter_count(model)
 
     t0 = time.perf_counter()
     if statistics is None:
-        statistics = unit_statistics(model, calibration, drop_neurons > 0, drop_groups > 0, drop_layers > 0,
+        statistics = unit_statistics(model, calibration, counts.neurons > 0, counts.groups > 0, counts.layers > 0,
                                      near_zero_eps, lm, reduce, progress)
-    mlp_stats, head_stats, bi = statistics.mlp, statistics.heads, statistics.block_influence
     calibration_s = time.perf_counter() - t0
-    bad = [f"layer {i} {kind}: {entry}" for kind, per_layer in (("mlp", mlp_stats), ("heads", head_stats))
+    _check_finite(statistics)
+
+    plan = plan_removal(units, statistics, counts, metric, scope, weights, mlp, heads)
+    with _Undo(model, copy_values=bool(plan.mlp_extra or plan.head_extra)):  # any failure below puts the model back
+        t0 = time.perf_counter()
+        masked = apply_plan(model, units, plan)
+        removal_s = time.perf_counter() - t0
+        report = removal_report(model, plan, counts, statistics, masked, before_sizes, before_params, metric, scope)
+    report["time"] = {"calibration_s": calibration_s, "removal_s": removal_s, "total_s": time.perf_counter() - start}
+    log.info("structured pruning: %s -> %s, parameters %d -> %d", before_sizes, report["sizes_after"], before_params,
+             report["parameters_after"])
+    return report
+
+
+def _check_finite(statistics: UnitStatistics) -> None:
+    """ValueError naming the layers whose calibration statistics hold NaN or inf: units would be chosen by NaN
+    scores (nothing has changed yet)."""
+    bad = [f"layer {i} {kind}: {entry}" for kind, per_layer in (("mlp", statistics.mlp), ("heads", statistics.heads))
            for i, stats in per_layer.items() for entry in non_finite_statistics({"input": stats})]
-    bad += [f"layer {i}: block influence {v}" for i, v in enumerate(bi) if not math.isfinite(v)]
+    bad += [f"layer {i}: block influence {v}" for i, v in enumerate(statistics.block_influence) if not math.isfinite(v)]
     if bad:
         raise ValueError(f"prune_structured: non-finite (NaN or inf) calibration statistics in {bad[:5]}"
                          f"{' ...' if len(bad) > 5 else ''}: the activations overflowed or hold NaN (check the weights and "
                          "the calibration data); units would be chosen by NaN scores, so nothing was removed")
 
+
+@dataclass
+class RemovalPlan:
+    """What :func:`apply_plan` does: the units to remove (a :class:`Removal`), the blocks that stay (original
+    indices) and, with scope "global", the units masked in place beyond the uniform count of every layer."""
+
+    removal: Removal
+    kept: list[int]
+    mlp_extra: dict = field(default_factory=dict)
+    head_extra: dict = field(default_factory=dict)
+
+
+def plan_removal(units: Units, statistics: UnitStatistics, counts: UnitCounts, metric: str, scope: str,
+                 weights: Optional[dict], mlp: Amount = None, heads: Amount = None) -> RemovalPlan:
+    """The units to remove, from the statistics: the decoder layers of lowest block influence, then in the
+    layers that stay the least important MLP neurons (by ``metric``) and head groups (by output L2 norm), per
+    layer or over the model (``scope``). Checked (:func:`check_removal`) but not applied; ValueError if
+    scope "global" would empty a layer (``mlp`` / ``heads`` name the request in the message)."""
     removal = Removal()
-    if drop_layers:
-        removal.layers = sorted(torch.sort(torch.tensor(bi), stable=True).indices[:drop_layers].tolist())
+    if counts.layers:
+        order = torch.sort(torch.tensor(statistics.block_influence), stable=True).indices
+        removal.layers = sorted(order[:counts.layers].tolist())
     kept = [b for b in units.blocks if b.index not in set(removal.layers)]
     mlp_extra = head_extra = {}
-    if drop_neurons:
-        scores = {b.index: metrics.neuron_importance(metric, mlp_stats[b.index], output_rows(b.mlp_out), weights).cpu()
+    if counts.neurons:
+        scores = {b.index: metrics.neuron_importance(metric, statistics.mlp[b.index], output_rows(b.mlp_out), weights).cpu()
                   for b in kept}
-        removal.mlp_keep, mlp_extra = _split_uniform(_lowest(scores, drop_neurons, scope), scores)
-    if drop_groups:
+        removal.mlp_keep, mlp_extra = _split_uniform(_lowest(scores, counts.neurons, scope), scores)
+    if counts.groups:
         channels = units.group_size * units.head_dim
-        scores = {b.index: metrics.head_group_importance(head_stats[b.index].sum_sq, channels).cpu() for b in kept}
-        chosen = _lowest(scores, drop_groups, scope)
+        scores = {b.index: metrics.head_group_importance(statistics.heads[b.index].sum_sq, channels).cpu() for b in kept}
+        chosen = _lowest(scores, counts.groups, scope)
         if any(bool(c.all()) for c in chosen.values()):
             raise ValueError(f"scope='global' with heads={heads!r} would remove every head of a layer; use scope='layer' "
                              f"or fewer heads")
         removal.heads_keep, head_extra = _split_uniform(chosen, scores)
-    if drop_neurons and scope == "global":
+    if counts.neurons and scope == "global":
         full = [b for b in removal.mlp_keep if len(removal.mlp_keep[b]) == int(mlp_extra[b].sum())]
         if full:
             raise ValueError(f"scope='global' with mlp={mlp!r} would remove every MLP neuron of layers {full}; use "
                              f"scope='layer' or a smaller amount")
     check_removal(units, removal)
+    return RemovalPlan(removal, [b.index for b in kept], mlp_extra, head_extra)
 
-    with _Undo(model, copy_values=bool(mlp_extra or head_extra)):  # any failure below puts the model back
-        t0 = time.perf_counter()
-        apply_removal(model, removal, units)
-        masked_units = find_units(model) if (mlp_extra or head_extra) else None
-        renumber = {old: new for new, old in enumerate(b.index for b in kept)}
-        masked_mlp = int(sum(int(e.sum()) for e in mlp_extra.values()))
-        masked_heads = int(sum(int(e.sum()) for e in head_extra.values()))
-        if masked_units is not None:
-            _mask_extra(model, masked_units, {renumber[b]: e for b, e in mlp_extra.items()},
-                        {renumber[b]: e for b, e in head_extra.items()})
-        removal_s = time.perf_counter() - t0
 
-        after = sizes(model)
-        report = {
-            "removed": {
-                "mlp_per_layer": before_sizes["intermediate_size"] - after["intermediate_size"] if drop_neurons else 0,
-                "mlp_masked": masked_mlp,
-                "head_groups_per_layer": (before_sizes["num_key_value_heads"] or 0) - (after["num_key_value_heads"] or 0)
-                if drop_groups else 0,
-                "query_heads_per_layer": before_sizes["num_attention_heads"] - after["num_attention_heads"] if drop_groups else 0,
-                "heads_masked": masked_heads,
-                "layers": list(removal.layers),
-            },
-            "sizes_before": before_sizes,
-            "sizes_after": after,
-            "parameters_before": before_params,
-            "parameters_after": parameter_count(model),
-            "block_influence": list(bi),
-            "metric": metric,
-            "scope": scope,
-            "calibration": {"tokens": statistics.tokens},
-            "time": {"calibration_s": calibration_s, "removal_s": removal_s, "total_s": time.perf_counter() - start},
-        }
-    log.info("structured pruning: %s -> %s, parameters %d -> %d", before_sizes, after, before_params,
-             report["parameters_after"])
-    return report
+def apply_plan(model: nn.Module, units: Units, plan: RemovalPlan) -> dict[str, int]:
+    """Remove the planned units from ``model`` in place and mask the extra ones (renumbered to the blocks
+    that stay); returns how many were masked: ``{"mlp": MLP neurons, "heads": head groups}``."""
+    apply_removal(model, plan.removal, units)
+    masked_units = find_units(model) if (plan.mlp_extra or plan.head_extra) else None
+    renumber = {old: new for new, old in enumerate(plan.kept)}
+    masked = {"mlp": int(sum(int(e.sum()) for e in plan.mlp_extra.values())),
+              "heads": int(sum(int(e.sum()) for e in plan.head_extra.values()))}
+    if masked_units is not None:
+        _mask_extra(model, masked_units, {renumber[b]: e for b, e in plan.mlp_extra.items()},
+                    {renumber[b]: e for b, e in plan.head_extra.items()})
+    return masked
+
+
+def removal_report(model: nn.Module, plan: RemovalPlan, counts: UnitCounts, statistics: UnitStatistics,
+                   masked: dict[str, int], before_sizes: dict, before_params: int, metric: str, scope: str) -> dict:
+    """The report of :func:`prune_structured` (all but ``time``) on the model after :func:`apply_plan`."""
+    after = sizes(model)
+    return {
+        "removed": {
+            "mlp_per_layer": before_sizes["intermediate_size"] - after["intermediate_size"] if counts.neurons else 0,
+            "mlp_masked": masked["mlp"],
+            "head_groups_per_layer": (before_sizes["num_key_value_heads"] or 0) - (after["num_key_value_heads"] or 0)
+            if counts.groups else 0,
+            "query_heads_per_layer": before_sizes["num_attention_heads"] - after["num_attention_heads"] if counts.groups else 0,
+            "heads_masked": masked["heads"],
+            "layers": list(plan.removal.layers),
+        },
+        "sizes_before": before_sizes,
+        "sizes_after": after,
+        "parameters_before": before_params,
+        "parameters_after": parameter_count(model),
+        "block_influence": list(statistics.block_influence),
+        "metric": metric,
+        "scope": scope,
+        "calibration": {"tokens": statistics.tokens},
+    }
