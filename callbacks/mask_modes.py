@@ -111,7 +111,8 @@ class LearnedMasks(MaskMode):
 
     From ``start_step`` to ``end_step`` (the freeze step) every group of M consecutive input weights carries
     logits over its candidate masks; each training forward samples a mask per group (Gumbel-softmax), and
-    the logits learn from the loss by their own Adam. Validation uses every group's most likely mask. At
+    the logits learn from the loss by their own Adam. A forward without grad (validation) uses every group's
+    most likely mask. At
     ``end_step`` that mask is applied and held: exactly N:M on every target. Events in between log how many
     mask positions changed since the previous one.
 
@@ -319,7 +320,9 @@ class LearnedMasks(MaskMode):
 
     def _masked_weight(self, target: Target) -> torch.Tensor:
         logits = self._logits[target.name]
-        if target.module.training:
+        # sample where the loss will be differentiated (a training step), not by the module's train flag: a
+        # model from from_pretrained stays in eval mode under Lightning, and validation runs without grad
+        if torch.is_grad_enabled():
             grouped = sample_mask(logits, self._candidates, self._temperature(), self._scale(), self.hard,
                                   self._generator)
         else:

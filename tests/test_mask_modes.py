@@ -111,6 +111,18 @@ def test_learned_masks_are_exactly_n_m_at_every_event_and_held_after_the_freeze(
     assert events.metrics[2]["masks/temperature"] == pytest.approx(1.0 + (0.5 - 1.0) * 2 / 6)
 
 
+def test_masks_are_sampled_in_training_steps_of_a_model_in_eval_mode(tmp_path):
+    """from_pretrained returns a model in eval mode and Lightning keeps a submodule's mode: the logits must learn
+    all the same (they once did not, and the masks never left the prior)."""
+    module = PlainLM(lr=1e-2)
+    module.model.eval()
+    gradual = learned("magnitude", logit_lr=0.5, logit_scale=(1.0, 1.0))
+    events = AtEvents(gradual)
+    trainer(tmp_path, max_steps=9, callbacks=[gradual, events]).fit(module, token_loader())
+    assert not module.model.training
+    assert 0.0 < events.metrics[4]["masks/flip_rate"] < 1.0
+
+
 def test_prior_of_infinite_strength_with_frozen_weights_is_the_oneshot_model(tmp_path):
     """lr 0 and train_weights=False: only the masks could change, and an infinite prior never lets them."""
     module = PlainLM(lr=0.0)
