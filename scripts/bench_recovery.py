@@ -196,14 +196,21 @@ def summarize(records: list[dict]) -> list[dict]:
         ppl = [r["ppl"] for r in rs]
         summary.append({"label": rs[0]["label"], "row": row, "target": target, "pattern": pattern, "steps": steps,
                         "seeds": sorted(r.get("seed", 0) for r in rs), "mean": statistics.mean(ppl),
-                        "std": statistics.stdev(ppl) if len(ppl) > 1 else float("nan")})
+                        "std": statistics.stdev(ppl) if len(ppl) > 1 else float("nan"),
+                        "by_seed": {r.get("seed", 0): r["ppl"] for r in rs}})
     for g in summary:
         baselines = [b for b in summary if b["row"].startswith("oneshot") and b["row"].endswith("-kd")
                      and (b["target"], b["pattern"], b["steps"]) == (g["target"], g["pattern"], g["steps"])]
         if g["row"].startswith("oneshot") or not baselines:
             continue
         best = min(baselines, key=lambda b: b["mean"])
-        g["margin_pct"] = 100 * (best["mean"] - g["mean"]) / best["mean"]
+        # the seed also picks the held-out files, so rows compare seed by seed: the margin of each shared seed
+        shared = sorted(set(g["by_seed"]) & set(best["by_seed"]))
+        margins = [100 * (best["by_seed"][seed] - g["by_seed"][seed]) / best["by_seed"][seed] for seed in shared]
+        if margins:
+            g["margin_pct"] = statistics.mean(margins)
+            g["margin_sd"] = statistics.stdev(margins) if len(margins) > 1 else float("nan")
+            g["margin_seeds"] = shared
         g["margin_std"] = (best["mean"] - g["mean"]) / max(g["std"], best["std"])
         g["baseline"] = best["label"]
     return summary
@@ -215,10 +222,12 @@ def print_summary(results: Path) -> None:
     rows = [g for g in summarize(records) if len(g["seeds"]) > 1]
     if not rows:
         return
-    print("\n| run | target | steps | seeds | held-out ppl, mean +/- std | margin over the best one-shot + KD |")
+    print("\n| run | target | steps | seeds | held-out ppl, mean +/- std | margin over the best one-shot + KD, "
+          "seed by seed: mean +/- std (seeds) |")
     print("|---|---|---|---|---|---|")
     for g in rows:
-        margin = (f"{g['margin_pct']:+.1f}% ({g['margin_std']:+.1f} std)" if "margin_pct" in g else "-")
+        margin = (f"{g['margin_pct']:+.1f}% +/- {g['margin_sd']:.1f}% ({', '.join(map(str, g['margin_seeds']))})"
+                  if "margin_pct" in g else "-")
         print(f"| {g['label']} | {g['target']:.0%} {g['pattern']} | {g['steps']} | {', '.join(map(str, g['seeds']))} | "
               f"{g['mean']:.2f} +/- {g['std']:.2f} | {margin} |")
 
@@ -293,8 +302,9 @@ def main() -> None:
     parser.add_argument("--initial-sparsity", type=float, default=0.0,
                         help="the gradual rows' sparsity at step 0 (pruned at step 0 by the calibration rows)")
     parser.add_argument("--seed", type=int, default=0,
-                        help="order of the training batches, the calibration windows and the initialisation seed "
-                             "(the held-out files do not change); rows of different seeds are compared seed by seed")
+                        help="order of the files (and so which files are held out), of the training batches, the "
+                             "calibration windows and the initialisation seed: rows of different seeds are compared "
+                             "seed by seed")
     parser.add_argument("--seeds", type=int, nargs="*", default=None,
                         help="run every row once per seed (e.g. --seeds 0 1 2); the summary gives mean +/- std per row")
     parser.add_argument("--prior-strength", type=float, default=3.0, help="learned rows: LearnedMasks(prior_strength)")
