@@ -65,7 +65,7 @@ def tidy_progress_bar(trainer: pl.Trainer) -> None:
     -1, no epoch limit): make it read "Epoch 0" there. Called when a gradprune callback is set up."""
     from lightning.pytorch.callbacks import RichProgressBar
 
-    bar = trainer.progress_bar_callback
+    bar = getattr(trainer, "progress_bar_callback", None)  # a stand-in trainer (tests) may have none
     if not isinstance(bar, RichProgressBar) or getattr(bar, "_gradprune_tidy", False):
         return
     describe = bar._get_train_description
