@@ -426,7 +426,9 @@ class GradualPruningCallback(ScheduledEvents, CalibrationDraw, PruningCallback):
         current = registry.sparsity(self._targets)
         scorer = get_scorer(self.scorer)
         weights = None
-        if self.mode is not None:
+        if self.mode is not None and target <= 0 and self.mode.sparsity() is None:
+            new = None  # a ramp from 0: the mode has nothing to prune (and no statistics before step 0) yet
+        elif self.mode is not None:
             self._ready_statistics(trainer)
             self.mode.event(self, trainer, pl_module, step, target)
             new = None

@@ -155,14 +155,19 @@ def test_dynamic_masks_are_chosen_afresh_exactly_and_frozen_at_end_step(tmp_path
         assert (t.weight[~registry.masks[t.name]] == 0).all() and nm_exact(registry.masks[t.name])
 
 
-def test_dynamic_unstructured_masks_follow_the_schedule_exactly(tmp_path):
+@pytest.mark.parametrize("initial, start", [(0.3, 1), (0.0, 0)])  # (0, 0): a ramp from step 0, no batch before it
+def test_dynamic_unstructured_masks_follow_the_schedule_exactly(tmp_path, initial, start):
     module = PlainLM(lr=1e-2)
-    gradual = GradualPruningCallback(0.7, schedule="linear", initial_sparsity=0.3, start_step=1, end_step=5, every=2,
-                                     scorer="wanda", scope="row", stat_batches=2, mode=DynamicMasks())
+    gradual = GradualPruningCallback(0.7, schedule="linear", initial_sparsity=initial, start_step=start, end_step=5,
+                                     every=2, scorer="wanda", scope="row", stat_batches=2, mode=DynamicMasks())
     events = AtEvents(gradual)
     trainer(tmp_path, max_steps=7, callbacks=[gradual, events]).fit(module, token_loader())
+    assert sorted(events.masks) == ([1, 3, 5] if start else [0, 2, 4, 5])
     for step, masks in events.masks.items():
         target = gradual.schedule.sparsity_at(step)
+        if target == 0:  # the ramp's step-0 event: nothing to prune yet, the model stays dense
+            assert not masks
+            continue
         for t in gradual.targets:
             rows = masks[t.name].reshape(t.weight.shape)
             per_row = (~rows).sum(dim=1)
