@@ -143,6 +143,9 @@ def run_row(name: str, args, dense, dm) -> dict:
         "prior_strength": args.prior_strength, "logit_scale": args.logit_scale, "temperature": args.temperature,
         "logit_lr": args.logit_lr, "sr_decay": args.sr_decay,
         "first_event_prunes": True,  # rows recorded before this key existed skipped an initial_sparsity > 0 event
+        # learned rows: the prior's mask on the dense weights ("updated": rows that kept SparseGPT's updated weights)
+        # and SparseGPT's weight update with the learned masks at the freeze step
+        "prior_weights": "dense", "reconstruct": True,
     }
 
 
@@ -167,6 +170,10 @@ def print_table(results: Path) -> None:
         if r["row"].startswith(("learned", "dynamic")):
             settings = (f", scale {r['logit_scale'][0]:g}->{r['logit_scale'][1]:g}, temperature {r['temperature'][0]:g}->"
                         f"{r['temperature'][1]:g}, logit lr {r['logit_lr']:g}" if r["row"].startswith("learned") else "")
+            if r["row"].startswith("learned") and r.get("prior_weights") == "updated":  # before the prior fix
+                settings += ", SparseGPT's updated weights kept under the learned masks"
+            elif r.get("reconstruct"):
+                settings += ", SparseGPT's update with the learned masks at the freeze"
             ramp = f"masks chosen by training to step {round(r['end_fraction'] * r['steps'])}, then frozen{settings}"
         ratio = f"{r['ppl'] / dense[-1]['ppl']:.2f}" if dense else ""
         step = "" if r["s_per_step"] is None else f"{r['s_per_step']:.2f}"
@@ -185,7 +192,7 @@ def summarize(records: list[dict]) -> list[dict]:
         if r["row"] == "dense":
             continue
         ramp = ("every", "end_fraction", "schedule", "exponent", "initial_sparsity", "first_event_prunes", "stat_batches")
-        learned = ("prior_strength", "logit_scale", "temperature", "logit_lr")
+        learned = ("prior_strength", "logit_scale", "temperature", "logit_lr", "prior_weights", "reconstruct")
         keys = () if r["row"].startswith("oneshot") else ramp + (learned if r["row"].startswith("learned") else ())
         extra = tuple(str(r.get(k)) for k in keys)
         group = groups.setdefault((r["row"], r["sparsity_target"], r["pattern"], r["steps"], extra), {})
@@ -308,7 +315,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="*", default=None,
                         help="run every row once per seed (e.g. --seeds 0 1 2); the summary gives mean +/- std per row")
     parser.add_argument("--prior-strength", type=float, default=3.0, help="learned rows: LearnedMasks(prior_strength)")
-    parser.add_argument("--logit-scale", type=float, nargs=2, default=[2.0, 6.0], help="learned rows: start, end")
+    parser.add_argument("--logit-scale", type=float, nargs=2, default=[4.0, 12.0], help="learned rows: start, end")
     parser.add_argument("--temperature", type=float, nargs=2, default=[1.0, 0.5], help="learned rows: start, end")
     parser.add_argument("--logit-lr", type=float, default=0.1, help="learned rows: Adam learning rate of the logits")
     parser.add_argument("--sr-decay", type=float, default=2e-4, help="dynamic rows: SR-STE decay of pruned weights")
