@@ -284,4 +284,4 @@ def test_learned_2of4_config_gives_the_gradual_callback_a_learned_masks_mode():
     assert gradual.init_args.pattern == "2:4" and gradual.init_args.final_sparsity == 0.5
     assert gradual.init_args.mode.class_path == "gradprune.callbacks.LearnedMasks"
     assert gradual.init_args.mode.init_args.prior == "sparsegpt"
-    assert tuple(gradual.init_args.mode.init_args.logit_scale) == (2.0, 6.0)
+    assert tuple(gradual.init_args.mode.init_args.logit_scale) == (4.0, 12.0)
