@@ -8,6 +8,7 @@ from .mask_modes import DynamicMasks, LearnedMasks, MaskMode
 from .monitor import SparsityMonitor
 from .oneshot import MagnitudePruningCallback, RIAPruningCallback, SparseGPTPruningCallback, WandaPruningCallback
 from .structured import GradualStructuredPruningCallback, StructuredPruningCallback
+from .task_eval import TaskEvalCallback
 
 __all__ = [
     "GradualPruningCallback",
@@ -21,5 +22,6 @@ __all__ = [
     "SparseGPTPruningCallback",
     "SparsityMonitor",
     "StructuredPruningCallback",
+    "TaskEvalCallback",
     "WandaPruningCallback",
 ]

@@ -242,15 +242,17 @@ def test_help_lists_only_the_working_subcommands_without_importing_torch():
     import sys
 
     from gradprune.cli import SUBCOMMANDS
+    from gradprune.subcommands import OWN_SUBCOMMANDS
 
     code = ("import sys\nfrom gradprune.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit as e:\n"
             "    assert e.code == 0\nprint('TORCH' if 'torch' in sys.modules else 'NO TORCH')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     usage = done.stdout.splitlines()[0]
-    assert usage == "usage: gradprune [-h] [-c CONFIG] {fit,validate} ..."
+    assert usage == "usage: gradprune [-h] [-c CONFIG] {fit,validate,evaluate} ..."
     assert "test" not in done.stdout.split("subcommands:")[1].split("options:")[0]
     assert "predict" not in done.stdout and done.stdout.rstrip().endswith("NO TORCH")
-    assert set(GradpruneCLI.subcommands()) == set(SUBCOMMANDS) == {"fit", "validate"}
+    assert set(GradpruneCLI.subcommands()) == set(SUBCOMMANDS) - set(OWN_SUBCOMMANDS) == {"fit", "validate"}
+    assert OWN_SUBCOMMANDS == ("evaluate",)
 
 
 def test_the_test_subcommand_is_refused_by_the_parser(capsys):
