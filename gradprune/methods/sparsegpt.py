@@ -64,6 +64,73 @@ def block_count(share: int, pruned_before: int, room: int) -> int:
     return max(pruned_before, min(share, room))
 
 
+def nm_selector(n: int, m: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, base)`` that turn the pairwise comparisons of a group's ``m`` scores into ``n - rank``: with
+    ``le[j, k] = [s_k <= s_j]`` (flattened to ``m * m`` rows, one column per weight row),
+    ``base + A @ le`` is ``n`` minus each score's rank in the order of a stable sort (ties to the lower column).
+
+    The rank of ``s_j`` is the number of scores before it: ``s_k <= s_j`` for ``k < j`` and ``s_k < s_j`` for
+    ``k > j``, which is ``1 - le[k, j]`` (no NaN). So ``rank_j = sum_{k<j} le[j, k] - sum_{k>j} le[k, j] + (m - 1 - j)``,
+    a fixed linear map of ``le``: exact in float32, since every term is a small integer."""
+    a = torch.zeros(m, m, m)
+    for j in range(m):
+        a[j, j, :j] = -1.0  # -le[j, k], k < j
+        a[j, j + 1:, j] = 1.0  # +le[k, j], k > j
+    base = n - (m - 1) + torch.arange(m, dtype=torch.float32)
+    return a.reshape(m, m * m).to(device), base.unsqueeze(1).to(device)
+
+
+def nm_block(W1: torch.Tensor, Hinv1: torch.Tensor, nm: tuple[int, int], Err1: torch.Tensor,
+             keep1_before: Optional[torch.Tensor], selectors: dict) -> torch.Tensor:
+    """The N:M column loop of one block, in the transposed layout (``W1[i]`` is column ``i``), one group of M
+    columns at a time. Fills ``Err1`` (each column's pruned weights over ``Hinv1[i, i]``), leaves ``W1`` with the
+    block's updated weights (pruned ones not yet zeroed) and returns the block's pruned mask, transposed.
+
+    The same arithmetic as the column-by-column loop, in a few operations per group instead of a few per column
+    plus a sort per group:
+
+    - the group's mask is chosen from ``w^2 / d^2`` of its columns as the earlier groups have updated them, each
+      row's N lowest with ties to the lower column, by ranking the scores with their pairwise comparisons
+      (:func:`nm_selector`: one comparison, one matrix product);
+    - the errors of the group's columns, which the column loop gets one column at a time
+      (``e_j = s_j (w_j - sum_{k<j} Hinv1[k, j] e_k)`` with ``s_j = pruned / d_j``), are that recursion run on the
+      whole group at once: only pruned columns have an error, a row has N of them in a group, so N passes of
+      ``e = s (w - U^T e)`` (``U`` the group's strictly upper part of ``Hinv1``) reach the column loop's values;
+    - the group's errors update its own and the block's later columns in one rank-M product, as the column loop's
+      M rank-1 updates do.
+
+    Only the order of float roundings in the sums differs from the column loop."""
+    n, m_full = nm
+    width, rows = W1.shape
+    strict_t = Hinv1.triu(1).t()  # strict_t[j, k] = Hinv1[k, j] for k < j: the earlier columns' effect on column j
+    scores = torch.empty(m_full, rows, dtype=W1.dtype, device=W1.device)
+    pairs = torch.empty(m_full * m_full * rows, dtype=W1.dtype, device=W1.device)
+    passing = torch.empty(m_full, rows, dtype=W1.dtype, device=W1.device)
+    chosen = torch.empty_like(W1)  # 1.0 where pruned
+    scale = torch.empty_like(W1)  # pruned / d
+    d = Hinv1.diagonal().unsqueeze(1)
+    inv_d2 = d.square().reciprocal()
+    for a in range(0, width, m_full):
+        b = min(a + m_full, width)
+        m = b - a
+        if m not in selectors:
+            selectors[m] = nm_selector(n, m, W1.device)
+        select, base = selectors[m]
+        s = torch.square(W1[a:b], out=scores[:m]).mul_(inv_d2[a:b])
+        if keep1_before is not None:
+            s.masked_fill_(~keep1_before[a:b], float("-inf"))  # weights an earlier mask pruned go first
+        le = torch.le(s.unsqueeze(0), s.unsqueeze(1), out=pairs[:m * m * rows].view(m, m, rows))  # [s_k <= s_j]
+        # n - rank, clamped to 0..1: 1 for the n lowest of each row
+        torch.addmm(base, select, le.view(m * m, rows), out=chosen[a:b]).clamp_(0.0, 1.0)
+        torch.div(chosen[a:b], d[a:b], out=scale[a:b])
+        err = torch.mul(W1[a:b], scale[a:b], out=Err1[a:b])
+        for _ in range(min(n, m) - 1):
+            torch.addmm(W1[a:b], strict_t[a:b, a:b], err, alpha=-1, out=passing[:m])
+            torch.mul(passing[:m], scale[a:b], out=err)
+        W1[a:].addmm_(Hinv1[a:b, a:].t(), err, alpha=-1)  # W1[:, a:] -= err Hinv1[a:b, a:], in the transposed layout
+    return chosen != 0
+
+
 def sparsegpt_prune(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -104,6 +171,7 @@ def sparsegpt_prune(
 
     done, total = 0, exact_count(sparsity, rows * columns)
     # pruned before, per column block: each block prunes at least these, so masks only grow
+    selectors: dict = {}  # group width -> nm_selector's pair, built once per call
     before = ([0] * -(-columns // blocksize) if keep_before is None else
               [int((~keep_before[:, i:i + blocksize]).sum()) for i in range(0, columns, blocksize)])
     for b, i1 in enumerate(range(0, columns, blocksize)):
@@ -118,23 +186,12 @@ def sparsegpt_prune(
             k = block_count(exact_count(sparsity, rows * i2) - done, before[b], total - done - sum(before[b + 1:]))
             pruned1 = ~drop_lowest(block_scores(W1.t(), d, slice(i1, i2)), k).t()
             scale = pruned1 / d.unsqueeze(1)
+            for i in range(i2 - i1):
+                err = torch.mul(W1[i], scale[i], out=Err1[i])
+                W1[i:].addr_(Hinv1[i, i:], err, alpha=-1)  # W1[:, i:] -= err Hinv1[i, i:], in the transposed layout
         else:
-            pruned1 = torch.zeros_like(W1, dtype=torch.bool)  # transposed too: pruned1[i] is column i
-            scale = torch.empty_like(W1)
-            inv_d2 = d.square().reciprocal().unsqueeze(1)
-            buffer = torch.empty(nm[1], rows, dtype=W.dtype, device=W.device)
-        for i in range(i2 - i1):
-            if nm is not None and i % nm[1] == 0:
-                # each row's N lowest w^2 / d^2 of the group, on the weights as updated so far, ties to the
-                # lower column (drop_lowest_per_row's rule, by a stable sort); earlier-pruned weights first
-                group = slice(i, i + nm[1])
-                scores = torch.square(W1[group], out=buffer).mul_(inv_d2[group])
-                if keep_before is not None:
-                    scores.masked_fill_(~keep_before[:, i1 + i:i1 + i + nm[1]].t(), float("-inf"))
-                pruned1[group].scatter_(0, scores.sort(dim=0, stable=True).indices[:nm[0]], True)
-                torch.div(pruned1[group], d[group].unsqueeze(1), out=scale[group])
-            err = torch.mul(W1[i], scale[i], out=Err1[i])
-            W1[i:].addr_(Hinv1[i, i:], err, alpha=-1)  # W1[:, i:] -= err Hinv1[i, i:], in the transposed layout
+            keep1_before = None if keep_before is None else keep_before[:, i1:i2].t()
+            pruned1 = nm_block(W1, Hinv1, nm, Err1, keep1_before, selectors)
         keep1 = ~pruned1.t()
         W[:, i1:i2] = W1.t().masked_fill(~keep1, 0.0)
         W[:, i2:].addmm_(Err1.t(), hinv[i1:i2, i2:], alpha=-1)
