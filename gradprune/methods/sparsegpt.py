@@ -80,8 +80,28 @@ def nm_selector(n: int, m: int, device: torch.device) -> tuple[torch.Tensor, tor
     return a.reshape(m, m * m).to(device), base.unsqueeze(1).to(device)
 
 
-def nm_block(W1: torch.Tensor, Hinv1: torch.Tensor, nm: tuple[int, int], Err1: torch.Tensor,
-             keep1_before: Optional[torch.Tensor], selectors: dict) -> torch.Tensor:
+class NMWorkspace:
+    """The buffers of :func:`nm_block`, allocated once per layer (every block reuses them) and sized for the
+    widest block, with each group's views made once: the per-group work is then only the arithmetic."""
+
+    def __init__(self, nm: tuple[int, int], blocksize: int, rows: int, like: torch.Tensor):
+        self.n, self.m = nm
+        empty = dict(dtype=like.dtype, device=like.device)
+        self.chosen = torch.empty(blocksize, rows, **empty)  # 1.0 where pruned, 0.0 where kept
+        self.scale = torch.empty(blocksize, rows, **empty)  # chosen / d: each column's error per pruned weight
+        self.scores = torch.empty(self.m, rows, **empty)
+        self.pairs = torch.empty(self.m * self.m * rows, **empty)
+        self.passing = torch.empty(self.m, rows, **empty)
+        self.selectors: dict = {}  # group width -> nm_selector's pair
+
+    def selector(self, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if m not in self.selectors:
+            self.selectors[m] = nm_selector(self.n, m, self.chosen.device)
+        return self.selectors[m]
+
+
+def nm_block(W1: torch.Tensor, Hinv1: torch.Tensor, Err1: torch.Tensor, keep1_before: Optional[torch.Tensor],
+             work: NMWorkspace) -> torch.Tensor:
     """The N:M column loop of one block, in the transposed layout (``W1[i]`` is column ``i``), one group of M
     columns at a time. Fills ``Err1`` (each column's pruned weights over ``Hinv1[i, i]``), leaves ``W1`` with the
     block's updated weights (pruned ones not yet zeroed) and returns the block's pruned mask, transposed.
@@ -100,35 +120,31 @@ def nm_block(W1: torch.Tensor, Hinv1: torch.Tensor, nm: tuple[int, int], Err1: t
       M rank-1 updates do.
 
     Only the order of float roundings in the sums differs from the column loop."""
-    n, m_full = nm
     width, rows = W1.shape
-    strict_t = Hinv1.triu(1).t()  # strict_t[j, k] = Hinv1[k, j] for k < j: the earlier columns' effect on column j
-    scores = torch.empty(m_full, rows, dtype=W1.dtype, device=W1.device)
-    pairs = torch.empty(m_full * m_full * rows, dtype=W1.dtype, device=W1.device)
-    passing = torch.empty(m_full, rows, dtype=W1.dtype, device=W1.device)
-    chosen = torch.empty_like(W1)  # 1.0 where pruned
-    scale = torch.empty_like(W1)  # pruned / d
+    n, m_full = work.n, work.m
     d = Hinv1.diagonal().unsqueeze(1)
     inv_d2 = d.square().reciprocal()
+    inv_d = d.reciprocal()  # chosen * inv_d is chosen / d exactly: its values are 0 and 1
+    strict_t = Hinv1.triu(1).t() if n > 1 else None  # strict_t[j, k] = Hinv1[k, j], k < j: earlier columns' effect
     for a in range(0, width, m_full):
         b = min(a + m_full, width)
         m = b - a
-        if m not in selectors:
-            selectors[m] = nm_selector(n, m, W1.device)
-        select, base = selectors[m]
-        s = torch.square(W1[a:b], out=scores[:m]).mul_(inv_d2[a:b])
+        select, base = work.selector(m)
+        w, chosen, scale, err = W1[a:b], work.chosen[a:b], work.scale[a:b], Err1[a:b]
+        s = torch.square(w, out=work.scores[:m]).mul_(inv_d2[a:b])
         if keep1_before is not None:
             s.masked_fill_(~keep1_before[a:b], float("-inf"))  # weights an earlier mask pruned go first
-        le = torch.le(s.unsqueeze(0), s.unsqueeze(1), out=pairs[:m * m * rows].view(m, m, rows))  # [s_k <= s_j]
+        le = torch.le(s.unsqueeze(0), s.unsqueeze(1), out=work.pairs[:m * m * rows].view(m, m, rows))  # [s_k <= s_j]
         # n - rank, clamped to 0..1: 1 for the n lowest of each row
-        torch.addmm(base, select, le.view(m * m, rows), out=chosen[a:b]).clamp_(0.0, 1.0)
-        torch.div(chosen[a:b], d[a:b], out=scale[a:b])
-        err = torch.mul(W1[a:b], scale[a:b], out=Err1[a:b])
-        for _ in range(min(n, m) - 1):
-            torch.addmm(W1[a:b], strict_t[a:b, a:b], err, alpha=-1, out=passing[:m])
-            torch.mul(passing[:m], scale[a:b], out=err)
+        torch.addmm(base, select, le.view(m * m, rows), out=chosen).clamp_(0.0, 1.0)
+        torch.mul(chosen, inv_d[a:b], out=scale)
+        torch.mul(w, scale, out=err)
+        if n > 1:
+            passing, lower = work.passing[:m], strict_t[a:b, a:b]
+            for _ in range(min(n, m) - 1):
+                torch.mul(torch.addmm(w, lower, err, alpha=-1, out=passing), scale, out=err)
         W1[a:].addmm_(Hinv1[a:b, a:].t(), err, alpha=-1)  # W1[:, a:] -= err Hinv1[a:b, a:], in the transposed layout
-    return chosen != 0
+    return work.chosen[:width] != 0
 
 
 def sparsegpt_prune(
@@ -154,7 +170,8 @@ def sparsegpt_prune(
     ``prepared`` is :func:`prepare_hessian` of ``hessian`` if the caller has it already.
 
     Every N:M pattern takes the same path, the reference's: a group's mask is chosen when the loop reaches
-    the group's first column, on the weights as the errors of the earlier columns have updated them.
+    the group's first column, on the weights as the errors of the earlier columns have updated them
+    (:func:`nm_block` does that a group at a time, with the column loop's results).
     """
     W = weight.detach().to(torch.float32).clone(memory_format=torch.contiguous_format)
     rows, columns = W.shape
@@ -170,14 +187,14 @@ def sparsegpt_prune(
         return scores
 
     done, total = 0, exact_count(sparsity, rows * columns)
+    work = NMWorkspace(nm, min(blocksize, columns), rows, W) if nm is not None else None
     # pruned before, per column block: each block prunes at least these, so masks only grow
-    selectors: dict = {}  # group width -> nm_selector's pair, built once per call
     before = ([0] * -(-columns // blocksize) if keep_before is None else
               [int((~keep_before[:, i:i + blocksize]).sum()) for i in range(0, columns, blocksize)])
     for b, i1 in enumerate(range(0, columns, blocksize)):
         i2 = min(i1 + blocksize, columns)
         # the block transposed, so that column i is the contiguous row W1[i] and the update of the columns after
-        # it is one contiguous rank-1 update: two operations per column
+        # it is one contiguous rank-1 update (unstructured: two operations per column; N:M: see nm_block)
         W1 = W[:, i1:i2].t().contiguous()
         Err1 = torch.empty_like(W1)  # Err1[i]: column i's pruned weights over Hinv1[i, i], 0 where kept
         Hinv1 = hinv[i1:i2, i1:i2]
@@ -191,7 +208,7 @@ def sparsegpt_prune(
                 W1[i:].addr_(Hinv1[i, i:], err, alpha=-1)  # W1[:, i:] -= err Hinv1[i, i:], in the transposed layout
         else:
             keep1_before = None if keep_before is None else keep_before[:, i1:i2].t()
-            pruned1 = nm_block(W1, Hinv1, nm, Err1, keep1_before, selectors)
+            pruned1 = nm_block(W1, Hinv1, Err1, keep1_before, work)
         keep1 = ~pruned1.t()
         W[:, i1:i2] = W1.t().masked_fill(~keep1, 0.0)
         W[:, i2:].addmm_(Err1.t(), hinv[i1:i2, i2:], alpha=-1)
