@@ -104,7 +104,8 @@ def main(argv=None) -> None:
                 cases[(version, step, label)] = layer(mod, name, key, nm) if name else block(mod, nm)
     if not args.no_inverse:
         cases[("now", "inverse 1536 x 1536, three steps", "-")] = lambda: three_step(hessians["down"])
-        cases[("now", "inverse 1536 x 1536, one Cholesky", "-")] = lambda: inverse_hessian_factor(hessians["down"], 0.01)
+        cases[("now", "inverse 1536 x 1536, one Cholesky", "-")] = (
+            lambda: inverse_hessian_factor(hessians["down"], 0.01))
         cases[("now", "inverse 576 x 576, three steps", "-")] = lambda: three_step(hessians["o"])
         cases[("now", "inverse 576 x 576, one Cholesky", "-")] = lambda: inverse_hessian_factor(hessians["o"], 0.01)
     for fn in cases.values():  # warm-up: first-call allocations and library loading stay out of the timings
@@ -124,7 +125,8 @@ def main(argv=None) -> None:
     for step, _, _ in steps:
         for version in versions:
             ts = {label: times[(version, step, label)] for label, _ in PATTERNS}
-            ratios = [statistics.median(a / u for a, u in zip(ts[label], ts["unstructured"])) for label in ("2:4", "4:8")]
+            ratios = [statistics.median(a / u for a, u in zip(ts[label], ts["unstructured"]))
+                      for label in ("2:4", "4:8")]
             print(f"| {version} | {step} | " + " | ".join(f"{statistics.median(t):.4f}" for t in ts.values())
                   + " | " + " | ".join(f"{r:.2f}" for r in ratios) + " |")
     if not args.no_inverse:

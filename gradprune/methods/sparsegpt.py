@@ -70,8 +70,9 @@ def nm_selector(n: int, m: int, device: torch.device) -> tuple[torch.Tensor, tor
     ``base + A @ le`` is ``n`` minus each score's rank in the order of a stable sort (ties to the lower column).
 
     The rank of ``s_j`` is the number of scores before it: ``s_k <= s_j`` for ``k < j`` and ``s_k < s_j`` for
-    ``k > j``, which is ``1 - le[k, j]`` (no NaN). So ``rank_j = sum_{k<j} le[j, k] - sum_{k>j} le[k, j] + (m - 1 - j)``,
-    a fixed linear map of ``le``: exact in float32, since every term is a small integer."""
+    ``k > j``, which is ``1 - le[k, j]`` (no NaN; NaN weights give a non-finite layer, which
+    :func:`prune_sparsegpt` refuses). So ``rank_j = sum_{k<j} le[j, k] - sum_{k>j} le[k, j] + (m - 1 - j)``, a fixed
+    linear map of ``le``: exact in float32, since every term is a small integer."""
     a = torch.zeros(m, m, m)
     for j in range(m):
         a[j, j, :j] = -1.0  # -le[j, k], k < j
@@ -82,7 +83,7 @@ def nm_selector(n: int, m: int, device: torch.device) -> tuple[torch.Tensor, tor
 
 class NMWorkspace:
     """The buffers of :func:`nm_block`, allocated once per layer (every block reuses them) and sized for the
-    widest block, with each group's views made once: the per-group work is then only the arithmetic."""
+    widest block, and the rank maps of :func:`nm_selector`, built once per group width."""
 
     def __init__(self, nm: tuple[int, int], blocksize: int, rows: int, like: torch.Tensor):
         self.n, self.m = nm
