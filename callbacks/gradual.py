@@ -46,7 +46,7 @@ import torch
 from tqdm.auto import tqdm
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from gradprune.schedules import SCHEDULE_KINDS, SparsitySchedule
+from gradprune.schedules import SCHEDULE_KINDS, SparsitySchedule, nm_step
 from gradprune.scorers import get_scorer, scorer_names
 from gradprune.selection import exact_count, select_masks, validate_selection
 from gradprune.sharding import SHARDED_SCORERS, is_sharded, placement_problem, select_sharded_masks, sharded_scores
@@ -57,7 +57,7 @@ from gradprune.methods.owl import check_lambda, monotone_counts, owl_target_coun
 from gradprune.statistics import ActivationWindow, HessianWindow, SaliencyAccumulator
 from gradprune.targets import Target, find_targets
 from gradprune.validation import (Problems, check_choice, check_number, check_pattern, check_selector, check_sparsity,
-                                  check_weights_usable, is_int)
+                                  check_weights_usable, is_int, is_number)
 
 from .base import FSDP2_NOTE, PruningCallback, apply_event, check_event_inputs
 from .events import ScheduledEvents, check_end_step, schedule_end
@@ -105,7 +105,9 @@ class GradualPruningCallback(ScheduledEvents, CalibrationDraw, PruningCallback):
         statistics: where activation and Hessian scorers get their inputs: "window" (the last
             ``stat_batches`` training micro-batches before each event) or "calibration" (at each event the
             one-shot method of the scorer's name, "wanda", "ria" or "sparsegpt", runs sequentially, block by
-            block, on ``nsamples`` calibration sequences drawn at fit start; uniform allocation only).
+            block, on ``nsamples`` calibration sequences drawn at fit start; uniform allocation only; with an
+            N:M pattern, final_sparsity must be N/M and the events step through 1:M, 2:M, ... N:M, each to
+            the largest k:M at or below the schedule's target).
         nsamples: calibration sequences of ``statistics="calibration"`` (the datamodule's
             ``calibration_batches``, else the first training batches; shared out over data-parallel ranks).
         seqlen: tokens per calibration sequence.
@@ -152,11 +154,13 @@ class GradualPruningCallback(ScheduledEvents, CalibrationDraw, PruningCallback):
         check_end_step(problems, end_step)
         check_selector(problems, "include", include)
         check_selector(problems, "exclude", exclude)
-        check_pattern(problems, pattern, "final_sparsity", final_sparsity)
+        nm = check_pattern(problems, pattern, "final_sparsity", final_sparsity)
         check_choice(problems, "allocation", allocation, ("uniform", "owl"))
-        if scorer in scorer_names() and get_scorer(scorer).prune is not None and (scope != "layer" or pattern != "unstructured"):
-            problems.add(f"scorer {scorer!r} prunes each layer to its count and updates the kept weights: use scope "
-                         f"'layer' and pattern 'unstructured', got scope={scope!r}, pattern={pattern!r}")
+        if (scorer in scorer_names() and get_scorer(scorer).prune is not None and statistics != "calibration"
+                and (scope != "layer" or pattern != "unstructured")):
+            problems.add(f"scorer {scorer!r} prunes each layer to its count from a training window and updates the kept "
+                         f"weights: use scope 'layer' and pattern 'unstructured', got scope={scope!r}, pattern={pattern!r} "
+                         "(statistics='calibration' runs the one-shot method, which takes N:M patterns too)")
         if allocation != "owl":  # unused options are checked too (issue 22): the range needs the owl mode
             check_number(problems, "owl_lambda", owl_lambda, low=0, high=0.5)
         if allocation == "owl":
@@ -179,9 +183,10 @@ class GradualPruningCallback(ScheduledEvents, CalibrationDraw, PruningCallback):
                 problems.add(f"statistics='calibration' supports allocation 'uniform' only, got allocation={allocation!r}")
             if scope == "global":  # block by block, so the whole model is never ranked at once
                 problems.add("statistics='calibration' prunes block by block: use scope 'layer' or 'row', got scope='global'")
-            if pattern != "unstructured":  # the one-shot methods take N:M only at exactly N/M, and events ramp
-                problems.add(f"statistics='calibration' supports pattern 'unstructured' only, got pattern={pattern!r}; "
-                             "use statistics='window' for N:M")
+            if nm is not None and is_number(final_sparsity) and abs(final_sparsity - nm[0] / nm[1]) > 1e-9:
+                # the one-shot methods prune N:M patterns exactly, so the events step through 1:M, 2:M, ... N:M
+                problems.add(f"statistics='calibration' with pattern {pattern!r} ends at exactly N/M: final_sparsity "
+                             f"must be {nm[0] / nm[1]:g}, got final_sparsity={final_sparsity!r}")
         self.check_calibration_arguments(problems, nsamples, seqlen, lm)  # used or not
         self.pattern, self.final_sparsity, self.allocation, self.scorer, self.statistics = (
             pattern, final_sparsity, allocation, scorer, statistics)
@@ -468,12 +473,17 @@ class GradualPruningCallback(ScheduledEvents, CalibrationDraw, PruningCallback):
         options = {"scope": self.scope} if "scope" in METHODS[self.scorer].options else {}
         if self._combine is not None:
             options["reduce"] = self._combine
+        pattern = self.pattern
         if self.pattern == "unstructured":  # every layer at exactly its count, as in the window mode; a layer
             # that earlier pruning (a one-shot callback of another scope) took past it keeps its masks, and the
             # others prune that much less, so the total stays exact
             options["counts"] = monotone_counts({t.name: _layer_count(t, target, self.scope) for t in self._targets},
                                                 _pruned_counts(masks))
-        prune_oneshot(pl_module, self.scorer, target, self.pattern, self._calibration, sequential=True,
+        else:  # the one-shot methods prune an N:M pattern exactly, so the ramp steps through k:M, k = 1 .. N
+            pattern, target = nm_step(self.pattern, target)
+            if pattern is None or _every_layer_at(masks, target, self._targets, "layer"):
+                return  # this event's target is below the next step: nothing to prune yet
+        prune_oneshot(pl_module, self.scorer, target, pattern, self._calibration, sequential=True,
                       include=[t.name for t in self._targets], lm=self.lm,
                       progress=None if trainer.is_global_zero else False, **options)
 
