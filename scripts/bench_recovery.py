@@ -150,7 +150,7 @@ def run_row(name: str, args, dense, dm) -> dict:
         "peak_extra_rss_mb": memory.extra_mb, "lr": args.lr, "every": args.every, "end_fraction": args.end_fraction,
         "stat_batches": args.stat_batches, "schedule": args.schedule, "exponent": args.exponent, "start_sparsity": args.start_sparsity, "initial_sparsity": args.initial_sparsity, "nsamples": args.nsamples, "block_size": args.block_size,
         "batch_size": args.batch_size, "val_tokens": args.val_tokens, "lora": lora,
-        "lr_used": args.lora_lr if lora else args.lr, "seed": args.seed,
+        "lr_used": args.lora_lr if lora else args.lr, "seed": args.seed, "threads": torch.get_num_threads(),
         "prior_strength": args.prior_strength, "logit_scale": args.logit_scale, "temperature": args.temperature,
         "logit_lr": args.logit_lr, "sr_decay": args.sr_decay,
         "first_event_prunes": True,  # rows recorded before this key existed skipped an initial_sparsity > 0 event
