@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
 
 from gradprune import PrunableLM, sparsity_report
 from gradprune.callbacks import (DynamicMasks, GradualPruningCallback, LearnedMasks, RIAPruningCallback,
