@@ -340,7 +340,7 @@ def main() -> None:
     parser.add_argument("--prior-strength", type=float, default=3.0, help="learned rows: LearnedMasks(prior_strength)")
     parser.add_argument("--logit-scale", type=float, nargs=2, default=[4.0, 12.0], help="learned rows: start, end")
     parser.add_argument("--temperature", type=float, nargs=2, default=[1.0, 0.5], help="learned rows: start, end")
-    parser.add_argument("--logit-lr", type=float, default=0.1, help="learned rows: Adam learning rate of the logits")
+    parser.add_argument("--logit-lr", type=float, default=0.03, help="learned rows: Adam learning rate of the logits")
     parser.add_argument("--sr-decay", type=float, default=2e-4, help="dynamic rows: SR-STE decay of pruned weights")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--task", default=None,
