@@ -167,9 +167,9 @@ def print_table(results: Path) -> None:
         print("no rows recorded yet")
         return
     records = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
-    dense = [r for r in records if r["row"] == "dense"]
+    dense = {r.get("seed", 0): r["ppl"] for r in records if r["row"] == "dense"}  # the seed picks the held-out files
     with_tasks = any(r.get("tasks") for r in records)
-    print("| run | target | ramp | held-out ppl | x dense | sparsity | steps | tokens | wall (s) | s / step | peak extra RSS (MB) |"
+    print("| run | target | ramp | held-out ppl | x dense (same seed) | sparsity | steps | tokens | wall (s) | s / step | peak extra RSS (MB) |"
           + (" task acc +/- stderr |" if with_tasks else ""))
     print("|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if with_tasks else ""))
     for r in records:
@@ -190,7 +190,8 @@ def print_table(results: Path) -> None:
             elif r.get("reconstruct"):
                 settings += ", SparseGPT's update with the learned masks at the freeze"
             ramp = f"masks chosen by training to step {round(r['end_fraction'] * r['steps'])}, then frozen{settings}"
-        ratio = f"{r['ppl'] / dense[-1]['ppl']:.2f}" if dense else ""
+        seed = r.get("seed", 0)
+        ratio = f"{r['ppl'] / dense[seed]:.2f}" if seed in dense else ""
         step = "" if r["s_per_step"] is None else f"{r['s_per_step']:.2f}"
         target = "-" if r["row"] == "dense" else f"{r['sparsity_target']:.0%} {r['pattern']}"
         label = r["label"] + (f" (seed {r['seed']})" if r.get("seed", 0) else "")
