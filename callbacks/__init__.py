@@ -4,9 +4,10 @@ Callbacks decide *when* to prune; the core in :mod:`gradprune` decides *what*.
 """
 from .base import PruningCallback
 from .gradual import GradualPruningCallback
-from .mask_modes import DynamicMasks, LearnedMasks, MaskMode
+from .mask_modes import DynamicMasks, LearnedMasks
 from .monitor import SparsityMonitor
 from .oneshot import MagnitudePruningCallback, RIAPruningCallback, SparseGPTPruningCallback, WandaPruningCallback
+from .strategies import MaskMode
 from .structured import GradualStructuredPruningCallback, StructuredPruningCallback
 
 __all__ = [

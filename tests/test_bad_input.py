@@ -793,7 +793,7 @@ def test_a_resume_with_another_scorer_starts_a_fresh_window(tmp_path):
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1, filename="{step}")
     taylor = GradualPruningCallback(0.5, scorer="taylor", start_step=2, end_step=8, every=4, stat_batches=2)
     trainer(tmp_path, max_steps=3, callbacks=[taylor, checkpoint], enable_checkpointing=True).fit(tiny_module(), token_loader())
-    with LogRecords("gradprune.callbacks.gradual") as logs:
+    with LogRecords("gradprune.callbacks.window") as logs:
         module, _ = _resume(tmp_path / "r", tmp_path / "ckpt" / "step=3.ckpt",
                             GradualPruningCallback(0.5, scorer="wanda", start_step=2, end_step=8, every=4, stat_batches=2))
     assert "does not fit scorer 'wanda'" in logs.text() and "starts afresh" in logs.text()

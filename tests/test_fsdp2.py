@@ -32,6 +32,7 @@ from gradprune import MaskRegistry, MaskedAdamW, exact_count, select_masks, spar
 from gradprune.callbacks import (GradualPruningCallback, SparsityMonitor, StructuredPruningCallback,
                                  WandaPruningCallback)
 from gradprune.callbacks.base import check_strategy
+from gradprune.callbacks.strategies import check_sharded_fit
 from gradprune.sharding import full_mask, local, local_rows, row_shard, select_sharded_masks
 from gradprune.targets import Target
 
@@ -226,7 +227,7 @@ def _selection_worker(rank, path):
     fake = SimpleNamespace(strategy=ModelParallelStrategy(),
                            optimizers=[MaskedAdamW(nn.Linear(2, 2).parameters())])
     try:
-        callback._check_sharded_fit(fake, odd)
+        check_sharded_fit(callback, fake, odd)
     except ValueError as error:
         message = str(error)
         for part in ("tensor parallelism is not supported", "GPT-2 Conv1D", "MaskedAdamW",
