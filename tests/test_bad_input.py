@@ -505,7 +505,7 @@ def test_prune_follows_the_same_rule_for_earlier_masks_and_bad_weights():
 # Every public entry point checks everything before the first change and, when it fails, leaves the model, the
 # masks and the files on disk as they were.
 import gradprune as gp  # noqa: E402
-from gradprune.exports import COMPRESSED_FILE, ExportError  # noqa: E402
+from gradprune.compressed import COMPRESSED_FILE, ExportError  # noqa: E402
 
 
 def files_of(directory):

@@ -8,7 +8,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import gradprune as gp
-from gradprune.exports import (
+from gradprune.compressed import (
     BITMASK_SUFFIX,
     COMPRESSED_FILE,
     VALUES_SUFFIX,
