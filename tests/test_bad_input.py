@@ -416,7 +416,7 @@ def test_resume_problems_are_named(tmp_path):
         trainer(tmp_path / "a", max_steps=6, callbacks=[GradualPruningCallback(0.6, start_step=1, end_step=8, every=1)]).fit(
             tiny_module(), token_loader(), ckpt_path=str(ckpt))
     # (b) without a pruning callback: a specific warning
-    with LogRecords("gradprune.lightning_module") as logs:
+    with LogRecords("gradprune.checkpoints") as logs:
         trainer(tmp_path / "b", max_steps=5).fit(tiny_module(), token_loader(), ckpt_path=str(ckpt))
     assert "holds pruning masks for 14 layers" in logs.text() and "no pruning callback" in logs.text()
     # (c) corrupted mask bits name the layer and the file
