@@ -4,11 +4,12 @@ Callbacks decide *when* to prune; the core in :mod:`gradprune` decides *what*.
 """
 from .base import PruningCallback
 from .gradual import GradualPruningCallback
+from .gradual_structured import GradualStructuredPruningCallback
 from .mask_modes import DynamicMasks, LearnedMasks
 from .monitor import SparsityMonitor
 from .oneshot import MagnitudePruningCallback, RIAPruningCallback, SparseGPTPruningCallback, WandaPruningCallback
 from .strategies import MaskMode
-from .structured import GradualStructuredPruningCallback, StructuredPruningCallback
+from .structured import StructuredPruningCallback
 
 __all__ = [
     "GradualPruningCallback",
