@@ -238,6 +238,7 @@ def _selection_worker(rank, path):
     (path / f"selection{rank}.ok").write_text(str(checked))
 
 
+@pytest.mark.distributed
 def test_sharded_selection_is_one_process_selection_and_checkpoints_whole_masks(tmp_path):
     run_ranks(tmp_path, _selection_worker)
     assert (tmp_path / "selection0.ok").read_text() == (tmp_path / "selection1.ok").read_text() == "14"
@@ -356,6 +357,7 @@ def _load(path, tag, ranks=(0, 1)):
     return [torch.load(path / f"{tag}{r}.pt", weights_only=False) for r in ranks]
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("scope, scorer, kind", [("layer", "wanda", "fsdp2"), ("global", "wanda", "fsdp2"),
                                                  ("row", "ria", "fsdp2"), ("layer", "wanda", "ddp")])
 def test_gradual_under_fsdp2_prunes_as_one_process_and_resumes_exactly(tmp_path, scope, scorer, kind):
