@@ -10,6 +10,7 @@ from .monitor import SparsityMonitor
 from .oneshot import MagnitudePruningCallback, RIAPruningCallback, SparseGPTPruningCallback, WandaPruningCallback
 from .strategies import MaskMode
 from .structured import StructuredPruningCallback
+from .task_eval import TaskEvalCallback
 
 __all__ = [
     "GradualPruningCallback",
@@ -23,5 +24,6 @@ __all__ = [
     "SparseGPTPruningCallback",
     "SparsityMonitor",
     "StructuredPruningCallback",
+    "TaskEvalCallback",
     "WandaPruningCallback",
 ]

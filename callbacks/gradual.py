@@ -332,8 +332,11 @@ class GradualPruningCallback(WindowLifecycle, ScheduledEvents, CalibrationDraw, 
             return
         target = schedule.sparsity_at(step) if self.strategy.follows_schedule else self.final_sparsity
         started = time.perf_counter()
-        self.strategy.ready(self, trainer)
-        self.strategy.event(self, trainer, pl_module, step, target)
+        if self.mode is not None and target <= 0 and self.mode.sparsity() is None:
+            pass  # a ramp from 0: the mode has nothing to prune (and no statistics before step 0) yet
+        else:
+            self.strategy.ready(self, trainer)
+            self.strategy.event(self, trainer, pl_module, step, target)
         self.window.reset()
         self.last_event_step = step
         achieved = self.strategy.sparsity()  # the masks a mode holds until the freeze step

@@ -37,6 +37,8 @@ from gradprune.validation import Problems, is_int
 
 from .base import PruningCallback
 from .calibration import CalibrationDraw
+# its former home: recipes written before the split record gradprune.callbacks.structured.GradualStructuredPruningCallback
+from .gradual_structured import GradualStructuredPruningCallback  # noqa: F401
 
 log = logging.getLogger(__name__)
 

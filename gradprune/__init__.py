@@ -25,6 +25,7 @@ _LAZY = {
     "accelerate_2of4": ".semistructured",
     "prune_structured": ".structured", "remove_zeroed_units": ".structured",
     "Target": ".targets", "find_targets": ".targets",
+    "evaluate_tasks": ".task_eval",
     "PrunableLM": ".lightning_module", "TextDataModule": ".data", "byte_tokenizer": ".tokenizer",
 }
 
@@ -78,6 +79,7 @@ __all__ = [
     "Target",
     "TextDataModule",
     "byte_tokenizer",
+    "evaluate_tasks",
     "exact_count",
     "export",
     "FORMATS",

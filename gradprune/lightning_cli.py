@@ -27,7 +27,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from gradprune import callbacks as gradprune_callbacks  # imported so that short class names resolve
 
 from .checkpoints import check_checkpoint_file
-from .subcommands import DEBUG_ENV, SUBCOMMANDS
+from .subcommands import DEBUG_ENV, OWN_SUBCOMMANDS, SUBCOMMANDS
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +250,8 @@ class GradpruneCLI(LightningCLI):
     def subcommands() -> dict[str, set[str]]:
         """The subcommands that work here (:data:`gradprune.cli.SUBCOMMANDS`); LightningCLI's test and
         predict need a test_step / predict_step PrunableLM does not have."""
-        return {name: skip for name, skip in LightningCLI.subcommands().items() if name in SUBCOMMANDS}
+        return {name: skip for name, skip in LightningCLI.subcommands().items()
+                if name in SUBCOMMANDS and name not in OWN_SUBCOMMANDS}
 
     def parse_arguments(self, parser, args) -> None:
         given = sys.argv[1:] if args is None else args  # args may also be a dict or a Namespace: no files then

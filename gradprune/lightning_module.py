@@ -1,7 +1,8 @@
 """PrunableLM: a LightningModule around a causal language model, ready for pruning callbacks.
 
-It trains with next-token cross entropy, reports validation perplexity over the whole validation set
-(torchmetrics keeps sums and counts, so it is exact under DDP), uses AdamW with linear warm-up and cosine
+It trains with next-token cross entropy, reports validation perplexity (``val/ppl``) and next-token top-1
+accuracy (``val/acc``) over the whole validation set (torchmetrics keeps sums and counts, so both are exact
+under DDP), uses AdamW with linear warm-up and cosine
 decay, and can export the (pruned) model with its tokenizer and a sparsity report at the end of fit.
 Pruning itself is done by callbacks (gradprune.callbacks); they find the targets inside this module.
 """
@@ -19,6 +20,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
+from torchmetrics import Metric
 from torchmetrics.text import Perplexity
 
 from .checkpoints import check_checkpoint_fits, warn_masks_without_pruning
@@ -34,6 +36,32 @@ from .structured.units import find_units
 from .validation import Problems, check_bool, check_choice, check_model_source, check_number, is_int, is_number
 
 log = logging.getLogger(__name__)
+
+
+class TokenAccuracy(Metric):
+    """Next-token top-1 accuracy: the fraction of target tokens (not ``ignore_index``, i.e. not padding) that
+    are the logits' argmax. Sums of hits and counted tokens, summed across DDP ranks, so the value over a
+    validation set is exact (the same targets as ``val/ppl``'s Perplexity)."""
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, ignore_index: int = IGNORE_INDEX, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.ignore_index = ignore_index
+        self.add_state("correct", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        """``logits`` [..., V] and ``targets`` [...] (the token each position predicts)."""
+        keep = targets != self.ignore_index
+        hits = (logits.argmax(dim=-1) == targets) & keep
+        self.correct += hits.sum()
+        self.total += keep.sum()
+
+    def compute(self) -> torch.Tensor:
+        return self.correct.float() / self.total.clamp(min=1).float()
 
 
 class PrunableLM(pl.LightningModule):
@@ -124,6 +152,7 @@ class PrunableLM(pl.LightningModule):
         self.export_format = export_format
         self.tokenizer_source = tokenizer if tokenizer is not None else (model if isinstance(model, str) else None)
         self.val_perplexity = Perplexity(ignore_index=IGNORE_INDEX)
+        self.val_accuracy = TokenAccuracy(ignore_index=IGNORE_INDEX)
         self.distill = distill
         # the teacher and its pairing with this model (gradprune.distill): a plain object, so the teacher is
         # kept out of the module tree and never in checkpoints
@@ -238,8 +267,12 @@ class PrunableLM(pl.LightningModule):
     def validation_step(self, batch, batch_idx: int) -> None:
         input_ids, attention_mask = self._unpack(batch)
         logits = self(input_ids, attention_mask)
-        self.val_perplexity.update(logits[:, :-1].float(), shifted_targets(input_ids, attention_mask))
-        self.log("val/ppl", self.val_perplexity, prog_bar=True, on_step=False, on_epoch=True, batch_size=input_ids.shape[0])
+        targets = shifted_targets(input_ids, attention_mask)
+        self.val_perplexity.update(logits[:, :-1].float(), targets)
+        self.val_accuracy.update(logits[:, :-1], targets)
+        size = input_ids.shape[0]
+        self.log("val/ppl", self.val_perplexity, prog_bar=True, on_step=False, on_epoch=True, batch_size=size)
+        self.log("val/acc", self.val_accuracy, on_step=False, on_epoch=True, batch_size=size)
 
     # -- optimisation ---------------------------------------------------------------------------------
     def configure_optimizers(self):

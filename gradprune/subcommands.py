@@ -9,4 +9,8 @@ DEBUG_ENV = "GRADPRUNE_DEBUG"  # set to 1 for the full traceback of a bad value 
 SUBCOMMANDS = {
     "fit": "train with the configured pruning callbacks; validate, report and export",
     "validate": "one pass over the validation set: perplexity and sparsity of the configured model",
+    "evaluate": "lm-eval tasks on a model or export: gradprune evaluate --model DIR --tasks arc_easy,boolq",
 }
+
+#: subcommands answered by gradprune itself, not by LightningCLI
+OWN_SUBCOMMANDS = ("evaluate",)

@@ -8,6 +8,8 @@ sessions; the table is printed from every row recorded there):
     python scripts/bench_recovery.py --table            # only print the table of what is recorded
     python scripts/bench_recovery.py --plot docs/recovery.png   # and draw sparsity against perplexity
                                                                 # (needs matplotlib: pip install gradprune[plot])
+    python scripts/make_nextline_task.py --out tasks/nextline   # a local lm-eval task, then with accuracy:
+    python scripts/bench_recovery.py --rows dense --task stdlib_nextline --task-include-path tasks/nextline
 
 Every row uses the same data: stdlib code through TextDataModule with the SmolLM2 tokenizer (seed --seed, 0), the
 same training batches in the same order, the same number of optimizer steps and tokens, AdamW (PrunableLM,
@@ -21,6 +23,9 @@ train on; the "on calibration data" rows instead run the one-shot method sequent
 --nsamples calibration windows the one-shot rows use (GradualPruningCallback(statistics="calibration")).
 "+ LoRA" rows train only LoRA adapters (PrunableLM(lora=...), rank --lora-r, alpha 2 x rank, learning rate
 --lora-lr) on the frozen pruned base; their sparsity and perplexity are those of the merged model.
+With --task (lm-eval task names; needs pip install gradprune[eval]) each row also records the final model's
+accuracy on them (--task-limit items per task, default 200) under "tasks": {task: {metric: value, metric_stderr:
+value}}, and the table shows the first task's acc +/- stderr; without it the rows are as before.
 """
 from __future__ import annotations
 
@@ -130,6 +135,12 @@ def run_row(name: str, args, dense, dm) -> dict:
         module.model = module.merged_model()
     ppl = validation_ppl(module, dm)
     wall = time.perf_counter() - start
+    tasks = None
+    if args.task:  # after the wall time: the evaluation is not part of the recipe's cost
+        from gradprune import evaluate_tasks
+
+        tasks = evaluate_tasks(module, args.task, tokenizer=dm.tokenizer, limit=args.task_limit,
+                               include_path=args.task_include_path)
     steps = args.steps if pruner is not None else 0
     return {
         "row": name, "label": label, "sparsity_target": args.sparsity, "pattern": args.pattern,
@@ -143,6 +154,10 @@ def run_row(name: str, args, dense, dm) -> dict:
         "prior_strength": args.prior_strength, "logit_scale": args.logit_scale, "temperature": args.temperature,
         "logit_lr": args.logit_lr, "sr_decay": args.sr_decay,
         "first_event_prunes": True,  # rows recorded before this key existed skipped an initial_sparsity > 0 event
+        # learned rows: the prior's mask on the dense weights ("updated": rows that kept SparseGPT's updated weights)
+        # and SparseGPT's weight update with the learned masks at the freeze step
+        "prior_weights": "dense", "reconstruct": True,
+        **({"tasks": tasks, "task_limit": args.task_limit} if tasks is not None else {}),
     }
 
 
@@ -152,8 +167,10 @@ def print_table(results: Path) -> None:
         return
     records = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
     dense = [r for r in records if r["row"] == "dense"]
-    print("| run | target | ramp | held-out ppl | x dense | sparsity | steps | tokens | wall (s) | s / step | peak extra RSS (MB) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    with_tasks = any(r.get("tasks") for r in records)
+    print("| run | target | ramp | held-out ppl | x dense | sparsity | steps | tokens | wall (s) | s / step | peak extra RSS (MB) |"
+          + (" task acc +/- stderr |" if with_tasks else ""))
+    print("|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if with_tasks else ""))
     for r in records:
         start = (f"{r['start_sparsity']:.0%} (SparseGPT)" if r["row"].startswith("sparsegpt-")
                  else f"{r.get('initial_sparsity', 0.0):.0%}" if r.get("initial_sparsity") else "0")
@@ -167,13 +184,25 @@ def print_table(results: Path) -> None:
         if r["row"].startswith(("learned", "dynamic")):
             settings = (f", scale {r['logit_scale'][0]:g}->{r['logit_scale'][1]:g}, temperature {r['temperature'][0]:g}->"
                         f"{r['temperature'][1]:g}, logit lr {r['logit_lr']:g}" if r["row"].startswith("learned") else "")
+            if r["row"].startswith("learned") and r.get("prior_weights") == "updated":  # before the prior fix
+                settings += ", SparseGPT's updated weights kept under the learned masks"
+            elif r.get("reconstruct"):
+                settings += ", SparseGPT's update with the learned masks at the freeze"
             ramp = f"masks chosen by training to step {round(r['end_fraction'] * r['steps'])}, then frozen{settings}"
         ratio = f"{r['ppl'] / dense[-1]['ppl']:.2f}" if dense else ""
         step = "" if r["s_per_step"] is None else f"{r['s_per_step']:.2f}"
         target = "-" if r["row"] == "dense" else f"{r['sparsity_target']:.0%} {r['pattern']}"
         label = r["label"] + (f" (seed {r['seed']})" if r.get("seed", 0) else "")
         print(f"| {label} | {target} | {ramp} | {r['ppl']:.3f} | {ratio} | {r['sparsity']:.3f} | {r['steps']} | "
-              f"{r['tokens']} | {r['wall_s']:.0f} | {step} | {r['peak_extra_rss_mb']:.0f} |")
+              f"{r['tokens']} | {r['wall_s']:.0f} | {step} | {r['peak_extra_rss_mb']:.0f} |" + (f" {task_cell(r)} |" if with_tasks else ""))
+
+
+def task_cell(record: dict) -> str:
+    """The first task's accuracy +/- stderr of a row (with its name and the items per task), or "" without."""
+    if not record.get("tasks"):
+        return ""
+    name, metrics = next(iter(record["tasks"].items()))
+    return f"{name}: {metrics['acc']:.3f} +/- {metrics['acc_stderr']:.3f} ({record['task_limit']} items)"
 
 
 def summarize(records: list[dict]) -> list[dict]:
@@ -185,7 +214,7 @@ def summarize(records: list[dict]) -> list[dict]:
         if r["row"] == "dense":
             continue
         ramp = ("every", "end_fraction", "schedule", "exponent", "initial_sparsity", "first_event_prunes", "stat_batches")
-        learned = ("prior_strength", "logit_scale", "temperature", "logit_lr")
+        learned = ("prior_strength", "logit_scale", "temperature", "logit_lr", "prior_weights", "reconstruct")
         keys = () if r["row"].startswith("oneshot") else ramp + (learned if r["row"].startswith("learned") else ())
         extra = tuple(str(r.get(k)) for k in keys)
         group = groups.setdefault((r["row"], r["sparsity_target"], r["pattern"], r["steps"], extra), {})
@@ -308,12 +337,28 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="*", default=None,
                         help="run every row once per seed (e.g. --seeds 0 1 2); the summary gives mean +/- std per row")
     parser.add_argument("--prior-strength", type=float, default=3.0, help="learned rows: LearnedMasks(prior_strength)")
-    parser.add_argument("--logit-scale", type=float, nargs=2, default=[2.0, 6.0], help="learned rows: start, end")
+    parser.add_argument("--logit-scale", type=float, nargs=2, default=[4.0, 12.0], help="learned rows: start, end")
     parser.add_argument("--temperature", type=float, nargs=2, default=[1.0, 0.5], help="learned rows: start, end")
     parser.add_argument("--logit-lr", type=float, default=0.1, help="learned rows: Adam learning rate of the logits")
     parser.add_argument("--sr-decay", type=float, default=2e-4, help="dynamic rows: SR-STE decay of pruned weights")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--task", default=None,
+                        help="also record each row's accuracy on these lm-eval tasks (comma-separated; default off)")
+    parser.add_argument("--task-limit", type=int, default=200, help="items per task of --task (default 200)")
+    parser.add_argument("--task-include-path", default=None, help="folder of local task YAMLs for --task")
     args = parser.parse_args()
+    if args.task_limit < 1:
+        parser.error(f"--task-limit must be >= 1, got {args.task_limit}")
+    if args.task:  # a wrong task name or a missing lm-eval fails now, not after the first row's training
+        from gradprune.task_eval import check_task_arguments, check_task_names, parse_tasks, require_lm_eval
+        from gradprune.validation import Problems
+
+        problems = Problems()
+        check_task_arguments(problems, parse_tasks(args.task), args.task_limit, include_path=args.task_include_path)
+        problems.raise_if_any()
+        require_lm_eval()
+        check_task_names(problems, parse_tasks(args.task), args.task_include_path)
+        problems.raise_if_any()
     known = rows(args)
     names = list(known) if args.rows == ["all"] else args.rows
     unknown = [n for n in names if n not in known]

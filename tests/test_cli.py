@@ -242,15 +242,17 @@ def test_help_lists_only_the_working_subcommands_without_importing_torch():
     import sys
 
     from gradprune.cli import SUBCOMMANDS
+    from gradprune.subcommands import OWN_SUBCOMMANDS
 
     code = ("import sys\nfrom gradprune.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit as e:\n"
             "    assert e.code == 0\nprint('TORCH' if 'torch' in sys.modules else 'NO TORCH')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     usage = done.stdout.splitlines()[0]
-    assert usage == "usage: gradprune [-h] [-c CONFIG] {fit,validate} ..."
+    assert usage == "usage: gradprune [-h] [-c CONFIG] {fit,validate,evaluate} ..."
     assert "test" not in done.stdout.split("subcommands:")[1].split("options:")[0]
     assert "predict" not in done.stdout and done.stdout.rstrip().endswith("NO TORCH")
-    assert set(GradpruneCLI.subcommands()) == set(SUBCOMMANDS) == {"fit", "validate"}
+    assert set(GradpruneCLI.subcommands()) == set(SUBCOMMANDS) - set(OWN_SUBCOMMANDS) == {"fit", "validate"}
+    assert OWN_SUBCOMMANDS == ("evaluate",)
 
 
 def test_the_test_subcommand_is_refused_by_the_parser(capsys):
@@ -284,4 +286,12 @@ def test_learned_2of4_config_gives_the_gradual_callback_a_learned_masks_mode():
     assert gradual.init_args.pattern == "2:4" and gradual.init_args.final_sparsity == 0.5
     assert gradual.init_args.mode.class_path == "gradprune.callbacks.LearnedMasks"
     assert gradual.init_args.mode.init_args.prior == "sparsegpt"
-    assert tuple(gradual.init_args.mode.init_args.logit_scale) == (2.0, 6.0)
+    assert tuple(gradual.init_args.mode.init_args.logit_scale) == (4.0, 12.0)
+
+
+def test_old_structured_class_path_resolves():
+    """Recipes written before the split name GradualStructuredPruningCallback under callbacks.structured."""
+    from jsonargparse._typehints import import_object  # the importer the CLI uses for a class path
+
+    from gradprune.callbacks import GradualStructuredPruningCallback
+    assert import_object("gradprune.callbacks.structured.GradualStructuredPruningCallback") is GradualStructuredPruningCallback

@@ -123,20 +123,37 @@ def test_masks_are_sampled_in_training_steps_of_a_model_in_eval_mode(tmp_path):
     assert 0.0 < events.metrics[4]["masks/flip_rate"] < 1.0
 
 
-def test_prior_of_infinite_strength_with_frozen_weights_is_the_oneshot_model(tmp_path):
-    """lr 0 and train_weights=False: only the masks could change, and an infinite prior never lets them."""
+@pytest.mark.parametrize("prior, reconstruct", [("sparsegpt", None), ("sparsegpt", False), ("wanda", None)])
+def test_prior_of_infinite_strength_with_frozen_weights_is_the_oneshot_model(tmp_path, prior, reconstruct):
+    """lr 0 and train_weights=False: only the masks could change, and an infinite prior never lets them. The
+    model is then the one-shot method's: SparseGPT's weight update runs at the freeze step (reconstruct, its
+    default); without it the model is SparseGPT's mask on the dense weights."""
     module = PlainLM(lr=0.0)
+    dense = copy.deepcopy(module)
     reference = copy.deepcopy(module)
-    gradual = learned("sparsegpt", prior_strength=math.inf, train_weights=False)
+    gradual = learned(prior, prior_strength=math.inf, train_weights=False, reconstruct=reconstruct)
     trainer(tmp_path, max_steps=8, callbacks=[gradual]).fit(module, token_loader())
     calibration = [ids[:, :12] for (ids,) in token_loader()][:1]  # the first 4 training sequences
-    prune_oneshot(reference, "sparsegpt", 0.5, "2:4", calibration=calibration, sequential=True, progress=False,
+    prune_oneshot(reference, prior, 0.5, "2:4", calibration=calibration, sequential=True, progress=False,
                   include=[t.name for t in gradual.targets])
     expected, masks = MaskRegistry.of(reference).masks, MaskRegistry.of(module).masks
     assert masks.keys() == expected.keys() and masks
     assert all(torch.equal(masks[k], expected[k]) for k in masks)
+    weights = {name: p for name, p in module.named_parameters()}
+    changed = 0
+    for t in gradual.targets:
+        name = next(n for n, p in weights.items() if p is t.weight)
+        got, oneshot, before = t.weight, reference.get_parameter(name), dense.get_parameter(name)
+        if reconstruct is False:
+            assert torch.equal(got, before * masks[t.name]), name
+            changed += not torch.equal(got, oneshot)
+        else:
+            assert torch.equal(got, oneshot), name
+    if reconstruct is False:
+        assert changed  # SparseGPT's update moved kept weights; without reconstruct they stay dense
     for (name, a), b in zip(module.state_dict().items(), reference.state_dict().values()):
-        assert torch.equal(a, b), name
+        if not any(a is t.weight or name.endswith(".weight") and weights.get(name) is t.weight for t in gradual.targets):
+            assert torch.equal(a, b), name
     assert all(not t.weight.requires_grad for t in gradual.targets)
 
 
@@ -155,14 +172,19 @@ def test_dynamic_masks_are_chosen_afresh_exactly_and_frozen_at_end_step(tmp_path
         assert (t.weight[~registry.masks[t.name]] == 0).all() and nm_exact(registry.masks[t.name])
 
 
-def test_dynamic_unstructured_masks_follow_the_schedule_exactly(tmp_path):
+@pytest.mark.parametrize("initial, start", [(0.3, 1), (0.0, 0)])  # (0, 0): a ramp from step 0, no batch before it
+def test_dynamic_unstructured_masks_follow_the_schedule_exactly(tmp_path, initial, start):
     module = PlainLM(lr=1e-2)
-    gradual = GradualPruningCallback(0.7, schedule="linear", initial_sparsity=0.3, start_step=1, end_step=5, every=2,
-                                     scorer="wanda", scope="row", stat_batches=2, mode=DynamicMasks())
+    gradual = GradualPruningCallback(0.7, schedule="linear", initial_sparsity=initial, start_step=start, end_step=5,
+                                     every=2, scorer="wanda", scope="row", stat_batches=2, mode=DynamicMasks())
     events = AtEvents(gradual)
     trainer(tmp_path, max_steps=7, callbacks=[gradual, events]).fit(module, token_loader())
+    assert sorted(events.masks) == ([1, 3, 5] if start else [0, 2, 4, 5])
     for step, masks in events.masks.items():
         target = gradual.schedule.sparsity_at(step)
+        if target == 0:  # the ramp's step-0 event: nothing to prune yet, the model stays dense
+            assert not masks
+            continue
         for t in gradual.targets:
             rows = masks[t.name].reshape(t.weight.shape)
             per_row = (~rows).sum(dim=1)
@@ -245,6 +267,8 @@ def test_two_ddp_processes_learn_identical_logits_and_masks(tmp_path):
     (lambda: LearnedMasks(temperature=(0.0, 0.1)), r"temperature must be two finite numbers > 0 \(start, end\), got \(0.0, 0.1\)"),
     (lambda: LearnedMasks(logit_scale=(1.0,)), r"logit_scale must be two finite numbers > 0"),
     (lambda: LearnedMasks(prior_strength=-1.0), r"prior_strength must be a number in \[0, inf\], got -1.0"),
+    (lambda: LearnedMasks(prior="wanda", reconstruct=True), r"reconstruct=True .* needs prior='sparsegpt'.*'wanda'"),
+    (lambda: LearnedMasks(reconstruct="yes"), r"reconstruct must be True, False or None, got 'yes'"),
     (lambda: LearnedMasks(prior="random"), r"prior must be one of \['masks', 'sparsegpt', 'wanda', 'magnitude'\], got 'random'"),
     (lambda: LearnedMasks(logit_lr=0), r"logit_lr must be a finite number > 0, got 0"),
     (lambda: DynamicMasks(decay=-1), r"decay must be a finite number >= 0, got -1"),

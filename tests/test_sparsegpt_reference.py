@@ -13,7 +13,7 @@ from gradprune.methods.sparsegpt import sparsegpt_prune
 from sparsegpt_reference import reference_hessian, reference_sparsegpt
 from tiny_models import tiny_llama
 
-PATTERNS = [None, (2, 4), (4, 8), (1, 4), (3, 4), (2, 8)]
+PATTERNS = [None, (2, 4), (4, 8), (1, 4), (3, 4), (2, 8), (16, 32)]
 
 
 def layer(rows: int = 24, columns: int = 320, tokens: int = 400, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,6 +46,18 @@ def test_one_layer_matches_the_reference_given_the_same_hessian(nm, blocksize):
     if nm is not None:  # exactly N pruned in every group of M
         pruned = (~ours_keep).reshape(weight.shape[0], -1, nm[1]).sum(-1)
         assert bool((pruned == nm[0]).all())
+
+
+@pytest.mark.parametrize("nm", [(2, 4), (4, 8), (3, 8)], ids=lambda nm: f"{nm[0]}of{nm[1]}")
+def test_groups_cut_by_a_block_end_match_the_reference(nm):
+    """A block width that is not a multiple of M (blocksize 100): groups restart at each block, the last group
+    of a block is narrower and prunes min(N, its width) per row, as the reference's column loop does."""
+    weight, hessian = layer()
+    ours_w, ours_keep = sparsegpt_prune(weight, hessian, nm[0] / nm[1], nm, blocksize=100)
+    ref_w, ref_keep = reference_sparsegpt(weight, hessian, nm[0] / nm[1], *nm, blocksize=100, exact_count=True,
+                                          inverse_dtype=torch.float64)
+    assert torch.equal(ours_keep, ref_keep)
+    torch.testing.assert_close(ours_w, ref_w, rtol=1e-5, atol=1e-6)
 
 
 def test_the_reference_count_rule_prunes_one_more_per_block_and_is_otherwise_the_same():

@@ -64,6 +64,90 @@ def block_count(share: int, pruned_before: int, room: int) -> int:
     return max(pruned_before, min(share, room))
 
 
+def nm_selector(n: int, m: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, base)`` that turn the pairwise comparisons of a group's ``m`` scores into ``n - rank``: with
+    ``le[j, k] = [s_k <= s_j]`` (flattened to ``m * m`` rows, one column per weight row),
+    ``base + A @ le`` is ``n`` minus each score's rank in the order of a stable sort (ties to the lower column).
+
+    The rank of ``s_j`` is the number of scores before it: ``s_k <= s_j`` for ``k < j`` and ``s_k < s_j`` for
+    ``k > j``, which is ``1 - le[k, j]`` (no NaN; NaN weights give a non-finite layer, which
+    :func:`prune_sparsegpt` refuses). So ``rank_j = sum_{k<j} le[j, k] - sum_{k>j} le[k, j] + (m - 1 - j)``, a fixed
+    linear map of ``le``: exact in float32, since every term is a small integer."""
+    a = torch.zeros(m, m, m)
+    for j in range(m):
+        a[j, j, :j] = -1.0  # -le[j, k], k < j
+        a[j, j + 1:, j] = 1.0  # +le[k, j], k > j
+    base = n - (m - 1) + torch.arange(m, dtype=torch.float32)
+    return a.reshape(m, m * m).to(device), base.unsqueeze(1).to(device)
+
+
+class NMWorkspace:
+    """The buffers of :func:`nm_block`, allocated once per layer (every block reuses them) and sized for the
+    widest block, and the rank maps of :func:`nm_selector`, built once per group width."""
+
+    def __init__(self, nm: tuple[int, int], blocksize: int, rows: int, like: torch.Tensor):
+        self.n, self.m = nm
+        empty = dict(dtype=like.dtype, device=like.device)
+        self.chosen = torch.empty(blocksize, rows, **empty)  # 1.0 where pruned, 0.0 where kept
+        self.scale = torch.empty(blocksize, rows, **empty)  # chosen / d: each column's error per pruned weight
+        self.scores = torch.empty(self.m, rows, **empty)
+        self.pairs = torch.empty(self.m * self.m * rows, **empty)
+        self.passing = torch.empty(self.m, rows, **empty)
+        self.selectors: dict = {}  # group width -> nm_selector's pair
+
+    def selector(self, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if m not in self.selectors:
+            self.selectors[m] = nm_selector(self.n, m, self.chosen.device)
+        return self.selectors[m]
+
+
+def nm_block(W1: torch.Tensor, Hinv1: torch.Tensor, Err1: torch.Tensor, keep1_before: Optional[torch.Tensor],
+             work: NMWorkspace) -> torch.Tensor:
+    """The N:M column loop of one block, in the transposed layout (``W1[i]`` is column ``i``), one group of M
+    columns at a time. Fills ``Err1`` (each column's pruned weights over ``Hinv1[i, i]``), leaves ``W1`` with the
+    block's updated weights (pruned ones not yet zeroed) and returns the block's pruned mask, transposed.
+
+    The same arithmetic as the column-by-column loop, in a few operations per group instead of a few per column
+    plus a sort per group:
+
+    - the group's mask is chosen from ``w^2 / d^2`` of its columns as the earlier groups have updated them, each
+      row's N lowest with ties to the lower column, by ranking the scores with their pairwise comparisons
+      (:func:`nm_selector`: one comparison, one matrix product);
+    - the errors of the group's columns, which the column loop gets one column at a time
+      (``e_j = s_j (w_j - sum_{k<j} Hinv1[k, j] e_k)`` with ``s_j = pruned / d_j``), are that recursion run on the
+      whole group at once: only pruned columns have an error, a row has N of them in a group, so N passes of
+      ``e = s (w - U^T e)`` (``U`` the group's strictly upper part of ``Hinv1``) reach the column loop's values;
+    - the group's errors update its own and the block's later columns in one rank-M product, as the column loop's
+      M rank-1 updates do.
+
+    Only the order of float roundings in the sums differs from the column loop."""
+    width, rows = W1.shape
+    n, m_full = work.n, work.m
+    d = Hinv1.diagonal().unsqueeze(1)
+    inv_d2 = d.square().reciprocal()
+    inv_d = d.reciprocal()  # chosen * inv_d is chosen / d exactly: its values are 0 and 1
+    strict_t = Hinv1.triu(1).t() if n > 1 else None  # strict_t[j, k] = Hinv1[k, j], k < j: earlier columns' effect
+    for a in range(0, width, m_full):
+        b = min(a + m_full, width)
+        m = b - a
+        select, base = work.selector(m)
+        w, chosen, scale, err = W1[a:b], work.chosen[a:b], work.scale[a:b], Err1[a:b]
+        s = torch.square(w, out=work.scores[:m]).mul_(inv_d2[a:b])
+        if keep1_before is not None:
+            s.masked_fill_(~keep1_before[a:b], float("-inf"))  # weights an earlier mask pruned go first
+        le = torch.le(s.unsqueeze(0), s.unsqueeze(1), out=work.pairs[:m * m * rows].view(m, m, rows))  # [s_k <= s_j]
+        # n - rank, clamped to 0..1: 1 for the n lowest of each row
+        torch.addmm(base, select, le.view(m * m, rows), out=chosen).clamp_(0.0, 1.0)
+        torch.mul(chosen, inv_d[a:b], out=scale)
+        torch.mul(w, scale, out=err)
+        if n > 1:
+            passing, lower = work.passing[:m], strict_t[a:b, a:b]
+            for _ in range(min(n, m) - 1):
+                torch.mul(torch.addmm(w, lower, err, alpha=-1, out=passing), scale, out=err)
+        W1[a:].addmm_(Hinv1[a:b, a:].t(), err, alpha=-1)  # W1[:, a:] -= err Hinv1[a:b, a:], in the transposed layout
+    return work.chosen[:width] != 0
+
+
 def sparsegpt_prune(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -87,7 +171,8 @@ def sparsegpt_prune(
     ``prepared`` is :func:`prepare_hessian` of ``hessian`` if the caller has it already.
 
     Every N:M pattern takes the same path, the reference's: a group's mask is chosen when the loop reaches
-    the group's first column, on the weights as the errors of the earlier columns have updated them.
+    the group's first column, on the weights as the errors of the earlier columns have updated them
+    (:func:`nm_block` does that a group at a time, with the column loop's results).
     """
     W = weight.detach().to(torch.float32).clone(memory_format=torch.contiguous_format)
     rows, columns = W.shape
@@ -103,13 +188,14 @@ def sparsegpt_prune(
         return scores
 
     done, total = 0, exact_count(sparsity, rows * columns)
+    work = NMWorkspace(nm, min(blocksize, columns), rows, W) if nm is not None else None
     # pruned before, per column block: each block prunes at least these, so masks only grow
     before = ([0] * -(-columns // blocksize) if keep_before is None else
               [int((~keep_before[:, i:i + blocksize]).sum()) for i in range(0, columns, blocksize)])
     for b, i1 in enumerate(range(0, columns, blocksize)):
         i2 = min(i1 + blocksize, columns)
         # the block transposed, so that column i is the contiguous row W1[i] and the update of the columns after
-        # it is one contiguous rank-1 update: two operations per column
+        # it is one contiguous rank-1 update (unstructured: two operations per column; N:M: see nm_block)
         W1 = W[:, i1:i2].t().contiguous()
         Err1 = torch.empty_like(W1)  # Err1[i]: column i's pruned weights over Hinv1[i, i], 0 where kept
         Hinv1 = hinv[i1:i2, i1:i2]
@@ -118,23 +204,12 @@ def sparsegpt_prune(
             k = block_count(exact_count(sparsity, rows * i2) - done, before[b], total - done - sum(before[b + 1:]))
             pruned1 = ~drop_lowest(block_scores(W1.t(), d, slice(i1, i2)), k).t()
             scale = pruned1 / d.unsqueeze(1)
+            for i in range(i2 - i1):
+                err = torch.mul(W1[i], scale[i], out=Err1[i])
+                W1[i:].addr_(Hinv1[i, i:], err, alpha=-1)  # W1[:, i:] -= err Hinv1[i, i:], in the transposed layout
         else:
-            pruned1 = torch.zeros_like(W1, dtype=torch.bool)  # transposed too: pruned1[i] is column i
-            scale = torch.empty_like(W1)
-            inv_d2 = d.square().reciprocal().unsqueeze(1)
-            buffer = torch.empty(nm[1], rows, dtype=W.dtype, device=W.device)
-        for i in range(i2 - i1):
-            if nm is not None and i % nm[1] == 0:
-                # each row's N lowest w^2 / d^2 of the group, on the weights as updated so far, ties to the
-                # lower column (drop_lowest_per_row's rule, by a stable sort); earlier-pruned weights first
-                group = slice(i, i + nm[1])
-                scores = torch.square(W1[group], out=buffer).mul_(inv_d2[group])
-                if keep_before is not None:
-                    scores.masked_fill_(~keep_before[:, i1 + i:i1 + i + nm[1]].t(), float("-inf"))
-                pruned1[group].scatter_(0, scores.sort(dim=0, stable=True).indices[:nm[0]], True)
-                torch.div(pruned1[group], d[group].unsqueeze(1), out=scale[group])
-            err = torch.mul(W1[i], scale[i], out=Err1[i])
-            W1[i:].addr_(Hinv1[i, i:], err, alpha=-1)  # W1[:, i:] -= err Hinv1[i, i:], in the transposed layout
+            keep1_before = None if keep_before is None else keep_before[:, i1:i2].t()
+            pruned1 = nm_block(W1, Hinv1, Err1, keep1_before, work)
         keep1 = ~pruned1.t()
         W[:, i1:i2] = W1.t().masked_fill(~keep1, 0.0)
         W[:, i2:].addmm_(Err1.t(), hinv[i1:i2, i2:], alpha=-1)
