@@ -191,8 +191,8 @@ class LearnedMasks(MaskMode):
         self._reduce = ((lambda t: trainer.strategy.reduce(t, reduce_op="mean")) if trainer.world_size > 1 else None)
         if self._pending is not None:  # resumed inside the learning phase
             pending, self._pending = self._pending, None
-            self._begin({name: value.to(t.weight.device) for name, value in pending["logits"].items()
-                         for t in self._targets if t.name == name})
+            device = {t.name: t.weight.device for t in self._targets}
+            self._begin({name: value.to(device[name]) for name, value in pending["logits"].items() if name in device})
             self._optimizer.load_state_dict(pending["optimizer"])
             self._generator.set_state(pending["generator"])
             self._previous = {name: unpack_mask(p["bits"], p["shape"]).to(self._logits[name].device)

@@ -81,8 +81,10 @@ def evaluate_main(argv) -> dict:
 
     parser = evaluate_parser()
     args = parser.parse_args(argv)
-    from .task_eval import check_task_arguments, check_task_names, evaluate_tasks, parse_tasks, require_lm_eval
-    from .validation import Problems
+    # lazy: `gradprune --help` must not import torch or lm-eval
+    from .task_eval import (check_task_arguments, check_task_names, evaluate_tasks,  # lazy, as said above
+                            parse_tasks, require_lm_eval)
+    from .validation import Problems  # lazy, with the line above
 
     limit = args.limit
     if limit is not None and limit >= 1:
@@ -110,10 +112,10 @@ def evaluate_main(argv) -> dict:
 def _load_for_evaluation(source: str, tokenizer):
     """(model in eval mode, tokenizer): a local directory through :func:`gradprune.load` (every export format),
     anything else through :func:`gradprune.models.load_causal_lm`."""
-    from .models import load_causal_lm, load_tokenizer
+    from .models import load_causal_lm, load_tokenizer  # lazy: torch and transformers only when a model is loaded
 
     if os.path.isdir(os.path.expanduser(source)):
-        from .exports import load
+        from .exports import load  # lazy, as above
 
         model = load(os.path.expanduser(source))
     else:

@@ -40,10 +40,13 @@ _CFLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
 
 
 def _kernel_name() -> str:
-    """The extension's build name, keyed by the source and flags: checkouts with the same source share one
-    build, and two checkouts with different sources never rebuild over each other (torch rebuilds a name
-    whose sources changed, and a process killed while it builds leaves that name's lock behind)."""
-    digest = hashlib.sha1(_SOURCE.read_bytes() + " ".join(_CFLAGS).encode()).hexdigest()[:12]
+    """The extension's build name, keyed by the source, the flags and the torch installation: checkouts with
+    the same source and environment share one build, and two that differ never rebuild over each other
+    (torch rebuilds a name whose sources or build file changed, the build file names the environment's
+    include paths, and a process killed while it builds leaves that name's lock behind, on which every
+    later process waits)."""
+    environment = f"{torch.__version__} {Path(torch.__file__).resolve().parent}".encode()
+    digest = hashlib.sha1(_SOURCE.read_bytes() + " ".join(_CFLAGS).encode() + environment).hexdigest()[:12]
     return f"gradprune_masked_adamw_{digest}"
 
 

@@ -132,8 +132,8 @@ def resolve_tokenizer(model_or_module: nn.Module, lm: nn.Module, tokenizer: Any)
     """A tokenizer object: the one given; a source given (``"bytes"``, a model directory, ``"smollm2"``, a hub
     id) loaded; or, for None, the attached data module's tokenizer, the module's ``tokenizer_source``
     (PrunableLM), or the model's own directory (``config._name_or_path``)."""
-    from .models import load_tokenizer
-    from .tokenizer import BYTES, byte_tokenizer
+    from .models import load_tokenizer  # lazy: the loaders matter only when no tokenizer object is given
+    from .tokenizer import BYTES, byte_tokenizer  # lazy, as above
 
     if tokenizer is not None and not isinstance(tokenizer, str):
         if not callable(getattr(tokenizer, "encode", None)):
