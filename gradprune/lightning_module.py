@@ -20,9 +20,9 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
-from torchmetrics import Metric
 from torchmetrics.text import Perplexity
 
+from .accuracy import TokenAccuracy
 from .checkpoints import check_checkpoint_fits, warn_masks_without_pruning
 from .distill import Distillation, Distiller, distill_options
 from .exports import FORMATS, check_destination
@@ -36,32 +36,6 @@ from .structured.units import find_units
 from .validation import Problems, check_bool, check_choice, check_model_source, check_number, is_int, is_number
 
 log = logging.getLogger(__name__)
-
-
-class TokenAccuracy(Metric):
-    """Next-token top-1 accuracy: the fraction of target tokens (not ``ignore_index``, i.e. not padding) that
-    are the logits' argmax. Sums of hits and counted tokens, summed across DDP ranks, so the value over a
-    validation set is exact (the same targets as ``val/ppl``'s Perplexity)."""
-
-    is_differentiable = False
-    higher_is_better = True
-    full_state_update = False
-
-    def __init__(self, ignore_index: int = IGNORE_INDEX, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.ignore_index = ignore_index
-        self.add_state("correct", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-
-    def update(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
-        """``logits`` [..., V] and ``targets`` [...] (the token each position predicts)."""
-        keep = targets != self.ignore_index
-        hits = (logits.argmax(dim=-1) == targets) & keep
-        self.correct += hits.sum()
-        self.total += keep.sum()
-
-    def compute(self) -> torch.Tensor:
-        return self.correct.float() / self.total.clamp(min=1).float()
 
 
 class PrunableLM(pl.LightningModule):
