@@ -1,3 +1,4 @@
+# Over 400 lines on purpose: the two modes share the freeze check, the flip logging and this docstring.
 """How GradualPruningCallback chooses masks while training decides them: the ``mode`` strategies.
 
 With ``mode=None`` the callback grows masks monotonically, picked by its scorer at every event (the
