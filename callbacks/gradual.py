@@ -102,7 +102,9 @@ class GradualPruningCallback(WindowLifecycle, ScheduledEvents, CalibrationDraw, 
         statistics: where activation and Hessian scorers get their inputs: "window" (the last
             ``stat_batches`` training micro-batches before each event) or "calibration" (at each event the
             one-shot method of the scorer's name, "wanda", "ria" or "sparsegpt", runs sequentially, block by
-            block, on ``nsamples`` calibration sequences drawn at fit start; uniform allocation only).
+            block, on ``nsamples`` calibration sequences drawn at fit start; uniform allocation only; with an
+            N:M pattern, final_sparsity must be N/M and the events step through 1:M, 2:M, ... N:M, each to
+            the largest k:M at or below the schedule's target).
         nsamples: calibration sequences of ``statistics="calibration"`` (the datamodule's
             ``calibration_batches``, else the first training batches; shared out over data-parallel ranks).
         seqlen: tokens per calibration sequence.
@@ -149,15 +151,15 @@ class GradualPruningCallback(WindowLifecycle, ScheduledEvents, CalibrationDraw, 
         check_end_step(problems, end_step)
         check_selector(problems, "include", include)
         check_selector(problems, "exclude", exclude)
-        check_pattern(problems, pattern, "final_sparsity", final_sparsity)
+        nm = check_pattern(problems, pattern, "final_sparsity", final_sparsity)
         check_choice(problems, "allocation", allocation, ("uniform", "owl"))
-        check_reconstruction(problems, scorer, scope, pattern)
+        check_reconstruction(problems, scorer, scope, pattern, statistics)
         check_allocation(problems, allocation, owl_lambda, final_sparsity, scorer, scope, pattern)
         check_choice(problems, "statistics", statistics, ("window", "calibration"))
         if mode is not None and not isinstance(mode, MaskMode):
             problems.add(f"mode must be None, LearnedMasks(...) or DynamicMasks(...), got {mode!r}", type_error=True)
         if statistics == "calibration":
-            check_calibrated(problems, scorer, allocation, scope, pattern)
+            check_calibrated(problems, scorer, allocation, scope, nm, final_sparsity)
         self.check_calibration_arguments(problems, nsamples, seqlen, lm)  # used or not
         self.pattern, self.final_sparsity, self.allocation, self.scorer, self.statistics = (
             pattern, final_sparsity, allocation, scorer, statistics)

@@ -2,8 +2,8 @@
 
 At every validation it logs the achieved sparsity of the targeted weights (``sparsity/global`` and
 ``sparsity/layer/<name>``) through ``pl_module.log``, so it lands at the same steps as ``val/ppl``; with
-a TensorBoardLogger it also registers a custom-scalars layout that draws sparsity and the validation
-metric on one chart. When fit ends it logs a short report (final sparsity overall and per layer type,
+a TensorBoardLogger it also registers a custom-scalars layout (:func:`chart_layout`) that draws sparsity
+and the validation metric on one chart, and sparsity with the task accuracy of a TaskEvalCallback on another. When fit ends it logs a short report (final sparsity overall and per layer type,
 validation perplexity of the last dense validation and of the last one) and writes it as JSON next to
 the logs.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import List, Optional, Union
 
@@ -26,6 +27,27 @@ from gradprune.validation import Problems, check_bool, check_selector
 from .base import show_logs, tidy_progress_bar
 
 log = logging.getLogger(__name__)
+
+
+def chart_layout(trainer: pl.Trainer) -> dict:
+    """gradprune's TensorBoard custom-scalar charts for the callbacks of this run (tags are regular expressions)."""
+    charts = {"schedule target vs achieved": ["Multiline", ["^sparsity/target$", "^sparsity/achieved$"]]}
+    sparsity = ["^sparsity/global$", "^sparsity/achieved$"]
+    for callback in trainer.callbacks:
+        if isinstance(callback, SparsityMonitor):
+            charts["sparsity and validation metric"] = ["Multiline", ["^sparsity/global$", f"^{re.escape(callback.metric)}$"]]
+        elif type(callback).__name__ == "TaskEvalCallback":  # its module imports this one
+            charts["task accuracy and sparsity"] = ["Multiline", sparsity + ["^eval/[^/]+/acc(_norm)?$"]]
+    return {"gradprune": charts}
+
+
+@rank_zero_only
+def add_chart_layout(trainer: pl.Trainer) -> None:
+    """Write :func:`chart_layout` to every TensorBoardLogger of the run. TensorBoard keeps the last layout a
+    run wrote, so each callback that wants a chart writes the whole layout: the result is the same."""
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_custom_scalars(chart_layout(trainer))
 
 
 class SparsityMonitor(Callback):
@@ -83,18 +105,8 @@ class SparsityMonitor(Callback):
                 f"SparsityMonitor: {problem}. TensorBoard will get no {self.metric} and no sparsity/global, and "
                 f"the report's {self.metric} values will be null", category=UserWarning)
 
-    @rank_zero_only
     def _add_layout(self, trainer: pl.Trainer) -> None:
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_custom_scalars(
-                    {
-                        "gradprune": {
-                            "sparsity and validation metric": ["Multiline", ["sparsity/global", self.metric]],
-                            "schedule target vs achieved": ["Multiline", ["sparsity/target", "sparsity/achieved"]],
-                        }
-                    }
-                )
+        add_chart_layout(trainer)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:

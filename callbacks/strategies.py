@@ -33,11 +33,12 @@ from gradprune.blocks import group_by_block
 from gradprune.methods import METHODS
 from gradprune.methods.owl import check_lambda, monotone_counts, owl_target_counts
 from gradprune.oneshot import prune_oneshot
+from gradprune.schedules import nm_step
 from gradprune.scorers import get_scorer, scorer_names
 from gradprune.selection import exact_count, select_masks
 from gradprune.sharding import SHARDED_SCORERS, placement_problem, select_sharded_masks
 from gradprune.targets import Target
-from gradprune.validation import Problems, check_number
+from gradprune.validation import Problems, check_number, is_number
 
 from .base import FSDP2_NOTE, apply_event, check_event_inputs
 
@@ -186,7 +187,8 @@ class ShardedScores(MonotoneMasks):
 
 class CalibratedOneShot(MonotoneMasks):
     """``statistics="calibration"``: the one-shot method of the scorer's name, sequential, on the
-    calibration batches, from the current masks to exactly the target in every comparison group."""
+    calibration batches, from the current masks to exactly the target in every comparison group; with an N:M
+    pattern the events step through 1:M, 2:M, ... N:M, each to the largest k:M at or below the target."""
 
     needs_calibration = True
 
@@ -194,12 +196,17 @@ class CalibratedOneShot(MonotoneMasks):
         options = {"scope": callback.scope} if "scope" in METHODS[callback.scorer].options else {}
         if callback._combine is not None:
             options["reduce"] = callback._combine
-        if callback.pattern == "unstructured":  # every layer at exactly its count, as in the window mode; a
-            # layer that earlier pruning (a one-shot callback of another scope) took past it keeps its masks,
-            # and the others prune that much less, so the total stays exact
+        pattern = callback.pattern
+        if pattern == "unstructured":  # every layer at exactly its count, as in the window mode; a layer that
+            # earlier pruning (a one-shot callback of another scope) took past it keeps its masks, and the
+            # others prune that much less, so the total stays exact
             options["counts"] = monotone_counts({t.name: layer_count(t, target, callback.scope)
                                                  for t in callback.targets}, pruned_counts(masks))
-        prune_oneshot(pl_module, callback.scorer, target, callback.pattern, callback._calibration, sequential=True,
+        else:  # the one-shot methods prune an N:M pattern exactly, so the ramp steps through k:M, k = 1 .. N
+            pattern, target = nm_step(callback.pattern, target)
+            if pattern is None or every_layer_at(masks, target, callback.targets, "layer"):
+                return None, None  # this event's target is below the next step: nothing to prune yet
+        prune_oneshot(pl_module, callback.scorer, target, pattern, callback._calibration, sequential=True,
                       include=[t.name for t in callback.targets], lm=callback.lm,
                       progress=None if trainer.is_global_zero else False, **options)
         return None, None  # the one-shot pipeline recorded its masks (and new weights) already
@@ -214,10 +221,12 @@ def default_strategy(scorer: str, statistics: str, allocation: str, owl_lambda: 
 
 
 # -- argument checks of each way -----------------------------------------------------------------------
-def check_reconstruction(problems: Problems, scorer: str, scope: str, pattern: str) -> None:
-    if scorer in scorer_names() and get_scorer(scorer).prune is not None and (scope != "layer" or pattern != "unstructured"):
-        problems.add(f"scorer {scorer!r} prunes each layer to its count and updates the kept weights: use scope "
-                     f"'layer' and pattern 'unstructured', got scope={scope!r}, pattern={pattern!r}")
+def check_reconstruction(problems: Problems, scorer: str, scope: str, pattern: str, statistics: str) -> None:
+    if (scorer in scorer_names() and get_scorer(scorer).prune is not None and statistics != "calibration"
+            and (scope != "layer" or pattern != "unstructured")):
+        problems.add(f"scorer {scorer!r} prunes each layer to its count from a training window and updates the kept "
+                     f"weights: use scope 'layer' and pattern 'unstructured', got scope={scope!r}, pattern={pattern!r} "
+                     "(statistics='calibration' runs the one-shot method, which takes N:M patterns too)")
 
 
 def check_allocation(problems: Problems, allocation: str, owl_lambda: object, final_sparsity: object, scorer: str,
@@ -234,7 +243,8 @@ def check_allocation(problems: Problems, allocation: str, owl_lambda: object, fi
                      f"pattern 'unstructured', got scope={scope!r}, pattern={pattern!r}")
 
 
-def check_calibrated(problems: Problems, scorer: str, allocation: str, scope: str, pattern: str) -> None:
+def check_calibrated(problems: Problems, scorer: str, allocation: str, scope: str, nm: Optional[tuple[int, int]],
+                     final_sparsity: object) -> None:
     calibrated = sorted(name for name, method in METHODS.items() if method.statistics != "none")
     if scorer not in calibrated:
         problems.add(f"statistics='calibration' runs the one-shot method named by the scorer on calibration data "
@@ -243,9 +253,10 @@ def check_calibrated(problems: Problems, scorer: str, allocation: str, scope: st
         problems.add(f"statistics='calibration' supports allocation 'uniform' only, got allocation={allocation!r}")
     if scope == "global":  # block by block, so the whole model is never ranked at once
         problems.add("statistics='calibration' prunes block by block: use scope 'layer' or 'row', got scope='global'")
-    if pattern != "unstructured":  # the one-shot methods take N:M only at exactly N/M, and events ramp
-        problems.add(f"statistics='calibration' supports pattern 'unstructured' only, got pattern={pattern!r}; "
-                     "use statistics='window' for N:M")
+    if nm is not None and is_number(final_sparsity) and abs(final_sparsity - nm[0] / nm[1]) > 1e-9:
+        # the one-shot methods prune N:M patterns exactly, so the events step through 1:M, 2:M, ... N:M
+        problems.add(f"statistics='calibration' with pattern '{nm[0]}:{nm[1]}' ends at exactly N/M: final_sparsity "
+                     f"must be {nm[0] / nm[1]:g}, got final_sparsity={final_sparsity!r}")
 
 
 def check_sharded_options(callback: "GradualPruningCallback", where: str) -> None:

@@ -4,7 +4,8 @@ At the end of every ``every_n_val``-th validation (sanity checks excepted), and 
 also after each step at which a gradual pruning callback changed the masks, rank 0 runs the tasks through
 :func:`gradprune.evaluate_tasks` on the live model; the other DDP ranks wait and receive the numbers by
 broadcast, and every rank logs the same values, so ``eval/<task>/<metric>`` (and ``eval/wall_s``, the
-seconds the evaluation took) land at the same steps as ``val/ppl`` and ``sparsity/global``. The evaluation
+seconds the evaluation took) land at the same steps as ``val/ppl`` and ``sparsity/global``; with a
+TensorBoardLogger the custom-scalars tab draws the accuracy and the sparsity on one chart. The evaluation
 leaves the model's training flag and the random states as they were, so attaching the callback does not
 change what the run trains on.
 """
@@ -22,6 +23,7 @@ from gradprune.task_eval import (check_task_arguments, check_task_names, check_v
 from gradprune.validation import Problems, check_bool, is_int
 
 from .base import show_logs
+from .monitor import add_chart_layout
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +98,7 @@ class TaskEvalCallback(Callback):
         check_vocabulary(problems, resolve_tokenizer(pl_module, lm, self.tokenizer), lm)
         problems.raise_if_any()
         self._event_steps = self._pruning_steps(trainer)
+        add_chart_layout(trainer)  # accuracy and sparsity on one TensorBoard chart
 
     @staticmethod
     def _pruning_steps(trainer: pl.Trainer) -> dict[int, Any]:

@@ -22,6 +22,7 @@ import sys
 import textwrap
 from typing import Optional, Sequence
 
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from gradprune import callbacks as gradprune_callbacks  # imported so that short class names resolve
@@ -152,7 +153,8 @@ def short_error(message: str, parser, args: Sequence[str]) -> list[str]:
         return _unknown_key_lines(key, key, _parameters(class_path), owner, args)
     # an unknown key of the command's own arguments (model.*, data.*, trainer.*, top level)
     group = re.search(r"Group '([\w.]+)' does not accept option '([\w.]+)'", message)
-    found = re.search(r"does not accept option '([\w.]+)'", message) or re.search(r"Key '([\w.]+)' is not expected", message)
+    found = (re.search(r"does not accept option '([\w.]+)'", message) or re.search(r"Key '([\w.]+)' is not expected", message)
+             or re.search(r"unrecognized arguments: --([\w.]+)", message))
     if found:
         key = ".".join(group.groups()) if group else found.group(1)
         keys = _parser_keys(parser)
@@ -207,6 +209,11 @@ class GradpruneParser(LightningArgumentParser):
     #: the arguments being parsed (set by GradpruneCLI.parse_arguments), to find the file a bad key is in
     args: Sequence[str] = ()
 
+    def __init__(self, *args, **kwargs) -> None:
+        # argparse would take --model.learning_rat for --model.learning_rate: a misspelt option is an error
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str, ex: Optional[Exception] = None):
         if not self.exit_on_error or os.environ.get(DEBUG_ENV, "").lower() in ("1", "true", "yes"):
             return super().error(message, ex)
@@ -257,6 +264,12 @@ class GradpruneCLI(LightningCLI):
         given = sys.argv[1:] if args is None else args  # args may also be a dict or a Namespace: no files then
         GradpruneParser.args = [str(a) for a in given] if isinstance(given, (list, tuple)) else []
         super().parse_arguments(parser, args)
+
+    def instantiate_trainer(self, **kwargs):
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except MisconfigurationException as exc:  # Lightning's own check of a trainer argument: a bad value,
+            raise ValueError(f"trainer: {exc}") from exc  # said by gradprune's handler without a traceback
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads --ckpt_path here (for its hyperparameters), first of all: a truncated or foreign

@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from .validation import Problems, check_choice, check_sparsity, is_int, is_number
+from .validation import Problems, check_choice, check_sparsity, is_int, is_number, parse_pattern
 
 ScheduleKind = Literal["cubic", "linear", "exponential", "constant"]
 SCHEDULE_KINDS = ("cubic", "linear", "exponential", "constant")
@@ -111,3 +111,14 @@ class SparsitySchedule:
         if steps[-1] != self.last_step:
             steps.append(self.last_step)
         return steps
+
+
+def nm_step(pattern: str, target: float) -> tuple[Optional[str], float]:
+    """The step of an N:M ramp at a schedule's ``target``: the pattern ``k:M`` with the largest ``k <= N`` whose
+    sparsity ``k / M`` is at most ``target``, and that sparsity; ``(None, 0.0)`` below ``1 / M``.
+
+    A one-shot method prunes an N:M pattern exactly (N of every M), so a ramp to N:M that re-runs it at every
+    event steps through 1:M, 2:M, ... N:M, and an event between two steps prunes nothing new."""
+    n, m = parse_pattern(pattern)
+    k = min(n, math.floor(target * m + 1e-9))
+    return (f"{k}:{m}", k / m) if k >= 1 else (None, 0.0)

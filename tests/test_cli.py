@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gradprune.cli import GradpruneCLI, run_cli
+from gradprune.cli import GradpruneCLI, main, run_cli
 from gradprune.data import TextDataModule
 from gradprune.lightning_module import PrunableLM
 
@@ -295,3 +295,22 @@ def test_old_structured_class_path_resolves():
 
     from gradprune.callbacks import GradualStructuredPruningCallback
     assert import_object("gradprune.callbacks.structured.GradualStructuredPruningCallback") is GradualStructuredPruningCallback
+
+
+def test_an_abbreviated_option_is_an_error_not_the_option_it_starts(tmp_path, capsys):
+    """argparse's prefix matching would read --model.learning_rat as --model.learning_rate."""
+    with pytest.raises(SystemExit) as info:
+        run_cli(["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--model.learning_rat", "0.1"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "learning_rat" in err and "did you mean" in err, err
+
+
+def test_a_trainer_value_lightning_refuses_is_a_short_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--trainer.max_steps", "-3",
+              f"--trainer.default_root_dir={tmp_path}"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "gradprune: error: trainer: `max_steps` must be a non-negative integer or -1" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) <= 3, err

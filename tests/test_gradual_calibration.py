@@ -136,3 +136,34 @@ def test_counts_below_what_earlier_pruning_removed_are_refused_before_anything_c
     with pytest.raises(ValueError, match=rf"in {name} \(row \d+: \d+ pruned, its share of {counts[name]} is \d+\)"):
         prune_oneshot(module, "wanda", 0.5, calibration=calibration, scope="row", counts=counts, progress=False)
     assert all(torch.equal(v, weights[k]) for k, v in module.state_dict().items())
+
+
+def nm_pruned_per_group(mask: torch.Tensor, m: int) -> torch.Tensor:
+    """Pruned weights in every group of ``m`` consecutive inputs of a stored (out, in) keep-mask."""
+    return (~mask).reshape(mask.shape[0], -1, m).sum(dim=-1)
+
+
+def test_an_nm_ramp_on_calibration_data_steps_through_1_of_4_then_2_of_4(tmp_path):
+    """The one-shot method prunes an N:M pattern exactly, so a ramp 25% -> 50% at 2:4 prunes 1 of every 4 at
+    the first event, nothing at an event whose target is still below 50%, and 2 of every 4 at the last; the
+    weight pruned first stays pruned, and the final model is exactly 2:4 (SparseGPT, on a plain-SGD module)."""
+    module = PlainLM(lr=1e-3)
+    gradual = GradualPruningCallback(0.5, initial_sparsity=0.25, start_step=0, end_step=4, every=2, pattern="2:4",
+                                     scorer="sparsegpt", statistics="calibration", nsamples=8, seqlen=16)
+    masks_at = {}
+
+    class Masks(EventCounts):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            masks_at[trainer.global_step] = {n: k.clone() for n, k in MaskRegistry.of(pl_module).masks.items()}
+
+    trainer(tmp_path, max_steps=5, callbacks=[gradual, Masks(gradual)]).fit(module, token_loader())
+    first, middle, last = masks_at[1], masks_at[3], masks_at[5]  # after the events at steps 0, 2 and 4
+    assert gradual.schedule.sparsity_at(2) < 0.5
+    assert first.keys() == {t.name for t in gradual.targets}
+    for name, mask in first.items():
+        assert (nm_pruned_per_group(mask, 4) == 1).all(), name
+        assert torch.equal(middle[name], mask), name  # the event at 2 had nothing to prune
+        assert (nm_pruned_per_group(last[name], 4) == 2).all(), name
+        assert not (last[name] & ~mask).any(), name  # masks only grow
+    for t in gradual.targets:
+        assert not t.weight.detach()[~last[t.name]].any(), t.name

@@ -1,12 +1,16 @@
 """TaskEvalCallback inside real fits: eval/<task>/<metric> in TensorBoard, rank 0 evaluates, every rank logs."""
+import re
+
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
+from tensorboard.util import tensor_util
 
 from gradprune import PrunableLM, evaluate_tasks
-from gradprune.callbacks import GradualPruningCallback, TaskEvalCallback
+from gradprune.callbacks import GradualPruningCallback, SparsityMonitor, TaskEvalCallback
 from lightning_helpers import token_loader, trainer
 from lm_tasks import TASK, write_local_task
 from tiny_models import TINY_LLAMA
@@ -31,9 +35,9 @@ def test_fit_logs_task_metrics_at_every_second_validation_and_trains_as_without_
     callback = TaskEvalCallback(TASK, every_n_val=2, limit=8, tokenizer="bytes", include_path=task_dir)
     module = module_258()
     trainer(tmp_path, max_steps=8, logger=logger, val_check_interval=2, log_every_n_steps=1,
-            callbacks=[callback]).fit(module, token_loader(n=32), token_loader(n=8, seed=1))
+            callbacks=[SparsityMonitor(), callback]).fit(module, token_loader(n=32), token_loader(n=8, seed=1))
 
-    events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0})
+    events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "tensors": 0})
     events.Reload()
     tags = set(events.Tags()["scalars"])
     assert {f"eval/{TASK}/acc", f"eval/{TASK}/acc_stderr", f"eval/{TASK}/acc_norm", "eval/wall_s", "val/acc"} <= tags
@@ -46,6 +50,14 @@ def test_fit_logs_task_metrics_at_every_second_validation_and_trains_as_without_
     assert acc[-1].value == pytest.approx(final[TASK]["acc"], abs=1e-7)
     assert [h["step"] for h in callback.history] == [4, 8] and callback.history[-1][TASK] == final[TASK]
     assert callback.state_dict()["validations"] == 4
+    # TensorBoard's custom-scalars tab (the last layout the run wrote): accuracy and sparsity on one chart,
+    # next to the monitor's sparsity-and-perplexity chart
+    record = events.Tensors("custom_scalars__config__")[-1]
+    layout = layout_pb2.Layout.FromString(tensor_util.make_ndarray(record.tensor_proto).item())
+    charts = {chart.title: list(chart.multiline.tag) for category in layout.category for chart in category.chart}
+    assert {"task accuracy and sparsity", "sparsity and validation metric"} <= charts.keys()
+    drawn = [tag for tag in tags if any(re.search(p, tag) for p in charts["task accuracy and sparsity"])]
+    assert sorted(drawn) == sorted([f"eval/{TASK}/acc", f"eval/{TASK}/acc_norm", "sparsity/global"])
 
     plain = module_258()  # the same run without the callback: the evaluations changed nothing it trained on
     trainer(tmp_path / "plain", max_steps=8, val_check_interval=2).fit(plain, token_loader(n=32), token_loader(n=8, seed=1))
