@@ -4,10 +4,12 @@ Callbacks decide *when* to prune; the core in :mod:`gradprune` decides *what*.
 """
 from .base import PruningCallback
 from .gradual import GradualPruningCallback
-from .mask_modes import DynamicMasks, LearnedMasks, MaskMode
+from .gradual_structured import GradualStructuredPruningCallback
+from .mask_modes import DynamicMasks, LearnedMasks
 from .monitor import SparsityMonitor
 from .oneshot import MagnitudePruningCallback, RIAPruningCallback, SparseGPTPruningCallback, WandaPruningCallback
-from .structured import GradualStructuredPruningCallback, StructuredPruningCallback
+from .strategies import MaskMode
+from .structured import StructuredPruningCallback
 from .task_eval import TaskEvalCallback
 
 __all__ = [

@@ -1,3 +1,4 @@
+# Over 400 lines on purpose: the two modes share the freeze check, the flip logging and this docstring.
 """How GradualPruningCallback chooses masks while training decides them: the ``mode`` strategies.
 
 With ``mode=None`` the callback grows masks monotonically, picked by its scorer at every event (the
@@ -12,9 +13,10 @@ default). A :class:`MaskMode` instead lets training change which weights are kep
 
 In both, the targets' masks live in the mode, not in the model's :class:`gradprune.MaskRegistry`, until the
 freeze step: there the final masks go to the registry, pruned weights become exactly zero and stay so, as
-after any other pruning. Every mode object answers the same calls from the callback (:class:`MaskMode`):
-``check`` (construction), ``start`` (fit start), ``event`` (each schedule event), ``before_optimizer_step``,
-``stop`` and ``state_dict`` / ``load_state_dict`` (checkpoints).
+after any other pruning. Every mode answers the same calls from the callback as the default strategies do
+(:class:`~gradprune.callbacks.strategies.MaskMode`, :mod:`gradprune.callbacks.strategies`): ``check``
+(construction), ``setup`` (before the optimizer exists), ``start`` (fit start), ``ready`` and ``event`` (each
+schedule event), ``before_optimizer_step``, ``stop`` and ``state_dict`` / ``load_state_dict`` (checkpoints).
 
 Logged (``pl_module.log``, so TensorBoard shows them next to ``val/ppl``): ``masks/flip_rate`` (the fraction
 of mask positions that changed since the previous event), per layer ``masks/flip_rate/<target>``,
@@ -39,6 +41,8 @@ from gradprune.selection import select_masks
 from gradprune.targets import Target
 from gradprune.validation import Problems, is_int, is_number, parse_pattern
 
+from .strategies import MaskMode
+
 if TYPE_CHECKING:
     from .gradual import GradualPruningCallback
 
@@ -46,42 +50,6 @@ log = logging.getLogger(__name__)
 
 PRIORS = ("masks", "sparsegpt", "wanda", "magnitude")
 LOGIT_ADAM_EPS = 1e-12
-
-
-class MaskMode:
-    """The interface between GradualPruningCallback and a way of choosing masks during training."""
-
-    #: the callback draws calibration batches at fit start for this mode
-    needs_calibration = False
-    #: the masks are at the schedule's sparsity at every event (else at final_sparsity from the first one)
-    follows_schedule = True
-
-    def check(self, problems: Problems, callback: "GradualPruningCallback") -> None:
-        """Add what does not fit the callback's other arguments to ``problems`` (at construction)."""
-
-    def start(self, callback: "GradualPruningCallback", trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """At fit start, after the callback's checks: refuse what this run cannot do; resume a saved phase."""
-
-    def event(self, callback: "GradualPruningCallback", trainer: pl.Trainer, pl_module: pl.LightningModule,
-              step: int, target: float) -> None:
-        """A schedule event at optimizer step ``step`` with target sparsity ``target``."""
-
-    def before_optimizer_step(self, trainer: pl.Trainer) -> None:
-        """After the backward pass of an optimizer step, before the model's optimizer steps."""
-
-    def stop(self) -> None:
-        """Restore the targets' own forward (fit ended or failed)."""
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-    def sparsity(self) -> Optional[float]:
-        """The pruned fraction of the targets under the mode's current masks (None once they are frozen
-        into the registry, or before the first event)."""
-        return None
 
 
 def _pruned_fraction(masks: dict[str, torch.Tensor]) -> Optional[float]:
@@ -420,7 +388,7 @@ class DynamicMasks(MaskMode):
     def event(self, callback, trainer, pl_module, step, target) -> None:
         registry = MaskRegistry.of(pl_module)
         earlier = registry.release([t.name for t in self._targets]) if not self._keep else {}
-        new = select_masks(self._targets, target, callback._score_fn(), callback.scope, callback.pattern)
+        new = select_masks(self._targets, target, callback.window.score_fn(), callback.scope, callback.pattern)
         flips = {name: flip_fraction(self._keep[name], keep) for name, keep in new.items() if name in self._keep}
         if earlier:  # a one-shot callback pruned these targets: its zeros are where the masks start from
             flips = {name: flip_fraction(earlier[name], keep) for name, keep in new.items() if name in earlier}

@@ -22,7 +22,8 @@ import lightning.pytorch as pl
 import torch
 
 from gradprune.blocks import find_causal_lm
-from gradprune.oneshot import check_arguments, prune_oneshot, report_json
+from gradprune.oneshot import prune_oneshot, report_json
+from gradprune.oneshot_plan import check_arguments
 from gradprune.validation import Problems, check_selector
 
 from .base import PruningCallback

@@ -14,7 +14,7 @@ from .version import __version__  # a leaf module: it imports nothing
 
 # public name -> the module defining it
 _LAZY = {
-    "FORMATS": ".exports", "export": ".exports", "load": ".exports",
+    "FORMATS": ".exports", "export": ".exports", "load": ".loading",
     "MaskRegistry": ".masks", "pack_mask": ".bits", "unpack_mask": ".bits",
     "magnitude_scores": ".methods.magnitude",
     "prune_oneshot": ".oneshot",

@@ -14,9 +14,9 @@ the recipe that produced the model when known, the gradprune version):
   every other tensor is stored as is under its own name. The file's metadata holds ``gradprune.layout``
   (``"bitmask/1"``), ``gradprune.shapes`` (JSON: the shape of each bitmask-stored tensor) and
   ``gradprune.tied`` (JSON: tensor names stored once for a tied pair, mapped to the stored name), and the
-  content hashes ``gradprune.sha256`` (every state-dict name -> :func:`tensor_sha256`) and
-  ``gradprune.digest`` (of the other entries), which :func:`load` verifies.
-  :func:`load` rebuilds the dense model bit-exactly.
+  content hashes ``gradprune.sha256`` (every state-dict name -> :func:`gradprune.compressed.tensor_sha256`) and
+  ``gradprune.digest`` (of the other entries), which :func:`gradprune.load` verifies.
+  :func:`gradprune.load` rebuilds the dense model bit-exactly.
 - ``structured``: the physically smaller model: every MLP neuron, attention head group and decoder layer
   that is all zero (structured pruning masked it) removed from a copy by
   :func:`gradprune.remove_zeroed_units`, the config updated, then saved as ``dense``. It reloads with
@@ -25,29 +25,28 @@ the recipe that produced the model when known, the gradprune version):
 "Nonzero" is judged on the bits: -0.0 and NaN are values like any other, so the round trip is exact
 for every tensor. A tensor is stored as a bitmask when it is a pruning target (the default targets of
 :func:`gradprune.find_targets`, and whatever the model's mask registry holds) and that is smaller
-than storing it dense (:func:`bitmask_nbytes`): in bf16 above 1/16 = 6.25% zeros, in fp32 above 1/32.
+than storing it dense (:func:`gradprune.compressed.bitmask_nbytes`): in bf16 above 1/16 = 6.25% zeros, in fp32 above 1/32.
 Embeddings, norms and biases are never targets and stay dense.
+
+Here: :func:`export` and its writers. The compressed file itself (its layout, hashes, writing and reading
+it) is :mod:`gradprune.compressed`; loading any export back is :mod:`gradprune.loading`.
 """
 from __future__ import annotations
 
-import base64
 import contextlib
 import copy
-import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Union
 
-import numpy as np
 import torch
 from torch import nn
 
-from .bits import SAME_WIDTH_INT, pack_mask, unpack_mask
+from .compressed import COMPRESSED_FILE, LAYOUT, write_compressed
 from .masks import MaskRegistry
 from .report import sparsity_report
 from .shards import is_sharded
@@ -60,113 +59,6 @@ from .version import __version__
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "gradprune.json"
-COMPRESSED_FILE = "model.compressed.safetensors"
-LAYOUT = "bitmask/1"
-BITMASK_SUFFIX = "::bitmask"
-VALUES_SUFFIX = "::values"
-# The weight files a dense export may hold (the loader looks for the first three).
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", COMPRESSED_FILE)
-
-
-class ExportError(ValueError):
-    """An export directory that cannot be loaded: a file or tensor missing or corrupted."""
-
-
-# -- the size of a bitmask-stored tensor (pure) -------------------------------------------------------
-def bitmask_nbytes(numel: int, nonzeros: int, element_size: int) -> int:
-    """Bytes of a tensor stored as a bitmask plus its nonzero values: ceil(numel / 8) + nonzeros * size."""
-    return -(-numel // 8) + nonzeros * element_size
-
-
-def ideal_nbytes(numel: int, nonzeros: int, element_size: int) -> float:
-    """The ideal the compressed layout is held to: the values plus exactly one bit per element."""
-    return numel / 8 + nonzeros * element_size
-
-
-# -- one tensor to bitmask + values and back (pure) ---------------------------------------------------
-def _as_numpy_bits(tensor: torch.Tensor) -> np.ndarray:
-    """A CPU tensor's elements as a numpy array of integers of the same width (numpy has no bfloat16);
-    shares memory with the tensor."""
-    width = tensor.element_size()
-    if tensor.is_floating_point() and width in SAME_WIDTH_INT:
-        tensor = tensor.view(SAME_WIDTH_INT[width])
-    return tensor.numpy()
-
-
-def compress_tensor(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(bit-packed uint8 mask of the nonzero elements, the nonzero elements in row-major order, same
-    dtype). Nonzero is judged on the bits, so -0.0 and NaN are kept as values."""
-    flat = tensor.detach().cpu().contiguous().reshape(-1)
-    bits = _as_numpy_bits(flat)
-    keep = bits != 0
-    values = torch.from_numpy(bits[keep]).view(flat.dtype)
-    return pack_mask(torch.from_numpy(keep)), values
-
-
-def decompress_tensor(bitmask: torch.Tensor, values: torch.Tensor, shape, name: str = "tensor") -> torch.Tensor:
-    """Inverse of :func:`compress_tensor`. Raises :class:`ExportError` naming ``name`` when the bitmask's
-    length does not fit ``shape``, its unused bits are set, or it marks another number of elements than
-    there are values."""
-    shape = [int(d) for d in shape]
-    numel = math.prod(shape)
-    if bitmask.dtype != torch.uint8 or bitmask.dim() != 1 or bitmask.numel() != -(-numel // 8):
-        raise ExportError(
-            f"tensor {name!r} is corrupted: its bitmask should be {-(-numel // 8)} uint8 bytes for shape "
-            f"{shape}, got {bitmask.numel()} {bitmask.dtype} in shape {list(bitmask.shape)}"
-        )
-    pad = (-numel) % 8
-    if pad and int(bitmask[-1]) & ((1 << pad) - 1):
-        raise ExportError(f"tensor {name!r} is corrupted: the unused last {pad} bits of its bitmask are set")
-    keep = unpack_mask(bitmask, (numel,)).numpy()
-    count = int(np.count_nonzero(keep))
-    if values.dim() != 1 or values.numel() != count:
-        raise ExportError(
-            f"tensor {name!r} is corrupted: its bitmask marks {count} nonzero elements but {values.numel()} "
-            f"values are stored (shape {list(values.shape)})"
-        )
-    source = _as_numpy_bits(values.contiguous())
-    dense = np.zeros(numel, dtype=source.dtype)
-    if count:
-        np.place(dense, keep, source)
-    return torch.from_numpy(dense).view(values.dtype).view(shape)
-
-
-# -- content hashes (pure) -----------------------------------------------------------------------------
-HASHES_KEY = "gradprune.sha256"  # JSON: every state-dict name -> tensor_sha256 of its dense tensor
-DIGEST_KEY = "gradprune.digest"  # sha256 of the other gradprune.* metadata entries
-
-
-def tensor_sha256(tensor: torch.Tensor) -> str:
-    """The first 128 bits of the sha256 of a tensor's dtype, shape and bytes (row-major), base64 (22
-    characters: plenty against accidental change, and a small header)."""
-    digest = hashlib.sha256(f"{tensor.dtype}|{list(tensor.shape)}|".encode())
-    digest.update(_as_numpy_bits(tensor.detach().cpu().contiguous().reshape(-1)).data)
-    return base64.b64encode(digest.digest()[:16]).decode().rstrip("=")
-
-
-def _metadata_digest(metadata: Mapping[str, str]) -> str:
-    entries = {k: v for k, v in metadata.items() if k.startswith("gradprune.") and k != DIGEST_KEY}
-    return hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
-
-
-def _verify_hashes(path: Path, metadata: Mapping[str, str], state: Mapping[str, torch.Tensor]) -> None:
-    """Every tensor of ``state`` against the file's content hashes, then the metadata against its digest;
-    raises ExportError naming the first tensor (or entry) that differs."""
-    try:
-        hashes = json.loads(metadata[HASHES_KEY])
-    except (KeyError, json.JSONDecodeError) as exc:
-        raise ExportError(f"{path} has corrupted metadata ({HASHES_KEY}): {exc}") from exc
-    for name in sorted(set(state) | set(hashes)):
-        if name not in hashes:
-            raise ExportError(f"tensor {name!r} in {path} has no content hash: an entry was added after export")
-        if name not in state:
-            raise ExportError(f"tensor {name!r} is missing from {path} (its content hash is stored)")
-        found = tensor_sha256(state[name])
-        if found != hashes[name]:
-            raise ExportError(f"tensor {name!r} in {path} does not match its content hash (stored {hashes[name]}, "
-                              f"found {found}): the file was changed or corrupted after export")
-    if metadata.get(DIGEST_KEY) != _metadata_digest(metadata):
-        raise ExportError(f"{path}: the gradprune metadata does not match its digest ({DIGEST_KEY}): it was changed after export")
 
 
 # -- finding what to export ---------------------------------------------------------------------------
@@ -222,47 +114,10 @@ def _write_dense(model: nn.Module, out: Path, registries) -> dict:
     model.save_pretrained(out, safe_serialization=True)
     return {}
 
-
 def _write_compressed(model: nn.Module, out: Path, registries) -> dict:
-    from safetensors.torch import save_file
-
-    pruned = pruned_tensor_names(model, registries)
-    tensors: dict[str, torch.Tensor] = {}
-    shapes: dict[str, list[int]] = {}
-    tied: dict[str, str] = {}
-    seen: dict[tuple, str] = {}
-    stats = {"tensors": 0, "numel": 0, "nonzeros": 0, "bytes": 0, "ideal_bytes": 0.0}
-    for name, tensor in model.state_dict(keep_vars=False).items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride(),
-               tensor.dtype)
-        if tensor.numel() and key in seen:  # a tied tensor (lm_head = embedding): stored once
-            tied[name] = seen[key]
-            continue
-        seen[key] = name
-        if name in pruned and tensor.is_floating_point():
-            bitmask, values = compress_tensor(tensor)
-            size = tensor.element_size()
-            nbytes = bitmask_nbytes(tensor.numel(), values.numel(), size)
-            if nbytes < tensor.numel() * size:
-                tensors[name + BITMASK_SUFFIX] = bitmask
-                tensors[name + VALUES_SUFFIX] = values
-                shapes[name] = list(tensor.shape)
-                stats["tensors"] += 1
-                stats["numel"] += tensor.numel()
-                stats["nonzeros"] += values.numel()
-                stats["bytes"] += nbytes
-                stats["ideal_bytes"] += ideal_nbytes(tensor.numel(), values.numel(), size)
-                continue
-        tensors[name] = tensor.detach().contiguous().cpu()
-    metadata = {"format": "pt", "gradprune.layout": LAYOUT, "gradprune.shapes": json.dumps(shapes),
-                "gradprune.tied": json.dumps(tied)}
-    # content hashes: of every tensor as loaded back (tied names too), and of the metadata with them
-    state = model.state_dict(keep_vars=False)
-    metadata[HASHES_KEY] = json.dumps({name: tensor_sha256(state[name]) for name in sorted(state)})
-    metadata[DIGEST_KEY] = _metadata_digest(metadata)
-    save_file(tensors, str(out / COMPRESSED_FILE), metadata=metadata)
+    stored = write_compressed(model, out / COMPRESSED_FILE, pruned_tensor_names(model, registries))
     _save_config(model, out)
-    return {"compressed": {"file": COMPRESSED_FILE, "layout": LAYOUT, "tied": tied, **stats}}
+    return {"compressed": {"file": COMPRESSED_FILE, "layout": LAYOUT, **stored}}
 
 
 def _save_config(model: nn.Module, out: Path) -> None:
@@ -457,148 +312,3 @@ def export(
     log.info("exported the model to %s as %s (global sparsity %.4f)", out, format, report["global"]["sparsity"])
     return out
 
-
-# -- loading ------------------------------------------------------------------------------------------
-def _model_class(config):
-    import transformers
-
-    for name in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, name, None)
-        if cls is not None:
-            return cls
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM
-
-
-def _read_config(directory: Path):
-    from transformers import AutoConfig
-
-    path = directory / "config.json"
-    if not path.is_file():
-        raise ExportError(f"{path} is missing: an export keeps the model's config there")
-    try:
-        return AutoConfig.from_pretrained(directory)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ExportError(f"{path} cannot be read as a Hugging Face model config (JSON with a known "
-                          f"model_type): {type(exc).__name__}: {exc}") from exc
-
-
-def _load_dense(directory: Path):
-    config = _read_config(directory)
-    present = [name for name in _WEIGHT_FILES[:3] if (directory / name).is_file()]
-    if not present:
-        raise ExportError(f"{directory} holds no model.safetensors (nor model.safetensors.index.json or "
-                          "pytorch_model.bin): the weights of a dense export are missing")
-    try:
-        model, info = _model_class(config).from_pretrained(directory, config=config, output_loading_info=True)
-    except Exception as exc:  # safetensors, torch and transformers each raise their own kind
-        if "ignore_mismatched_sizes" in str(exc) or "size mismatch" in str(exc):
-            found = "weights whose shapes do not fit the config"
-        else:
-            found = f"{type(exc).__name__}: {exc}"
-        raise ExportError(f"cannot load the weights in {directory / present[0]} into the model that "
-                          f"{directory / 'config.json'} describes ({config.model_type}): {found}") from exc
-    missing = [k for k in info.get("missing_keys", []) if not _tied_alias(model, k)]
-    if missing or info.get("mismatched_keys"):
-        raise ExportError(f"{directory / present[0]} does not fit {directory / 'config.json'}: "
-                          f"missing {sorted(missing)[:5]}, shapes that differ {list(info.get('mismatched_keys', []))[:5]}")
-    return model
-
-
-def _tied_alias(model: nn.Module, name: str) -> bool:
-    """Whether parameter ``name`` of ``model`` is the same tensor as another (a tied head: not stored)."""
-    params = dict(model.named_parameters(remove_duplicate=False))
-    weight = params.get(name)
-    return weight is not None and any(p is weight for n, p in params.items() if n != name)
-
-
-def read_compressed(path: Union[str, os.PathLike]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The dense state dict stored in a compressed file (tied names included) and the tied names.
-
-    Raises :class:`ExportError` naming the file or the tensor when the file cannot be read, a tensor
-    misses its bitmask or values, or a bitmask does not fit its shape or its values."""
-    from safetensors import SafetensorError, safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise ExportError(f"{path} is missing: a compressed export keeps its weights there")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            stored = {key: f.get_tensor(key) for key in f.keys()}
-    except (SafetensorError, OSError, RuntimeError) as exc:
-        raise ExportError(f"cannot read {path}: {exc}") from exc
-    if metadata.get("gradprune.layout") != LAYOUT:
-        raise ExportError(f"{path} is not a gradprune compressed file of layout {LAYOUT!r} "
-                          f"(metadata gradprune.layout={metadata.get('gradprune.layout')!r})")
-    try:
-        shapes = json.loads(metadata["gradprune.shapes"])
-        tied = json.loads(metadata.get("gradprune.tied", "{}"))
-    except (KeyError, json.JSONDecodeError) as exc:
-        raise ExportError(f"{path} has corrupted metadata (gradprune.shapes / gradprune.tied): {exc}") from exc
-    state: dict[str, torch.Tensor] = {}
-    for key, tensor in stored.items():
-        for suffix in (BITMASK_SUFFIX, VALUES_SUFFIX):
-            if key.endswith(suffix) and key[: -len(suffix)] not in shapes:
-                raise ExportError(f"{path}: entry {key!r} belongs to no tensor listed in gradprune.shapes")
-        if not key.endswith((BITMASK_SUFFIX, VALUES_SUFFIX)):
-            state[key] = tensor
-    for name, shape in shapes.items():
-        missing = [name + s for s in (BITMASK_SUFFIX, VALUES_SUFFIX) if name + s not in stored]
-        if missing:
-            raise ExportError(f"tensor {name!r} is missing from {path}: no entry {' or '.join(map(repr, missing))}")
-        state[name] = decompress_tensor(stored[name + BITMASK_SUFFIX], stored[name + VALUES_SUFFIX], shape, name)
-    for alias, source in tied.items():
-        if source not in state:
-            raise ExportError(f"tensor {alias!r} is tied to {source!r}, which is missing from {path}")
-        state[alias] = state[source]
-    if HASHES_KEY in metadata or DIGEST_KEY in metadata:  # files written before content hashes existed have none
-        _verify_hashes(path, metadata, state)
-    return state, tied
-
-
-def _load_compressed(directory: Path):
-    config = _read_config(directory)
-    state, _ = read_compressed(directory / COMPRESSED_FILE)
-    model, info = _model_class(config).from_pretrained(None, config=config, state_dict=state, output_loading_info=True)
-    problems = []
-    if info.get("missing_keys"):
-        problems.append(f"tensors missing from {directory / COMPRESSED_FILE}: {sorted(info['missing_keys'])}")
-    if info.get("unexpected_keys"):
-        problems.append(f"tensors the model ({type(model).__name__}) does not have: {sorted(info['unexpected_keys'])}")
-    if info.get("mismatched_keys"):
-        problems.append(f"tensors whose shape does not fit the config: {[k[0] if isinstance(k, tuple) else k for k in info['mismatched_keys']]}")
-    if problems:
-        raise ExportError("; ".join(problems))
-    return model
-
-
-LOADERS: dict[str, Callable[[Path], nn.Module]] = {"dense": _load_dense, "compressed": _load_compressed,
-                                                   "structured": _load_dense}
-
-
-def load(directory: Union[str, os.PathLike]):
-    """Load a model exported by :func:`export` in any format (a directory without gradprune.json is read
-    as a plain Hugging Face model directory). The compressed format comes back bit-exactly as exported,
-    in eval mode. Raises :class:`ExportError` (a ValueError) naming the file or tensor that is missing or
-    corrupted; nothing is returned half-loaded."""
-    if not isinstance(directory, (str, os.PathLike)):
-        raise TypeError(f"directory must be an export directory path (str or os.PathLike), got {directory!r}")
-    directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise ExportError(f"{str(directory)!r} is a file; an export is a directory (holding config.json, the weights "
-                          "and gradprune.json)")
-    if not directory.is_dir():
-        raise ExportError(f"export directory {str(directory)!r} does not exist")
-    report = directory / REPORT_FILE
-    if report.is_file():
-        try:
-            format = json.loads(report.read_text()).get("format", "dense")
-        except (json.JSONDecodeError, AttributeError) as exc:
-            raise ExportError(f"{report} is corrupted: {exc}") from exc
-    else:
-        format = "compressed" if (directory / COMPRESSED_FILE).is_file() else "dense"
-    if format not in LOADERS:
-        raise ExportError(f"{report} names format {format!r}; this gradprune loads {list(LOADERS)}")
-    return LOADERS[format](directory)

@@ -27,7 +27,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from gradprune import callbacks as gradprune_callbacks  # imported so that short class names resolve
 
-from .lightning_module import check_checkpoint_file
+from .checkpoints import check_checkpoint_file
 from .subcommands import DEBUG_ENV, OWN_SUBCOMMANDS, SUBCOMMANDS
 
 log = logging.getLogger(__name__)

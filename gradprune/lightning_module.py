@@ -9,21 +9,21 @@ Pruning itself is done by callbacks (gradprune.callbacks); they find the targets
 from __future__ import annotations
 
 import copy
-import inspect
 import logging
 import math
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict, Literal, Mapping, Optional, Union
+from typing import Any, Dict, Literal, Optional, Union
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
-from torchmetrics import Metric
 from torchmetrics.text import Perplexity
 
+from .accuracy import TokenAccuracy
+from .checkpoints import check_checkpoint_fits, warn_masks_without_pruning
 from .distill import Distillation, Distiller, distill_options
 from .exports import FORMATS, check_destination
 from .exports import export as export_model
@@ -31,36 +31,11 @@ from .lora import LoRA, add_lora, lora_options, merge_lora, require_peft
 from .losses import IGNORE_INDEX, next_token_loss, shifted_targets
 from .models import DTYPES, load_causal_lm, load_tokenizer
 from .optim import MaskedAdamW
+from .recipes import describe_callbacks
 from .structured.units import find_units
 from .validation import Problems, check_bool, check_choice, check_model_source, check_number, is_int, is_number
 
 log = logging.getLogger(__name__)
-
-
-class TokenAccuracy(Metric):
-    """Next-token top-1 accuracy: the fraction of target tokens (not ``ignore_index``, i.e. not padding) that
-    are the logits' argmax. Sums of hits and counted tokens, summed across DDP ranks, so the value over a
-    validation set is exact (the same targets as ``val/ppl``'s Perplexity)."""
-
-    is_differentiable = False
-    higher_is_better = True
-    full_state_update = False
-
-    def __init__(self, ignore_index: int = IGNORE_INDEX, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.ignore_index = ignore_index
-        self.add_state("correct", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-
-    def update(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
-        """``logits`` [..., V] and ``targets`` [...] (the token each position predicts)."""
-        keep = targets != self.ignore_index
-        hits = (logits.argmax(dim=-1) == targets) & keep
-        self.correct += hits.sum()
-        self.total += keep.sum()
-
-    def compute(self) -> torch.Tensor:
-        return self.correct.float() / self.total.clamp(min=1).float()
 
 
 class PrunableLM(pl.LightningModule):
@@ -227,47 +202,14 @@ class PrunableLM(pl.LightningModule):
                 "use the model's own tokenizer"
             )
 
-    def _check_checkpoint_fits(self, checkpoint: dict) -> None:
-        """Every weight of the checkpoint has this model's name and shape, checked before Lightning loads any
-        (torch's load_state_dict copies the tensors that fit before it raises about the others): a
-        checkpoint of another width or depth, or not of a PrunableLM, is refused naming the file."""
-        trainer = self._trainer
-        path = getattr(trainer, "ckpt_path", None) if trainer is not None else None
-        state = checkpoint.get("state_dict")
-        if not isinstance(state, Mapping):
-            raise ValueError(f"checkpoint {path!r} holds no 'state_dict' (found keys {sorted(checkpoint)[:8]}): "
-                             "it is not a Lightning checkpoint of this module; nothing was loaded")
-        own = self.state_dict()
-        shapes = [f"{k} (checkpoint {list(v.shape)}, model {list(own[k].shape)})" for k, v in state.items()
-                  if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)]
-        strict = getattr(self, "strict_loading", True)
-        missing = [k for k in own if k not in state] if strict else []
-        unexpected = [k for k in state if k not in own] if strict else []
-        if shapes or missing or unexpected:
-            found = "; ".join(f"{what}: {items[:3]}{' ...' if len(items) > 3 else ''} ({len(items)})"
-                              for what, items in (("shapes that differ", shapes), ("weights the checkpoint lacks", missing),
-                                                  ("weights this model lacks", unexpected)) if items)
-            raise ValueError(f"checkpoint {path!r} does not fit this model ({type(self.model).__name__}, "
-                             f"{sum(1 for _ in own)} tensors): {found}. Resume with the model configuration the "
-                             "checkpoint was trained with (width, depth); nothing was loaded")
-
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """A checkpoint with pruning masks resumed without a pruning callback would train the pruned weights
-        back: say so specifically (Lightning's own warning names no consequence)."""
-        self._check_checkpoint_fits(checkpoint)
-        callbacks = checkpoint.get("callbacks") or {}
-        saved = [key for key, state in callbacks.items() if isinstance(state, dict) and state.get("masks")]
+        """Refuse a checkpoint of another shape before Lightning loads any weight, and warn when masks would
+        not be restored (:mod:`gradprune.checkpoints`)."""
         trainer = self._trainer
-        if not saved or trainer is None:
-            return
-        has_pruning = any(hasattr(cb, "registry") and hasattr(cb, "extra_state") for cb in trainer.callbacks)
-        if not has_pruning:
-            layers = len(callbacks[saved[0]]["masks"])
-            log.warning(
-                "the checkpoint holds pruning masks for %d layers (saved by %s), but this run has no pruning "
-                "callback: the masks are not restored or enforced and the pruned weights will train back to "
-                "non-zero values. Add the same pruning callback to resume the pruned run", layers, saved[0].split("{")[0],
-            )
+        check_checkpoint_fits(self, checkpoint, getattr(trainer, "ckpt_path", None) if trainer is not None else None)
+        if trainer is not None:
+            warn_masks_without_pruning(checkpoint, trainer.callbacks)
+
 
     # -- forward and losses ---------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -382,29 +324,6 @@ class PrunableLM(pl.LightningModule):
         return model, tokenizer, recipe
 
 
-def check_checkpoint_file(path: Any) -> None:
-    """Read a checkpoint that fit is to resume from (memory-mapped: the tensors are not loaded) and raise
-    ValueError naming it when it is truncated or not a Lightning checkpoint, instead of an error from deep
-    inside torch or Lightning that names no file. The ``gradprune`` command calls it before fit; Lightning
-    reads the file before any hook of a module or callback could."""
-    if not path or not os.path.isfile(path):
-        return
-    try:
-        try:
-            checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-        except RuntimeError as exc:  # not a zip file: the legacy format, or a truncated one, read whole
-            if "mmap can only be used with files saved with" not in str(exc):
-                raise
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # torch's zip reader, pickle and the filesystem raise their own kinds
-        raise ValueError(f"checkpoint {str(path)!r} cannot be read as a torch checkpoint (truncated, or not one): "
-                         f"{type(exc).__name__}: {exc}") from exc
-    if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint:
-        found = sorted(map(str, checkpoint))[:8] if isinstance(checkpoint, Mapping) else type(checkpoint).__name__
-        raise ValueError(f"checkpoint {str(path)!r} is not a Lightning checkpoint (a dict with 'state_dict'); found "
-                         f"{found}. Pass a .ckpt saved by a Trainer (ModelCheckpoint)")
-
-
 def _checked_arguments(model, vocab_size, learning_rate, weight_decay, betas, warmup_steps, min_lr_ratio, dtype,
                        fused_adamw, export_dir, export_format, tokenizer, distill, lora) -> tuple:
     """Every check of :class:`PrunableLM`'s arguments that needs no model, all problems raised together;
@@ -449,38 +368,6 @@ def _checked_arguments(model, vocab_size, learning_rate, weight_decay, betas, wa
         problems.add(str(exc), type_error=isinstance(exc, TypeError))
     problems.raise_if_any()
     return distill, lora
-
-
-def describe_callbacks(callbacks) -> list[dict]:
-    """The gradprune callbacks among ``callbacks`` as ``{"class_path", "init_args"}`` (the LightningCLI
-    form, which rebuilds them): each ``__init__`` argument read back from the attribute of the same name, or
-    ``<name>_kind``, or the entry of that name in the callback's ``options`` dict; a ``**kwargs`` argument
-    from the dict attribute of its name (the one-shot callbacks' ``method_options``), entry by entry."""
-    described = []
-    for callback in callbacks:
-        cls = type(callback)
-        if not cls.__module__.startswith("gradprune"):
-            continue
-        attributes = callback.__dict__
-        options = attributes.get("options") if isinstance(attributes.get("options"), dict) else {}
-        args: dict[str, Any] = {}
-        for klass in cls.__mro__:
-            init = klass.__dict__.get("__init__")
-            if init is None:
-                continue
-            for name, parameter in inspect.signature(init).parameters.items():
-                if parameter.kind == inspect.Parameter.VAR_KEYWORD:
-                    for key, value in (attributes.get(name) or {}).items():
-                        args.setdefault(key, value)
-                if name == "self" or name in args or parameter.kind in (inspect.Parameter.VAR_POSITIONAL,
-                                                                        inspect.Parameter.VAR_KEYWORD):
-                    continue
-                for source, key in ((attributes, name), (attributes, f"{name}_kind"), (options, name)):
-                    if key in source:
-                        args[name] = source[key]
-                        break
-        described.append({"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": args})
-    return described
 
 
 def warmup_cosine(warmup: int, total: int, min_ratio: float):

@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import gradprune as gp  # noqa: E402
-from gradprune.exports import BITMASK_SUFFIX, COMPRESSED_FILE, VALUES_SUFFIX  # noqa: E402
+from gradprune.compressed import BITMASK_SUFFIX, COMPRESSED_FILE, VALUES_SUFFIX  # noqa: E402
 from gradprune.models import load_causal_lm  # noqa: E402
 
 

@@ -305,6 +305,7 @@ def plot(results: Path, out: Path) -> None:
     print(f"wrote {out}")
 
 
+# over 60 lines: most of it is the argument parser and the --task options; the run reads top to bottom
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", nargs="*", default=[], help="row names, or 'all'")

@@ -56,6 +56,7 @@ def module_at(rev: str):
     return module
 
 
+# over 60 lines: one benchmark read top to bottom (inputs, interleaved cases, timings, tables) sharing args
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")

@@ -29,7 +29,8 @@ from gradprune.data import TextDataModule  # noqa: E402
 from gradprune.evaluate import perplexity  # noqa: E402
 from gradprune.models import load_causal_lm  # noqa: E402
 from gradprune.corpus import is_local, local_missing  # noqa: E402
-from gradprune.oneshot import METHODS, check_arguments, prune_oneshot, report_json  # noqa: E402
+from gradprune.oneshot import METHODS, prune_oneshot, report_json  # noqa: E402
+from gradprune.oneshot_plan import check_arguments  # noqa: E402
 from gradprune.validation import Problems, check_model_source, check_number  # noqa: E402
 
 PROMPT = "Write a Python function that returns True if a number is even."

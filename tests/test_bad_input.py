@@ -416,7 +416,7 @@ def test_resume_problems_are_named(tmp_path):
         trainer(tmp_path / "a", max_steps=6, callbacks=[GradualPruningCallback(0.6, start_step=1, end_step=8, every=1)]).fit(
             tiny_module(), token_loader(), ckpt_path=str(ckpt))
     # (b) without a pruning callback: a specific warning
-    with LogRecords("gradprune.lightning_module") as logs:
+    with LogRecords("gradprune.checkpoints") as logs:
         trainer(tmp_path / "b", max_steps=5).fit(tiny_module(), token_loader(), ckpt_path=str(ckpt))
     assert "holds pruning masks for 14 layers" in logs.text() and "no pruning callback" in logs.text()
     # (c) corrupted mask bits name the layer and the file
@@ -505,7 +505,7 @@ def test_prune_follows_the_same_rule_for_earlier_masks_and_bad_weights():
 # Every public entry point checks everything before the first change and, when it fails, leaves the model, the
 # masks and the files on disk as they were.
 import gradprune as gp  # noqa: E402
-from gradprune.exports import COMPRESSED_FILE, ExportError  # noqa: E402
+from gradprune.compressed import COMPRESSED_FILE, ExportError  # noqa: E402
 
 
 def files_of(directory):
@@ -793,7 +793,7 @@ def test_a_resume_with_another_scorer_starts_a_fresh_window(tmp_path):
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1, filename="{step}")
     taylor = GradualPruningCallback(0.5, scorer="taylor", start_step=2, end_step=8, every=4, stat_batches=2)
     trainer(tmp_path, max_steps=3, callbacks=[taylor, checkpoint], enable_checkpointing=True).fit(tiny_module(), token_loader())
-    with LogRecords("gradprune.callbacks.gradual") as logs:
+    with LogRecords("gradprune.callbacks.window") as logs:
         module, _ = _resume(tmp_path / "r", tmp_path / "ckpt" / "step=3.ckpt",
                             GradualPruningCallback(0.5, scorer="wanda", start_step=2, end_step=8, every=4, stat_batches=2))
     assert "does not fit scorer 'wanda'" in logs.text() and "starts afresh" in logs.text()

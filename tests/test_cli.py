@@ -289,6 +289,14 @@ def test_learned_2of4_config_gives_the_gradual_callback_a_learned_masks_mode():
     assert tuple(gradual.init_args.mode.init_args.logit_scale) == (4.0, 12.0)
 
 
+def test_old_structured_class_path_resolves():
+    """Recipes written before the split name GradualStructuredPruningCallback under callbacks.structured."""
+    from jsonargparse._typehints import import_object  # the importer the CLI uses for a class path
+
+    from gradprune.callbacks import GradualStructuredPruningCallback
+    assert import_object("gradprune.callbacks.structured.GradualStructuredPruningCallback") is GradualStructuredPruningCallback
+
+
 def test_an_abbreviated_option_is_an_error_not_the_option_it_starts(tmp_path, capsys):
     """argparse's prefix matching would read --model.learning_rat as --model.learning_rate."""
     with pytest.raises(SystemExit) as info:

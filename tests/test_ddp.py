@@ -9,7 +9,8 @@ from gradprune import MaskRegistry, exact_count, prune_oneshot, sparsity_report
 from gradprune.callbacks import GradualPruningCallback, WandaPruningCallback
 from lightning_helpers import tiny_module, token_loader, trainer
 
-pytestmark = pytest.mark.numerics  # run again under other CPU kernels by .ci/run (make test-numerics)
+# two real processes (distributed); run again under other CPU kernels by .ci/run (numerics: make test-numerics)
+pytestmark = [pytest.mark.distributed, pytest.mark.numerics]
 
 
 class SaveMasks(Callback):

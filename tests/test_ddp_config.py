@@ -11,7 +11,8 @@ import yaml
 
 from gradprune import exact_count
 
-pytestmark = pytest.mark.numerics  # run again under other CPU kernels by .ci/run (make test-numerics)
+# two real processes (distributed); run again under other CPU kernels by .ci/run (numerics: make test-numerics)
+pytestmark = [pytest.mark.distributed, pytest.mark.numerics]
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,

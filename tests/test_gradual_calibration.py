@@ -59,6 +59,7 @@ def test_sparsegpt_on_calibration_data_is_exact_per_layer_and_updates_kept_weigh
         assert not torch.equal(before[kept], after[kept]), t.name  # SparseGPT compensated in the kept weights
 
 
+@pytest.mark.distributed
 def test_calibration_statistics_give_every_ddp_rank_the_same_weights_and_masks(tmp_path):
     """Each rank calibrates on its own first training sequences; the statistics are summed over ranks."""
     gradual = GradualPruningCallback(0.5, start_step=1, end_step=3, every=2, scorer="sparsegpt",

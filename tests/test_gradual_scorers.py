@@ -291,6 +291,7 @@ def test_plain_module_with_sgd_prunes_exactly_with_wanda(tmp_path):
     assert no_hooks_left(module)
 
 
+@pytest.mark.distributed
 def test_wanda_statistics_are_summed_over_ddp_ranks(tmp_path):
     """lr 0 keeps the weights at their initial values, so the masks depend on the statistics alone: two
     ranks end with identical masks, equal to one process that saw both ranks' micro-batches."""

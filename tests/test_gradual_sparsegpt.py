@@ -117,6 +117,7 @@ class SaveState(Callback):
                    self.directory / f"rank{trainer.global_rank}.pt")
 
 
+@pytest.mark.distributed
 def test_gradual_sparsegpt_gives_every_ddp_rank_the_same_weights_and_masks(tmp_path):
     gradual = GradualPruningCallback(0.5, schedule="constant", start_step=2, end_step=3, every=1, scorer="sparsegpt",
                                      stat_batches=2)

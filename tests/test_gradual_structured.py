@@ -390,6 +390,7 @@ class SaveMasks(Callback):
                    self.directory / f"rank{trainer.global_rank}.pt")
 
 
+@pytest.mark.distributed
 def test_ddp_ranks_end_with_identical_exact_masks(tmp_path):
     module = tiny_module()
     gradual = GradualStructuredPruningCallback(mlp=0.5, heads=0.5, schedule="cubic", start_step=1, end_step=6, every=2,

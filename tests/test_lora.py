@@ -249,6 +249,7 @@ class SaveRank(Callback):
                    self.directory / f"rank{trainer.global_rank}.pt")
 
 
+@pytest.mark.distributed
 @pytest.mark.numerics  # like the other two-process tests: run again under other CPU kernels
 def test_lora_under_ddp_trains_the_same_adapters_on_both_ranks(tmp_path):
     module = tiny_module(lora=LoRA(r=4, dropout=0.1))

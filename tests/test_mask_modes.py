@@ -246,6 +246,7 @@ class SaveLogits(SaveState):
                        self.directory / f"logits{trainer.global_rank}.pt")
 
 
+@pytest.mark.distributed
 def test_two_ddp_processes_learn_identical_logits_and_masks(tmp_path):
     gradual = GradualPruningCallback(0.5, pattern="2:4", schedule="constant", start_step=1, end_step=5, every=2,
                                      mode=LearnedMasks(prior="magnitude", logit_lr=0.5))

@@ -16,7 +16,8 @@ from gradprune.distill import Distillation
 from lightning_helpers import tiny_module, token_loader, trainer
 from test_plain_module import UserLM, windows
 
-pytestmark = pytest.mark.numerics  # run again under other CPU kernels by .ci/run (make test-numerics)
+# two real processes (distributed); run again under other CPU kernels by .ci/run (numerics: make test-numerics)
+pytestmark = [pytest.mark.distributed, pytest.mark.numerics]
 
 
 def ddp():

