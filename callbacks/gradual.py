@@ -116,6 +116,8 @@ class GradualPruningCallback(WindowLifecycle, ScheduledEvents, CalibrationDraw, 
             afresh at every event, straight-through gradients).
     """
 
+    # Over 60 lines on purpose: every argument is checked in one pass, so one error lists every problem
+    # before anything is stored (the checks are most of the body).
     def __init__(
         self,
         final_sparsity: float,

@@ -115,7 +115,7 @@ def _load_for_evaluation(source: str, tokenizer):
     from .models import load_causal_lm, load_tokenizer  # lazy: torch and transformers only when a model is loaded
 
     if os.path.isdir(os.path.expanduser(source)):
-        from .exports import load  # lazy, as above
+        from .loading import load  # lazy, as above
 
         model = load(os.path.expanduser(source))
     else:

@@ -63,6 +63,8 @@ class TextDataModule(pl.LightningDataModule):
         num_workers: DataLoader worker processes (0 loads in the main process).
     """
 
+    # Over 60 lines on purpose: every argument is checked in one pass, so one error lists every problem
+    # before anything is stored (the checks are most of the body).
     def __init__(
         self,
         sources: Union[str, list[str]] = "stdlib",

@@ -215,6 +215,8 @@ def _swap_in(new: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+# Over 60 lines on purpose: every check, then one write into a staging folder that is swapped in whole or
+# removed; split up, the one transaction and its rollback would be spread over several functions.
 def export(
     model_or_module: nn.Module,
     out_dir: Union[str, os.PathLike],

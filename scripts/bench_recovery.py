@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
 
 from gradprune import PrunableLM, sparsity_report
 from gradprune.callbacks import (DynamicMasks, GradualPruningCallback, LearnedMasks, RIAPruningCallback,
@@ -150,7 +151,7 @@ def run_row(name: str, args, dense, dm) -> dict:
         "peak_extra_rss_mb": memory.extra_mb, "lr": args.lr, "every": args.every, "end_fraction": args.end_fraction,
         "stat_batches": args.stat_batches, "schedule": args.schedule, "exponent": args.exponent, "start_sparsity": args.start_sparsity, "initial_sparsity": args.initial_sparsity, "nsamples": args.nsamples, "block_size": args.block_size,
         "batch_size": args.batch_size, "val_tokens": args.val_tokens, "lora": lora,
-        "lr_used": args.lora_lr if lora else args.lr, "seed": args.seed,
+        "lr_used": args.lora_lr if lora else args.lr, "seed": args.seed, "threads": torch.get_num_threads(),
         "prior_strength": args.prior_strength, "logit_scale": args.logit_scale, "temperature": args.temperature,
         "logit_lr": args.logit_lr, "sr_decay": args.sr_decay,
         "first_event_prunes": True,  # rows recorded before this key existed skipped an initial_sparsity > 0 event
@@ -166,9 +167,9 @@ def print_table(results: Path) -> None:
         print("no rows recorded yet")
         return
     records = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
-    dense = [r for r in records if r["row"] == "dense"]
+    dense = {r.get("seed", 0): r["ppl"] for r in records if r["row"] == "dense"}  # the seed picks the held-out files
     with_tasks = any(r.get("tasks") for r in records)
-    print("| run | target | ramp | held-out ppl | x dense | sparsity | steps | tokens | wall (s) | s / step | peak extra RSS (MB) |"
+    print("| run | target | ramp | held-out ppl | x dense (same seed) | sparsity | steps | tokens | wall (s) | s / step | peak extra RSS (MB) |"
           + (" task acc +/- stderr |" if with_tasks else ""))
     print("|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if with_tasks else ""))
     for r in records:
@@ -189,7 +190,8 @@ def print_table(results: Path) -> None:
             elif r.get("reconstruct"):
                 settings += ", SparseGPT's update with the learned masks at the freeze"
             ramp = f"masks chosen by training to step {round(r['end_fraction'] * r['steps'])}, then frozen{settings}"
-        ratio = f"{r['ppl'] / dense[-1]['ppl']:.2f}" if dense else ""
+        seed = r.get("seed", 0)
+        ratio = f"{r['ppl'] / dense[seed]:.2f}" if seed in dense else ""
         step = "" if r["s_per_step"] is None else f"{r['s_per_step']:.2f}"
         target = "-" if r["row"] == "dense" else f"{r['sparsity_target']:.0%} {r['pattern']}"
         label = r["label"] + (f" (seed {r['seed']})" if r.get("seed", 0) else "")
@@ -340,7 +342,7 @@ def main() -> None:
     parser.add_argument("--prior-strength", type=float, default=3.0, help="learned rows: LearnedMasks(prior_strength)")
     parser.add_argument("--logit-scale", type=float, nargs=2, default=[4.0, 12.0], help="learned rows: start, end")
     parser.add_argument("--temperature", type=float, nargs=2, default=[1.0, 0.5], help="learned rows: start, end")
-    parser.add_argument("--logit-lr", type=float, default=0.1, help="learned rows: Adam learning rate of the logits")
+    parser.add_argument("--logit-lr", type=float, default=0.03, help="learned rows: Adam learning rate of the logits")
     parser.add_argument("--sr-decay", type=float, default=2e-4, help="dynamic rows: SR-STE decay of pruned weights")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--task", default=None,
