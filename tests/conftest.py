@@ -44,7 +44,11 @@ class LogCollector(logging.Handler):
 def gradprune_logs(monkeypatch):
     """Collects gradprune's log records; ``gradprune_logs.at_info()`` lets INFO through for the test."""
     logger = logging.getLogger("gradprune")
+    level = logger.level
     collector = LogCollector()
-    collector.at_info = lambda: monkeypatch.setattr(logger, "level", logging.INFO)
+    # setLevel, not the attribute: it also clears the loggers' cached isEnabledFor answers, so a child logger
+    # that logged at the old level (gradprune.data's "tokenised" line) lets INFO through after at_info()
+    collector.at_info = lambda: logger.setLevel(logging.INFO)
     monkeypatch.setattr(logger, "handlers", [*logger.handlers, collector])
-    return collector
+    yield collector
+    logger.setLevel(level)
