@@ -3,7 +3,8 @@
 At every validation it logs the achieved sparsity of the targeted weights (``sparsity/global`` and
 ``sparsity/layer/<name>``) through ``pl_module.log``, so it lands at the same steps as ``val/ppl``; with
 a TensorBoardLogger it also registers a custom-scalars layout (:func:`chart_layout`) that draws sparsity
-and the validation metric on one chart, and sparsity with the task accuracy of a TaskEvalCallback on another. When fit ends it logs a short report (final sparsity overall and per layer type,
+and the validation metric on one chart (and, with a TaskEvalCallback, sparsity and task accuracy on
+another). When fit ends it logs a short report (final sparsity overall and per layer type,
 validation perplexity of the last dense validation and of the last one) and writes it as JSON next to
 the logs.
 """
@@ -30,15 +31,13 @@ log = logging.getLogger(__name__)
 
 
 def chart_layout(trainer: pl.Trainer) -> dict:
-    """gradprune's TensorBoard custom-scalar charts for the callbacks of this run (tags are regular expressions)."""
-    charts = {"schedule target vs achieved": ["Multiline", ["^sparsity/target$", "^sparsity/achieved$"]]}
-    sparsity = ["^sparsity/global$", "^sparsity/achieved$"]
+    """gradprune's TensorBoard custom-scalar charts for this run: the schedule chart, and the charts of every
+    callback with a ``tensorboard_charts()`` method (title -> tag regular expressions)."""
+    charts = {"schedule target vs achieved": ["^sparsity/target$", "^sparsity/achieved$"]}
     for callback in trainer.callbacks:
-        if isinstance(callback, SparsityMonitor):
-            charts["sparsity and validation metric"] = ["Multiline", ["^sparsity/global$", f"^{re.escape(callback.metric)}$"]]
-        elif type(callback).__name__ == "TaskEvalCallback":  # its module imports this one
-            charts["task accuracy and sparsity"] = ["Multiline", sparsity + ["^eval/[^/]+/acc(_norm)?$"]]
-    return {"gradprune": charts}
+        if callable(getattr(callback, "tensorboard_charts", None)):
+            charts.update(callback.tensorboard_charts())
+    return {"gradprune": {title: ["Multiline", tags] for title, tags in charts.items()}}
 
 
 @rank_zero_only
@@ -96,7 +95,7 @@ class SparsityMonitor(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         find_targets(pl_module, self.include, self.exclude)  # bad include/exclude fail before training
-        self._add_layout(trainer)
+        add_chart_layout(trainer)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         problem = validation_problem(trainer)  # the loop's sizes are known from here on
@@ -105,8 +104,9 @@ class SparsityMonitor(Callback):
                 f"SparsityMonitor: {problem}. TensorBoard will get no {self.metric} and no sparsity/global, and "
                 f"the report's {self.metric} values will be null", category=UserWarning)
 
-    def _add_layout(self, trainer: pl.Trainer) -> None:
-        add_chart_layout(trainer)
+    def tensorboard_charts(self) -> dict[str, list[str]]:
+        """The chart :func:`chart_layout` draws for this callback: sparsity with the validation metric."""
+        return {"sparsity and validation metric": ["^sparsity/global$", f"^{re.escape(self.metric)}$"]}
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:

@@ -101,6 +101,12 @@ class TaskEvalCallback(Callback):
         add_chart_layout(trainer)  # accuracy and sparsity on one TensorBoard chart
 
     @staticmethod
+    def tensorboard_charts() -> dict[str, list[str]]:
+        """The chart :func:`gradprune.callbacks.monitor.chart_layout` draws for this callback: task accuracy with
+        the sparsity of a SparsityMonitor and of a gradual callback."""
+        return {"task accuracy and sparsity": ["^sparsity/global$", "^sparsity/achieved$", "^eval/[^/]+/acc(_norm)?$"]}
+
+    @staticmethod
     def _pruning_steps(trainer: pl.Trainer) -> dict[int, Any]:
         return {id(c): getattr(c, "last_event_step") for c in trainer.callbacks if hasattr(c, "last_event_step")}
 
