@@ -10,12 +10,15 @@ shared machine hits all of them): PrunableLM with the dense teacher (KD, alpha 0
 - "dynamic": mode=DynamicMasks() with events every 2 steps (the magnitude scores, SR-STE decay).
 
 The median step time of each over the steps after the first two of every repetition (and before the last), and the ratio to plain KD,
-are printed as a table; with the peak resident memory of each set-up over its plain-KD run.
+are printed as a table, with each set-up's peak resident memory above what the process held before it started
+(every run's module, trainer and callbacks are freed before the next one, and freed tensors go back to the OS, so
+one run's memory does not carry into the next), and the learned mode's logit memory per targeted weight.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import logging
 import statistics
 import warnings
@@ -26,9 +29,10 @@ import torch
 from gradprune import PrunableLM, TextDataModule
 from gradprune.callbacks import DynamicMasks, GradualPruningCallback, LearnedMasks
 from gradprune.distill import Distillation
+from gradprune.learned_masks import logits_bytes_per_weight
 from gradprune.models import load_causal_lm
 
-from benchtools import PeakRSS, StepTimer
+from benchtools import PeakRSS, StepTimer, return_freed_memory_to_os
 
 
 def callback(kind: str, steps: int) -> GradualPruningCallback:
@@ -51,7 +55,10 @@ def run(kind: str, dense, dm, steps: int) -> tuple[list[float], float]:
                          limit_val_batches=0, gradient_clip_val=1.0, callbacks=[gradual, timer])
     with PeakRSS() as memory:
         trainer.fit(module, datamodule=dm)
-    return timer.times[2:-1], memory.extra_mb  # not the first two, nor the last (the freeze step)
+    times = timer.times[2:-1]  # not the first two, nor the last (the freeze step)
+    del trainer, module, gradual, timer  # the next set-up starts from the same resident memory
+    gc.collect()
+    return times, memory.extra_mb
 
 
 def main() -> None:
@@ -61,6 +68,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    return_freed_memory_to_os()
     warnings.filterwarnings("ignore")
     for name in ("lightning", "lightning.pytorch", "transformers", "gradprune"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -83,6 +91,8 @@ def main() -> None:
     for kind in kinds:
         median = statistics.median(times[kind])
         print(f"| {kind} | {median:.2f} | {median / base:.2f} | {max(memory[kind]):.0f} |")
+    print(f"\nlearned 2:4 logits while learning: {logits_bytes_per_weight(2, 4):.0f} bytes per targeted weight "
+          "(float32 logits, gradient, two Adam moments); dynamic: a bool mask, 1 byte per weight")
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ from benchtools import PeakRSS, StepTimer, quiet, recovery_data, recovery_traine
 
 KD = dict(alpha=0.5, temperature=2.0)
 SQUAREHEAD = dict(KD, hidden_layers="all", hidden_loss="squarehead", hidden_weight=1.0)
+NSAMPLES = 32  # calibration windows of the rows that calibrate, unless --nsamples says otherwise
 
 
 def lora_options(args) -> dict:
@@ -194,9 +195,17 @@ def print_table(results: Path) -> None:
         ratio = f"{r['ppl'] / dense[seed]:.2f}" if seed in dense else ""
         step = "" if r["s_per_step"] is None else f"{r['s_per_step']:.2f}"
         target = "-" if r["row"] == "dense" else f"{r['sparsity_target']:.0%} {r['pattern']}"
-        label = r["label"] + (f" (seed {r['seed']})" if r.get("seed", 0) else "")
+        label = r["label"] + windows_note(r) + (f" (seed {r['seed']})" if r.get("seed", 0) else "")
         print(f"| {label} | {target} | {ramp} | {r['ppl']:.3f} | {ratio} | {r['sparsity']:.3f} | {r['steps']} | "
               f"{r['tokens']} | {r['wall_s']:.0f} | {step} | {r['peak_extra_rss_mb']:.0f} |" + (f" {task_cell(r)} |" if with_tasks else ""))
+
+
+def windows_note(record: dict) -> str:
+    """" (N calibration windows)" for a row calibrated on another number of windows than the default 32."""
+    uses_windows = record["row"] != "dense" and not record["row"].startswith(("gradual-wanda", "gradual-ria",
+                                                                               "gradual-magnitude", "gradual-taylor"))
+    n = record.get("nsamples", NSAMPLES)
+    return f" ({n} calibration windows)" if uses_windows and n != NSAMPLES else ""
 
 
 def task_cell(record: dict) -> str:
@@ -217,15 +226,16 @@ def summarize(records: list[dict]) -> list[dict]:
             continue
         ramp = ("every", "end_fraction", "schedule", "exponent", "initial_sparsity", "first_event_prunes", "stat_batches")
         learned = ("prior_strength", "logit_scale", "temperature", "logit_lr", "prior_weights", "reconstruct")
-        keys = () if r["row"].startswith("oneshot") else ramp + (learned if r["row"].startswith("learned") else ())
-        extra = tuple(str(r.get(k)) for k in keys)
+        keys = ("nsamples",) + (() if r["row"].startswith("oneshot") else
+                                ramp + (learned if r["row"].startswith("learned") else ()))
+        extra = tuple(str(r.get(k, NSAMPLES if k == "nsamples" else None)) for k in keys)  # older rows: 32 windows
         group = groups.setdefault((r["row"], r["sparsity_target"], r["pattern"], r["steps"], extra), {})
         group[r.get("seed", 0)] = r  # a seed measured again: its latest record
     summary = []
     for (row, target, pattern, steps, _), by_seed in groups.items():
         rs = list(by_seed.values())
         ppl = [r["ppl"] for r in rs]
-        summary.append({"label": rs[0]["label"], "row": row, "target": target, "pattern": pattern, "steps": steps,
+        summary.append({"label": rs[0]["label"] + windows_note(rs[0]), "row": row, "target": target, "pattern": pattern, "steps": steps,
                         "seeds": sorted(r.get("seed", 0) for r in rs), "mean": statistics.mean(ppl),
                         "std": statistics.stdev(ppl) if len(ppl) > 1 else float("nan"),
                         "by_seed": {r.get("seed", 0): r["ppl"] for r in rs}})
@@ -249,6 +259,8 @@ def summarize(records: list[dict]) -> list[dict]:
 
 def print_summary(results: Path) -> None:
     """Mean +/- std over seeds per row (rows with at least two seeds), and the margin over the best one-shot + KD."""
+    if not results.exists():
+        return
     records = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
     rows = [g for g in summarize(records) if len(g["seeds"]) > 1]
     if not rows:
@@ -319,7 +331,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--val-tokens", type=int, default=16384)
-    parser.add_argument("--nsamples", type=int, default=32)
+    parser.add_argument("--nsamples", type=int, default=NSAMPLES,
+                        help="calibration windows of the one-shot, calibration-ramp and learned rows")
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--lora-r", type=int, default=16, help="adapter rank of the + LoRA rows")
     parser.add_argument("--lora-lr", type=float, default=2e-4, help="learning rate of the + LoRA rows (adapters only)")
