@@ -301,7 +301,8 @@ def plot(results: Path, out: Path) -> None:
         cycle = rows.index(r) // 20  # tab20 has 20 colours: after them the marker shape changes
         marker = ("o", "^", "v")[cycle % 3] if gradual else ("s", "D", "P")[cycle % 3]
         ax.scatter(r["sparsity"] + offset, r["ppl"], marker=marker, s=40, color=plt.cm.tab20(rows.index(r) % 20),
-                   label=f"{r['label']}" + (f" (seed {r['seed']})" if r.get("seed", 0) else "") + (f" (ramp to step {round(r['end_fraction'] * r['steps'])})" if "gradual" in r["row"] else "")
+                   label=f"{r['label']}" + windows_note(r) + (f" ({r['steps']} steps)" if r["steps"] != 100 else "")
+                   + (f" (seed {r['seed']})" if r.get("seed", 0) else "") + (f" (ramp to step {round(r['end_fraction'] * r['steps'])})" if "gradual" in r["row"] else "")
                    + f", {r['pattern']}: {r['ppl']:.2f}")
     ax.set_xlim(0.4, 0.8)
     ax.set_xlabel("sparsity of the targeted weights (markers at one sparsity are spread apart)")
