@@ -202,8 +202,8 @@ def print_table(results: Path) -> None:
 
 def windows_note(record: dict) -> str:
     """" (N calibration windows)" for a row calibrated on another number of windows than the default 32."""
-    uses_windows = record["row"] != "dense" and not record["row"].startswith(("gradual-wanda", "gradual-ria",
-                                                                               "gradual-magnitude", "gradual-taylor"))
+    row = record["row"]  # the one-shot rows, the calibration ramps and the learned rows' prior calibrate
+    uses_windows = row.startswith(("oneshot", "sparsegpt-", "learned")) or "calibration" in row
     n = record.get("nsamples", NSAMPLES)
     return f" ({n} calibration windows)" if uses_windows and n != NSAMPLES else ""
 
