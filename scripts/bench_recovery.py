@@ -80,7 +80,8 @@ def rows(args) -> dict:
                                               mode=LearnedMasks(prior=prior, prior_strength=args.prior_strength,
                                                                 logit_scale=tuple(args.logit_scale),
                                                                 temperature=tuple(args.temperature),
-                                                                logit_lr=args.logit_lr, seed=args.seed))
+                                                                logit_lr=args.logit_lr, reconstruct=args.reconstruct,
+                                                                seed=args.seed))
 
     def dynamic(scorer):  # SR-STE: masks chosen afresh at every event until the freeze step
         return lambda: GradualPruningCallback(s, schedule=args.schedule, exponent=args.exponent, pattern=pattern,
@@ -158,7 +159,7 @@ def run_row(name: str, args, dense, dm) -> dict:
         "first_event_prunes": True,  # rows recorded before this key existed skipped an initial_sparsity > 0 event
         # learned rows: the prior's mask on the dense weights ("updated": rows that kept SparseGPT's updated weights)
         # and SparseGPT's weight update with the learned masks at the freeze step
-        "prior_weights": "dense", "reconstruct": True,
+        "prior_weights": "dense", "reconstruct": args.reconstruct,
         **({"tasks": tasks, "task_limit": args.task_limit} if tasks is not None else {}),
     }
 
@@ -190,6 +191,8 @@ def print_table(results: Path) -> None:
                 settings += ", SparseGPT's updated weights kept under the learned masks"
             elif r.get("reconstruct"):
                 settings += ", SparseGPT's update with the learned masks at the freeze"
+            elif r["row"].startswith("learned") and r.get("reconstruct") is False:
+                settings += ", no weight update at the freeze"
             ramp = f"masks chosen by training to step {round(r['end_fraction'] * r['steps'])}, then frozen{settings}"
         seed = r.get("seed", 0)
         ratio = f"{r['ppl'] / dense[seed]:.2f}" if seed in dense else ""
@@ -357,6 +360,9 @@ def main() -> None:
     parser.add_argument("--logit-scale", type=float, nargs=2, default=[4.0, 12.0], help="learned rows: start, end")
     parser.add_argument("--temperature", type=float, nargs=2, default=[1.0, 0.5], help="learned rows: start, end")
     parser.add_argument("--logit-lr", type=float, default=0.03, help="learned rows: Adam learning rate of the logits")
+    parser.add_argument("--no-reconstruct", dest="reconstruct", action="store_false",
+                        help="learned rows: no SparseGPT weight update with the learned masks at the freeze step "
+                             "(LearnedMasks(reconstruct=False); the kept weights are those training left)")
     parser.add_argument("--sr-decay", type=float, default=2e-4, help="dynamic rows: SR-STE decay of pruned weights")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--task", default=None,

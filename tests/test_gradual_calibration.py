@@ -1,12 +1,13 @@
 """GradualPruningCallback(statistics="calibration"): at every event the one-shot pipeline of the scorer's
 name runs on calibration data drawn at fit start, from the current masks to the event's exact sparsity."""
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from gradprune import MaskRegistry, exact_count, find_targets, prune_oneshot
-from gradprune.callbacks import GradualPruningCallback
+from gradprune.callbacks import GradualPruningCallback, LearnedMasks, SparseGPTPruningCallback
 from lightning_helpers import token_loader, trainer
 from test_gradual_scorers import EventCounts, PlainLM, RankShards, no_hooks_left
 from test_gradual_sparsegpt import SaveState, WeightsAtEvents
@@ -39,6 +40,25 @@ def test_each_event_is_the_oneshot_pipeline_on_the_calibration_batches(tmp_path)
     assert masks.keys() == expected.keys() and masks
     assert all(torch.equal(masks[name], expected[name]) for name in masks)
     assert no_hooks_left(module)
+
+
+def test_the_ramp_its_learned_prior_and_the_oneshot_callback_calibrate_on_the_same_windows_by_default():
+    """A ramp on calibration data, a learned mode's prior and the one-shot callback they are benchmarked against
+    ask the datamodule for the same windows unless told otherwise (at 2:4, 32 windows instead of 128 cost 5.6%
+    held-out perplexity in the recovery benchmark, so a silent difference would decide the comparison)."""
+    asked = []
+
+    class Windows:
+        def calibration_batches(self, nsamples, seqlen):
+            asked.append((nsamples, seqlen))
+            return [torch.zeros(1, seqlen, dtype=torch.long)] * nsamples
+
+    run = SimpleNamespace(datamodule=Windows(), world_size=1, global_rank=0)
+    for callback in (GradualPruningCallback(0.5, scorer="sparsegpt", scope="layer", statistics="calibration"),
+                     GradualPruningCallback(0.5, pattern="2:4", end_step=4, mode=LearnedMasks()),
+                     SparseGPTPruningCallback(0.5)):
+        assert len(callback.calibration(run)) == callback.nsamples
+    assert len(asked) == 3 and len(set(asked)) == 1
 
 
 def test_sparsegpt_on_calibration_data_is_exact_per_layer_and_updates_kept_weights(tmp_path):
