@@ -1,0 +1,60 @@
+"""The recovery benchmark's summary: which one-shot row a train-time row is held against, and its margin.
+The seed also picks the held-out files (seed 2's perplexities are about half seed 0's), so rows must be
+compared on the seeds they share, seed by seed."""
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(SCRIPTS))  # the script imports its sibling benchtools
+    try:
+        spec = importlib.util.spec_from_file_location("bench_recovery_script", SCRIPTS / "bench_recovery.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    return module
+
+
+def record(row, seed, ppl, **extra):
+    return {"row": row, "label": row, "sparsity_target": 0.5, "pattern": "2:4", "steps": 100, "seed": seed,
+            "ppl": ppl, "every": 10, "end_fraction": 0.2, "initial_sparsity": 0.25, "first_event_prunes": True,
+            **extra}
+
+
+def test_a_baseline_with_an_easier_held_out_seed_is_not_taken_for_the_best(bench):
+    """One-shot A ran seeds 0 and 1; one-shot B only seed 2, whose held-out text is easier: B's mean is lower,
+    but the train-time row shares no seed with B and must be held against A, seed by seed."""
+    records = [record("oneshot-sparsegpt-kd", 0, 20.0), record("oneshot-sparsegpt-kd", 1, 18.0),
+               record("oneshot-wanda-kd", 2, 10.0),
+               record("gradual-sparsegpt-calibration-kd", 0, 19.0), record("gradual-sparsegpt-calibration-kd", 1, 18.9)]
+    ramp = next(g for g in bench.summarize(records) if g["row"].startswith("gradual"))
+    assert ramp["baseline"] == "oneshot-sparsegpt-kd" and ramp["margin_seeds"] == [0, 1]
+    assert ramp["margin_pct"] == pytest.approx(0.0)  # +5% at seed 0, -5% at seed 1
+    assert ramp["margin_sd"] == pytest.approx(math.sqrt(50.0))
+
+
+def test_the_row_is_held_against_the_baseline_it_does_worst_against_on_shared_seeds(bench):
+    """Two one-shot rows on the same seeds: the margin reported is the smaller one, and in stds it divides the
+    difference of the means over the shared seeds by the larger of the two stds there."""
+    records = [record("oneshot-sparsegpt-kd", s, p, nsamples=32) for s, p in ((0, 21.0), (1, 18.0), (2, 10.0))]
+    records += [record("oneshot-sparsegpt-kd", s, p, nsamples=128) for s, p in ((0, 20.0), (1, 17.0), (2, 9.5))]
+    records += [record("gradual-sparsegpt-calibration-kd", s, p) for s, p in ((0, 19.0), (1, 17.0))]
+    ramp = next(g for g in bench.summarize(records) if g["row"].startswith("gradual"))
+    assert ramp["baseline"].endswith("(128 calibration windows)") and ramp["margin_seeds"] == [0, 1]
+    assert ramp["margin_pct"] == pytest.approx(2.5)  # +5% and 0%
+    spread = max(math.sqrt(2.0), math.sqrt(4.5))  # stds of (19, 17) and of (20, 17)
+    assert ramp["margin_std"] == pytest.approx((18.5 - 18.0) / spread)
+
+
+def test_a_row_with_no_seed_in_common_gets_no_margin(bench):
+    records = [record("oneshot-sparsegpt-kd", 0, 20.0), record("gradual-sparsegpt-calibration-kd", 1, 18.0)]
+    ramp = next(g for g in bench.summarize(records) if g["row"].startswith("gradual"))
+    assert "margin_pct" not in ramp and "baseline" not in ramp
