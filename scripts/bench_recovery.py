@@ -285,7 +285,6 @@ def margin_over(row: dict, baseline: dict) -> dict | None:
             "margin_sd": statistics.stdev(margins) if len(margins) > 1 else float("nan"),
             "margin_seeds": shared, "margin_std": difference / spread if spread > 0 else float("nan"),
             "baseline": baseline["label"]}
-    return summary
 
 
 def print_summary(results: Path) -> None:
