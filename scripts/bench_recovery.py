@@ -94,6 +94,10 @@ def rows(args) -> dict:
         first = oneshot(SparseGPTPruningCallback, sparsity=args.start_sparsity)
         return lambda: [first(), gradual(scorer)()]
 
+    def sparsegpt_then_dynamic(scorer):  # one-shot SparseGPT at the target, then SR-STE from its masks and weights
+        first = oneshot(SparseGPTPruningCallback)
+        return lambda: [first(), dynamic(scorer)()]
+
     return {
         "dense": ("dense", None, None),
         "oneshot-wanda-kd": ("one-shot Wanda + KD", oneshot(WandaPruningCallback), KD),
@@ -114,6 +118,8 @@ def rows(args) -> dict:
                                                      SQUAREHEAD),
         "learned-sparsegpt-kd": ("learned N:M masks (SparseGPT prior) + KD", learned("sparsegpt"), KD),
         "dynamic-wanda-kd": ("dynamic masks (SR-STE, wanda scores) + KD", dynamic("wanda"), KD),
+        "sparsegpt-dynamic-magnitude-kd": ("one-shot SparseGPT, then dynamic masks (SR-STE, magnitude) + KD",
+                                           sparsegpt_then_dynamic("magnitude"), KD),
         "gradual-wanda-calibration-kd": ("gradual wanda on calibration data + KD",
                                          gradual("wanda", statistics="calibration"), KD),
         "gradual-wanda-squarehead": ("gradual wanda + KD + SquareHead", gradual("wanda"), SQUAREHEAD),
@@ -184,7 +190,7 @@ def print_table(results: Path) -> None:
                  else f", {schedule} ({'power' if schedule == 'cubic' else 'rate'} {r['exponent']:g})")
         ramp = (f"{start} -> {r['sparsity_target']:.0%} by step {round(r['end_fraction'] * r['steps'])}, every {r['every']}{shape}"
                 if "gradual" in r["row"] else "-")
-        if r["row"].startswith(("learned", "dynamic")):
+        if r["row"].startswith("learned") or "dynamic" in r["row"]:
             settings = (f", scale {r['logit_scale'][0]:g}->{r['logit_scale'][1]:g}, temperature {r['temperature'][0]:g}->"
                         f"{r['temperature'][1]:g}, logit lr {r['logit_lr']:g}" if r["row"].startswith("learned") else "")
             if r["row"].startswith("learned") and r.get("prior_weights") == "updated":  # before the prior fix

@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
 from gradprune import MaskRegistry, find_targets, prune_oneshot
-from gradprune.callbacks import DynamicMasks, GradualPruningCallback, LearnedMasks
+from gradprune.callbacks import DynamicMasks, GradualPruningCallback, LearnedMasks, SparseGPTPruningCallback
 from gradprune.learned_masks import (groups, hard_mask, nm_candidates, prior_logits, sample_mask, sr_decay_,
                                      straight_through)
 from lightning_helpers import token_loader, trainer
@@ -170,6 +170,30 @@ def test_dynamic_masks_are_chosen_afresh_exactly_and_frozen_at_end_step(tmp_path
     registry = MaskRegistry.of(module)
     for t in gradual.targets:
         assert (t.weight[~registry.masks[t.name]] == 0).all() and nm_exact(registry.masks[t.name])
+
+
+def test_dynamic_masks_after_a_oneshot_callback_start_from_its_masks_and_weights(tmp_path):
+    """One-shot SparseGPT 2:4, then SR-STE from its solution (magnitude scores): with a learning rate of 0 no
+    pruned weight grows back, so every event keeps the one-shot masks and the run ends at the one-shot model."""
+    module = PlainLM(lr=0.0)
+    reference = copy.deepcopy(module)
+    oneshot = SparseGPTPruningCallback(0.5, pattern="2:4", nsamples=6, seqlen=12)
+    gradual = GradualPruningCallback(0.5, pattern="2:4", start_step=0, end_step=6, every=2, scorer="magnitude",
+                                     scope="layer", mode=DynamicMasks())
+    events = AtEvents(gradual)
+    trainer(tmp_path, max_steps=8, callbacks=[oneshot, gradual, events]).fit(module, token_loader())
+
+    calibration = [ids[:, :12] for (ids,) in token_loader()][:2]  # batches of 4: 4 + 2 sequences
+    calibration[1] = calibration[1][:2]
+    prune_oneshot(reference, "sparsegpt", 0.5, "2:4", calibration=calibration, progress=False)
+    expected = MaskRegistry.of(reference).masks
+    assert sorted(events.masks) == [0, 2, 4, 6]
+    assert all(torch.equal(masks[name], expected[name]) for masks in events.masks.values() for name in masks)
+    registry = MaskRegistry.of(module)
+    assert registry.masks.keys() == expected.keys()
+    assert all(torch.equal(registry.masks[name], expected[name]) for name in expected)
+    for (name, weight), (_, want) in zip(module.named_parameters(), reference.named_parameters()):
+        assert torch.equal(weight, want), name
 
 
 @pytest.mark.parametrize("initial, start", [(0.3, 1), (0.0, 0)])  # (0, 0): a ramp from step 0, no batch before it
