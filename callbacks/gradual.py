@@ -20,12 +20,14 @@ between windows), and when fit ends or fails; for gradients (``taylor``) ``|W * 
 since the last event. Sums are all-reduced over data-parallel ranks before scoring and travel in the
 callback's state, so a checkpoint inside a window resumes exactly.
 
-With ``statistics="calibration"`` the training batches are not watched at all: at every event the one-shot
+With ``statistics="calibration"`` no statistics are gathered from training: at every event the one-shot
 method of the scorer's name (:func:`gradprune.prune_oneshot`, sequential) runs on ``nsamples`` calibration
 sequences drawn at fit start, block by block, each block calibrated on the outputs of the already-pruned
 blocks before it, and prunes from the model's current masks to the event's sparsity. It costs a forward of
 the calibration set (and, for sparsegpt, the reconstruction) per event, and is what one-shot SparseGPT /
-Wanda do, repeated along the ramp with training in between.
+Wanda do, repeated along the ramp with training in between. With ``stream_windows`` the calibration of each
+event also holds the latest training sequences seen before it, run through the current model at the event
+like the others (each rank its own, summed with the rest).
 
 Sharded weights (FSDP2: Lightning's ModelParallelStrategy, ``fully_shard`` in ``configure_model``, no tensor
 parallelism): each rank scores and masks the rows it holds, and :func:`gradprune.sharding.select_sharded_masks`
@@ -46,6 +48,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from gradprune.blocks import find_causal_lm
+from gradprune.calibration import as_batches
 from gradprune.schedules import SCHEDULE_KINDS, SparsitySchedule
 from gradprune.scorers import get_scorer, scorer_names
 from gradprune.sharding import is_sharded
@@ -62,6 +65,26 @@ from .strategies import (MaskMode, ShardedScores, check_allocation, check_calibr
 from .window import StatisticsWindow
 
 log = logging.getLogger(__name__)
+
+
+def latest_sequences(kept: list[dict], batch, seqlen: int, limit: int) -> list[dict]:
+    """``kept`` (calibration batches, oldest first) with this training batch's sequences added, cut to
+    ``seqlen`` tokens and held on the CPU, dropping the oldest sequences beyond ``limit``."""
+    seen = as_batches([batch])[0]
+    mask = seen["attention_mask"]
+    kept = kept + [{"input_ids": seen["input_ids"][:, :seqlen].detach().to("cpu", copy=True),
+                    "attention_mask": None if mask is None else mask[:, :seqlen].detach().to("cpu", copy=True)}]
+    extra = sum(b["input_ids"].shape[0] for b in kept) - limit
+    while extra > 0:
+        first = kept[0]
+        if first["input_ids"].shape[0] <= extra:
+            kept, extra = kept[1:], extra - first["input_ids"].shape[0]
+        else:
+            mask = first["attention_mask"]
+            kept = [{"input_ids": first["input_ids"][extra:],
+                     "attention_mask": None if mask is None else mask[extra:]}] + kept[1:]
+            extra = 0
+    return kept
 
 
 class GradualPruningCallback(WindowLifecycle, ScheduledEvents, CalibrationDraw, PruningCallback):
@@ -112,6 +135,11 @@ class GradualPruningCallback(WindowLifecycle, ScheduledEvents, CalibrationDraw, 
             windows instead of 32 ended 5.6% lower after the same fine-tune). Each calibration event runs one
             sequential pass over them: fewer or shorter sequences make the events cheaper and the masks worse.
         seqlen: tokens per calibration sequence.
+        stream_windows: with ``statistics="calibration"`` each event, and with a learned mode its prior and its
+            SparseGPT update at the freeze step, also calibrates on up to this many of the latest training sequences seen before it,
+            cut to ``seqlen`` tokens: a ramp's later events see more data than one-shot pruning at fit start
+            can. 0 (default): the calibration sequences only. Each rank keeps its own; they travel in the
+            checkpoint (about 8 bytes per token).
         lm: dotted name of the causal LM inside the LightningModule that calibration batches run through
             (default: found, as for the one-shot callbacks).
         mode: None (masks grow monotonically, chosen by the scorer at each event), or a strategy that lets
@@ -142,6 +170,7 @@ class GradualPruningCallback(WindowLifecycle, ScheduledEvents, CalibrationDraw, 
         statistics: Literal["window", "calibration"] = "window",
         nsamples: int = 128,
         seqlen: int = 512,
+        stream_windows: int = 0,
         lm: Optional[str] = None,
         mode: Optional[MaskMode] = None,
     ) -> None:
@@ -167,6 +196,13 @@ class GradualPruningCallback(WindowLifecycle, ScheduledEvents, CalibrationDraw, 
         if statistics == "calibration":
             check_calibrated(problems, scorer, allocation, scope, nm, final_sparsity)
         self.check_calibration_arguments(problems, nsamples, seqlen, lm)  # used or not
+        if not is_int(stream_windows) or stream_windows < 0:
+            problems.add(f"stream_windows must be an int >= 0 (training sequences added to each event's calibration), "
+                         f"got {stream_windows!r}")
+        elif stream_windows and statistics != "calibration" and not getattr(mode, "needs_calibration", False):
+            problems.add(f"stream_windows adds training sequences to the calibration batches, which only "
+                         f"statistics='calibration' and a mode with a calibrated prior use; got statistics={statistics!r}"
+                         f" and mode={mode!r}")
         self.pattern, self.final_sparsity, self.allocation, self.scorer, self.statistics = (
             pattern, final_sparsity, allocation, scorer, statistics)
         if isinstance(mode, MaskMode):
@@ -195,6 +231,7 @@ class GradualPruningCallback(WindowLifecycle, ScheduledEvents, CalibrationDraw, 
         self.statistics = statistics
         self.nsamples = nsamples
         self.seqlen = seqlen
+        self.stream_windows = stream_windows
         self.lm = lm
         self.mode = mode
         #: how masks are chosen at an event: the mode, or mode=None's strategy (sharded at fit start if need be)
@@ -204,6 +241,7 @@ class GradualPruningCallback(WindowLifecycle, ScheduledEvents, CalibrationDraw, 
         self.window = StatisticsWindow(scorer)
         self._calibration: Optional[list] = None  # this rank's calibration batches, drawn at fit start if needed
         self._combine = None  # how calibration statistics are summed over ranks (set by CalibrationDraw)
+        self._stream: list[dict] = []  # the latest training sequences (stream_windows of them at most), resumable
         # resumable state
         self.resolved_end_step: Optional[int] = None
         self.base_sparsity: Optional[float] = None  # the schedule's effective initial sparsity
@@ -293,6 +331,8 @@ class GradualPruningCallback(WindowLifecycle, ScheduledEvents, CalibrationDraw, 
         self._maybe_prune(trainer, pl_module)
         remaining = self._micro_batches_to_event(trainer, batch_idx)
         self.window.batch(batch, in_window=remaining is not None and remaining <= self.stat_batches)
+        if self.stream_windows:
+            self._stream = latest_sequences(self._stream, batch, self.seqlen, self.stream_windows)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         self.strategy.before_optimizer_step(trainer)
@@ -302,6 +342,11 @@ class GradualPruningCallback(WindowLifecycle, ScheduledEvents, CalibrationDraw, 
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._maybe_prune(trainer, pl_module)
+
+    def event_calibration(self) -> list:
+        """This rank's calibration batches for an event: those drawn at fit start, then the latest training
+        sequences (``stream_windows``)."""
+        return self._calibration + self._stream
 
     def _close_window(self) -> None:
         self.window.close()
@@ -364,6 +409,7 @@ class GradualPruningCallback(WindowLifecycle, ScheduledEvents, CalibrationDraw, 
             "last_event_step": self.last_event_step,
             **self.window.state_dict(),  # "statistics", "statistics_summed"
             "mode": self.strategy.state_dict(),
+            "stream": self._stream,
         }
 
     def load_extra_state(self, state: dict) -> None:
@@ -372,3 +418,4 @@ class GradualPruningCallback(WindowLifecycle, ScheduledEvents, CalibrationDraw, 
         self.last_event_step = state.get("last_event_step")
         self.window.load_state_dict(state)
         self.strategy.load_state_dict(state.get("mode") or {})
+        self._stream = list(state.get("stream") or [])

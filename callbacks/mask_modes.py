@@ -275,7 +275,7 @@ class LearnedMasks(MaskMode):
             dense = {t.name: t.weight.detach().clone() for t in self._targets}
             options = {} if callback._combine is None or self.prior == "magnitude" else {"reduce": callback._combine}
             prune_oneshot(pl_module, self.prior, n / m, callback.pattern,
-                          callback._calibration if self.prior != "magnitude" else None, sequential=True,
+                          callback.event_calibration() if self.prior != "magnitude" else None, sequential=True,
                           include=[t.name for t in self._targets], lm=callback.lm,
                           progress=None if trainer.is_global_zero else False, **options)
         keep = registry.release([t.name for t in self._targets])
@@ -309,7 +309,7 @@ class LearnedMasks(MaskMode):
             for t in self._targets:
                 t.weight.copy_(values.pop(t.name))
         options = {} if callback._combine is None else {"reduce": callback._combine}
-        prune_oneshot(pl_module, "sparsegpt", n / m, callback.pattern, callback._calibration, sequential=True,
+        prune_oneshot(pl_module, "sparsegpt", n / m, callback.pattern, callback.event_calibration(), sequential=True,
                       include=[t.name for t in self._targets], lm=callback.lm,
                       progress=None if trainer.is_global_zero else False, **options)
 

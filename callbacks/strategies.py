@@ -206,7 +206,7 @@ class CalibratedOneShot(MonotoneMasks):
             pattern, target = nm_step(callback.pattern, target)
             if pattern is None or every_layer_at(masks, target, callback.targets, "layer"):
                 return None, None  # this event's target is below the next step: nothing to prune yet
-        prune_oneshot(pl_module, callback.scorer, target, pattern, callback._calibration, sequential=True,
+        prune_oneshot(pl_module, callback.scorer, target, pattern, callback.event_calibration(), sequential=True,
                       include=[t.name for t in callback.targets], lm=callback.lm,
                       progress=None if trainer.is_global_zero else False, **options)
         return None, None  # the one-shot pipeline recorded its masks (and new weights) already

@@ -42,7 +42,6 @@ import torch
 from gradprune import PrunableLM, sparsity_report
 from gradprune.callbacks import (DynamicMasks, GradualPruningCallback, LearnedMasks, RIAPruningCallback,
                                  SparseGPTPruningCallback, WandaPruningCallback)
-from gradprune.calibration import as_batches
 from gradprune.distill import Distillation
 from gradprune.models import load_causal_lm
 
@@ -55,20 +54,6 @@ NSAMPLES = 32  # calibration windows of the rows that calibrate, unless --nsampl
 
 def lora_options(args) -> dict:
     return dict(r=args.lora_r, alpha=2.0 * args.lora_r, dropout=0.0)
-
-
-class StreamCalibratedRamp(GradualPruningCallback):
-    """The calibration ramp whose events also calibrate on every training batch seen before them (cut to the
-    calibration windows' length): at the 2:4 event of a 1:4 -> 2:4 ramp at step 20 that is 128 windows + 80
-    training sequences. A measurement of whether the stream's extra curvature helps, before the library grows
-    an option for it."""
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)  # the event (if any) before this batch
-        seen = as_batches([batch])[0]
-        mask = seen["attention_mask"]
-        self._calibration.append({"input_ids": seen["input_ids"][:, : self.seqlen].cpu(),
-                                  "attention_mask": None if mask is None else mask[:, : self.seqlen].cpu()})
 
 
 def rows(args) -> dict:
@@ -109,12 +94,12 @@ def rows(args) -> dict:
         first = oneshot(SparseGPTPruningCallback, sparsity=args.start_sparsity)
         return lambda: [first(), gradual(scorer)()]
 
-    def stream_ramp(scorer):  # the calibration ramp, each event also calibrating on the training batches seen so far
-        calibration = dict(nsamples=args.nsamples, seqlen=args.block_size)
-        return lambda: StreamCalibratedRamp(s, schedule=args.schedule, exponent=args.exponent, start_step=0,
-                                            end_step=args.end_fraction, every=args.every, scope="layer",
-                                            pattern=pattern, scorer=scorer, initial_sparsity=args.initial_sparsity,
-                                            statistics="calibration", **calibration)
+    def stream_ramp(scorer):  # the calibration ramp, each event also calibrating on every training sequence seen so far
+        calibration = dict(nsamples=args.nsamples, seqlen=args.block_size, stream_windows=args.steps * args.batch_size)
+        return lambda: GradualPruningCallback(s, schedule=args.schedule, exponent=args.exponent, start_step=0,
+                                              end_step=args.end_fraction, every=args.every, scope="layer",
+                                              pattern=pattern, scorer=scorer, initial_sparsity=args.initial_sparsity,
+                                              statistics="calibration", **calibration)
 
     def sparsegpt_then_dynamic(scorer):  # one-shot SparseGPT at the target, then SR-STE from its masks and weights
         first = oneshot(SparseGPTPruningCallback)

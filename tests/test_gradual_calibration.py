@@ -5,6 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from gradprune import MaskRegistry, exact_count, find_targets, prune_oneshot
 from gradprune.callbacks import GradualPruningCallback, LearnedMasks, SparseGPTPruningCallback
@@ -61,6 +62,55 @@ def test_the_ramp_its_learned_prior_and_the_oneshot_callback_calibrate_on_the_sa
     assert len(asked) == 3 and len(set(asked)) == 1
 
 
+def test_stream_windows_add_the_latest_training_sequences_to_each_events_calibration(tmp_path):
+    """lr 0: the run must equal prune_oneshot at the schedule's sparsities on the calibration sequences followed
+    by the latest 6 training sequences before each event (batches of 4: the last 2 of one batch and the next)."""
+    module = PlainLM(lr=0.0)
+    reference = copy.deepcopy(module)
+    gradual = GradualPruningCallback(0.6, start_step=2, end_step=4, every=2, scope="row", scorer="wanda",
+                                     statistics="calibration", nsamples=6, seqlen=12, stream_windows=6)
+    counts = EventCounts(gradual)
+    trainer(tmp_path, max_steps=5, callbacks=[gradual, counts]).fit(module, token_loader())
+
+    assert sorted(counts.events) == [2, 4]
+    batches = [ids[:, :12] for (ids,) in token_loader()]
+    calibration = [batches[0], batches[1][:2]]
+    for step in (2, 4):
+        target = gradual.schedule.sparsity_at(step)
+        row_counts = {t.name: t.weight.shape[0] * exact_count(target, t.weight.shape[1]) for t in gradual.targets}
+        stream = [batches[step - 2][2:], batches[step - 1]]
+        prune_oneshot(reference, "wanda", target, calibration=calibration + stream, scope="row", progress=False,
+                      counts=row_counts)
+    expected, masks = MaskRegistry.of(reference).masks, MaskRegistry.of(module).masks
+    assert masks.keys() == expected.keys() and masks
+    assert all(torch.equal(masks[name], expected[name]) for name in masks)
+    assert sum(b["input_ids"].shape[0] for b in gradual._stream) == 6  # the latest 6, held for a resume
+
+
+def test_stream_windows_resume_bit_identically_inside_the_ramp(tmp_path):
+    """The kept training sequences travel in the checkpoint: resumed at step 4, the events at 6 and 8 calibrate
+    on sequences from before the checkpoint too, and the run ends with the weights and masks of the run that
+    went through (SparseGPT, unstructured, on a plain-SGD module)."""
+    def run(root, ckpt_path=None, checkpoint=None):
+        module = PlainLM(lr=1e-2, seed=1)
+        callbacks = [GradualPruningCallback(0.5, start_step=0, end_step=8, every=2, initial_sparsity=0.1,
+                                            scorer="sparsegpt", statistics="calibration", nsamples=4, seqlen=12,
+                                            stream_windows=20)]
+        if checkpoint is not None:
+            callbacks.append(checkpoint)
+        trainer(root, max_epochs=3, limit_train_batches=4, callbacks=callbacks,
+                enable_checkpointing=checkpoint is not None).fit(module, token_loader(), ckpt_path=ckpt_path)
+        return module
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{step}")
+    full = run(tmp_path / "a", checkpoint=checkpoint)
+    resumed = run(tmp_path / "b", ckpt_path=str(tmp_path / "ckpt" / "step=4.ckpt"))
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    masks_a, masks_b = MaskRegistry.of(full).masks, MaskRegistry.of(resumed).masks
+    assert masks_a and masks_a.keys() == masks_b.keys() and all(torch.equal(masks_a[k], masks_b[k]) for k in masks_a)
+
+
 def test_sparsegpt_on_calibration_data_is_exact_per_layer_and_updates_kept_weights(tmp_path):
     module = PlainLM(lr=0.0)
     gradual = GradualPruningCallback(0.5, start_step=0, end_step=4, every=2, scorer="sparsegpt",
@@ -80,10 +130,12 @@ def test_sparsegpt_on_calibration_data_is_exact_per_layer_and_updates_kept_weigh
 
 
 @pytest.mark.distributed
-def test_calibration_statistics_give_every_ddp_rank_the_same_weights_and_masks(tmp_path):
-    """Each rank calibrates on its own first training sequences; the statistics are summed over ranks."""
+@pytest.mark.parametrize("stream_windows", [0, 4])
+def test_calibration_statistics_give_every_ddp_rank_the_same_weights_and_masks(tmp_path, stream_windows):
+    """Each rank calibrates on its own first training sequences (and, with stream_windows, on its own latest
+    training sequences); the statistics are summed over ranks."""
     gradual = GradualPruningCallback(0.5, start_step=1, end_step=3, every=2, scorer="sparsegpt",
-                                     statistics="calibration", nsamples=4, seqlen=16)
+                                     statistics="calibration", nsamples=4, seqlen=16, stream_windows=stream_windows)
     ddp = trainer(tmp_path, max_steps=3, strategy="ddp_spawn", devices=2, use_distributed_sampler=False,
                   callbacks=[gradual, SaveState(tmp_path)])
     ddp.fit(PlainLM(lr=1e-3), datamodule=RankShards())
@@ -100,10 +152,17 @@ def test_calibration_statistics_give_every_ddp_rank_the_same_weights_and_masks(t
     (dict(scorer="wanda", allocation="owl"), r"allocation 'uniform' only, got allocation='owl'"),
     (dict(scorer="wanda", nsamples=0), r"nsamples must be a positive integer, got 0"),
     (dict(scorer="wanda", lm=""), r"lm must be the dotted name"),
+    (dict(scorer="wanda", stream_windows=-1), r"stream_windows must be an int >= 0 .*got -1"),
 ])
 def test_bad_calibration_arguments_raise_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
         GradualPruningCallback(0.5, statistics="calibration", **kwargs)
+
+
+def test_stream_windows_without_calibration_are_refused():
+    with pytest.raises(ValueError, match=r"stream_windows adds training sequences to the calibration batches.*"
+                                         r"got statistics='window' and mode=None"):
+        GradualPruningCallback(0.5, scorer="wanda", stream_windows=8)
 
 
 def test_unknown_statistics_source_is_refused():
