@@ -44,6 +44,7 @@ import time
 from typing import List, Literal, Optional, Union
 
 import lightning.pytorch as pl
+import torch.distributed as dist
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
@@ -65,6 +66,15 @@ from .strategies import (MaskMode, ShardedScores, check_allocation, check_calibr
 from .window import StatisticsWindow
 
 log = logging.getLogger(__name__)
+
+
+def rank_share(streams: list[list[dict]], rank: int, world: int) -> list[dict]:
+    """A rank's kept training sequences from a checkpoint's per-rank lists: its own when the run has as many
+    ranks as the one that saved them, otherwise all of them on rank 0 and none elsewhere (statistics are summed
+    over ranks, so the sum is the same)."""
+    if len(streams) == world:
+        return list(streams[rank])
+    return [batch for stream in streams for batch in stream] if rank == 0 else []
 
 
 def latest_sequences(kept: list[dict], batch, seqlen: int, limit: int) -> list[dict]:
@@ -135,11 +145,12 @@ class GradualPruningCallback(WindowLifecycle, ScheduledEvents, CalibrationDraw, 
             windows instead of 32 ended 5.6% lower after the same fine-tune). Each calibration event runs one
             sequential pass over them: fewer or shorter sequences make the events cheaper and the masks worse.
         seqlen: tokens per calibration sequence.
-        stream_windows: with ``statistics="calibration"`` each event, and with a learned mode its prior and its
-            SparseGPT update at the freeze step, also calibrates on up to this many of the latest training sequences seen before it,
-            cut to ``seqlen`` tokens: a ramp's later events see more data than one-shot pruning at fit start
-            can. 0 (default): the calibration sequences only. Each rank keeps its own; they travel in the
-            checkpoint (about 8 bytes per token).
+        stream_windows: with ``statistics="calibration"`` each event (with a learned mode, its prior and its
+            SparseGPT update at the freeze step) also calibrates on up to this many of the latest training
+            sequences seen before it, cut to ``seqlen`` tokens: a ramp's later events see more data than one-shot
+            pruning at fit start can. 0 (default): the calibration sequences only. Each rank keeps its own;
+            every rank's travel in the checkpoint (8 bytes per token), and a resume on as many ranks gives each
+            its own back (on another number, rank 0 takes them all: the summed statistics are the same).
         lm: dotted name of the causal LM inside the LightningModule that calibration batches run through
             (default: found, as for the one-shot callbacks).
         mode: None (masks grow monotonically, chosen by the scorer at each event), or a strategy that lets
@@ -242,6 +253,8 @@ class GradualPruningCallback(WindowLifecycle, ScheduledEvents, CalibrationDraw, 
         self._calibration: Optional[list] = None  # this rank's calibration batches, drawn at fit start if needed
         self._combine = None  # how calibration statistics are summed over ranks (set by CalibrationDraw)
         self._stream: list[dict] = []  # the latest training sequences (stream_windows of them at most), resumable
+        self._pending_stream: Optional[list[list[dict]]] = None  # every rank's, from a checkpoint
+        self._world: tuple[int, int] = (0, 1)  # (rank, world size) of the run, for the checkpoint
         # resumable state
         self.resolved_end_step: Optional[int] = None
         self.base_sparsity: Optional[float] = None  # the schedule's effective initial sparsity
@@ -299,6 +312,9 @@ class GradualPruningCallback(WindowLifecycle, ScheduledEvents, CalibrationDraw, 
         if self.mode is None:  # sharded weights (only mode=None's window scores pass check_sharded_fit) or whole
             self.strategy = ShardedScores() if sharded else default_strategy(self.scorer, self.statistics,
                                                                              self.allocation, self.owl_lambda)
+        self._world = (trainer.global_rank, trainer.world_size)
+        if self._pending_stream is not None:
+            self._stream, self._pending_stream = rank_share(self._pending_stream, *self._world), None
         self.strategy.start(self, trainer, pl_module)
         self.window.start(targets, trainer, gather=self.statistics == "window")
         super().on_fit_start(trainer, pl_module)
@@ -409,8 +425,18 @@ class GradualPruningCallback(WindowLifecycle, ScheduledEvents, CalibrationDraw, 
             "last_event_step": self.last_event_step,
             **self.window.state_dict(),  # "statistics", "statistics_summed"
             "mode": self.strategy.state_dict(),
-            "stream": self._stream,
+            "stream": self._every_ranks_stream(),
         }
+
+    def _every_ranks_stream(self) -> list[list[dict]]:
+        """The kept training sequences of every rank, by rank (Lightning asks every rank for its state; rank 0's
+        is written), so that a resumed run gets each rank's back."""
+        rank, world = self._world
+        if world == 1 or not self.stream_windows:
+            return [self._stream]
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, self._stream)
+        return gathered
 
     def load_extra_state(self, state: dict) -> None:
         self.resolved_end_step = state.get("resolved_end_step")
@@ -418,4 +444,4 @@ class GradualPruningCallback(WindowLifecycle, ScheduledEvents, CalibrationDraw, 
         self.last_event_step = state.get("last_event_step")
         self.window.load_state_dict(state)
         self.strategy.load_state_dict(state.get("mode") or {})
-        self._stream = list(state.get("stream") or [])
+        self._pending_stream = state.get("stream") or None

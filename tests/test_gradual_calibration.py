@@ -159,6 +159,42 @@ def test_bad_calibration_arguments_raise_at_construction(kwargs, match):
         GradualPruningCallback(0.5, statistics="calibration", **kwargs)
 
 
+@pytest.mark.distributed
+def test_stream_windows_resume_under_ddp_like_the_run_that_went_through(tmp_path):
+    """Two ranks, each keeping its own training sequences: resumed at step 4 (the events at 6 and 8 calibrate
+    on sequences from before it), both ranks end with the weights and masks of the run that went through."""
+    def run(root, ckpt_path=None, checkpoint=None):
+        root.mkdir(exist_ok=True)
+        gradual = GradualPruningCallback(0.5, start_step=0, end_step=8, every=2, initial_sparsity=0.1,
+                                         scorer="sparsegpt", statistics="calibration", nsamples=4, seqlen=16,
+                                         stream_windows=12)
+        callbacks = [gradual, SaveState(root)] + ([checkpoint] if checkpoint is not None else [])
+        ddp = trainer(root, max_epochs=3, limit_train_batches=4, strategy="ddp_spawn", devices=2,
+                      use_distributed_sampler=False, callbacks=callbacks, enable_checkpointing=checkpoint is not None)
+        ddp.fit(PlainLM(lr=1e-2, seed=1), datamodule=RankShards(), ckpt_path=ckpt_path)
+        return [torch.load(root / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{step}")
+    through = run(tmp_path / "a", checkpoint=checkpoint)
+    resumed = run(tmp_path / "b", ckpt_path=str(tmp_path / "ckpt" / "step=4.ckpt"))
+    for rank in (0, 1):
+        assert through[rank]["masks"] and through[rank]["masks"].keys() == resumed[rank]["masks"].keys()
+        for kind in ("weights", "masks"):
+            for name, value in through[rank][kind].items():
+                assert torch.equal(value, resumed[rank][kind][name]), (rank, kind, name)
+
+
+def test_a_resume_gives_each_rank_its_own_stream_or_rank_0_all_of_them():
+    """Statistics are summed over ranks: on as many ranks as saved them each gets its own kept sequences back,
+    on another number rank 0 takes every rank's and the others none, so the summed calibration is the same."""
+    from gradprune.callbacks.gradual import rank_share
+
+    streams = [[{"input_ids": torch.full((2, 4), r)}] for r in range(3)]
+    assert [rank_share(streams, r, 3)[0]["input_ids"][0, 0].item() for r in range(3)] == [0, 1, 2]
+    assert [b["input_ids"][0, 0].item() for b in rank_share(streams, 0, 2)] == [0, 1, 2]
+    assert rank_share(streams, 1, 2) == []
+
+
 def test_stream_windows_without_calibration_are_refused():
     with pytest.raises(ValueError, match=r"stream_windows adds training sequences to the calibration batches.*"
                                          r"got statistics='window' and mode=None"):
