@@ -65,8 +65,11 @@ def rows(args) -> dict:
         return lambda: cls(sparsity=s if sparsity is None else sparsity, pattern=pattern, nsamples=args.nsamples,
                            seqlen=args.block_size, allocation=allocation)
 
-    def gradual(scorer, scope="row", allocation="uniform", statistics="window"):
+    def gradual(scorer, scope="row", allocation="uniform", statistics="window", stream=False):
+        # stream: each calibration event also calibrates on every training sequence seen before it
         calibration = dict(nsamples=args.nsamples, seqlen=args.block_size) if statistics == "calibration" else {}
+        if stream:
+            calibration["stream_windows"] = args.steps * args.batch_size
         return lambda: GradualPruningCallback(s, schedule=args.schedule, exponent=args.exponent, start_step=0,
                                               end_step=args.end_fraction,
                                               every=args.every, scope=scope, pattern=pattern, scorer=scorer,
@@ -94,13 +97,6 @@ def rows(args) -> dict:
         first = oneshot(SparseGPTPruningCallback, sparsity=args.start_sparsity)
         return lambda: [first(), gradual(scorer)()]
 
-    def stream_ramp(scorer):  # the calibration ramp, each event also calibrating on every training sequence seen so far
-        calibration = dict(nsamples=args.nsamples, seqlen=args.block_size, stream_windows=args.steps * args.batch_size)
-        return lambda: GradualPruningCallback(s, schedule=args.schedule, exponent=args.exponent, start_step=0,
-                                              end_step=args.end_fraction, every=args.every, scope="layer",
-                                              pattern=pattern, scorer=scorer, initial_sparsity=args.initial_sparsity,
-                                              statistics="calibration", **calibration)
-
     def sparsegpt_then_dynamic(scorer):  # one-shot SparseGPT at the target, then SR-STE from its masks and weights
         first = oneshot(SparseGPTPruningCallback)
         return lambda: [first(), dynamic(scorer)()]
@@ -126,7 +122,8 @@ def rows(args) -> dict:
         "learned-sparsegpt-kd": ("learned N:M masks (SparseGPT prior) + KD", learned("sparsegpt"), KD),
         "dynamic-wanda-kd": ("dynamic masks (SR-STE, wanda scores) + KD", dynamic("wanda"), KD),
         "gradual-sparsegpt-calibration-stream-kd": ("gradual sparsegpt on calibration data and the training stream + KD",
-                                                    stream_ramp("sparsegpt"), KD),
+                                                    gradual("sparsegpt", scope="layer", statistics="calibration",
+                                                            stream=True), KD),
         "sparsegpt-dynamic-magnitude-kd": ("one-shot SparseGPT, then dynamic masks (SR-STE, magnitude) + KD",
                                            sparsegpt_then_dynamic("magnitude"), KD),
         "gradual-wanda-calibration-kd": ("gradual wanda on calibration data + KD",
@@ -145,9 +142,10 @@ def run_row(name: str, args, dense, dm) -> dict:
                         warmup_steps=4, distill=Distillation(**distill) if distill else None, lora=lora)
     start = time.perf_counter()
     timer = StepTimer()
+    callbacks = [] if pruner is None else (lambda c: c if isinstance(c, list) else [c])(pruner())
     with PeakRSS() as memory:
         if pruner is not None:
-            trainer = recovery_trainer(args.steps, [*(lambda c: c if isinstance(c, list) else [c])(pruner()), timer])
+            trainer = recovery_trainer(args.steps, [*callbacks, timer])
             trainer.fit(module, datamodule=dm)
     if lora:  # what is exported: the merged model (the masked adapters' function, the pruned base's zeros)
         module.model = module.merged_model()
@@ -175,6 +173,9 @@ def run_row(name: str, args, dense, dm) -> dict:
         # learned rows: the prior's mask on the dense weights ("updated": rows that kept SparseGPT's updated weights)
         # and SparseGPT's weight update with the learned masks at the freeze step
         "prior_weights": "dense", "reconstruct": args.reconstruct,
+        # training sequences each calibration event adds to its windows (0: none; rows before this key: 0 unless
+        # the row is a "-stream-" row, which kept every sequence of its run)
+        "stream_windows": max((getattr(c, "stream_windows", 0) for c in callbacks), default=0),
         **({"tasks": tasks, "task_limit": args.task_limit} if tasks is not None else {}),
     }
 

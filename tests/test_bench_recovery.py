@@ -58,3 +58,25 @@ def test_a_row_with_no_seed_in_common_gets_no_margin(bench):
     records = [record("oneshot-sparsegpt-kd", 0, 20.0), record("gradual-sparsegpt-calibration-kd", 1, 18.0)]
     ramp = next(g for g in bench.summarize(records) if g["row"].startswith("gradual"))
     assert "margin_pct" not in ramp and "baseline" not in ramp
+
+
+def bench_args(**overrides):
+    from argparse import Namespace
+
+    values = dict(sparsity=0.5, pattern="2:4", steps=100, batch_size=4, block_size=128, nsamples=128,
+                  schedule="cubic", exponent=3.0, end_fraction=0.2, every=10, stat_batches=4, initial_sparsity=0.25,
+                  start_sparsity=0.3, lora_r=16, prior_strength=3.0, logit_scale=[4.0, 12.0],
+                  temperature=[1.0, 0.5], logit_lr=0.03, reconstruct=True, sr_decay=2e-4, seed=0)
+    return Namespace(**{**values, **overrides})
+
+
+def test_the_stream_row_is_the_calibration_ramp_keeping_every_training_sequence(bench):
+    """The stream row differs from the calibration ramp only in stream_windows, which holds every sequence of
+    the run (steps x batch size), so its 2:4 event sees all training data before it."""
+    made = bench.rows(bench_args(steps=400))
+    ramp = made["gradual-sparsegpt-calibration-kd"][1]()
+    stream = made["gradual-sparsegpt-calibration-stream-kd"][1]()
+    assert ramp.stream_windows == 0 and stream.stream_windows == 400 * 4
+    for name in ("final_sparsity", "pattern", "scorer", "statistics", "nsamples", "seqlen", "initial_sparsity",
+                 "every", "scope"):
+        assert getattr(stream, name) == getattr(ramp, name), name
