@@ -109,7 +109,7 @@ def spread_over_ranks(trainer: pl.Trainer, batches: list, same_on_every_rank: bo
     if len(pooled) >= world:
         return pooled[rank::world], _sum_over_ranks(strategy)
     # fewer batches than ranks: every rank runs all of them and uses rank 0's statistics (exactly one pass's)
-    return pooled, _from_rank_zero
+    return pooled, from_rank_zero
 
 
 def _on_cpu(item: Any) -> Any:
@@ -126,6 +126,8 @@ def _sum_over_ranks(strategy) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda t: strategy.reduce(t, reduce_op="sum")
 
 
-def _from_rank_zero(tensor: torch.Tensor) -> torch.Tensor:
+def from_rank_zero(tensor: torch.Tensor) -> torch.Tensor:
+    """The combine of calibration with fewer batches than ranks: every rank ran the same batches, rank 0's
+    statistics are used everywhere."""
     dist.broadcast(tensor, src=0)
     return tensor

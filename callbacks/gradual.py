@@ -59,7 +59,7 @@ from gradprune.validation import (Problems, check_choice, check_pattern, check_s
 from gradprune.selection import validate_selection
 
 from .base import PruningCallback
-from .calibration import CalibrationDraw
+from .calibration import CalibrationDraw, from_rank_zero
 from .events import ScheduledEvents, WindowLifecycle, check_end_step, schedule_end
 from .strategies import (MaskMode, ShardedScores, check_allocation, check_calibrated, check_reconstruction,
                          check_sharded_fit, check_sharded_options, default_strategy)
@@ -148,7 +148,8 @@ class GradualPruningCallback(WindowLifecycle, ScheduledEvents, CalibrationDraw, 
         stream_windows: with ``statistics="calibration"`` each event (with a learned mode, its prior and its
             SparseGPT update at the freeze step) also calibrates on up to this many of the latest training
             sequences seen before it, cut to ``seqlen`` tokens: a ramp's later events see more data than one-shot
-            pruning at fit start can. 0 (default): the calibration sequences only. Each rank keeps its own;
+            pruning at fit start can. 0 (default): the calibration sequences only. Each rank keeps its own (the
+            statistics are summed over ranks; with fewer calibration windows than ranks every rank runs them all);
             every rank's travel in the checkpoint (8 bytes per token), and a resume on as many ranks gives each
             its own back (on another number, rank 0 takes them all: the summed statistics are the same).
         lm: dotted name of the causal LM inside the LightningModule that calibration batches run through
@@ -361,8 +362,14 @@ class GradualPruningCallback(WindowLifecycle, ScheduledEvents, CalibrationDraw, 
 
     def event_calibration(self) -> list:
         """This rank's calibration batches for an event: those drawn at fit start, then the latest training
-        sequences (``stream_windows``)."""
-        return self._calibration + self._stream
+        sequences (``stream_windows``). With fewer calibration windows than ranks every rank runs the same
+        batches and rank 0's statistics are used, so every rank then takes every rank's sequences, in rank order."""
+        stream = self._stream
+        if self.stream_windows and self._combine is from_rank_zero:
+            gathered: list = [None] * self._world[1]
+            dist.all_gather_object(gathered, self._stream)
+            stream = [batch for part in gathered for batch in part]
+        return self._calibration + stream
 
     def _close_window(self) -> None:
         self.window.close()

@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from gradprune import MaskRegistry, exact_count, find_targets, prune_oneshot
 from gradprune.callbacks import GradualPruningCallback, LearnedMasks, SparseGPTPruningCallback
 from lightning_helpers import token_loader, trainer
-from test_gradual_scorers import EventCounts, PlainLM, RankShards, no_hooks_left
+from test_gradual_scorers import EventCounts, PlainLM, RankShards, no_hooks_left, rank_tokens
 from test_gradual_sparsegpt import SaveState, WeightsAtEvents
 
 pytestmark = pytest.mark.numerics
@@ -144,6 +144,38 @@ def test_calibration_statistics_give_every_ddp_rank_the_same_weights_and_masks(t
     for kind in ("weights", "masks"):
         for name, value in ranks[0][kind].items():
             assert torch.equal(value, ranks[1][kind][name]), (kind, name)
+
+
+class OneWindowRankShards(RankShards):
+    """Rank r trains on its own rows (RankShards), and the calibration is one window, the same on every rank:
+    fewer windows than ranks, so every rank runs it and rank 0's statistics are used."""
+
+    def calibration_batches(self, nsamples, seqlen):
+        return [torch.randint(0, 128, (1, seqlen), generator=torch.Generator().manual_seed(5))]
+
+
+@pytest.mark.distributed
+def test_with_fewer_windows_than_ranks_every_ranks_stream_reaches_the_event(tmp_path):
+    """lr 0: the masks on both ranks must equal one process's wanda on the window, then rank 0's two training
+    batches, then rank 1's (the stream of each rank before the event at step 2)."""
+    gradual = GradualPruningCallback(0.5, schedule="constant", start_step=2, end_step=3, every=1, scope="row",
+                                     scorer="wanda", statistics="calibration", nsamples=1, seqlen=16, stream_windows=4)
+    ddp = trainer(tmp_path, max_steps=3, strategy="ddp_spawn", devices=2, use_distributed_sampler=False,
+                  callbacks=[gradual, SaveState(tmp_path)])
+    ddp.fit(PlainLM(lr=0.0), datamodule=OneWindowRankShards())
+
+    reference = PlainLM(lr=0.0)
+    window = OneWindowRankShards().calibration_batches(1, 16)
+    streams = [rank_tokens()[r::2][:4].split(2) for r in (0, 1)]
+    targets = find_targets(reference)
+    row_counts = {t.name: t.weight.shape[0] * exact_count(0.5, t.weight.shape[1]) for t in targets}
+    prune_oneshot(reference, "wanda", 0.5, calibration=window + [*streams[0], *streams[1]], scope="row",
+                  progress=False, counts=row_counts)
+    expected = MaskRegistry.of(reference).masks
+    for rank in (0, 1):
+        masks = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)["masks"]
+        assert masks and masks.keys() == expected.keys()
+        assert all(torch.equal(masks[name], expected[name]) for name in masks), rank
 
 
 @pytest.mark.parametrize("kwargs, match", [
