@@ -50,6 +50,7 @@ from benchtools import PeakRSS, StepTimer, quiet, recovery_data, recovery_traine
 KD = dict(alpha=0.5, temperature=2.0)
 SQUAREHEAD = dict(KD, hidden_layers="all", hidden_loss="squarehead", hidden_weight=1.0)
 NSAMPLES = 32  # calibration windows of the rows that calibrate, unless --nsamples says otherwise
+LR = 5e-5  # the recovery fine-tuning's learning rate, unless --lr says otherwise
 
 
 def lora_options(args) -> dict:
@@ -214,7 +215,7 @@ def print_table(results: Path) -> None:
         ratio = f"{r['ppl'] / dense[seed]:.2f}" if seed in dense else ""
         step = "" if r["s_per_step"] is None else f"{r['s_per_step']:.2f}"
         target = "-" if r["row"] == "dense" else f"{r['sparsity_target']:.0%} {r['pattern']}"
-        label = r["label"] + windows_note(r) + (f" (seed {r['seed']})" if r.get("seed", 0) else "")
+        label = r["label"] + windows_note(r) + lr_note(r) + (f" (seed {r['seed']})" if r.get("seed", 0) else "")
         print(f"| {label} | {target} | {ramp} | {r['ppl']:.3f} | {ratio} | {r['sparsity']:.3f} | {r['steps']} | "
               f"{r['tokens']} | {r['wall_s']:.0f} | {step} | {r['peak_extra_rss_mb']:.0f} |" + (f" {task_cell(r)} |" if with_tasks else ""))
 
@@ -225,6 +226,16 @@ def windows_note(record: dict) -> str:
     uses_windows = row.startswith(("oneshot", "sparsegpt-", "learned")) or "calibration" in row
     n = record.get("nsamples", NSAMPLES)
     return f" ({n} calibration windows)" if uses_windows and n != NSAMPLES else ""
+
+
+def lr_used(record: dict) -> float:
+    """The learning rate a row trained with (rows recorded before the key existed used the default)."""
+    return record.get("lr_used", record.get("lr", LR))
+
+
+def lr_note(record: dict) -> str:
+    """" (lr X)" for a row fine-tuned at another learning rate than the default (LoRA rows name theirs apart)."""
+    return f" (lr {lr_used(record):g})" if not record.get("lora") and lr_used(record) != LR else ""
 
 
 def settings_note(record: dict) -> str:
@@ -250,9 +261,10 @@ def task_cell(record: dict) -> str:
 
 
 def summarize(records: list[dict]) -> list[dict]:
-    """Rows run with several seeds, grouped by row, target, pattern and steps (and for learned rows their
-    settings): mean and sample std of the held-out perplexity, and each train-time group's margin over the
-    best one-shot + KD group at the same target, in percent and in units of the larger of the two stds."""
+    """Rows run with several seeds, grouped by row, target, pattern, steps and learning rate (and for ramps and
+    learned rows their settings): mean and sample std of the held-out perplexity, and each train-time group's
+    margin over the one-shot + KD group it does worst against at the same target, steps and learning rate, in
+    percent and in units of the larger of the two stds."""
     groups: dict = {}
     for r in records:
         if r["row"] == "dense":
@@ -262,13 +274,15 @@ def summarize(records: list[dict]) -> list[dict]:
         keys = ("nsamples",) + (() if r["row"].startswith("oneshot") else
                                 ramp + (learned if r["row"].startswith("learned") else ()))
         extra = tuple(str(r.get(k, NSAMPLES if k == "nsamples" else None)) for k in keys)  # older rows: 32 windows
+        extra += (str(lr_used(r)),)  # a row at another learning rate is another group (and another baseline)
         group = groups.setdefault((r["row"], r["sparsity_target"], r["pattern"], r["steps"], extra), {})
         group[r.get("seed", 0)] = r  # a seed measured again: its latest record
     summary = []
     for (row, target, pattern, steps, _), by_seed in groups.items():
         rs = list(by_seed.values())
         ppl = [r["ppl"] for r in rs]
-        summary.append({"label": rs[0]["label"] + windows_note(rs[0]) + settings_note(rs[0]), "row": row, "target": target, "pattern": pattern, "steps": steps,
+        summary.append({"label": rs[0]["label"] + windows_note(rs[0]) + lr_note(rs[0]) + settings_note(rs[0]), "row": row,
+                        "target": target, "pattern": pattern, "steps": steps, "lr": lr_used(rs[0]),
                         "seeds": sorted(r.get("seed", 0) for r in rs), "mean": statistics.mean(ppl),
                         "std": statistics.stdev(ppl) if len(ppl) > 1 else float("nan"),
                         "by_seed": {r.get("seed", 0): r["ppl"] for r in rs}})
@@ -279,7 +293,7 @@ def summarize(records: list[dict]) -> list[dict]:
         # compared with a baseline only on the seeds both have, seed by seed, and the baseline it is held
         # against is the one it does worst against there, not the one with the lowest mean over its own seeds
         compared = [margin_over(g, b) for b in summary if b["row"].startswith("oneshot") and b["row"].endswith("-kd")
-                    and (b["target"], b["pattern"], b["steps"]) == (g["target"], g["pattern"], g["steps"])]
+                    and (b["target"], b["pattern"], b["steps"], b["lr"]) == (g["target"], g["pattern"], g["steps"], g["lr"])]
         compared = [c for c in compared if c is not None]
         if compared:
             g.update(min(compared, key=lambda c: c["margin_pct"]))
@@ -381,7 +395,7 @@ def main() -> None:
     parser.add_argument("--val-tokens", type=int, default=16384)
     parser.add_argument("--nsamples", type=int, default=NSAMPLES,
                         help="calibration windows of the one-shot, calibration-ramp and learned rows")
-    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--lr", type=float, default=LR)
     parser.add_argument("--lora-r", type=int, default=16, help="adapter rank of the + LoRA rows")
     parser.add_argument("--lora-lr", type=float, default=2e-4, help="learning rate of the + LoRA rows (adapters only)")
     parser.add_argument("--every", type=int, default=5)

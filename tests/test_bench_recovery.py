@@ -80,3 +80,18 @@ def test_the_stream_row_is_the_calibration_ramp_keeping_every_training_sequence(
     for name in ("final_sparsity", "pattern", "scorer", "statistics", "nsamples", "seqlen", "initial_sparsity",
                  "every", "scope"):
         assert getattr(stream, name) == getattr(ramp, name), name
+
+
+def test_rows_at_another_learning_rate_are_their_own_group_held_against_one_shot_at_that_rate(bench):
+    """A higher-lr run of a row must not replace the default run of the same seed, and its margin is over the
+    one-shot row fine-tuned at the same rate; rows recorded before lr_used existed count as the default."""
+    records = [record("oneshot-sparsegpt-kd", s, p) for s, p in ((0, 20.0), (1, 18.0))]
+    records += [record("oneshot-sparsegpt-kd", s, p, lr_used=5e-4) for s, p in ((0, 30.0), (1, 28.0))]
+    records += [record("sparsegpt-dynamic-magnitude-kd", s, p, lr_used=bench.LR) for s, p in ((0, 20.0), (1, 18.0))]
+    records += [record("sparsegpt-dynamic-magnitude-kd", s, p, lr_used=5e-4) for s, p in ((0, 27.0), (1, 25.2))]
+    dynamic = [g for g in bench.summarize(records) if g["row"].startswith("sparsegpt-")]
+    assert sorted(g["lr"] for g in dynamic) == [bench.LR, 5e-4]
+    default, high = sorted(dynamic, key=lambda g: g["lr"])
+    assert default["margin_pct"] == pytest.approx(0.0) and "(lr" not in default["label"]
+    assert high["margin_pct"] == pytest.approx(10.0) and "(lr 0.0005)" in high["baseline"]
+    assert "(lr 0.0005)" in high["label"]
