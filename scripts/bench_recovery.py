@@ -206,7 +206,7 @@ def print_table(results: Path) -> None:
                         f"{r['temperature'][1]:g}, logit lr {r['logit_lr']:g}" if r["row"].startswith("learned") else "")
             if r["row"].startswith("learned") and r.get("prior_weights") == "updated":  # before the prior fix
                 settings += ", SparseGPT's updated weights kept under the learned masks"
-            elif r.get("reconstruct"):
+            elif r["row"].startswith("learned") and r.get("reconstruct"):  # dynamic rows have no such update
                 settings += ", SparseGPT's update with the learned masks at the freeze"
             elif r["row"].startswith("learned") and r.get("reconstruct") is False:
                 settings += ", no weight update at the freeze"
