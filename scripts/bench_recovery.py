@@ -318,15 +318,16 @@ def margin_over(row: dict, baseline: dict) -> dict | None:
 
 
 def print_summary(results: Path) -> None:
-    """Mean +/- std over seeds per row (rows with at least two seeds), and the margin over the best one-shot + KD."""
+    """Mean +/- std over seeds per row (rows with at least two seeds), and the margin over the one-shot + KD row
+    it does worst against on the seeds they share (named in the last column)."""
     if not results.exists():
         return
     records = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
     rows = [g for g in summarize(records) if len(g["seeds"]) > 1]
     if not rows:
         return
-    print("\n| run | target | steps | seeds | held-out ppl, mean +/- std | margin over the best one-shot + KD, "
-          "seed by seed: mean +/- std (seeds) | the same in stds of the seeds | against |")
+    print("\n| run | target | steps | seeds | held-out ppl, mean +/- std | margin over one-shot + KD (the row it does "
+          "worst against), seed by seed: mean +/- std (seeds) | the same in stds of the seeds | against |")
     print("|---|---|---|---|---|---|---|---|")
     for g in rows:
         margin = (f"{g['margin_pct']:+.1f}% +/- {g['margin_sd']:.1f}% ({', '.join(map(str, g['margin_seeds']))})"
