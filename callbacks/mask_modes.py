@@ -74,6 +74,25 @@ def _log_flips(pl_module: pl.LightningModule, flips: dict[str, float], sizes: di
     return total
 
 
+def _fused_adam(device: torch.device) -> Optional[bool]:
+    """Adam's fused kernel where torch has one for the device (CPU and CUDA): several times faster than the
+    default loop over the logits, which are as many as the targeted weights and half again at 2:4."""
+    return True if device.type in ("cpu", "cuda") else None
+
+
+def _candidates_first(state: dict) -> dict:
+    """A LearnedMasks checkpoint state with its logits (and their Adam moments) candidate-first; checkpoints
+    written before gradprune stored them candidate-last, ``(out, in // m, C)``, and carry no ``layout``."""
+    if state.get("layout") == "candidates-first":
+        return state
+    state = dict(state, logits={name: value.movedim(-1, 0).contiguous() for name, value in state["logits"].items()})
+    optimizer = copy.deepcopy(state["optimizer"])
+    for moments in optimizer["state"].values():
+        for key in ("exp_avg", "exp_avg_sq"):
+            moments[key] = moments[key].movedim(-1, 0).contiguous()
+    return dict(state, optimizer=optimizer, layout="candidates-first")
+
+
 class LearnedMasks(MaskMode):
     """Learned N:M masks (MaskLLM) for GradualPruningCallback(pattern="N:M", final_sparsity=N/M, mode=...).
 
@@ -196,7 +215,7 @@ class LearnedMasks(MaskMode):
         self._targets = list(callback.targets)
         self._reduce = ((lambda t: trainer.strategy.reduce(t, reduce_op="mean")) if trainer.world_size > 1 else None)
         if self._pending is not None:  # resumed inside the learning phase
-            pending, self._pending = self._pending, None
+            pending, self._pending = _candidates_first(self._pending), None
             device = {t.name: t.weight.device for t in self._targets}
             self._begin({name: value.to(device[name]) for name, value in pending["logits"].items() if name in device})
             self._optimizer.load_state_dict(pending["optimizer"])
@@ -251,6 +270,7 @@ class LearnedMasks(MaskMode):
             "generator": self._generator.get_state(),
             "previous": {name: {"shape": list(mask.shape), "bits": pack_mask(mask)} for name, mask in self._previous.items()},
             "progress": self._progress,
+            "layout": "candidates-first",
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -321,7 +341,8 @@ class LearnedMasks(MaskMode):
         self._logits = {name: value.detach().float().clone().requires_grad_(True) for name, value in logits.items()}
         # eps far below Adam's 1e-8: a logit's gradient is the loss gradient times a softmax slope, 1e-9 and
         # less on an LLM, and an eps above it would freeze every logit
-        self._optimizer = torch.optim.Adam(list(self._logits.values()), lr=self.logit_lr, eps=LOGIT_ADAM_EPS)
+        self._optimizer = torch.optim.Adam(list(self._logits.values()), lr=self.logit_lr, eps=LOGIT_ADAM_EPS,
+                                           fused=_fused_adam(device))
         self._generator = torch.Generator(device=device)
         self._generator.manual_seed(self.seed)
         self._forward = MaskedForward(self._targets, self._masked_weight)

@@ -31,23 +31,51 @@ def test_candidate_table_is_complete_and_n_m_exact(n, m, count):
     assert {tuple(row.tolist()) for row in table} == every
 
 
-def test_hard_mask_is_the_argmax_candidate():
+def test_hard_mask_is_the_argmax_candidate_and_the_first_on_ties():
     table = nm_candidates(2, 4)
-    logits = torch.randn(5, 3, 6, generator=torch.Generator().manual_seed(0))
+    logits = torch.randn(6, 5, 3, generator=torch.Generator().manual_seed(0))  # candidate-first
+    logits[:, 0, 0] = torch.tensor([0.0, 2.0, 1.0, 2.0, 2.0, -1.0])  # a three-way tie: candidate 1 wins
     masks = hard_mask(logits, table)
+    assert masks.shape == (5, 3, 4)
+    assert torch.equal(masks[0, 0], table[1])
     for index in itertools.product(range(5), range(3)):
-        assert torch.equal(masks[index], table[int(logits[index].argmax())])
+        assert torch.equal(masks[index], table[int(logits[(slice(None), *index)].argmax())])
 
 
 def test_prior_logits_give_the_prior_its_strength_and_neighbours_their_share():
     table = nm_candidates(2, 4)  # keeps (0,1), (0,2), (0,3), (1,2), (1,3), (2,3)
     logits = prior_logits(torch.tensor([[True, False, True, False]]), table, 3.0)
-    assert logits.tolist() == [[1.5, 3.0, 1.5, 1.5, 0.0, 1.5]]
+    assert logits.shape == (6, 1)  # candidate-first
+    assert logits[:, 0].tolist() == [1.5, 3.0, 1.5, 1.5, 0.0, 1.5]
+
+
+@pytest.mark.parametrize("hard", [True, False])
+def test_sampled_mask_and_its_gradient_match_the_gumbel_softmax_formula(hard):
+    """The sampler against the textbook estimator written with autograd over a candidate-last copy:
+    y = softmax((scale * logits + g) / T), mask = onehot(argmax y) - y.detach() + y (hard) or y, times the
+    candidate table; the same uniform draws give g."""
+    table = nm_candidates(2, 4)
+    logits = torch.randn(6, 7, 5, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    upstream = torch.randn(7, 5, 4, generator=torch.Generator().manual_seed(2))
+    mask = sample_mask(logits, table, temperature=0.7, scale=2.5, hard=hard, generator=torch.Generator().manual_seed(3))
+    (mask * upstream).sum().backward()
+
+    reference_logits = logits.detach().movedim(0, -1).clone().requires_grad_(True)
+    uniform = torch.rand(6, 7, 5, generator=torch.Generator().manual_seed(3)).movedim(0, -1)
+    gumbel = -torch.log(-torch.log(uniform))
+    y = torch.softmax((2.5 * reference_logits + gumbel) / 0.7, dim=-1)
+    if hard:
+        y = torch.nn.functional.one_hot(y.argmax(dim=-1), 6).float() - y.detach() + y
+    reference = y @ table.float()
+    (reference * upstream).sum().backward()
+    assert torch.allclose(mask.detach(), reference.detach(), atol=1e-6)
+    assert torch.allclose(logits.grad.movedim(0, -1), reference_logits.grad, atol=1e-6, rtol=1e-5)
+    assert logits.grad.abs().sum() > 0
 
 
 def test_hard_samples_are_exact_candidates_and_pass_gradients_to_the_logits():
     table = nm_candidates(2, 4)
-    logits = torch.zeros(64, 6, requires_grad=True)
+    logits = torch.zeros(6, 64, requires_grad=True)
     mask = sample_mask(logits, table, temperature=0.5, scale=1.0, hard=True, generator=torch.Generator().manual_seed(0))
     assert {tuple(row.tolist()) for row in mask.detach().round()} <= {tuple(r) for r in table.float().tolist()}
     assert torch.allclose(mask.detach(), mask.detach().round(), atol=1e-6)
@@ -234,30 +262,55 @@ def test_after_the_freeze_pruned_weights_stay_exactly_zero(tmp_path, optimizer):
             assert (t.weight[~registry.masks[t.name]] == 0).all(), (type(mode).__name__, t.name)
 
 
+def _run_learning(make_mode, root, ckpt_path=None, checkpoint=None):
+    module = PlainLM(lr=1e-2, seed=1)
+    callbacks = [GradualPruningCallback(0.5, pattern="2:4", schedule="constant", start_step=1, end_step=9, every=2,
+                                        mode=make_mode())]
+    if checkpoint is not None:
+        callbacks.append(checkpoint)
+    trainer(root, max_epochs=3, limit_train_batches=4, callbacks=callbacks,
+            enable_checkpointing=checkpoint is not None).fit(module, token_loader(), ckpt_path=ckpt_path)
+    return module, callbacks[0]
+
+
+def _assert_same_model(a, b):
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name
+    masks_a, masks_b = MaskRegistry.of(a).masks, MaskRegistry.of(b).masks
+    assert masks_a and masks_a.keys() == masks_b.keys() and all(torch.equal(masks_a[k], masks_b[k]) for k in masks_a)
+
+
 @pytest.mark.parametrize("make_mode", [lambda: LearnedMasks(prior="magnitude", logit_lr=0.5), lambda: DynamicMasks()])
 def test_resume_inside_the_learning_phase_is_bit_identical(tmp_path, make_mode):
-    def run(root, ckpt_path=None, checkpoint=None):
-        module = PlainLM(lr=1e-2, seed=1)
-        callbacks = [GradualPruningCallback(0.5, pattern="2:4", schedule="constant", start_step=1, end_step=9, every=2,
-                                            mode=make_mode())]
-        if checkpoint is not None:
-            callbacks.append(checkpoint)
-        trainer(root, max_epochs=3, limit_train_batches=4, callbacks=callbacks,
-                enable_checkpointing=checkpoint is not None).fit(module, token_loader(), ckpt_path=ckpt_path)
-        return module, callbacks[0]
-
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{step}")
-    full, full_cb = run(tmp_path / "a", checkpoint=checkpoint)
+    full, full_cb = _run_learning(make_mode, tmp_path / "a", checkpoint=checkpoint)
     middle = tmp_path / "ckpt" / "step=4.ckpt"  # events at 1, 3, 5, 7, 9: step 4 is inside the learning phase
     state = torch.load(middle, weights_only=False)
     (key,) = [k for k in state["callbacks"] if k.startswith("GradualPruningCallback")]
     assert state["callbacks"][key]["mode"]  # the logits / masks travel in the checkpoint
-    resumed, resumed_cb = run(tmp_path / "b", ckpt_path=str(middle))
+    resumed, resumed_cb = _run_learning(make_mode, tmp_path / "b", ckpt_path=str(middle))
     assert resumed_cb.last_event_step == full_cb.last_event_step == 9
-    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
-        assert torch.equal(a, b), name
-    masks_a, masks_b = MaskRegistry.of(full).masks, MaskRegistry.of(resumed).masks
-    assert masks_a and all(torch.equal(masks_a[k], masks_b[k]) for k in masks_a)
+    _assert_same_model(full, resumed)
+
+
+def test_resume_from_a_checkpoint_with_candidate_last_logits_is_bit_identical(tmp_path):
+    """Checkpoints written before the logits were stored candidate-first hold them as (out, in // m, C), with
+    their Adam moments, and no layout key: they resume to the same model."""
+    make_mode = lambda: LearnedMasks(prior="magnitude", logit_lr=0.5)  # noqa: E731
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{step}")
+    full, _ = _run_learning(make_mode, tmp_path / "a", checkpoint=checkpoint)
+    state = torch.load(tmp_path / "ckpt" / "step=4.ckpt", weights_only=False)
+    (key,) = [k for k in state["callbacks"] if k.startswith("GradualPruningCallback")]
+    mode = state["callbacks"][key]["mode"]
+    assert mode.pop("layout") == "candidates-first"
+    mode["logits"] = {name: value.movedim(0, -1).contiguous() for name, value in mode["logits"].items()}
+    for moments in mode["optimizer"]["state"].values():
+        for k in ("exp_avg", "exp_avg_sq"):
+            moments[k] = moments[k].movedim(0, -1).contiguous()
+    assert all(value.shape[-1] == 6 for value in mode["logits"].values())
+    torch.save(state, tmp_path / "old.ckpt")
+    resumed, _ = _run_learning(make_mode, tmp_path / "b", ckpt_path=str(tmp_path / "old.ckpt"))
+    _assert_same_model(full, resumed)
 
 
 class SaveLogits(SaveState):
