@@ -120,8 +120,8 @@ class _HardGumbel(torch.autograd.Function):
         y, candidates = ctx.saved_tensors
         m = candidates.shape[1]
         grad_y = (candidates @ grad_mask.reshape(-1, m).t()).reshape(y.shape)  # (C, groups)
-        grad_z = y * (grad_y - (y * grad_y).sum(dim=0, keepdim=True))
-        return grad_z.mul_(ctx.factor), None, None, None, None
+        inner = (y * grad_y).sum(dim=0, keepdim=True)
+        return grad_y.sub_(inner).mul_(y).mul_(ctx.factor), None, None, None, None  # y * (dy - <y, dy>)
 
 
 def sample_mask(logits: torch.Tensor, candidates: torch.Tensor, temperature: float, scale: float, hard: bool,
