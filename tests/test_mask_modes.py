@@ -83,6 +83,25 @@ def test_hard_samples_are_exact_candidates_and_pass_gradients_to_the_logits():
     assert logits.grad is not None and logits.grad.abs().sum() > 0
 
 
+def test_logit_adam_is_fused_where_torch_can_and_plain_where_it_cannot(monkeypatch):
+    from gradprune.callbacks.mask_modes import _logit_adam
+    logits = torch.zeros(6, 4, requires_grad=True)
+    assert _logit_adam([logits], 0.1).defaults["fused"]  # CPU has a fused Adam in the torch these tests run on
+
+    class NoFusedKernel(torch.optim.Adam):  # as torch before 2.4 does for CPU tensors
+        def __init__(self, params, fused=None, **kwargs):
+            if fused:
+                raise RuntimeError("`fused=True` requires all the params to be CUDA tensors")
+            super().__init__(params, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "Adam", NoFusedKernel)
+    adam = _logit_adam([logits], 0.1)
+    assert not adam.defaults["fused"] and adam.defaults["eps"] == 1e-12
+    logits.grad = torch.ones(6, 4)
+    adam.step()
+    assert torch.allclose(logits, torch.full((6, 4), -0.1))
+
+
 def test_straight_through_forward_is_masked_and_gradient_and_decay_match_by_hand():
     w = torch.tensor([[1.0, -2.0, 3.0, 0.5]], requires_grad=True)
     keep = torch.tensor([[True, False, True, False]])
