@@ -75,8 +75,9 @@ def best_candidate(logits: torch.Tensor) -> torch.Tensor:
     times slower on CPU)."""
     best = logits.amax(dim=0)
     index = torch.full(logits.shape[1:], logits.shape[0] - 1, dtype=torch.int32, device=logits.device)
-    for c in range(logits.shape[0] - 2, -1, -1):
-        index = torch.where(logits[c] == best, c, index)
+    hit = torch.empty(logits.shape[1:], dtype=torch.bool, device=logits.device)
+    for c in range(logits.shape[0] - 2, -1, -1):  # downwards, so that the first of tied candidates is written last
+        index.masked_fill_(torch.eq(logits[c], best, out=hit), c)
     return index
 
 
@@ -91,25 +92,28 @@ def hard_mask(logits: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
     return pick(candidates, best_candidate(logits))
 
 
-def gumbel_noise(shape: torch.Size, generator: Optional[torch.Generator], device: torch.device,
-                 dtype: torch.dtype) -> torch.Tensor:
-    """Standard Gumbel noise, ``-log(-log(u))`` for ``u ~ U(0, 1)``, both logs clamped at 1e-20 (finite)."""
+def minus_gumbel_noise(shape: torch.Size, generator: Optional[torch.Generator], device: torch.device,
+                       dtype: torch.dtype) -> torch.Tensor:
+    """Minus standard Gumbel noise, ``log(-log u)`` for ``u ~ U(0, 1)``, in four passes over the tensor. A draw
+    of ``u = 0`` (about once in 2**24 in float32) gives ``+inf``: that candidate's ``z`` is ``-inf``, it cannot
+    win the group and gets no softmax weight, as a Gumbel draw of ``-inf`` would."""
     noise = torch.rand(shape, generator=generator, device=device, dtype=dtype)
-    return noise.clamp_(min=1e-20).log_().neg_().clamp_(min=1e-20).log_().neg_()
+    return noise.log_().neg_().log_()
 
 
 class _HardGumbel(torch.autograd.Function):
     """Every group's sampled candidate as its exact mask, with the soft sample's gradient (straight through).
 
-    Forward: ``z = (scale * logits + noise) / temperature`` (in ``noise``'s memory), ``y = softmax(z)`` over the
-    candidates, the mask is the candidate of ``argmax z``. Backward: the mask's gradient reaches ``y`` through
-    the candidate table (as if the mask were ``y @ candidates``), then the softmax: ``dz = y * (dy - <y, dy>)``.
-    Only ``y`` is held for the backward: C floats per group.
+    Forward: ``z = (scale * logits + g) / temperature`` (in the memory of ``minus_g``, which it consumes),
+    ``y = softmax(z)`` over the candidates, the mask is the candidate of ``argmax z``. Backward: the mask's
+    gradient reaches ``y`` through the candidate table (as if the mask were ``y @ candidates``), then the
+    softmax: ``dz = y * (dy - <y, dy>)``, with ``scale / temperature`` folded into the table. Only ``y`` is held
+    for the backward: C floats per group.
     """
 
     @staticmethod
-    def forward(ctx, logits, noise, candidates, scale, temperature):
-        z = noise.add_(logits, alpha=scale).div_(temperature)
+    def forward(ctx, logits, minus_g, candidates, scale, temperature):
+        z = minus_g.sub_(logits, alpha=scale).div_(-temperature)
         y = torch.softmax(z, dim=0)
         ctx.save_for_backward(y, candidates)
         ctx.factor = scale / temperature
@@ -119,9 +123,9 @@ class _HardGumbel(torch.autograd.Function):
     def backward(ctx, grad_mask):
         y, candidates = ctx.saved_tensors
         m = candidates.shape[1]
-        grad_y = (candidates @ grad_mask.reshape(-1, m).t()).reshape(y.shape)  # (C, groups)
-        inner = (y * grad_y).sum(dim=0, keepdim=True)
-        return grad_y.sub_(inner).mul_(y).mul_(ctx.factor), None, None, None, None  # y * (dy - <y, dy>)
+        grad_z = ((candidates * ctx.factor) @ grad_mask.reshape(-1, m).t()).reshape(y.shape)  # factor * dy: (C, groups)
+        inner = torch.linalg.vecdot(y, grad_z, dim=0).unsqueeze(0)
+        return grad_z.sub_(inner).mul_(y), None, None, None, None  # factor * y * (dy - <y, dy>)
 
 
 def sample_mask(logits: torch.Tensor, candidates: torch.Tensor, temperature: float, scale: float, hard: bool,
@@ -129,11 +133,11 @@ def sample_mask(logits: torch.Tensor, candidates: torch.Tensor, temperature: flo
     """One Gumbel-softmax draw of grouped float masks ``(..., m)`` from logits ``(C, ...)``, differentiable in the
     logits. ``hard``: every group's mask is its sampled candidate exactly (straight-through gradient); else the
     soft mask ``softmax(z) @ candidates``."""
-    noise = gumbel_noise(logits.shape, generator, logits.device, logits.dtype)
+    minus_g = minus_gumbel_noise(logits.shape, generator, logits.device, logits.dtype)
     table = candidates.to(logits.dtype)
     if hard:
-        return _HardGumbel.apply(logits, noise, table, float(scale), float(temperature))
-    y = torch.softmax((scale * logits + noise) / temperature, dim=0)
+        return _HardGumbel.apply(logits, minus_g, table, float(scale), float(temperature))
+    y = torch.softmax((scale * logits - minus_g) / temperature, dim=0)
     return (y.reshape(y.shape[0], -1).t() @ table).reshape(*logits.shape[1:], table.shape[1])
 
 

@@ -83,6 +83,25 @@ def test_hard_samples_are_exact_candidates_and_pass_gradients_to_the_logits():
     assert logits.grad is not None and logits.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("hard", [True, False])
+def test_a_uniform_draw_of_zero_rules_its_candidate_out_without_nans(monkeypatch, hard):
+    """u = 0 (about once in 2**24 draws) is a Gumbel draw of -inf: that candidate cannot win its group and gets
+    no weight, and nothing turns into NaN."""
+    table = nm_candidates(2, 4)
+    uniform = torch.full((6, 3), 0.5)
+    uniform[0] = 0.0  # every group's first candidate, which would win the tie of equal logits otherwise
+    monkeypatch.setattr(torch, "rand", lambda *args, **kwargs: uniform.clone())
+    logits = torch.zeros(6, 3, requires_grad=True)
+    mask = sample_mask(logits, table, temperature=0.5, scale=1.0, hard=hard, generator=None)
+    (mask * torch.arange(4.0)).sum().backward()
+    assert torch.isfinite(mask).all() and torch.isfinite(logits.grad).all()
+    if hard:
+        assert torch.equal(mask, table[1].float().expand(3, 4))
+    else:  # the other five candidates share the weight equally: positions 0 and 1 are kept by two of them
+        assert torch.allclose(mask, torch.tensor([0.4, 0.4, 0.6, 0.6]).expand(3, 4))
+    assert torch.equal(logits.grad[0], torch.zeros(3))
+
+
 def test_logit_adam_is_fused_where_torch_can_and_plain_where_it_cannot(monkeypatch):
     from gradprune.callbacks.mask_modes import _logit_adam
     logits = torch.zeros(6, 4, requires_grad=True)
