@@ -124,7 +124,7 @@ class _HardGumbel(torch.autograd.Function):
         y, candidates = ctx.saved_tensors
         m = candidates.shape[1]
         grad_z = ((candidates * ctx.factor) @ grad_mask.reshape(-1, m).t()).reshape(y.shape)  # factor * dy: (C, groups)
-        inner = torch.linalg.vecdot(y, grad_z, dim=0).unsqueeze(0)
+        inner = (y * grad_z).sum(dim=0, keepdim=True)
         return grad_z.sub_(inner).mul_(y), None, None, None, None  # factor * y * (dy - <y, dy>)
 
 
