@@ -10,17 +10,26 @@ shared machine hits all of them): PrunableLM with the dense teacher (KD, alpha 0
 - "dynamic": mode=DynamicMasks() with events every 2 steps (the magnitude scores, SR-STE decay).
 
 The median step time of each over the steps after the first two of every repetition (and before the last), and the ratio to plain KD,
-are printed as a table, with each set-up's peak resident memory above what the process held before it started
-(every run's module, trainer and callbacks are freed before the next one, and freed tensors go back to the OS, so
-one run's memory does not carry into the next), and the learned mode's logit memory per targeted weight.
+are printed as a table, with each set-up's peak resident memory above what its process held before it started,
+and the learned mode's logit memory per targeted weight.
+
+Time and memory are measured apart. The timed runs use the allocator a user's process gets (``--allocator
+default``: glibc keeps freed blocks for the next allocation). The memory of each set-up is one more run in a
+child process that makes glibc return every freed block of 128 KiB or more to the OS at once, so that its
+resident size tracks the memory in use; that setting costs a fresh page for every large allocation, and so it
+slows the modes that allocate more per step (the learned one most). ``--allocator mmap-128k`` times under it too,
+as this benchmark did before 2026-12-07.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import gc
+import json
 import logging
 import statistics
+import subprocess
+import sys
 import warnings
 
 import lightning.pytorch as pl
@@ -44,6 +53,9 @@ def callback(kind: str, steps: int) -> GradualPruningCallback:
     return GradualPruningCallback(0.5, schedule="constant", end_step=steps, mode=DynamicMasks(), **common)
 
 
+KINDS = ("plain KD", "learned", "dynamic")
+
+
 def run(kind: str, dense, dm, steps: int) -> tuple[list[float], float]:
     pl.seed_everything(0, verbose=False)
     module = PrunableLM(model=copy.deepcopy(dense), learning_rate=5e-5, weight_decay=0.0, warmup_steps=0,
@@ -61,36 +73,59 @@ def run(kind: str, dense, dm, steps: int) -> tuple[list[float], float]:
     return times, memory.extra_mb
 
 
+def setup(threads: int, steps: int):
+    torch.set_num_threads(threads)
+    warnings.filterwarnings("ignore")
+    for name in ("lightning", "lightning.pytorch", "transformers", "gradprune"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    dm = TextDataModule(sources="stdlib", tokenizer="smollm2", block_size=128, batch_size=4,
+                        max_train_tokens=steps * 4 * 128 * 2, max_val_tokens=2048, seed=0)
+    dm.setup("fit")
+    return load_causal_lm("smollm2"), dm
+
+
+def peak_memory_mb(kind: str, steps: int, threads: int) -> float:
+    """Peak extra resident memory of one run of ``kind``, in a child process with freed memory returned to the OS."""
+    out = subprocess.run([sys.executable, __file__, "--memory-of", kind, "--steps", str(steps), "--threads", str(threads)],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["extra_mb"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--allocator", choices=("default", "mmap-128k"), default="default",
+                        help="allocator of the timed runs (see above); memory is always measured under mmap-128k")
+    parser.add_argument("--memory-of", choices=KINDS, default=None, help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    return_freed_memory_to_os()
-    warnings.filterwarnings("ignore")
-    for name in ("lightning", "lightning.pytorch", "transformers", "gradprune"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    dense = load_causal_lm("smollm2")
-    dm = TextDataModule(sources="stdlib", tokenizer="smollm2", block_size=128, batch_size=4,
-                        max_train_tokens=args.steps * 4 * 128 * 2, max_val_tokens=2048, seed=0)
-    dm.setup("fit")
-    kinds = ("plain KD", "learned", "dynamic")
-    times = {k: [] for k in kinds}
-    memory = {k: [] for k in kinds}
+    if args.memory_of is not None:
+        return_freed_memory_to_os()
+        dense, dm = setup(args.threads, args.steps)
+        print(json.dumps({"extra_mb": run(args.memory_of, dense, dm, args.steps)[1]}))
+        return
+    # memory first, while this process holds nothing: under the default allocator it keeps what it frees
+    memory = {kind: peak_memory_mb(kind, args.steps, args.threads) for kind in KINDS}
+    if args.allocator == "mmap-128k":
+        return_freed_memory_to_os()
+    dense, dm = setup(args.threads, args.steps)
+    times = {k: [] for k in KINDS}
+    per_rep = {k: [] for k in KINDS}  # each repetition's median
     for rep in range(args.reps):
-        for kind in kinds:
-            t, m = run(kind, dense, dm, args.steps)
+        for kind in KINDS:
+            t, _ = run(kind, dense, dm, args.steps)
             times[kind] += t
-            memory[kind].append(m)
-            print(f"rep {rep} {kind}: median {statistics.median(t):.2f} s/step, peak extra RSS {m:.0f} MB", flush=True)
+            per_rep[kind].append(statistics.median(t))
+            print(f"rep {rep} {kind}: median {per_rep[kind][-1]:.2f} s/step", flush=True)
     base = statistics.median(times["plain KD"])
-    print("\n| set-up | s / step (median) | x plain KD | peak extra RSS (MB, max over reps) |")
-    print("|---|---|---|---|")
-    for kind in kinds:
+    print(f"\ntimed with the {args.allocator} allocator, {args.threads} thread(s)")
+    print("| set-up | s / step (median) | x plain KD | per repetition (x plain KD) | peak extra RSS (MB) |")
+    print("|---|---|---|---|---|")
+    for kind in KINDS:
         median = statistics.median(times[kind])
-        print(f"| {kind} | {median:.2f} | {median / base:.2f} | {max(memory[kind]):.0f} |")
+        ratios = ", ".join(f"{t / p:.2f}" for t, p in zip(per_rep[kind], per_rep["plain KD"]))
+        print(f"| {kind} | {median:.2f} | {median / base:.2f} | {ratios} | {memory[kind]:.0f} |")
     print(f"\nlearned 2:4 logits while learning: {logits_bytes_per_weight(2, 4):.0f} bytes per targeted weight "
           "(float32 logits, gradient, two Adam moments); dynamic: a bool mask, 1 byte per weight")
 
