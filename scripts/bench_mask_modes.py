@@ -74,6 +74,7 @@ def run(kind: str, dense, dm, steps: int) -> tuple[list[float], float]:
 
 
 def setup(threads: int, steps: int):
+    """The process set-up (threads, quiet loggers) and what every run shares: the dense model and the data."""
     torch.set_num_threads(threads)
     warnings.filterwarnings("ignore")
     for name in ("lightning", "lightning.pytorch", "transformers", "gradprune"):
