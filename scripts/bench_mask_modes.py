@@ -30,18 +30,16 @@ import logging
 import statistics
 import subprocess
 import sys
-import warnings
 
-import lightning.pytorch as pl
-import torch
+from lightning.pytorch import seed_everything
 
-from gradprune import PrunableLM, TextDataModule
+from gradprune import PrunableLM
 from gradprune.callbacks import DynamicMasks, GradualPruningCallback, LearnedMasks
 from gradprune.distill import Distillation
 from gradprune.learned_masks import logits_bytes_per_weight
 from gradprune.models import load_causal_lm
 
-from benchtools import PeakRSS, StepTimer, return_freed_memory_to_os
+from benchtools import PeakRSS, StepTimer, quiet, recovery_data, recovery_trainer, return_freed_memory_to_os
 
 
 def callback(kind: str, steps: int) -> GradualPruningCallback:
@@ -57,14 +55,12 @@ KINDS = ("plain KD", "learned", "dynamic")
 
 
 def run(kind: str, dense, dm, steps: int) -> tuple[list[float], float]:
-    pl.seed_everything(0, verbose=False)
+    seed_everything(0, verbose=False)
     module = PrunableLM(model=copy.deepcopy(dense), learning_rate=5e-5, weight_decay=0.0, warmup_steps=0,
                         distill=Distillation(alpha=0.5, temperature=2.0))
     timer = StepTimer()
     gradual = callback(kind, steps)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         limit_val_batches=0, gradient_clip_val=1.0, callbacks=[gradual, timer])
+    trainer = recovery_trainer(steps, [gradual, timer])
     with PeakRSS() as memory:
         trainer.fit(module, datamodule=dm)
     times = timer.times[2:-1]  # not the first two, nor the last (the freeze step)
@@ -74,15 +70,11 @@ def run(kind: str, dense, dm, steps: int) -> tuple[list[float], float]:
 
 
 def setup(threads: int, steps: int):
-    """The process set-up (threads, quiet loggers) and what every run shares: the dense model and the data."""
-    torch.set_num_threads(threads)
-    warnings.filterwarnings("ignore")
-    for name in ("lightning", "lightning.pytorch", "transformers", "gradprune"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    dm = TextDataModule(sources="stdlib", tokenizer="smollm2", block_size=128, batch_size=4,
-                        max_train_tokens=steps * 4 * 128 * 2, max_val_tokens=2048, seed=0)
-    dm.setup("fit")
-    return load_causal_lm("smollm2"), dm
+    """The process set-up (threads, quiet loggers, gradprune's too) and what every run shares: the dense model and
+    the data."""
+    quiet(threads)
+    logging.getLogger("gradprune").setLevel(logging.ERROR)
+    return load_causal_lm("smollm2"), recovery_data(steps, 4, 128, 2048)
 
 
 def peak_memory_mb(kind: str, steps: int, threads: int) -> float:
