@@ -54,7 +54,11 @@ class TextDataModule(pl.LightningDataModule):
         batch_size: Blocks per batch.
         val_fraction: Share of files (or records) held out for validation, in (0, 1). Ignored for hub
             datasets that have a validation split.
-        seed: Seed of the file order, the record split and the training order.
+        seed: Seed of the training order and the calibration windows, and of the file order and the record
+            split unless ``split_seed`` is given.
+        split_seed: Seed of the file order and the record split alone (which text is held out, and which
+            files a capped training side reads); ``None`` (the default) uses ``seed``. Fix it to compare runs
+            of different ``seed`` on the same held-out text.
         text_field: Field holding the text in JSON Lines records and hub datasets (e.g. ``"code"``).
         dataset_config: Configuration of a hub dataset, e.g. ``"wikitext-2-raw-v1"`` for ``"wikitext"``.
         max_train_tokens: Use at most this many training tokens (documents are tokenised only until the
@@ -73,6 +77,7 @@ class TextDataModule(pl.LightningDataModule):
         batch_size: int = 8,
         val_fraction: float = VAL_FRACTION,
         seed: int = 0,
+        split_seed: Optional[int] = None,
         text_field: str = "text",
         dataset_config: Optional[str] = None,
         max_train_tokens: Optional[int] = None,
@@ -114,6 +119,10 @@ class TextDataModule(pl.LightningDataModule):
             problems.add(f"seed must be an integer, got {seed!r} ({type(seed).__name__})", type_error=True)
         elif seed < 0:
             problems.add(f"seed must be a non-negative integer, got {seed!r}")
+        if split_seed is not None and not is_int(split_seed):
+            problems.add(f"split_seed must be None or an integer, got {split_seed!r} ({type(split_seed).__name__})", type_error=True)
+        elif split_seed is not None and split_seed < 0:
+            problems.add(f"split_seed must be None (use seed) or a non-negative integer, got {split_seed!r}")
         if not isinstance(text_field, str) or not text_field:
             problems.add(f"text_field must be a non-empty field name such as 'text' or 'code', got {text_field!r}", type_error=True)
         if dataset_config is not None and (not isinstance(dataset_config, str) or not dataset_config):
@@ -137,6 +146,7 @@ class TextDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         self.val_fraction = float(val_fraction)
         self.seed = seed
+        self.split_seed = seed if split_seed is None else split_seed
         self.text_field = text_field
         self.dataset_config = dataset_config
         self.max_train_tokens = max_train_tokens
@@ -181,7 +191,7 @@ class TextDataModule(pl.LightningDataModule):
 
     # ---- planning and tokenising -----------------------------------------------------------------
     def _make_plan(self) -> Plan:
-        return plan_documents(self.sources, self.val_fraction, self.seed, self.text_field, self.dataset_config)
+        return plan_documents(self.sources, self.val_fraction, self.split_seed, self.text_field, self.dataset_config)
 
     def _tokenize(self, items: Iterable[Any], cap: Optional[int]) -> TokenStream:
         pieces: list[torch.Tensor] = []

@@ -11,7 +11,8 @@ sessions; the table is printed from every row recorded there):
     python scripts/make_nextline_task.py --out tasks/nextline   # a local lm-eval task, then with accuracy:
     python scripts/bench_recovery.py --rows dense --task stdlib_nextline --task-include-path tasks/nextline
 
-Every row uses the same data: stdlib code through TextDataModule with the SmolLM2 tokenizer (seed --seed, 0), the
+Every row uses the same data: stdlib code through TextDataModule with the SmolLM2 tokenizer (seed --seed, 0; with
+--split-seed the held-out files are that seed's whatever --seed, so runs of several seeds share their held-out text), the
 same training batches in the same order, the same number of optimizer steps and tokens, AdamW (PrunableLM,
 lr --lr, 4 warm-up steps, cosine), gradient clipping 1.0, and, for "+ KD", the dense model as teacher
 (alpha 0.5, T 2). Held-out perplexity is PrunableLM's validation perplexity on TextDataModule's validation
@@ -168,6 +169,7 @@ def run_row(name: str, args, dense, dm) -> dict:
         "stat_batches": args.stat_batches, "schedule": args.schedule, "exponent": args.exponent, "start_sparsity": args.start_sparsity, "initial_sparsity": args.initial_sparsity, "nsamples": args.nsamples, "block_size": args.block_size,
         "batch_size": args.batch_size, "val_tokens": args.val_tokens, "lora": lora,
         "lr_used": args.lora_lr if lora else args.lr, "seed": args.seed, "threads": torch.get_num_threads(),
+        "fixed_split": args.split_seed,  # None: the seed picked the held-out files (as in every row before the key)
         "prior_strength": args.prior_strength, "logit_scale": args.logit_scale, "temperature": args.temperature,
         "logit_lr": args.logit_lr, "sr_decay": args.sr_decay,
         "first_event_prunes": True,  # rows recorded before this key existed skipped an initial_sparsity > 0 event
@@ -186,9 +188,9 @@ def print_table(results: Path) -> None:
         print("no rows recorded yet")
         return
     records = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
-    dense = {r.get("seed", 0): r["ppl"] for r in records if r["row"] == "dense"}  # the seed picks the held-out files
+    dense = {split_of(r): r["ppl"] for r in records if r["row"] == "dense"}  # per set of held-out files
     with_tasks = any(r.get("tasks") for r in records)
-    print("| run | target | ramp | held-out ppl | x dense (same seed) | sparsity | steps | tokens | wall (s) | s / step | peak extra RSS (MB) |"
+    print("| run | target | ramp | held-out ppl | x dense (same held-out files) | sparsity | steps | tokens | wall (s) | s / step | peak extra RSS (MB) |"
           + (" task acc +/- stderr |" if with_tasks else ""))
     print("|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if with_tasks else ""))
     for r in records:
@@ -211,11 +213,11 @@ def print_table(results: Path) -> None:
             elif r["row"].startswith("learned") and r.get("reconstruct") is False:
                 settings += ", no weight update at the freeze"
             ramp = f"masks chosen by training to step {round(r['end_fraction'] * r['steps'])}, then frozen{settings}"
-        seed = r.get("seed", 0)
-        ratio = f"{r['ppl'] / dense[seed]:.2f}" if seed in dense else ""
+        ratio = f"{r['ppl'] / dense[split_of(r)]:.2f}" if split_of(r) in dense else ""
         step = "" if r["s_per_step"] is None else f"{r['s_per_step']:.2f}"
         target = "-" if r["row"] == "dense" else f"{r['sparsity_target']:.0%} {r['pattern']}"
-        label = r["label"] + windows_note(r) + lr_note(r) + (f" (seed {r['seed']})" if r.get("seed", 0) else "")
+        label = (r["label"] + windows_note(r) + lr_note(r) + (f" (seed {r['seed']})" if r.get("seed", 0) else "")
+                 + split_note(r))
         print(f"| {label} | {target} | {ramp} | {r['ppl']:.3f} | {ratio} | {r['sparsity']:.3f} | {r['steps']} | "
               f"{r['tokens']} | {r['wall_s']:.0f} | {step} | {r['peak_extra_rss_mb']:.0f} |" + (f" {task_cell(r)} |" if with_tasks else ""))
 
@@ -226,6 +228,18 @@ def windows_note(record: dict) -> str:
     uses_windows = row.startswith(("oneshot", "sparsegpt-", "learned")) or "calibration" in row
     n = record.get("nsamples", NSAMPLES)
     return f" ({n} calibration windows)" if uses_windows and n != NSAMPLES else ""
+
+
+def split_of(record: dict) -> int:
+    """The seed that picked a row's held-out files: --split-seed, or (without it, and in older rows) --seed."""
+    fixed = record.get("fixed_split")
+    return record.get("seed", 0) if fixed is None else fixed
+
+
+def split_note(record: dict) -> str:
+    """" (held-out files of seed S)" for a row whose held-out files were fixed apart from its seed."""
+    fixed = record.get("fixed_split")
+    return "" if fixed is None else f" (held-out files of seed {fixed})"
 
 
 def lr_used(record: dict) -> float:
@@ -275,14 +289,20 @@ def summarize(records: list[dict]) -> list[dict]:
                                 ramp + (learned if r["row"].startswith("learned") else ()))
         extra = tuple(str(r.get(k, NSAMPLES if k == "nsamples" else None)) for k in keys)  # older rows: 32 windows
         extra += (str(lr_used(r)),)  # a row at another learning rate is another group (and another baseline)
-        group = groups.setdefault((r["row"], r["sparsity_target"], r["pattern"], r["steps"], extra), {})
+        key = (r["row"], r["sparsity_target"], r["pattern"], r["steps"], extra)
+        group = groups.setdefault(key + (r.get("fixed_split"),), {})
         group[r.get("seed", 0)] = r  # a seed measured again: its latest record
+    for key, by_seed in groups.items():  # seed S without --split-seed held out what --split-seed S holds out
+        fixed, plain = key[-1], groups.get(key[:-1] + (None,), {})
+        if fixed is not None and fixed in plain:
+            by_seed.setdefault(fixed, plain[fixed])
     summary = []
-    for (row, target, pattern, steps, _), by_seed in groups.items():
+    for (row, target, pattern, steps, _, fixed), by_seed in groups.items():
         rs = list(by_seed.values())
         ppl = [r["ppl"] for r in rs]
-        summary.append({"label": rs[0]["label"] + windows_note(rs[0]) + lr_note(rs[0]) + settings_note(rs[0]), "row": row,
-                        "target": target, "pattern": pattern, "steps": steps, "lr": lr_used(rs[0]),
+        summary.append({"label": rs[0]["label"] + windows_note(rs[0]) + lr_note(rs[0]) + settings_note(rs[0])
+                        + ("" if fixed is None else f" (held-out files of seed {fixed})"), "row": row,
+                        "target": target, "pattern": pattern, "steps": steps, "lr": lr_used(rs[0]), "fixed_split": fixed,
                         "seeds": sorted(r.get("seed", 0) for r in rs), "mean": statistics.mean(ppl),
                         "std": statistics.stdev(ppl) if len(ppl) > 1 else float("nan"),
                         "by_seed": {r.get("seed", 0): r["ppl"] for r in rs}})
@@ -293,7 +313,8 @@ def summarize(records: list[dict]) -> list[dict]:
         # compared with a baseline only on the seeds both have, seed by seed, and the baseline it is held
         # against is the one it does worst against there, not the one with the lowest mean over its own seeds
         compared = [margin_over(g, b) for b in summary if b["row"].startswith("oneshot") and b["row"].endswith("-kd")
-                    and (b["target"], b["pattern"], b["steps"], b["lr"]) == (g["target"], g["pattern"], g["steps"], g["lr"])]
+                    and (b["target"], b["pattern"], b["steps"], b["lr"], b["fixed_split"])
+                    == (g["target"], g["pattern"], g["steps"], g["lr"], g["fixed_split"])]
         compared = [c for c in compared if c is not None]
         if compared:
             g.update(min(compared, key=lambda c: c["margin_pct"]))
@@ -364,7 +385,7 @@ def plot(results: Path, out: Path) -> None:
         marker = ("o", "^", "v")[cycle % 3] if gradual else ("s", "D", "P")[cycle % 3]
         ax.scatter(r["sparsity"] + offset, r["ppl"], marker=marker, s=40, color=plt.cm.tab20(rows.index(r) % 20),
                    label=f"{r['label']}" + windows_note(r) + (f" ({r['steps']} steps)" if r["steps"] != 100 else "")
-                   + (f" (seed {r['seed']})" if r.get("seed", 0) else "") + (f" (ramp to step {round(r['end_fraction'] * r['steps'])})" if "gradual" in r["row"] else "")
+                   + (f" (seed {r['seed']})" if r.get("seed", 0) else "") + split_note(r) + (f" (ramp to step {round(r['end_fraction'] * r['steps'])})" if "gradual" in r["row"] else "")
                    + f", {r['pattern']}: {r['ppl']:.2f}")
     ax.set_xlim(0.4, 0.8)
     ax.set_xlabel("sparsity of the targeted weights (markers at one sparsity are spread apart)")
@@ -415,6 +436,9 @@ def main() -> None:
                              "seed by seed")
     parser.add_argument("--seeds", type=int, nargs="*", default=None,
                         help="run every row once per seed (e.g. --seeds 0 1 2); the summary gives mean +/- std per row")
+    parser.add_argument("--split-seed", type=int, default=None,
+                        help="hold out the files this seed holds out, whatever --seed (default: --seed picks them), so "
+                             "that the spread over seeds is the runs' own and not the held-out text's")
     parser.add_argument("--prior-strength", type=float, default=3.0, help="learned rows: LearnedMasks(prior_strength)")
     parser.add_argument("--logit-scale", type=float, nargs=2, default=[4.0, 12.0], help="learned rows: start, end")
     parser.add_argument("--temperature", type=float, nargs=2, default=[1.0, 0.5], help="learned rows: start, end")
@@ -457,7 +481,8 @@ def main() -> None:
     args.results.parent.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds if args.seeds else [args.seed]:
         args.seed = seed
-        dm = recovery_data(args.steps, args.batch_size, args.block_size, args.val_tokens, seed=seed)
+        dm = recovery_data(args.steps, args.batch_size, args.block_size, args.val_tokens, seed=seed,
+                           split_seed=args.split_seed)
         for name in names:
             record = run_row(name, args, dense, dm)
             print(json.dumps(record), flush=True)

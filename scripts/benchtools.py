@@ -23,13 +23,16 @@ def quiet(threads: int) -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def recovery_data(steps: int, batch_size: int, block_size: int, val_tokens: int, seed: int = 0):
+def recovery_data(steps: int, batch_size: int, block_size: int, val_tokens: int, seed: int = 0,
+                  split_seed: int | None = None):
     """The stdlib corpus with SmolLM2's tokenizer, twice the training tokens ``steps`` batches read, set up
-    for fit: the data of every recovery run (distillation, recovery, structured + KD)."""
+    for fit: the data of every recovery run (distillation, recovery, structured + KD). ``split_seed`` fixes
+    which files are held out (and read for training); ``None`` lets ``seed`` pick them."""
     from gradprune import TextDataModule
 
     dm = TextDataModule(sources="stdlib", tokenizer="smollm2", block_size=block_size, batch_size=batch_size,
-                        max_train_tokens=steps * batch_size * block_size * 2, max_val_tokens=val_tokens, seed=seed)
+                        max_train_tokens=steps * batch_size * block_size * 2, max_val_tokens=val_tokens, seed=seed,
+                        split_seed=split_seed)
     dm.setup("fit")
     return dm
 

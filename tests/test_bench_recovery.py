@@ -95,3 +95,23 @@ def test_rows_at_another_learning_rate_are_their_own_group_held_against_one_shot
     assert default["margin_pct"] == pytest.approx(0.0) and "(lr" not in default["label"]
     assert high["margin_pct"] == pytest.approx(10.0) and "(lr 0.0005)" in high["baseline"]
     assert "(lr 0.0005)" in high["label"]
+
+
+def test_fixed_held_out_rows_are_their_own_group_and_take_in_that_seed_run_without_the_flag(bench):
+    """Rows run with --split-seed 0 share seed 0's held-out files: their spread over seeds is the runs' own. They
+    are grouped and held against one-shot apart from the rows whose seed picked the files, and seed 0 run without
+    the flag (which held out the same files) belongs to both groups."""
+    records = [record("oneshot-sparsegpt-kd", s, p) for s, p in ((0, 20.0), (1, 18.0), (2, 10.0))]
+    records += [record("gradual-sparsegpt-calibration-kd", s, p) for s, p in ((0, 19.8), (1, 17.8), (2, 9.9))]
+    records += [record("oneshot-sparsegpt-kd", s, p, fixed_split=0) for s, p in ((1, 20.2), (2, 19.9))]
+    records += [record("gradual-sparsegpt-calibration-kd", s, p, fixed_split=0) for s, p in ((1, 19.8), (2, 19.6))]
+    groups = bench.summarize(records)
+    ramps = {g["fixed_split"]: g for g in groups if g["row"].startswith("gradual")}
+    assert set(ramps) == {None, 0}
+    assert ramps[None]["seeds"] == ramps[0]["seeds"] == [0, 1, 2]
+    assert ramps[0]["by_seed"] == {0: 19.8, 1: 19.8, 2: 19.6}
+    assert "held-out files of seed 0" in ramps[0]["label"] and "held-out files" not in ramps[None]["label"]
+    assert "held-out files of seed 0" in ramps[0]["baseline"]
+    assert ramps[0]["margin_pct"] == pytest.approx(100 * (0.2 / 20.0 + 0.4 / 20.2 + 0.3 / 19.9) / 3)
+    # one std of the fixed rows is small next to the seed-picked rows' (whose held-out text differs)
+    assert ramps[0]["margin_std"] > 1 > ramps[None]["margin_std"]

@@ -195,6 +195,23 @@ def test_train_order_is_seeded_and_changes_per_epoch():
     assert not torch.equal(_order(other_seed), a)
 
 
+
+def test_split_seed_fixes_the_held_out_text_while_seed_moves_the_run():
+    fixed = [TextDataModule(block_size=64, seed=s, split_seed=0, **CAPS) for s in (0, 1)]
+    plain = TextDataModule(block_size=64, seed=0, **CAPS)
+    # split_seed=None is seed: seed 0 with split_seed 0 is the plain seed-0 module, file for file
+    assert fixed[0].split_files() == plain.split_files()
+    assert fixed[1].split_files() == plain.split_files()
+    assert TextDataModule(seed=1, **CAPS).split_files() != plain.split_files()
+    for dm in fixed + [plain]:
+        dm.setup("fit")
+    assert torch.equal(fixed[1].heldout_ids(), plain.heldout_ids())
+    # the run seed still picks the training order and the calibration windows
+    assert torch.equal(_order(fixed[0]), _order(plain))
+    assert not torch.equal(_order(fixed[1]), _order(plain))
+    assert not torch.equal(fixed[1].calibration_batches(nsamples=4, seqlen=64)[0],
+                           plain.calibration_batches(nsamples=4, seqlen=64)[0])
+
 def test_train_loader_resumes_mid_epoch_from_its_state_dict():
     dm = TextDataModule(block_size=64, batch_size=8, **CAPS)
     loader = dm.train_dataloader()
@@ -298,13 +315,15 @@ def test_calibration_batches_draw_with_the_one_window_sampler(tmp_path):
 # ------------------------------------------------------------------------------------------ bad input
 def test_bad_arguments_are_all_reported_before_anything_is_read():
     with pytest.raises(ValueError) as info:
-        TextDataModule(block_size=0, batch_size=-1, val_fraction=1.0, seed=-3, max_train_tokens=10, num_workers=-1)
+        TextDataModule(block_size=0, batch_size=-1, val_fraction=1.0, seed=-3, split_seed=-1, max_train_tokens=10,
+                       num_workers=-1)
     message = str(info.value)
     for expected in (
         "block_size must be a positive integer (>= 1), got 0",
         "batch_size must be a positive integer (>= 1), got -1",
         "val_fraction must be in (0, 1)",
         "seed must be a non-negative integer, got -3",
+        "split_seed must be None (use seed) or a non-negative integer, got -1",
         "num_workers must be a non-negative integer",
     ):
         assert expected in message
