@@ -217,7 +217,7 @@ def print_table(results: Path) -> None:
         step = "" if r["s_per_step"] is None else f"{r['s_per_step']:.2f}"
         target = "-" if r["row"] == "dense" else f"{r['sparsity_target']:.0%} {r['pattern']}"
         label = (r["label"] + windows_note(r) + lr_note(r) + (f" (seed {r['seed']})" if r.get("seed", 0) else "")
-                 + split_note(r))
+                 + split_note(r.get("fixed_split")))
         print(f"| {label} | {target} | {ramp} | {r['ppl']:.3f} | {ratio} | {r['sparsity']:.3f} | {r['steps']} | "
               f"{r['tokens']} | {r['wall_s']:.0f} | {step} | {r['peak_extra_rss_mb']:.0f} |" + (f" {task_cell(r)} |" if with_tasks else ""))
 
@@ -236,9 +236,8 @@ def split_of(record: dict) -> int:
     return record.get("seed", 0) if fixed is None else fixed
 
 
-def split_note(record: dict) -> str:
-    """" (held-out files of seed S)" for a row whose held-out files were fixed apart from its seed."""
-    fixed = record.get("fixed_split")
+def split_note(fixed: int | None) -> str:
+    """" (held-out files of seed S)" for rows whose held-out files --split-seed S fixed apart from their seed."""
     return "" if fixed is None else f" (held-out files of seed {fixed})"
 
 
@@ -301,7 +300,7 @@ def summarize(records: list[dict]) -> list[dict]:
         rs = list(by_seed.values())
         ppl = [r["ppl"] for r in rs]
         summary.append({"label": rs[0]["label"] + windows_note(rs[0]) + lr_note(rs[0]) + settings_note(rs[0])
-                        + ("" if fixed is None else f" (held-out files of seed {fixed})"), "row": row,
+                        + split_note(fixed), "row": row,
                         "target": target, "pattern": pattern, "steps": steps, "lr": lr_used(rs[0]), "fixed_split": fixed,
                         "seeds": sorted(r.get("seed", 0) for r in rs), "mean": statistics.mean(ppl),
                         "std": statistics.stdev(ppl) if len(ppl) > 1 else float("nan"),
@@ -385,7 +384,7 @@ def plot(results: Path, out: Path) -> None:
         marker = ("o", "^", "v")[cycle % 3] if gradual else ("s", "D", "P")[cycle % 3]
         ax.scatter(r["sparsity"] + offset, r["ppl"], marker=marker, s=40, color=plt.cm.tab20(rows.index(r) % 20),
                    label=f"{r['label']}" + windows_note(r) + (f" ({r['steps']} steps)" if r["steps"] != 100 else "")
-                   + (f" (seed {r['seed']})" if r.get("seed", 0) else "") + split_note(r) + (f" (ramp to step {round(r['end_fraction'] * r['steps'])})" if "gradual" in r["row"] else "")
+                   + (f" (seed {r['seed']})" if r.get("seed", 0) else "") + split_note(r.get("fixed_split")) + (f" (ramp to step {round(r['end_fraction'] * r['steps'])})" if "gradual" in r["row"] else "")
                    + f", {r['pattern']}: {r['ppl']:.2f}")
     ax.set_xlim(0.4, 0.8)
     ax.set_xlabel("sparsity of the targeted weights (markers at one sparsity are spread apart)")
