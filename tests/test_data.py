@@ -195,7 +195,6 @@ def test_train_order_is_seeded_and_changes_per_epoch():
     assert not torch.equal(_order(other_seed), a)
 
 
-
 def test_split_seed_fixes_the_held_out_text_while_seed_moves_the_run():
     fixed = [TextDataModule(block_size=64, seed=s, split_seed=0, **CAPS) for s in (0, 1)]
     plain = TextDataModule(block_size=64, seed=0, **CAPS)
@@ -211,6 +210,7 @@ def test_split_seed_fixes_the_held_out_text_while_seed_moves_the_run():
     assert not torch.equal(_order(fixed[1]), _order(plain))
     assert not torch.equal(fixed[1].calibration_batches(nsamples=4, seqlen=64)[0],
                            plain.calibration_batches(nsamples=4, seqlen=64)[0])
+
 
 def test_train_loader_resumes_mid_epoch_from_its_state_dict():
     dm = TextDataModule(block_size=64, batch_size=8, **CAPS)
