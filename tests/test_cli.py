@@ -37,6 +37,18 @@ def test_quickstart_is_a_cubic_ramp_to_70_percent():
     assert gradual.init_args.final_sparsity == 0.7 and gradual.init_args.schedule == "cubic"
 
 
+def test_70_percent_config_is_the_benchmarked_stream_ramp():
+    # the recovery benchmark's row: 50% -> 70% by step 20, every event calibrating on 32 windows plus every
+    # training sequence seen so far, at lr 5e-4
+    config = parse(ROOT / "configs" / "smollm2-gradual-70-kd.yaml")
+    (gradual,) = [c for c in config.trainer.callbacks if c.class_path.endswith("GradualPruningCallback")]
+    args = gradual.init_args
+    assert (args.initial_sparsity, args.final_sparsity, args.end_step, args.every) == (0.5, 0.7, 0.2, 5)
+    assert (args.scorer, args.statistics, args.nsamples) == ("sparsegpt", "calibration", 32)
+    assert args.stream_windows == config.trainer.max_steps * config.data.batch_size
+    assert config.model.learning_rate == 5e-4 and config.model.distill.teacher == "self"
+
+
 def test_gradual_structured_config_masks_30_percent_of_mlp_neurons_and_exports_the_smaller_model():
     config = parse(ROOT / "configs" / "smollm2-gradual-structured-kd.yaml")
     (gradual,) = [c for c in config.trainer.callbacks if c.class_path.endswith("GradualStructuredPruningCallback")]
