@@ -49,6 +49,19 @@ def test_70_percent_config_is_the_benchmarked_stream_ramp():
     assert config.model.learning_rate == 5e-4 and config.model.distill.teacher == "self"
 
 
+def test_2of4_config_is_the_benchmarked_stream_ramp():
+    # the recovery benchmark's best train-time 2:4 row: 1:4 at step 0, 2:4 at step 20, every event calibrating
+    # on 128 windows plus every training sequence seen so far, at lr 5e-4
+    config = parse(ROOT / "configs" / "smollm2-gradual-2of4-kd.yaml")
+    (gradual,) = [c for c in config.trainer.callbacks if c.class_path.endswith("GradualPruningCallback")]
+    args = gradual.init_args
+    assert (args.pattern, args.initial_sparsity, args.final_sparsity, args.end_step, args.every) == (
+        "2:4", 0.25, 0.5, 0.2, 10)
+    assert (args.scorer, args.statistics, args.nsamples) == ("sparsegpt", "calibration", 128)
+    assert args.stream_windows == config.trainer.max_steps * config.data.batch_size
+    assert config.model.learning_rate == 5e-4 and config.model.distill.teacher == "self"
+
+
 def test_gradual_structured_config_masks_30_percent_of_mlp_neurons_and_exports_the_smaller_model():
     config = parse(ROOT / "configs" / "smollm2-gradual-structured-kd.yaml")
     (gradual,) = [c for c in config.trainer.callbacks if c.class_path.endswith("GradualStructuredPruningCallback")]
