@@ -37,27 +37,19 @@ def test_quickstart_is_a_cubic_ramp_to_70_percent():
     assert gradual.init_args.final_sparsity == 0.7 and gradual.init_args.schedule == "cubic"
 
 
-def test_70_percent_config_is_the_benchmarked_stream_ramp():
-    # the recovery benchmark's row: 50% -> 70% by step 20, every event calibrating on 32 windows plus every
-    # training sequence seen so far, at lr 5e-4
-    config = parse(ROOT / "configs" / "smollm2-gradual-70-kd.yaml")
+@pytest.mark.parametrize("name, ramp, nsamples", [
+    # 50% -> 70% by step 20, every 5; 1:4 at step 0 -> 2:4 at step 20, every 10
+    ("smollm2-gradual-70-kd.yaml", ("unstructured", 0.5, 0.7, 0.2, 5), 32),
+    ("smollm2-gradual-2of4-kd.yaml", ("2:4", 0.25, 0.5, 0.2, 10), 128),
+])
+def test_stream_ramp_configs_are_the_benchmarked_rows(name, ramp, nsamples):
+    # the recovery benchmark's rows: every event calibrates on the windows plus every training sequence seen so
+    # far, at lr 5e-4, while the dense model teaches
+    config = parse(ROOT / "configs" / name)
     (gradual,) = [c for c in config.trainer.callbacks if c.class_path.endswith("GradualPruningCallback")]
     args = gradual.init_args
-    assert (args.initial_sparsity, args.final_sparsity, args.end_step, args.every) == (0.5, 0.7, 0.2, 5)
-    assert (args.scorer, args.statistics, args.nsamples) == ("sparsegpt", "calibration", 32)
-    assert args.stream_windows == config.trainer.max_steps * config.data.batch_size
-    assert config.model.learning_rate == 5e-4 and config.model.distill.teacher == "self"
-
-
-def test_2of4_config_is_the_benchmarked_stream_ramp():
-    # the recovery benchmark's best train-time 2:4 row: 1:4 at step 0, 2:4 at step 20, every event calibrating
-    # on 128 windows plus every training sequence seen so far, at lr 5e-4
-    config = parse(ROOT / "configs" / "smollm2-gradual-2of4-kd.yaml")
-    (gradual,) = [c for c in config.trainer.callbacks if c.class_path.endswith("GradualPruningCallback")]
-    args = gradual.init_args
-    assert (args.pattern, args.initial_sparsity, args.final_sparsity, args.end_step, args.every) == (
-        "2:4", 0.25, 0.5, 0.2, 10)
-    assert (args.scorer, args.statistics, args.nsamples) == ("sparsegpt", "calibration", 128)
+    assert (args.pattern, args.initial_sparsity, args.final_sparsity, args.end_step, args.every) == ramp
+    assert (args.scorer, args.statistics, args.nsamples) == ("sparsegpt", "calibration", nsamples)
     assert args.stream_windows == config.trainer.max_steps * config.data.batch_size
     assert config.model.learning_rate == 5e-4 and config.model.distill.teacher == "self"
 
