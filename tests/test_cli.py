@@ -39,7 +39,7 @@ def test_quickstart_is_a_cubic_ramp_to_70_percent():
 
 @pytest.mark.parametrize("name, ramp, nsamples", [
     # 50% -> 70% by step 20, every 5; 1:4 at step 0 -> 2:4 at step 20, every 10
-    ("smollm2-gradual-70-kd.yaml", ("unstructured", 0.5, 0.7, 0.2, 5), 32),
+    ("smollm2-gradual-70-kd.yaml", ("unstructured", 0.5, 0.7, 0.2, 5), 128),
     ("smollm2-gradual-2of4-kd.yaml", ("2:4", 0.25, 0.5, 0.2, 10), 128),
 ])
 def test_stream_ramp_configs_are_the_benchmarked_rows(name, ramp, nsamples):
